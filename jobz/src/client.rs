@@ -1,0 +1,446 @@
+//! The client side of the mesh: one thread that owns a PUSH and a SUB socket to the broker.
+//!
+//! Workers, semaphores and frontends talk to the broker through a [`Client`]. It proves the
+//! reply path with `Hello`/`Welcome` before it reports itself connected (a SUB socket misses
+//! whatever is published before its subscription reaches the broker), resends a request
+//! under the same message id until the reply comes or the caller's deadline passes (the
+//! broker ingests each id once), and hands every other publication to the caller over a
+//! channel. Callers never touch a socket, so any thread may use it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::envelope::{self, Envelope, MessageId};
+use crate::message::{Message, Reply, ReplyBody, Role};
+use crate::socket::{self, BrokerAddr};
+use crate::topic::Topic;
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Where the broker is.
+    pub broker: BrokerAddr,
+    /// This node's id; replies come on `Topic::Node(node_id)`.
+    pub node_id: String,
+    /// What kind of node this is.
+    pub role: Role,
+    /// Resend an unanswered request after this long.
+    pub resend_after: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults: resend after one second.
+    pub fn new(broker: BrokerAddr, node_id: String, role: Role) -> Self {
+        ClientConfig {
+            broker,
+            node_id,
+            role,
+            resend_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// No reply before the deadline: the broker is down or unreachable.
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The message could not be encoded (too large).
+    #[error("cannot send: {0}")]
+    Encode(String),
+    /// The client thread has stopped.
+    #[error("the broker link is shut down")]
+    Closed,
+}
+
+enum Command {
+    Request {
+        body: Message,
+        timeout: Duration,
+        reply: Sender<Result<ReplyBody, ClientError>>,
+    },
+    Send(Message),
+    Subscribe(Topic),
+    Unsubscribe(Topic),
+    Shutdown,
+}
+
+/// Counters of a client link.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Frames dropped because they did not decode or had a foreign topic.
+    pub dropped_frames: AtomicU64,
+    /// Requests resent after no reply.
+    pub resends: AtomicU64,
+}
+
+/// A handle on the link thread; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    commands: Sender<Command>,
+    publications: Receiver<(Topic, Envelope)>,
+    welcomed: Arc<AtomicBool>,
+    broker_instance: Arc<std::sync::Mutex<String>>,
+    stats: Arc<ClientStats>,
+    node_id: String,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Client {
+    /// Connects and starts the link thread. Connecting is asynchronous: the call returns at
+    /// once; [`Client::wait_connected`] waits for the broker's welcome.
+    pub fn start(config: ClientConfig) -> anyhow::Result<Client> {
+        use anyhow::Context;
+        let ctx = zmq::Context::new();
+        let push = ctx.socket(zmq::PUSH).context("creating PUSH socket")?;
+        let sub = ctx.socket(zmq::SUB).context("creating SUB socket")?;
+        socket::configure(&push).context("configuring PUSH socket")?;
+        socket::configure(&sub).context("configuring SUB socket")?;
+        sub.set_subscribe(&Topic::Node(config.node_id.clone()).to_bytes())
+            .context("subscribing to own topic")?;
+        sub.connect(&config.broker.pub_endpoint())
+            .with_context(|| format!("connecting to {}", config.broker.pub_endpoint()))?;
+        push.connect(&config.broker.pull_endpoint())
+            .with_context(|| format!("connecting to {}", config.broker.pull_endpoint()))?;
+
+        let (commands, command_rx) = unbounded();
+        let (publication_tx, publications) = unbounded();
+        let welcomed = Arc::new(AtomicBool::new(false));
+        let broker_instance = Arc::new(std::sync::Mutex::new(String::new()));
+        let stats = Arc::new(ClientStats::default());
+        let mut link = Link {
+            config: config.clone(),
+            push,
+            sub,
+            commands: command_rx,
+            publications: publication_tx,
+            pending: HashMap::new(),
+            welcomed: welcomed.clone(),
+            broker_instance: broker_instance.clone(),
+            stats: stats.clone(),
+            hello_id: None,
+            next_hello: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("broker-link".into())
+            .spawn(move || link.run())
+            .context("starting the broker link thread")?;
+        Ok(Client {
+            commands,
+            publications,
+            welcomed,
+            broker_instance,
+            stats,
+            node_id: config.node_id,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// True once the broker has welcomed this link (the reply path works).
+    pub fn is_connected(&self) -> bool {
+        self.welcomed.load(Ordering::Relaxed)
+    }
+
+    /// Random id of the broker process last seen; changes when the broker restarts.
+    pub fn broker_instance(&self) -> String {
+        self.broker_instance
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the broker's welcome.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.is_connected() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.is_connected()
+    }
+
+    /// Sends a request and waits for its reply, resending under the same id meanwhile.
+    pub fn request(&self, body: Message, timeout: Duration) -> Result<ReplyBody, ClientError> {
+        self.request_async(body, timeout)
+            .recv()
+            .unwrap_or(Err(ClientError::Closed))
+    }
+
+    /// Sends a request; the reply (or the timeout) arrives on the returned channel.
+    pub fn request_async(
+        &self,
+        body: Message,
+        timeout: Duration,
+    ) -> Receiver<Result<ReplyBody, ClientError>> {
+        let (reply, rx) = bounded(1);
+        if self
+            .commands
+            .send(Command::Request {
+                body,
+                timeout,
+                reply: reply.clone(),
+            })
+            .is_err()
+        {
+            let _ = reply.send(Err(ClientError::Closed));
+        }
+        rx
+    }
+
+    /// Sends without waiting for any reply.
+    pub fn send(&self, body: Message) {
+        let _ = self.commands.send(Command::Send(body));
+    }
+
+    /// Receives publications on `topic` from now on.
+    pub fn subscribe(&self, topic: Topic) {
+        let _ = self.commands.send(Command::Subscribe(topic));
+    }
+
+    /// Stops receiving publications on `topic`.
+    pub fn unsubscribe(&self, topic: Topic) {
+        let _ = self.commands.send(Command::Unsubscribe(topic));
+    }
+
+    /// Publications on subscribed topics other than this node's own (work, events).
+    pub fn publications(&self) -> &Receiver<(Topic, Envelope)> {
+        &self.publications
+    }
+
+    /// Link counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// Stops the link thread after flushing what was sent (bounded by the socket linger).
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Pending {
+    envelope: Envelope,
+    frame: Vec<u8>,
+    deadline: Instant,
+    timeout: Duration,
+    resend_at: Instant,
+    reply: Sender<Result<ReplyBody, ClientError>>,
+}
+
+struct Link {
+    config: ClientConfig,
+    push: zmq::Socket,
+    sub: zmq::Socket,
+    commands: Receiver<Command>,
+    publications: Sender<(Topic, Envelope)>,
+    pending: HashMap<MessageId, Pending>,
+    welcomed: Arc<AtomicBool>,
+    broker_instance: Arc<std::sync::Mutex<String>>,
+    stats: Arc<ClientStats>,
+    hello_id: Option<MessageId>,
+    next_hello: Instant,
+}
+
+/// How often the link thread wakes to resend and to look at its command channel.
+const TICK: Duration = Duration::from_millis(5);
+
+impl Link {
+    fn run(&mut self) {
+        loop {
+            let now = Instant::now();
+            self.say_hello_if_due(now);
+            self.resend_or_expire(now);
+            loop {
+                match self.commands.try_recv() {
+                    Ok(Command::Shutdown) => return,
+                    Ok(command) => self.on_command(command),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                }
+            }
+            match self.sub.poll(zmq::POLLIN, TICK.as_millis() as i64) {
+                Ok(n) if n > 0 => self.drain_sub(),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %e, "polling the broker's PUB socket failed");
+                    std::thread::sleep(TICK);
+                }
+            }
+        }
+    }
+
+    fn send_frame(&self, frame: &[u8]) {
+        // DONTWAIT: a full queue is reported, never a silent stall of the link thread.
+        if let Err(e) = self.push.send(frame, zmq::DONTWAIT) {
+            warn!(error = %e, "cannot queue a message to the broker (will resend if it is a request)");
+        }
+    }
+
+    fn say_hello_if_due(&mut self, now: Instant) {
+        if self.welcomed.load(Ordering::Relaxed) || now < self.next_hello {
+            return;
+        }
+        let env = Envelope::new(
+            &self.config.node_id,
+            Message::Hello {
+                role: self.config.role,
+            },
+        );
+        if let Ok(frame) = envelope::encode(&env) {
+            self.send_frame(&frame);
+        }
+        self.hello_id = Some(env.id);
+        // Jittered, so a restarted broker is not greeted by every client at once.
+        self.next_hello = now + socket::with_jitter(Duration::from_millis(300), 1.0);
+    }
+
+    fn resend_or_expire(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (id, p) in self.pending.iter_mut() {
+            if now >= p.deadline {
+                expired.push(id.clone());
+            } else if now >= p.resend_at {
+                self.stats.resends.fetch_add(1, Ordering::Relaxed);
+                debug!(message_id = %id, "resending unanswered request");
+                if let Err(e) = self.push.send(&p.frame, zmq::DONTWAIT) {
+                    warn!(error = %e, "cannot queue a resend to the broker");
+                }
+                p.resend_at = now + self.config.resend_after;
+            }
+        }
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(ClientError::Timeout(p.timeout)));
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                body,
+                timeout,
+                reply,
+            } => {
+                let envelope = Envelope::new(&self.config.node_id, body);
+                match envelope::encode(&envelope) {
+                    Ok(frame) => {
+                        self.send_frame(&frame);
+                        let now = Instant::now();
+                        self.pending.insert(
+                            envelope.id.clone(),
+                            Pending {
+                                envelope,
+                                frame,
+                                deadline: now + timeout,
+                                timeout,
+                                resend_at: now + self.config.resend_after,
+                                reply,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ClientError::Encode(e.to_string())));
+                    }
+                }
+            }
+            Command::Send(body) => {
+                let envelope = Envelope::new(&self.config.node_id, body);
+                match envelope::encode(&envelope) {
+                    Ok(frame) => self.send_frame(&frame),
+                    Err(e) => warn!(error = %e, "dropping a message that cannot be encoded"),
+                }
+            }
+            Command::Subscribe(topic) => {
+                if let Err(e) = self.sub.set_subscribe(&topic.to_bytes()) {
+                    warn!(%topic, error = %e, "cannot subscribe");
+                }
+            }
+            Command::Unsubscribe(topic) => {
+                if let Err(e) = self.sub.set_unsubscribe(&topic.to_bytes()) {
+                    warn!(%topic, error = %e, "cannot unsubscribe");
+                }
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn drain_sub(&mut self) {
+        loop {
+            let frames = match self.sub.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    warn!(error = %e, "receiving from the broker failed");
+                    return;
+                }
+            };
+            let decoded = match frames.as_slice() {
+                [topic, payload] => Topic::parse(topic)
+                    .ok_or_else(|| "unknown topic".to_owned())
+                    .and_then(|t| {
+                        envelope::decode(payload)
+                            .map(|e| (t, e))
+                            .map_err(|e| e.to_string())
+                    }),
+                _ => Err(format!("{} frames, expected 2", frames.len())),
+            };
+            match decoded {
+                Ok((Topic::Node(node), env)) if node == self.config.node_id => self.on_own(env),
+                Ok((Topic::Node(_), _)) => {
+                    // A prefix match on another node's topic cannot happen (topics are
+                    // NUL-terminated), but if it did, it is not ours.
+                    self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok((topic, env)) => {
+                    let _ = self.publications.send((topic, env));
+                }
+                Err(reason) => {
+                    self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+                    warn!(%reason, "dropping a malformed frame from the broker");
+                }
+            }
+        }
+    }
+
+    fn on_own(&mut self, env: Envelope) {
+        let Message::Reply(Reply { in_reply_to, body }) = env.body else {
+            warn!(sender = %env.sender, "unexpected non-reply on own topic");
+            return;
+        };
+        if let ReplyBody::Welcome { broker_instance } = &body {
+            if let Ok(mut current) = self.broker_instance.lock() {
+                if *current != *broker_instance {
+                    info!(broker_instance = %broker_instance, "connected to the broker");
+                    *current = broker_instance.clone();
+                }
+            }
+            self.welcomed.store(true, Ordering::Relaxed);
+            self.hello_id = None;
+            return;
+        }
+        if let Some(p) = self.pending.remove(&in_reply_to) {
+            debug!(message_id = %p.envelope.id, "reply received");
+            let _ = p.reply.send(Ok(body));
+        }
+        // Else: the reply to a resend that was already answered; nothing to do.
+    }
+}

@@ -1,0 +1,842 @@
+//! Job files (`jobs.d/*.yaml`): parsing, validation, and the directory loader.
+//!
+//! Two formats are accepted in one file: the jobz format (`jobs:` and `semaphores:` lists)
+//! and the original jobz job db (`<list name>: [{name, command, on_success, on_failure}]`).
+//! A file is accepted or rejected as a whole; [`JobDir`] keeps the last good version of a
+//! file that turns bad.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::message::Params;
+use crate::template::Template;
+
+/// Pattern a parameter value must match when its declaration gives none.
+pub const DEFAULT_PARAM_PATTERN: &str = "^[A-Za-z0-9._:/@+-]{0,256}$";
+
+/// Longest parameter value accepted whatever the pattern says.
+pub const MAX_PARAM_VALUE_BYTES: usize = 64 * 1024;
+
+/// Most parameters a run may have.
+pub const MAX_PARAMS: usize = 64;
+
+/// How a step is spread over the workers that serve its job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// One task on every live worker that serves the job.
+    #[default]
+    Broadcast,
+    /// One task on exactly one worker.
+    Queue,
+    /// Only as a successor: on the worker that ran the triggering task, right after it.
+    Local,
+}
+
+/// A declared parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamSpec {
+    /// The run is refused without it.
+    pub required: bool,
+    /// Regular expression the whole value must match.
+    pub pattern: String,
+}
+
+/// A validated job definition. Also the wire form: workers register their jobs with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Job name and exact topic.
+    pub name: String,
+    /// Free text for operators.
+    #[serde(default)]
+    pub description: String,
+    /// Command template, run by `/bin/sh -c`.
+    pub command: String,
+    /// Declared parameters, including those only used as placeholders in the command.
+    pub params: BTreeMap<String, ParamSpec>,
+    /// Jobs started when the step (or, for `local` ones, the task) succeeded.
+    pub on_success: Vec<String>,
+    /// Jobs started when it failed.
+    pub on_failure: Vec<String>,
+    /// How the step is spread over workers.
+    pub delivery: Delivery,
+    /// Kill the step's process group after this long.
+    pub timeout_ms: Option<u64>,
+    /// Extra attempts after a failure.
+    pub retries: u32,
+    /// Free-form labels.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// What a semaphore counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitFor {
+    /// The awaited job.
+    pub job: String,
+    /// How many completions; `None` means `all` (every worker the broadcast reached).
+    pub count: Option<u32>,
+}
+
+/// A validated semaphore (dependency barrier) definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemaphoreSpec {
+    /// Barrier name.
+    pub name: String,
+    /// Conditions that must all hold.
+    pub wait_for: Vec<WaitFor>,
+    /// Key template: completions are counted per rendered key.
+    pub key: String,
+    /// Jobs started once per key when every condition holds.
+    pub then: Vec<String>,
+    /// Give up on a key after this long.
+    pub timeout_ms: Option<u64>,
+    /// Jobs started when a key times out.
+    pub on_timeout: Vec<String>,
+    /// Count failed completions too.
+    pub count_failures: bool,
+}
+
+/// Everything a set of job files defines.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobSet {
+    /// Jobs by name.
+    pub jobs: BTreeMap<String, JobSpec>,
+    /// Semaphores by name.
+    pub semaphores: BTreeMap<String, SemaphoreSpec>,
+}
+
+/// A job file that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct InvalidJobFile {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line, where known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A parameter set that a job refuses.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ParamError {
+    /// A required parameter is absent.
+    #[error("missing required parameter {0:?}")]
+    Missing(String),
+    /// The job does not declare this parameter.
+    #[error("undeclared parameter {0:?}")]
+    Undeclared(String),
+    /// A value does not match its pattern.
+    #[error("parameter {name:?} does not match {pattern:?}")]
+    NoMatch {
+        /// The parameter.
+        name: String,
+        /// Its pattern.
+        pattern: String,
+    },
+    /// Too many parameters or a value too long.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl JobSpec {
+    /// Checks a run's parameters against the declaration.
+    pub fn validate_params(&self, params: &Params) -> Result<(), ParamError> {
+        if params.len() > MAX_PARAMS {
+            return Err(ParamError::TooLarge(format!(
+                "{} parameters, at most {MAX_PARAMS}",
+                params.len()
+            )));
+        }
+        for (name, value) in params {
+            let Some(spec) = self.params.get(name) else {
+                return Err(ParamError::Undeclared(name.clone()));
+            };
+            if value.len() > MAX_PARAM_VALUE_BYTES {
+                return Err(ParamError::TooLarge(format!(
+                    "parameter {name:?} is {} bytes, at most {MAX_PARAM_VALUE_BYTES}",
+                    value.len()
+                )));
+            }
+            // Patterns were compiled when the file was loaded; a failure here means the
+            // spec came from elsewhere, so refuse rather than guess.
+            let matches = Regex::new(&spec.pattern)
+                .map(|re| re.is_match(value))
+                .unwrap_or(false);
+            if !matches {
+                return Err(ParamError::NoMatch {
+                    name: name.clone(),
+                    pattern: spec.pattern.clone(),
+                });
+            }
+        }
+        for (name, spec) in &self.params {
+            if spec.required && !params.contains_key(name) {
+                return Err(ParamError::Missing(name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of every job this one can start.
+    pub fn successors(&self) -> impl Iterator<Item = &String> {
+        self.on_success.iter().chain(&self.on_failure)
+    }
+}
+
+/// Is this a valid job or semaphore name (`[A-Za-z0-9_.-]{1,128}`)?
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+// ---- The YAML forms ---------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    name: String,
+    #[serde(deserialize_with = "scalar_string")]
+    command: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    params: BTreeMap<String, RawParam>,
+    #[serde(default)]
+    on_success: OneOrMany,
+    #[serde(default)]
+    on_failure: OneOrMany,
+    #[serde(default)]
+    delivery: Delivery,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: u32,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawParam {
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    pattern: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSemaphore {
+    name: String,
+    wait_for: Vec<RawWaitFor>,
+    #[serde(default)]
+    key: String,
+    then: OneOrMany,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    on_timeout: OneOrMany,
+    #[serde(default)]
+    on: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWaitFor {
+    job: String,
+    #[serde(default)]
+    count: Option<serde_yaml::Value>,
+}
+
+/// `command: true` is a YAML boolean; a command is whatever scalar was written.
+fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match serde_yaml::Value::deserialize(d)? {
+        serde_yaml::Value::String(s) => Ok(s),
+        serde_yaml::Value::Bool(b) => Ok(b.to_string()),
+        serde_yaml::Value::Number(n) => Ok(n.to_string()),
+        other => Err(D::Error::custom(format!(
+            "expected a command string, found {other:?}"
+        ))),
+    }
+}
+
+/// Deserialises a list entry by entry, so an error names the entry's line.
+fn parse_list<T: serde::de::DeserializeOwned>(
+    text: &str,
+    key: &str,
+    value: serde_yaml::Value,
+) -> Result<Vec<T>, (Option<usize>, String)> {
+    let key_line = find_line(text, &format!("{key}:"));
+    let entries: Vec<serde_yaml::Value> = match value {
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        serde_yaml::Value::Sequence(entries) => entries,
+        _ => return Err((key_line, format!("{key}: expected a list"))),
+    };
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let name = entry
+                .get("name")
+                .and_then(|n| n.as_str())
+                .map(str::to_owned);
+            serde_yaml::from_value(entry).map_err(|e| {
+                let line = name
+                    .as_deref()
+                    .and_then(|n| find_line(text, n))
+                    .or(key_line);
+                let which = name
+                    .map(|n| format!("{n:?}"))
+                    .unwrap_or_else(|| format!("#{}", i + 1));
+                (line, format!("{key} entry {which}: {e}"))
+            })
+        })
+        .collect()
+}
+
+/// `on_success: a` or `on_success: [a, b]`; `null` and absent mean none.
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::None => Vec::new(),
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// Parses one job file's text. `path` is used in error messages only.
+pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile> {
+    let fail = |line: Option<usize>, reason: String| InvalidJobFile {
+        path: path.to_owned(),
+        line,
+        reason,
+    };
+    let root: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| fail(e.location().map(|l| l.line()), e.to_string()))?;
+    let mut set = JobSet::default();
+    let map = match root {
+        serde_yaml::Value::Null => return Ok(set), // an empty file defines nothing
+        serde_yaml::Value::Mapping(map) => map,
+        _ => {
+            return Err(fail(
+                Some(1),
+                "expected a mapping with `jobs:` and/or `semaphores:`".into(),
+            ))
+        }
+    };
+    for (key, value) in map {
+        let Some(key) = key.as_str().map(str::to_owned) else {
+            return Err(fail(None, "top-level keys must be strings".into()));
+        };
+        // Where a named entry went wrong: the line of its `name:` in the text, if found.
+        let line_of = |name: &str| find_line(text, name);
+        match key.as_str() {
+            "semaphores" => {
+                let raws: Vec<RawSemaphore> =
+                    parse_list(text, &key, value).map_err(|(line, r)| fail(line, r))?;
+                for raw in raws {
+                    let name = raw.name.clone();
+                    let spec = validate_semaphore(raw).map_err(|r| fail(line_of(&name), r))?;
+                    if set.semaphores.insert(name.clone(), spec).is_some() {
+                        return Err(fail(
+                            line_of(&name),
+                            format!("semaphore {name:?} defined twice"),
+                        ));
+                    }
+                }
+            }
+            // `jobs:` is the jobz format; any other list is an original jobz job db list.
+            _ => {
+                let raws: Vec<RawJob> =
+                    parse_list(text, &key, value).map_err(|(line, r)| fail(line, r))?;
+                for raw in raws {
+                    let name = raw.name.clone();
+                    let spec = validate_job(raw).map_err(|r| fail(line_of(&name), r))?;
+                    if set.jobs.insert(name.clone(), spec).is_some() {
+                        return Err(fail(line_of(&name), format!("job {name:?} defined twice")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+fn find_line(text: &str, needle: &str) -> Option<usize> {
+    text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+fn parse_duration(what: &str, text: Option<String>) -> Result<Option<u64>, String> {
+    text.map(|t| {
+        humantime::parse_duration(t.trim())
+            .map(|d: Duration| d.as_millis() as u64)
+            .map_err(|e| format!("{what} {t:?}: {e}"))
+    })
+    .transpose()
+}
+
+fn check_names(what: &str, names: &[String]) -> Result<(), String> {
+    match names.iter().find(|n| !is_valid_name(n)) {
+        Some(bad) => Err(format!("{what}: {bad:?} is not a valid job name")),
+        None => Ok(()),
+    }
+}
+
+fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
+    let name = raw.name;
+    if !is_valid_name(&name) {
+        return Err(format!(
+            "job name {name:?} must match [A-Za-z0-9_.-]{{1,128}}"
+        ));
+    }
+    let context = |r: String| format!("job {name:?}: {r}");
+    let template = Template::parse(&raw.command).map_err(|e| context(format!("command: {e}")))?;
+    let mut params = BTreeMap::new();
+    for (pname, p) in raw.params {
+        let pattern = p
+            .pattern
+            .unwrap_or_else(|| DEFAULT_PARAM_PATTERN.to_owned());
+        Regex::new(&pattern)
+            .map_err(|e| context(format!("parameter {pname:?}: bad pattern: {e}")))?;
+        params.insert(
+            pname,
+            ParamSpec {
+                required: p.required,
+                pattern,
+            },
+        );
+    }
+    // A placeholder the file does not declare is a required parameter with the default
+    // pattern: the original jobz format declares nothing.
+    for used in template.params() {
+        params.entry(used.to_owned()).or_insert_with(|| ParamSpec {
+            required: true,
+            pattern: DEFAULT_PARAM_PATTERN.to_owned(),
+        });
+    }
+    let on_success = raw.on_success.into_vec();
+    let on_failure = raw.on_failure.into_vec();
+    check_names("on_success", &on_success).map_err(context)?;
+    check_names("on_failure", &on_failure).map_err(context)?;
+    Ok(JobSpec {
+        timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
+        name: name.clone(),
+        description: raw.description,
+        command: raw.command,
+        params,
+        on_success,
+        on_failure,
+        delivery: raw.delivery,
+        retries: raw.retries,
+        tags: raw.tags,
+    })
+}
+
+fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
+    let name = raw.name;
+    if !is_valid_name(&name) {
+        return Err(format!(
+            "semaphore name {name:?} must match [A-Za-z0-9_.-]{{1,128}}"
+        ));
+    }
+    let context = |r: String| format!("semaphore {name:?}: {r}");
+    if raw.wait_for.is_empty() {
+        return Err(context("wait_for is empty".into()));
+    }
+    let mut wait_for = Vec::new();
+    for w in raw.wait_for {
+        check_names("wait_for", std::slice::from_ref(&w.job)).map_err(context)?;
+        let count = match w.count {
+            None => Some(1),
+            Some(serde_yaml::Value::String(s)) if s == "all" => None,
+            Some(serde_yaml::Value::Number(n)) => match n.as_u64() {
+                Some(c) if c >= 1 && c <= u32::MAX as u64 => Some(c as u32),
+                _ => {
+                    return Err(context(format!(
+                        "count {n} must be a positive whole number or `all`"
+                    )))
+                }
+            },
+            Some(other) => {
+                return Err(context(format!(
+                    "count {other:?} must be a number or `all`"
+                )))
+            }
+        };
+        wait_for.push(WaitFor { job: w.job, count });
+    }
+    Template::parse(&raw.key).map_err(|e| context(format!("key: {e}")))?;
+    let then = raw.then.into_vec();
+    if then.is_empty() {
+        return Err(context("then is empty".into()));
+    }
+    check_names("then", &then).map_err(context)?;
+    let on_timeout = raw.on_timeout.into_vec();
+    check_names("on_timeout", &on_timeout).map_err(context)?;
+    let count_failures = match raw.on.as_deref() {
+        None | Some("success") => false,
+        Some("finished") => true,
+        Some(other) => {
+            return Err(context(format!(
+                "on: {other:?} must be `success` or `finished`"
+            )))
+        }
+    };
+    Ok(SemaphoreSpec {
+        timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
+        name: name.clone(),
+        wait_for,
+        key: raw.key,
+        then,
+        on_timeout,
+        count_failures,
+    })
+}
+
+// ---- The directory ----------------------------------------------------------------------
+
+/// The job files of one directory, re-read on change, each kept at its last good version.
+#[derive(Debug, Default)]
+pub struct JobDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, LoadedFile>,
+}
+
+#[derive(Debug)]
+struct LoadedFile {
+    modified: Option<SystemTime>,
+    len: u64,
+    /// Last good content; `None` if the file never parsed.
+    good: Option<JobSet>,
+}
+
+/// What one [`JobDir::refresh`] found.
+#[derive(Debug, Default)]
+pub struct Refresh {
+    /// Files that were read again (added or changed) and accepted.
+    pub loaded: Vec<PathBuf>,
+    /// Files that disappeared.
+    pub removed: Vec<PathBuf>,
+    /// Files rejected; their previous good version, if any, stays in force.
+    pub rejected: Vec<InvalidJobFile>,
+}
+
+impl Refresh {
+    /// True if the effective job set may have changed.
+    pub fn changed(&self) -> bool {
+        !self.loaded.is_empty() || !self.removed.is_empty()
+    }
+}
+
+impl JobDir {
+    /// A loader for `dir`; nothing is read until [`JobDir::refresh`].
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        JobDir {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads files that were added, changed or removed since the last call.
+    /// Fails only if the directory itself cannot be read.
+    pub fn refresh(&mut self) -> std::io::Result<Refresh> {
+        let mut report = Refresh::default();
+        let mut seen = BTreeSet::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let is_yaml = matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml")
+            );
+            // Editors' temporary files (`.foo.yaml.swp`, `.#foo.yaml`) are not job files.
+            let hidden = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'));
+            if !is_yaml || hidden {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            seen.insert(path.clone());
+            let modified = meta.modified().ok();
+            if let Some(f) = self.files.get(&path) {
+                if f.modified == modified && f.len == meta.len() {
+                    continue;
+                }
+            }
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| InvalidJobFile {
+                    path: path.clone(),
+                    line: None,
+                    reason: e.to_string(),
+                })
+                .and_then(|text| parse_job_file(&path, &text));
+            let previous = self.files.remove(&path).and_then(|f| f.good);
+            let good = match parsed {
+                Ok(set) => {
+                    report.loaded.push(path.clone());
+                    Some(set)
+                }
+                Err(e) => {
+                    report.rejected.push(e);
+                    previous
+                }
+            };
+            self.files.insert(
+                path,
+                LoadedFile {
+                    modified,
+                    len: meta.len(),
+                    good,
+                },
+            );
+        }
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.files.remove(&path);
+            report.removed.push(path);
+        }
+        Ok(report)
+    }
+
+    /// The effective job set: every file's good version, in file-name order. A name defined
+    /// in two files keeps the first; the later definition is reported as rejected.
+    pub fn job_set(&self) -> (JobSet, Vec<InvalidJobFile>) {
+        let mut set = JobSet::default();
+        let mut conflicts = Vec::new();
+        for (path, file) in &self.files {
+            let Some(good) = &file.good else { continue };
+            for (name, job) in &good.jobs {
+                if set.jobs.contains_key(name) {
+                    conflicts.push(InvalidJobFile {
+                        path: path.clone(),
+                        line: None,
+                        reason: format!(
+                            "job {name:?} is already defined in another file; ignored here"
+                        ),
+                    });
+                } else {
+                    set.jobs.insert(name.clone(), job.clone());
+                }
+            }
+            for (name, sem) in &good.semaphores {
+                if set.semaphores.contains_key(name) {
+                    conflicts.push(InvalidJobFile {
+                        path: path.clone(),
+                        line: None,
+                        reason: format!(
+                            "semaphore {name:?} is already defined in another file; ignored here"
+                        ),
+                    });
+                } else {
+                    set.semaphores.insert(name.clone(), sem.clone());
+                }
+            }
+        }
+        (set, conflicts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<JobSet, InvalidJobFile> {
+        parse_job_file(Path::new("t.yaml"), text)
+    }
+
+    const SPEC_EXAMPLE: &str = r#"
+jobs:
+  - name: import_category_dump
+    command: "/opt/etl/import.sh --date {date}"
+    params:
+      date: { required: true, pattern: '^[0-9]{4}_[0-9]{2}_[0-9]{2}$' }
+    on_success: [reindex_search]
+    on_failure: alert_ops
+    delivery: broadcast
+    timeout: 30m
+    retries: 3
+semaphores:
+  - name: all_reindexed
+    wait_for: [{ job: reindex_search, count: 10 }]
+    key: "{date}"
+    then: publish_site
+    timeout: 2h
+    on_timeout: alert_ops
+"#;
+
+    #[test]
+    fn spec_example_parses() {
+        let set = parse(SPEC_EXAMPLE).unwrap();
+        let job = &set.jobs["import_category_dump"];
+        assert_eq!(job.on_success, vec!["reindex_search"]);
+        assert_eq!(job.on_failure, vec!["alert_ops"]);
+        assert_eq!(job.timeout_ms, Some(30 * 60 * 1000));
+        assert_eq!(job.retries, 3);
+        assert!(job.params["date"].required);
+        let sem = &set.semaphores["all_reindexed"];
+        assert_eq!(
+            sem.wait_for,
+            vec![WaitFor {
+                job: "reindex_search".into(),
+                count: Some(10)
+            }]
+        );
+        assert_eq!(sem.then, vec!["publish_site"]);
+        assert_eq!(sem.timeout_ms, Some(2 * 3600 * 1000));
+    }
+
+    #[test]
+    fn original_jobz_db_parses_with_implicit_params() {
+        let set = parse(
+            "sqoop_jobs:\n  - name: bfd_sync\n    command: /opt/sync.sh {date}\n    on_success: done_job\n    on_failure:\n",
+        )
+        .unwrap();
+        let job = &set.jobs["bfd_sync"];
+        assert_eq!(job.on_success, vec!["done_job"]);
+        assert!(job.on_failure.is_empty());
+        assert_eq!(job.params["date"].pattern, DEFAULT_PARAM_PATTERN);
+        assert!(job.params["date"].required);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_reason() {
+        let err =
+            parse("jobs:\n  - name: ok\n    command: true\n  - name: bad job\n    command: x\n")
+                .unwrap_err();
+        assert_eq!(err.line, Some(4));
+        assert!(err.reason.contains("bad job"), "{err}");
+        let err = parse("jobs:\n  - name: a\n    command: x\n    on_sucess: b\n").unwrap_err();
+        assert!(err.reason.contains("on_sucess"), "{err}");
+        assert_eq!(err.line, Some(2));
+        let err = parse("jobs: [\n").unwrap_err();
+        assert!(err.line.is_some(), "{err}");
+        let err = parse("jobs:\n  - name: a\n    command: 'x {'\n").unwrap_err();
+        assert!(err.reason.contains("unclosed"), "{err}");
+        let err =
+            parse("jobs:\n  - name: a\n    command: x\n    params: { d: { pattern: '(' } }\n")
+                .unwrap_err();
+        assert!(err.reason.contains("bad pattern"), "{err}");
+    }
+
+    #[test]
+    fn params_are_validated() {
+        let set = parse(SPEC_EXAMPLE).unwrap();
+        let job = &set.jobs["import_category_dump"];
+        let p = |pairs: &[(&str, &str)]| -> Params {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(job.validate_params(&p(&[("date", "2026_11_23")])), Ok(()));
+        assert_eq!(
+            job.validate_params(&p(&[])),
+            Err(ParamError::Missing("date".into()))
+        );
+        assert!(matches!(
+            job.validate_params(&p(&[("date", "2026_11_23\n")])),
+            Err(ParamError::NoMatch { .. })
+        ));
+        assert!(matches!(
+            job.validate_params(&p(&[("date", "$(id)")])),
+            Err(ParamError::NoMatch { .. })
+        ));
+        assert_eq!(
+            job.validate_params(&p(&[("date", "2026_11_23"), ("x", "1")])),
+            Err(ParamError::Undeclared("x".into()))
+        );
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        assert!(is_valid_name("import_category_dump.v2-a"));
+        for bad in ["", "a b", "a/b", "a\0", "ä", &"x".repeat(129)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn dir_keeps_last_good_version_and_drops_removed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, "jobs:\n  - name: a\n    command: 'true'\n").unwrap();
+        let mut jd = JobDir::new(dir.path());
+        let r = jd.refresh().unwrap();
+        assert!(r.changed() && r.rejected.is_empty());
+        assert!(jd.job_set().0.jobs.contains_key("a"));
+
+        std::fs::write(
+            &file,
+            "jobs:\n  - name: a\n    command: 'true'\n  - name: b b\n    command: x\n",
+        )
+        .unwrap();
+        let r = jd.refresh().unwrap();
+        assert_eq!(r.rejected.len(), 1);
+        assert!(!r.changed());
+        assert!(
+            jd.job_set().0.jobs.contains_key("a"),
+            "last good version stays"
+        );
+
+        std::fs::remove_file(&file).unwrap();
+        let r = jd.refresh().unwrap();
+        assert_eq!(r.removed.len(), 1);
+        assert!(jd.job_set().0.jobs.is_empty());
+    }
+
+    #[test]
+    fn a_duplicate_across_files_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "jobs:\n  - name: x\n    command: a\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "jobs:\n  - name: x\n    command: b\n",
+        )
+        .unwrap();
+        let mut jd = JobDir::new(dir.path());
+        jd.refresh().unwrap();
+        let (set, conflicts) = jd.job_set();
+        assert_eq!(set.jobs["x"].command, "a");
+        assert_eq!(conflicts.len(), 1);
+    }
+}

@@ -1,0 +1,433 @@
+//! Every message of the jobz protocol, one documented variant each.
+//!
+//! Clients (workers, semaphores, frontends) send on PUSH to the broker's PULL socket.
+//! The broker answers and publishes on its PUB socket under a [`crate::topic::Topic`]:
+//! work for a job goes to the job's topic, replies to the asking node's topic,
+//! completion events to the job's event topic.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::MessageId;
+use crate::jobfile::JobSpec;
+
+/// Parameters of a run: name to value, as they came from the trigger.
+pub type Params = BTreeMap<String, String>;
+
+/// The body of an [`crate::envelope::Envelope`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    /// Client → broker: "I am here". Answered with [`ReplyBody::Welcome`] on the sender's
+    /// topic, which proves the reply path (SUB subscription) works: ZeroMQ's slow joiner.
+    Hello {
+        /// What kind of node says hello.
+        role: Role,
+    },
+    /// Worker → broker, every heartbeat interval: registration and liveness in one.
+    /// Carries the full status so a restarted broker rebuilds its registry from one beat.
+    Heartbeat(WorkerStatus),
+    /// Client → broker: start a run of a job. Answered with `Accepted` once journaled,
+    /// or `Rejected` (unknown job, bad parameters).
+    Trigger(TriggerRequest),
+    /// Worker → broker: a task's command has started. Answered with `Ack`.
+    TaskStarted(TaskStarted),
+    /// Worker → broker: a task has ended. Answered with `Ack` once journaled; the worker
+    /// resends (same message id) until then.
+    TaskFinished(TaskFinished),
+    /// Client → broker: read state. Answered with the matching `ReplyBody`.
+    Query(Query),
+    /// Broker → one node (on the node's topic): the answer to a message it sent.
+    Reply(Reply),
+    /// Broker → workers (on the job's topic): tasks to run.
+    Work(Work),
+    /// Broker → subscribers (on the job's event topic): something finished.
+    Event(Event),
+}
+
+/// The kind of node, as it introduces itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// `jobz-worker`.
+    Worker,
+    /// `jobz-frontend`.
+    Frontend,
+    /// `jobz-semaphore`.
+    Semaphore,
+    /// A command-line or test client.
+    Client,
+}
+
+/// A worker's registration, resent on every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Unique worker name (`--name`, default host name).
+    pub name: String,
+    /// Random id of this worker process; a new one means the worker restarted.
+    pub instance: String,
+    /// Jobs this worker serves, as loaded from its `jobs.d`.
+    pub jobs: Vec<JobSpec>,
+    /// Capabilities (`--capability`).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Steps it runs at once (`--slots`).
+    pub slots: u32,
+    /// Tasks it is running now: (task id, attempt).
+    #[serde(default)]
+    pub running: Vec<TaskRef>,
+    /// Version of the worker binary.
+    pub version: String,
+}
+
+/// A task at one attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskRef {
+    /// The task id.
+    pub task_id: String,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+}
+
+/// Request to start a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerRequest {
+    /// The job to start.
+    pub job: String,
+    /// Its parameters (validated by the broker against the job's declaration).
+    pub params: Params,
+    /// Runs this one was waiting for (set by semaphores).
+    #[serde(default)]
+    pub parent_runs: Vec<String>,
+}
+
+/// A task's command started on a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStarted {
+    /// Which task, which attempt.
+    pub task: TaskRef,
+    /// Worker name.
+    pub worker: String,
+    /// Worker instance (see [`WorkerStatus::instance`]).
+    pub instance: String,
+    /// When the command started, ms since the epoch.
+    pub started_at_ms: i64,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOutcome {
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit, killed by a signal, or could not start.
+    Failed,
+    /// Ran past its `timeout`; its process group was killed.
+    TimedOut,
+}
+
+/// A task's command ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFinished {
+    /// Which task, which attempt.
+    pub task: TaskRef,
+    /// Worker name.
+    pub worker: String,
+    /// How it ended.
+    pub outcome: TaskOutcome,
+    /// Exit code, if the process exited (none when killed by a signal or not started).
+    pub exit_code: Option<i32>,
+    /// Why it failed, when that is not just the exit code.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// When the command started, ms since the epoch.
+    pub started_at_ms: i64,
+    /// When it ended, ms since the epoch.
+    pub finished_at_ms: i64,
+    /// The last lines of output (bounded; the whole output stays in the worker's log dir).
+    #[serde(default)]
+    pub output_tail: String,
+}
+
+/// Tasks of one step, published on the job's topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Work {
+    /// The run this step belongs to.
+    pub run_id: String,
+    /// The step.
+    pub step_id: String,
+    /// The job to run (equal to the topic's job name).
+    pub job: String,
+    /// Parameters of the run.
+    pub params: Params,
+    /// One entry per worker that must run it; a worker runs only its own.
+    pub assignments: Vec<Assignment>,
+}
+
+/// One task of a step, for one worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Worker that runs it.
+    pub worker: String,
+    /// Task id and attempt.
+    pub task: TaskRef,
+}
+
+/// A read request to the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Query {
+    /// One run with its tasks.
+    Run {
+        /// The run id.
+        run_id: String,
+    },
+    /// Runs, newest first.
+    Runs(RunFilter),
+    /// Known jobs with the workers that serve them.
+    Jobs,
+    /// Known workers.
+    Workers,
+    /// Broker liveness and counters.
+    Health,
+}
+
+/// Filter for [`Query::Runs`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunFilter {
+    /// Only runs of this job.
+    pub job: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// At most this many (the broker caps it).
+    pub limit: u32,
+}
+
+/// The broker's answer to one message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Id of the message this answers.
+    pub in_reply_to: MessageId,
+    /// The answer.
+    pub body: ReplyBody,
+}
+
+/// Answers, one per kind of request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplyBody {
+    /// Answer to `Hello`.
+    Welcome {
+        /// Random id of the broker process.
+        broker_instance: String,
+    },
+    /// The message was received and journaled.
+    Ack,
+    /// The trigger was journaled as this run.
+    Accepted {
+        /// Id of the new run.
+        run_id: String,
+    },
+    /// The request was refused; `status` is the HTTP status it maps to.
+    Rejected {
+        /// 400 bad parameters, 404 unknown job, 503 broker cannot store.
+        status: u16,
+        /// What was wrong, for a human.
+        error: String,
+    },
+    /// Answer to `Query::Run`.
+    Run(Option<RunView>),
+    /// Answer to `Query::Runs`.
+    Runs(Vec<RunView>),
+    /// Answer to `Query::Jobs`.
+    Jobs(Vec<JobView>),
+    /// Answer to `Query::Workers`.
+    Workers(Vec<WorkerView>),
+    /// Answer to `Query::Health`.
+    Health(HealthView),
+}
+
+/// Published when a task ends, for semaphores and other watchers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// One task of a step ended.
+    TaskFinished {
+        /// Run id.
+        run_id: String,
+        /// Step id.
+        step_id: String,
+        /// Task id and attempt.
+        task: TaskRef,
+        /// The job.
+        job: String,
+        /// The worker that ran it.
+        worker: String,
+        /// Parameters of the run.
+        params: Params,
+        /// Final state of the task.
+        state: TaskState,
+    },
+}
+
+/// State of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Accepted, nothing started yet.
+    Pending,
+    /// At least one step started, some still pending or running.
+    Running,
+    /// Every step succeeded.
+    Succeeded,
+    /// Ended with at least one failed step.
+    Failed,
+    /// Stopped by an operator.
+    Cancelled,
+}
+
+/// State of one task (one step on one worker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for a worker, or published and not yet started.
+    Pending,
+    /// The command runs.
+    Running,
+    /// Exit code 0.
+    Succeeded,
+    /// Anything else: non-zero exit, timeout, lost worker, unknown job.
+    Failed,
+}
+
+macro_rules! state_names {
+    ($ty:ty { $($variant:ident => $name:literal),* $(,)? }) => {
+        impl $ty {
+            /// The lower-case name used in the API and the store.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $name),* }
+            }
+        }
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($name => Ok(Self::$variant),)*
+                    other => Err(format!("unknown state {other:?}")),
+                }
+            }
+        }
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+state_names!(RunState { Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
+state_names!(TaskState { Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed" });
+
+impl RunState {
+    /// True once the run can change no more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl TaskState {
+    /// True once the task can change no more.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    /// Run id.
+    pub run_id: String,
+    /// The job that was triggered.
+    pub job: String,
+    /// Its parameters.
+    pub params: Params,
+    /// Current state.
+    pub state: RunState,
+    /// Runs this one waited for (semaphore runs).
+    pub parent_runs: Vec<String>,
+    /// Accepted at, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Ended at, ms since the epoch.
+    pub finished_at_ms: Option<i64>,
+    /// One entry per task, in the order they were created (empty in run lists).
+    pub steps: Vec<StepView>,
+}
+
+/// One task of a run (one step on one worker) as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepView {
+    /// The step; the tasks of one broadcast step share it.
+    pub step_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The job.
+    pub job: String,
+    /// Worker that runs or ran it (none while waiting for one).
+    pub worker: Option<String>,
+    /// Task state.
+    pub state: TaskState,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Exit code, once exited.
+    pub exit_code: Option<i32>,
+    /// Why it failed, beyond the exit code.
+    pub error: Option<String>,
+    /// Started at, ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    /// Ended at, ms since the epoch.
+    pub finished_at_ms: Option<i64>,
+    /// Last lines of output.
+    pub output_tail: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    /// The job definition, as its serving worker registered it.
+    pub spec: JobSpec,
+    /// Workers that serve it, live or not.
+    pub workers: Vec<String>,
+}
+
+/// A worker as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerView {
+    /// Worker name.
+    pub name: String,
+    /// Job names it serves.
+    pub jobs: Vec<String>,
+    /// Capabilities.
+    pub capabilities: Vec<String>,
+    /// Slots.
+    pub slots: u32,
+    /// Tasks running now.
+    pub running: u32,
+    /// Last heartbeat, ms since the epoch.
+    pub last_seen_ms: i64,
+    /// Heartbeat within the expiry.
+    pub live: bool,
+    /// Worker binary version.
+    pub version: String,
+}
+
+/// Broker health and counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthView {
+    /// Broker binary version.
+    pub version: String,
+    /// Random id of the broker process.
+    pub instance: String,
+    /// Named counters (frames received, dropped, runs accepted, …).
+    pub counters: BTreeMap<String, u64>,
+    /// Runs not yet final.
+    pub active_runs: u64,
+    /// Workers with a heartbeat within the expiry.
+    pub live_workers: u64,
+}
