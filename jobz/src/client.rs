@@ -278,7 +278,7 @@ impl Link {
             }
             match self.sub.poll(zmq::POLLIN, TICK.as_millis() as i64) {
                 Ok(n) if n > 0 => self.drain_sub(),
-                Ok(_) => {}
+                Ok(_) | Err(zmq::Error::EINTR) => {}
                 Err(e) => {
                     warn!(error = %e, "polling the broker's PUB socket failed");
                     std::thread::sleep(TICK);

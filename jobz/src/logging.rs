@@ -41,7 +41,14 @@ pub fn init(file: Option<&PathBuf>, format: LogFormat) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_target(false);
     let result = match (file, format) {
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Text) => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            builder
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr)
+                .try_init()
+        }
         (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
         (Some(path), format) => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {

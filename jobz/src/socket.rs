@@ -102,7 +102,9 @@ impl fmt::Display for BrokerAddr {
 /// linger so that closing flushes, TCP keepalive so idle firewalls do not cut us silently,
 /// and capped, jittered reconnects so a restarted broker is not hit by every client at once.
 pub fn configure(socket: &zmq::Socket) -> zmq::Result<()> {
-    socket.set_maxmsgsize(MAX_FRAME_BYTES as i64 + 1024)?;
+    // Frames up to 4x the limit still arrive, so the decoder can log and count them as
+    // too large; beyond that libzmq drops the connection before allocating.
+    socket.set_maxmsgsize(4 * MAX_FRAME_BYTES as i64)?;
     socket.set_sndhwm(HIGH_WATER_MARK)?;
     socket.set_rcvhwm(HIGH_WATER_MARK)?;
     socket.set_linger(2000)?;

@@ -1,0 +1,910 @@
+//! The broker's decisions, with no sockets and no clock of its own.
+//!
+//! [`Engine::on_envelope`] and [`Engine::tick`] take an event and the current time and
+//! return [`Effects`]: records to journal, then messages to publish once they are durable,
+//! and reads to answer from the store. The engine keeps only active runs in memory; a run
+//! that ends is written and forgotten (the store answers for it from then on).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use jobz::envelope::{Envelope, MessageId};
+use jobz::jobfile::{is_valid_name, Delivery};
+use jobz::message::{
+    Assignment, Event, HealthView, Message, Query, Reply, ReplyBody, RunFilter, RunState,
+    TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
+};
+use jobz::topic::Topic;
+use tracing::{debug, info, warn};
+
+use crate::model::{Run, Step, Task};
+use crate::registry::{CatalogEntry, Registry, Worker};
+
+/// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
+pub const MAX_STEPS_PER_RUN: usize = 1000;
+
+/// Trigger ids remembered for ingesting a resent trigger once.
+const REMEMBERED_REQUESTS: usize = 100_000;
+
+/// Settings the engine's decisions depend on.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// A worker without a heartbeat for this long is lost; its unfinished tasks fail.
+    pub worker_expiry_ms: i64,
+    /// A published task not reported started after this long is published again.
+    pub redeliver_after_ms: i64,
+    /// Random id of this broker process, sent in `Welcome`.
+    pub instance: String,
+    /// Broker version, for `Health`.
+    pub version: String,
+}
+
+/// A record to journal; the store upserts it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    Run(Run),
+    Step(Step),
+    Task(Task),
+    Worker(Worker),
+    Job(CatalogEntry),
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    pub topic: Topic,
+    pub body: Message,
+}
+
+/// A read the journal answers from the store, after the writes before it are committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreRead {
+    pub reply_to: String,
+    pub in_reply_to: MessageId,
+    pub query: ReadQuery,
+}
+
+/// Reads that need the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadQuery {
+    Run(String),
+    Runs(RunFilter),
+}
+
+/// What one event makes the broker do, in order: journal `writes` in one transaction,
+/// then publish `publish`, then answer `reads`.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub writes: Vec<Write>,
+    pub publish: Vec<Publish>,
+    pub reads: Vec<StoreRead>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty() && self.publish.is_empty() && self.reads.is_empty()
+    }
+}
+
+/// What the store holds of unfinished business, to resume from.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub runs: Vec<Run>,
+    pub steps: Vec<Step>,
+    pub tasks: Vec<Task>,
+    pub workers: Vec<Worker>,
+    pub catalog: Vec<CatalogEntry>,
+    /// (trigger message id, run id) of recent runs.
+    pub recent_requests: Vec<(String, String)>,
+}
+
+pub struct Engine {
+    config: EngineConfig,
+    registry: Registry,
+    runs: HashMap<String, Run>,
+    steps: HashMap<String, Step>,
+    tasks: HashMap<String, Task>,
+    run_steps: HashMap<String, Vec<String>>,
+    step_tasks: HashMap<String, Vec<String>>,
+    /// Steps that wait for a live worker.
+    waiting: BTreeSet<String>,
+    /// When each pending task was last published.
+    last_sent: HashMap<String, i64>,
+    requests: HashMap<MessageId, String>,
+    request_order: VecDeque<MessageId>,
+    counters: BTreeMap<String, u64>,
+}
+
+impl Engine {
+    /// An engine resuming from `snapshot`.
+    pub fn restore(config: EngineConfig, snapshot: Snapshot, now_ms: i64) -> Engine {
+        let mut engine = Engine {
+            config,
+            registry: Registry::restore(snapshot.workers, snapshot.catalog, now_ms),
+            runs: HashMap::new(),
+            steps: HashMap::new(),
+            tasks: HashMap::new(),
+            run_steps: HashMap::new(),
+            step_tasks: HashMap::new(),
+            waiting: BTreeSet::new(),
+            last_sent: HashMap::new(),
+            requests: HashMap::new(),
+            request_order: VecDeque::new(),
+            counters: BTreeMap::new(),
+        };
+        for (request, run) in snapshot.recent_requests {
+            engine.remember_request(request, run);
+        }
+        for run in snapshot.runs {
+            engine.runs.insert(run.run_id.clone(), run);
+        }
+        for step in snapshot.steps {
+            engine
+                .run_steps
+                .entry(step.run_id.clone())
+                .or_default()
+                .push(step.step_id.clone());
+            if step.state == TaskState::Pending {
+                engine.waiting.insert(step.step_id.clone());
+            }
+            engine.steps.insert(step.step_id.clone(), step);
+        }
+        for task in snapshot.tasks {
+            engine
+                .step_tasks
+                .entry(task.step_id.clone())
+                .or_default()
+                .push(task.task_id.clone());
+            engine.tasks.insert(task.task_id.clone(), task);
+        }
+        if !engine.runs.is_empty() {
+            info!(
+                runs = engine.runs.len(),
+                tasks = engine.tasks.len(),
+                "resuming active runs"
+            );
+        }
+        engine
+    }
+
+    fn count(&mut self, name: &str) {
+        *self.counters.entry(name.to_owned()).or_default() += 1;
+    }
+
+    /// Counts a frame that could not be decoded (the server decodes, the engine counts).
+    pub fn count_dropped_frame(&mut self, reason: &str) {
+        self.count("frames_dropped");
+        self.count(&format!("frames_dropped_{reason}"));
+    }
+
+    pub fn active_runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    fn remember_request(&mut self, request: MessageId, run_id: String) {
+        if self.requests.insert(request.clone(), run_id).is_none() {
+            self.request_order.push_back(request);
+        }
+        while self.request_order.len() > REMEMBERED_REQUESTS {
+            if let Some(old) = self.request_order.pop_front() {
+                self.requests.remove(&old);
+            }
+        }
+    }
+
+    /// Handles one decoded message.
+    pub fn on_envelope(&mut self, env: Envelope, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        if !is_valid_node_id(&env.sender) {
+            self.count_dropped_frame("bad_sender");
+            warn!(sender = ?truncate(&env.sender, 80), "dropping a message with an invalid sender id");
+            return fx;
+        }
+        self.count("frames_received");
+        match env.body.clone() {
+            Message::Hello { role } => {
+                debug!(sender = %env.sender, ?role, "hello");
+                let instance = self.config.instance.clone();
+                reply(
+                    &mut fx,
+                    &env,
+                    ReplyBody::Welcome {
+                        broker_instance: instance,
+                    },
+                );
+            }
+            Message::Heartbeat(status) => self.on_heartbeat(&mut fx, &env, status, now),
+            Message::Trigger(request) => self.on_trigger(&mut fx, &env, request, now),
+            Message::TaskStarted(started) => self.on_started(&mut fx, &env, started, now),
+            Message::TaskFinished(finished) => self.on_finished(&mut fx, &env, finished, now),
+            Message::Query(query) => self.on_query(&mut fx, &env, query),
+            Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
+                self.count_dropped_frame("unexpected");
+                warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
+            }
+        }
+        fx
+    }
+
+    fn on_heartbeat(&mut self, fx: &mut Effects, env: &Envelope, status: WorkerStatus, now: i64) {
+        if !is_valid_name(&status.name) || status.jobs.iter().any(|j| !is_valid_name(&j.name)) {
+            self.count_dropped_frame("bad_heartbeat");
+            warn!(sender = %env.sender, "dropping a heartbeat with an invalid worker or job name");
+            return;
+        }
+        let reg = self.registry.heartbeat(&status, now);
+        if reg.changed {
+            if let Some(w) = self.registry.worker(&status.name) {
+                fx.writes.push(Write::Worker(w.clone()));
+            }
+            for job in &status.jobs {
+                if let Some(entry) = self.registry.catalog_entry(&job.name) {
+                    fx.writes.push(Write::Job(entry.clone()));
+                }
+            }
+        }
+        if reg.restarted_from.is_some() {
+            // Tasks the previous process started died with it.
+            let lost: Vec<String> = self
+                .tasks
+                .values()
+                .filter(|t| {
+                    t.worker.as_deref() == Some(status.name.as_str())
+                        && t.state == TaskState::Running
+                        && t.instance.as_deref() != Some(status.instance.as_str())
+                })
+                .map(|t| t.task_id.clone())
+                .collect();
+            for task_id in lost {
+                warn!(worker = %status.name, task_id = %task_id, "worker restarted; its running attempt is lost");
+                self.fail_task(
+                    fx,
+                    &task_id,
+                    "worker restarted while the task ran; attempt lost",
+                    now,
+                );
+            }
+        }
+        if reg.became_live || reg.changed {
+            self.dispatch_waiting(fx, now);
+        }
+        reply(fx, env, ReplyBody::Ack);
+    }
+
+    fn on_trigger(&mut self, fx: &mut Effects, env: &Envelope, request: TriggerRequest, now: i64) {
+        if let Some(run_id) = self.requests.get(&env.id).cloned() {
+            self.count("duplicate_triggers");
+            reply(fx, env, ReplyBody::Accepted { run_id });
+            return;
+        }
+        let rejected = |status: u16, error: String| ReplyBody::Rejected { status, error };
+        if !is_valid_name(&request.job) {
+            self.count("triggers_rejected");
+            reply(
+                fx,
+                env,
+                rejected(
+                    400,
+                    format!("invalid job name {:?}", truncate(&request.job, 130)),
+                ),
+            );
+            return;
+        }
+        let Some(spec) = self.registry.job(&request.job) else {
+            self.count("triggers_rejected");
+            reply(
+                fx,
+                env,
+                rejected(
+                    404,
+                    format!("unknown job {:?}: no worker has registered it", request.job),
+                ),
+            );
+            return;
+        };
+        if spec.delivery == Delivery::Local {
+            self.count("triggers_rejected");
+            reply(
+                fx,
+                env,
+                rejected(
+                    400,
+                    format!(
+                        "job {:?} has delivery `local`: it runs only as a successor",
+                        request.job
+                    ),
+                ),
+            );
+            return;
+        }
+        if let Err(e) = spec.validate_params(&request.params) {
+            self.count("triggers_rejected");
+            reply(fx, env, rejected(400, e.to_string()));
+            return;
+        }
+        if request.parent_runs.len() > 10_000 || request.parent_runs.iter().any(|r| !is_valid_id(r))
+        {
+            self.count("triggers_rejected");
+            reply(fx, env, rejected(400, "invalid parent_runs".into()));
+            return;
+        }
+        let run = Run {
+            run_id: jobz::new_id(),
+            job: request.job.clone(),
+            params: request.params,
+            state: RunState::Pending,
+            parent_runs: request.parent_runs,
+            request_id: env.id.clone(),
+            created_at_ms: now,
+            finished_at_ms: None,
+        };
+        let run_id = run.run_id.clone();
+        info!(run_id = %run_id, job = %run.job, sender = %env.sender, "run accepted");
+        self.count("runs_accepted");
+        fx.writes.push(Write::Run(run.clone()));
+        self.runs.insert(run_id.clone(), run);
+        self.remember_request(env.id.clone(), run_id.clone());
+        // The reply goes first in `publish`: it is sent only after the run is durable.
+        reply(
+            fx,
+            env,
+            ReplyBody::Accepted {
+                run_id: run_id.clone(),
+            },
+        );
+        self.start_step(fx, &run_id, &request.job, None, now);
+        self.finish_run_if_done(fx, &run_id, now);
+    }
+
+    fn on_started(&mut self, fx: &mut Effects, env: &Envelope, started: TaskStarted, now: i64) {
+        let Some(task) = self.tasks.get_mut(&started.task.task_id) else {
+            self.count("stale_reports");
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        };
+        if task.attempt != started.task.attempt
+            || task.worker.as_deref() != Some(started.worker.as_str())
+        {
+            self.count("stale_reports");
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        }
+        if task.state == TaskState::Pending {
+            task.state = TaskState::Running;
+            task.started_at_ms = Some(started.started_at_ms);
+            task.instance = Some(started.instance);
+            self.last_sent.remove(&task.task_id);
+            info!(run_id = %task.run_id, task_id = %task.task_id, job = %task.job, worker = %started.worker, "task started");
+            let run_id = task.run_id.clone();
+            fx.writes.push(Write::Task(task.clone()));
+            self.mark_run_running(fx, &run_id);
+        }
+        let _ = now;
+        reply(fx, env, ReplyBody::Ack);
+    }
+
+    fn on_finished(&mut self, fx: &mut Effects, env: &Envelope, finished: TaskFinished, now: i64) {
+        let Some(task) = self.tasks.get(&finished.task.task_id) else {
+            self.count("duplicate_results");
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        };
+        if task.state.is_final() {
+            self.count("duplicate_results");
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        }
+        if task.attempt != finished.task.attempt
+            || task.worker.as_deref() != Some(finished.worker.as_str())
+        {
+            self.count("stale_reports");
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        }
+        let state = match finished.outcome {
+            TaskOutcome::Succeeded => TaskState::Succeeded,
+            TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
+        };
+        let task_id = task.task_id.clone();
+        let run_id = task.run_id.clone();
+        if let Some(task) = self.tasks.get_mut(&task_id) {
+            task.started_at_ms = task.started_at_ms.or(Some(finished.started_at_ms));
+            task.exit_code = finished.exit_code;
+            task.error = finished.error;
+            task.output_tail = truncate(&finished.output_tail, 8192).to_owned();
+            task.finished_at_ms = Some(finished.finished_at_ms);
+        }
+        self.mark_run_running(fx, &run_id);
+        self.count("tasks_finished");
+        // Ack first: it is published after the commit that records the result.
+        reply(fx, env, ReplyBody::Ack);
+        self.finish_task(fx, &task_id, state, now);
+    }
+
+    fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query) {
+        let read = |query| StoreRead {
+            reply_to: env.sender.clone(),
+            in_reply_to: env.id.clone(),
+            query,
+        };
+        match query {
+            Query::Run { run_id } => fx.reads.push(read(ReadQuery::Run(run_id))),
+            Query::Runs(filter) => fx.reads.push(read(ReadQuery::Runs(filter))),
+            Query::Jobs => reply(fx, env, ReplyBody::Jobs(self.registry.job_views())),
+            Query::Workers => reply(fx, env, ReplyBody::Workers(self.registry.worker_views())),
+            Query::Health => {
+                let health = self.health();
+                reply(fx, env, ReplyBody::Health(health));
+            }
+        }
+    }
+
+    pub fn health(&self) -> HealthView {
+        HealthView {
+            version: self.config.version.clone(),
+            instance: self.config.instance.clone(),
+            counters: self.counters.clone(),
+            active_runs: self.runs.len() as u64,
+            live_workers: self.registry.live_count() as u64,
+        }
+    }
+
+    /// Periodic duties: expire silent workers, republish unstarted tasks, place waiting steps.
+    pub fn tick(&mut self, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        let expiry = self.config.worker_expiry_ms;
+        for worker in self.registry.expire(now, expiry) {
+            warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
+            self.count("workers_lost");
+            let mut lost: Vec<(i64, String)> = self
+                .tasks
+                .values()
+                .filter(|t| t.worker.as_deref() == Some(worker.as_str()) && !t.state.is_final())
+                .map(|t| (t.created_at_ms, t.task_id.clone()))
+                .collect();
+            lost.sort();
+            let reason = format!("worker {worker} lost: no heartbeat for {} s", expiry / 1000);
+            for (_, task_id) in lost {
+                self.fail_task(&mut fx, &task_id, &reason, now);
+            }
+        }
+        self.redeliver(&mut fx, now);
+        self.dispatch_waiting(&mut fx, now);
+        fx
+    }
+
+    fn redeliver(&mut self, fx: &mut Effects, now: i64) {
+        let due: Vec<String> = self
+            .last_sent
+            .iter()
+            .filter(|(_, &sent)| now - sent >= self.config.redeliver_after_ms)
+            .map(|(task_id, _)| task_id.clone())
+            .collect();
+        let mut by_step: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for task_id in due {
+            match self.tasks.get(&task_id) {
+                Some(t) if t.state == TaskState::Pending => {
+                    by_step.entry(t.step_id.clone()).or_default().push(task_id);
+                }
+                _ => {
+                    self.last_sent.remove(&task_id);
+                }
+            }
+        }
+        for (step_id, task_ids) in by_step {
+            self.count("redeliveries");
+            self.publish_work(fx, &step_id, &task_ids, now);
+        }
+    }
+
+    fn mark_run_running(&mut self, fx: &mut Effects, run_id: &str) {
+        if let Some(run) = self.runs.get_mut(run_id) {
+            if run.state == RunState::Pending {
+                run.state = RunState::Running;
+                fx.writes.push(Write::Run(run.clone()));
+            }
+        }
+    }
+
+    /// Starts `job` as a new step of `run_id`. `origin` is the (task, worker) a `local`
+    /// successor follows.
+    fn start_step(
+        &mut self,
+        fx: &mut Effects,
+        run_id: &str,
+        job: &str,
+        origin: Option<(&str, &str)>,
+        now: i64,
+    ) {
+        let spec = self.registry.job(job).cloned();
+        let step = Step {
+            step_id: jobz::new_id(),
+            run_id: run_id.to_owned(),
+            job: job.to_owned(),
+            delivery: spec.as_ref().map(|s| s.delivery).unwrap_or_default(),
+            state: TaskState::Pending,
+            origin_task: origin.map(|(task, _)| task.to_owned()),
+            created_at_ms: now,
+            finished_at_ms: None,
+        };
+        let step_id = step.step_id.clone();
+        info!(run_id = %run_id, step_id = %step_id, job = %job, "step created");
+        self.run_steps
+            .entry(run_id.to_owned())
+            .or_default()
+            .push(step_id.clone());
+        self.steps.insert(step_id.clone(), step.clone());
+        fx.writes.push(Write::Step(step));
+
+        let origin_worker = origin.map(|(_, w)| w.to_owned());
+        let Some(spec) = spec else {
+            self.fail_unplaced(
+                fx,
+                &step_id,
+                origin_worker,
+                format!("unknown job {job:?}: no worker has registered it"),
+                now,
+            );
+            return;
+        };
+        match spec.delivery {
+            Delivery::Local => match origin_worker {
+                Some(worker) => {
+                    let serves = self
+                        .registry
+                        .worker(&worker)
+                        .is_some_and(|w| w.jobs.contains(job));
+                    if serves {
+                        self.assign(fx, &step_id, vec![worker], now);
+                    } else {
+                        let reason = format!("worker {worker} does not serve local job {job:?}");
+                        self.fail_unplaced(fx, &step_id, Some(worker), reason, now);
+                    }
+                }
+                None => {
+                    let reason =
+                        format!("job {job:?} has delivery `local` but no predecessor task");
+                    self.fail_unplaced(fx, &step_id, None, reason, now);
+                }
+            },
+            Delivery::Broadcast | Delivery::Queue => self.place(fx, &step_id, now),
+        }
+    }
+
+    /// Chooses the workers of a broadcast or queue step, or leaves it waiting for one.
+    fn place(&mut self, fx: &mut Effects, step_id: &str, now: i64) {
+        let Some(step) = self.steps.get(step_id) else {
+            return;
+        };
+        let live: Vec<String> = self
+            .registry
+            .live_workers_for(&step.job)
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        if live.is_empty() {
+            if self.waiting.insert(step_id.to_owned()) {
+                info!(run_id = %step.run_id, step_id = %step_id, job = %step.job, "step waits for a live worker");
+            }
+            return;
+        }
+        self.waiting.remove(step_id);
+        let workers = match step.delivery {
+            Delivery::Queue => {
+                // The live worker with the fewest unfinished tasks; ties go by name.
+                let mut load: HashMap<&str, usize> = live.iter().map(|w| (w.as_str(), 0)).collect();
+                for t in self.tasks.values().filter(|t| !t.state.is_final()) {
+                    if let Some(n) = t.worker.as_deref().and_then(|w| load.get_mut(w)) {
+                        *n += 1;
+                    }
+                }
+                let best = live
+                    .iter()
+                    .min_by_key(|w| (load.get(w.as_str()).copied().unwrap_or(0), (*w).clone()));
+                best.cloned().into_iter().collect()
+            }
+            _ => live,
+        };
+        self.assign(fx, step_id, workers, now);
+    }
+
+    fn dispatch_waiting(&mut self, fx: &mut Effects, now: i64) {
+        let waiting: Vec<String> = self.waiting.iter().cloned().collect();
+        for step_id in waiting {
+            let job = match self.steps.get(&step_id) {
+                Some(s) => s.job.clone(),
+                None => {
+                    self.waiting.remove(&step_id);
+                    continue;
+                }
+            };
+            if !self.registry.live_workers_for(&job).is_empty() {
+                self.place(fx, &step_id, now);
+            }
+        }
+    }
+
+    fn new_task(&mut self, step_id: &str, worker: Option<String>, now: i64) -> Option<String> {
+        let step = self.steps.get(step_id)?;
+        let task = Task {
+            task_id: jobz::new_id(),
+            step_id: step_id.to_owned(),
+            run_id: step.run_id.clone(),
+            job: step.job.clone(),
+            worker,
+            state: TaskState::Pending,
+            attempt: 1,
+            exit_code: None,
+            error: None,
+            instance: None,
+            created_at_ms: now,
+            started_at_ms: None,
+            finished_at_ms: None,
+            output_tail: String::new(),
+        };
+        let task_id = task.task_id.clone();
+        self.step_tasks
+            .entry(step_id.to_owned())
+            .or_default()
+            .push(task_id.clone());
+        self.tasks.insert(task_id.clone(), task);
+        Some(task_id)
+    }
+
+    fn assign(&mut self, fx: &mut Effects, step_id: &str, workers: Vec<String>, now: i64) {
+        let mut task_ids = Vec::new();
+        for worker in workers {
+            if let Some(id) = self.new_task(step_id, Some(worker), now) {
+                if let Some(t) = self.tasks.get(&id) {
+                    fx.writes.push(Write::Task(t.clone()));
+                }
+                task_ids.push(id);
+            }
+        }
+        if let Some(step) = self.steps.get_mut(step_id) {
+            step.state = TaskState::Running;
+            fx.writes.push(Write::Step(step.clone()));
+        }
+        self.publish_work(fx, step_id, &task_ids, now);
+    }
+
+    fn publish_work(&mut self, fx: &mut Effects, step_id: &str, task_ids: &[String], now: i64) {
+        let Some(step) = self.steps.get(step_id) else {
+            return;
+        };
+        let Some(run) = self.runs.get(&step.run_id) else {
+            return;
+        };
+        let assignments: Vec<Assignment> = task_ids
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .filter_map(|t| {
+                Some(Assignment {
+                    worker: t.worker.clone()?,
+                    task: TaskRef {
+                        task_id: t.task_id.clone(),
+                        attempt: t.attempt,
+                    },
+                })
+            })
+            .collect();
+        if assignments.is_empty() {
+            return;
+        }
+        for a in &assignments {
+            self.last_sent.insert(a.task.task_id.clone(), now);
+        }
+        fx.publish.push(Publish {
+            topic: Topic::Job(step.job.clone()),
+            body: Message::Work(Work {
+                run_id: run.run_id.clone(),
+                step_id: step_id.to_owned(),
+                job: step.job.clone(),
+                params: run.params.clone(),
+                assignments,
+            }),
+        });
+    }
+
+    /// A step that cannot be placed fails at once with one task that says why.
+    fn fail_unplaced(
+        &mut self,
+        fx: &mut Effects,
+        step_id: &str,
+        worker: Option<String>,
+        reason: String,
+        now: i64,
+    ) {
+        warn!(step_id = %step_id, %reason, "step cannot run");
+        if let Some(task_id) = self.new_task(step_id, worker, now) {
+            if let Some(step) = self.steps.get_mut(step_id) {
+                step.state = TaskState::Running;
+            }
+            self.fail_task(fx, &task_id, &reason, now);
+        }
+    }
+
+    fn fail_task(&mut self, fx: &mut Effects, task_id: &str, reason: &str, now: i64) {
+        if let Some(task) = self.tasks.get_mut(task_id) {
+            if task.state.is_final() {
+                return;
+            }
+            task.error = Some(reason.to_owned());
+            task.finished_at_ms = Some(now);
+        }
+        self.finish_task(fx, task_id, TaskState::Failed, now);
+    }
+
+    /// Records a task's final state, then starts what follows it.
+    fn finish_task(&mut self, fx: &mut Effects, task_id: &str, state: TaskState, now: i64) {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        task.state = state;
+        task.finished_at_ms = task.finished_at_ms.or(Some(now));
+        self.last_sent.remove(task_id);
+        let task = task.clone();
+        info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
+            worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
+        fx.writes.push(Write::Task(task.clone()));
+        if let Some(run) = self.runs.get(&task.run_id) {
+            fx.publish.push(Publish {
+                topic: Topic::Events(task.job.clone()),
+                body: Message::Event(Event::TaskFinished {
+                    run_id: task.run_id.clone(),
+                    step_id: task.step_id.clone(),
+                    task: TaskRef {
+                        task_id: task.task_id.clone(),
+                        attempt: task.attempt,
+                    },
+                    job: task.job.clone(),
+                    worker: task.worker.clone().unwrap_or_default(),
+                    params: run.params.clone(),
+                    state,
+                }),
+            });
+        }
+        // `local` successors follow each task on its own worker, before the step is judged,
+        // so the run cannot end while they are still to come.
+        if let Some(worker) = task.worker.clone() {
+            for next in
+                self.successors(&task.job, state == TaskState::Succeeded, &task.run_id, true)
+            {
+                self.start_step(fx, &task.run_id, &next, Some((&task.task_id, &worker)), now);
+            }
+        }
+        self.finish_step_if_done(fx, &task.step_id, now);
+        self.finish_run_if_done(fx, &task.run_id, now);
+    }
+
+    /// Successor job names of `job` after success or failure; `local` ones or the others.
+    fn successors(&self, job: &str, succeeded: bool, run_id: &str, local: bool) -> Vec<String> {
+        let Some(spec) = self.registry.job(job) else {
+            return Vec::new();
+        };
+        if self.run_steps.get(run_id).map_or(0, Vec::len) >= MAX_STEPS_PER_RUN {
+            warn!(run_id = %run_id, "run reached {MAX_STEPS_PER_RUN} steps; no more successors start");
+            return Vec::new();
+        }
+        let names = if succeeded {
+            &spec.on_success
+        } else {
+            &spec.on_failure
+        };
+        names
+            .iter()
+            .filter(|n| {
+                (self.registry.job(n).map(|s| s.delivery) == Some(Delivery::Local)) == local
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &str, now: i64) {
+        let Some(step) = self.steps.get(step_id) else {
+            return;
+        };
+        if step.state.is_final() || step.state == TaskState::Pending {
+            return;
+        }
+        let tasks = self
+            .step_tasks
+            .get(step_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let states: Vec<TaskState> = tasks
+            .iter()
+            .filter_map(|t| self.tasks.get(t))
+            .map(|t| t.state)
+            .collect();
+        if states.is_empty() || states.iter().any(|s| !s.is_final()) {
+            return;
+        }
+        let succeeded = states.iter().all(|s| *s == TaskState::Succeeded);
+        let (run_id, job) = (step.run_id.clone(), step.job.clone());
+        if let Some(step) = self.steps.get_mut(step_id) {
+            step.state = if succeeded {
+                TaskState::Succeeded
+            } else {
+                TaskState::Failed
+            };
+            step.finished_at_ms = Some(now);
+            fx.writes.push(Write::Step(step.clone()));
+        }
+        for next in self.successors(&job, succeeded, &run_id, false) {
+            self.start_step(fx, &run_id, &next, None, now);
+        }
+    }
+
+    fn finish_run_if_done(&mut self, fx: &mut Effects, run_id: &str, now: i64) {
+        let Some(step_ids) = self.run_steps.get(run_id) else {
+            return;
+        };
+        let mut failed = false;
+        for id in step_ids {
+            match self.steps.get(id).map(|s| s.state) {
+                Some(TaskState::Succeeded) => {}
+                Some(TaskState::Failed) => failed = true,
+                _ => return,
+            }
+        }
+        let Some(mut run) = self.runs.remove(run_id) else {
+            return;
+        };
+        run.state = if failed {
+            RunState::Failed
+        } else {
+            RunState::Succeeded
+        };
+        run.finished_at_ms = Some(now);
+        info!(run_id = %run_id, job = %run.job, state = %run.state, "run finished");
+        self.count(if failed {
+            "runs_failed"
+        } else {
+            "runs_succeeded"
+        });
+        fx.writes.push(Write::Run(run));
+        // The run is durable from here on; the store answers for it.
+        for step_id in self.run_steps.remove(run_id).unwrap_or_default() {
+            self.steps.remove(&step_id);
+            self.waiting.remove(&step_id);
+            for task_id in self.step_tasks.remove(&step_id).unwrap_or_default() {
+                self.tasks.remove(&task_id);
+                self.last_sent.remove(&task_id);
+            }
+        }
+    }
+}
+
+fn reply(fx: &mut Effects, env: &Envelope, body: ReplyBody) {
+    fx.publish.push(Publish {
+        topic: Topic::Node(env.sender.clone()),
+        body: Message::Reply(Reply {
+            in_reply_to: env.id.clone(),
+            body,
+        }),
+    });
+}
+
+/// Node ids become topics: printable ASCII without spaces, bounded.
+fn is_valid_node_id(id: &str) -> bool {
+    (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Ids the broker made (UUIDs); anything else is refused where an id is expected.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests;

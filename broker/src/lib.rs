@@ -1,0 +1,19 @@
+//! `jobz-broker`: receives triggers and step results, keeps the durable state of every run,
+//! and publishes work to the workers that serve each job.
+//!
+//! # Layout
+//! - [`engine`]: every decision, as a pure state machine (event + time → effects). Start here.
+//! - [`model`]: runs, steps and tasks as the broker records them.
+//! - [`registry`]: live workers and the job catalog they register.
+//! - [`store`]: the narrow durable-state interface and its SQLite implementation.
+//! - [`journal`]: the thread that group-commits effects before they are published.
+//! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
+
+pub mod engine;
+pub mod journal;
+pub mod model;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use server::{run, Config};

@@ -1,0 +1,127 @@
+//! The broker's records of runs, steps and tasks, and their conversion to API views.
+//!
+//! A *run* is everything one trigger set off. A *step* is one job started within a run
+//! (by the trigger or as a successor). A *task* is a step on one worker: a broadcast step
+//! has one task per live worker, a queue or local step exactly one.
+
+use jobz::jobfile::Delivery;
+use jobz::message::{Params, RunState, RunView, StepView, TaskState};
+
+/// One run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub run_id: String,
+    pub job: String,
+    pub params: Params,
+    pub state: RunState,
+    pub parent_runs: Vec<String>,
+    /// Message id of the trigger, for ingesting a resent trigger once.
+    pub request_id: String,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub step_id: String,
+    pub run_id: String,
+    pub job: String,
+    pub delivery: Delivery,
+    /// `Pending` while no worker could take it; then `Running` until every task is final.
+    pub state: TaskState,
+    /// For a `local` successor: the task whose worker runs it.
+    pub origin_task: Option<String>,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// One step on one worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub task_id: String,
+    pub step_id: String,
+    pub run_id: String,
+    pub job: String,
+    /// `None` only for a task that failed before any worker was chosen (unknown job).
+    pub worker: Option<String>,
+    pub state: TaskState,
+    pub attempt: u32,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    /// Worker process that started it; a different one later means the attempt was lost.
+    pub instance: Option<String>,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub output_tail: String,
+}
+
+impl Task {
+    pub fn view(&self) -> StepView {
+        StepView {
+            step_id: self.step_id.clone(),
+            task_id: self.task_id.clone(),
+            job: self.job.clone(),
+            worker: self.worker.clone(),
+            state: self.state,
+            attempt: self.attempt,
+            exit_code: self.exit_code,
+            error: self.error.clone(),
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            output_tail: self.output_tail.clone(),
+        }
+    }
+}
+
+impl Step {
+    /// The placeholder the API shows for a step that has no task yet.
+    pub fn waiting_view(&self) -> StepView {
+        StepView {
+            step_id: self.step_id.clone(),
+            task_id: String::new(),
+            job: self.job.clone(),
+            worker: None,
+            state: TaskState::Pending,
+            attempt: 0,
+            exit_code: None,
+            error: Some("waiting for a live worker that serves this job".into()),
+            started_at_ms: None,
+            finished_at_ms: None,
+            output_tail: String::new(),
+        }
+    }
+}
+
+impl Run {
+    pub fn view(&self, steps: Vec<StepView>) -> RunView {
+        RunView {
+            run_id: self.run_id.clone(),
+            job: self.job.clone(),
+            params: self.params.clone(),
+            state: self.state,
+            parent_runs: self.parent_runs.clone(),
+            created_at_ms: self.created_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            steps,
+        }
+    }
+}
+
+pub fn delivery_name(d: Delivery) -> &'static str {
+    match d {
+        Delivery::Broadcast => "broadcast",
+        Delivery::Queue => "queue",
+        Delivery::Local => "local",
+    }
+}
+
+pub fn parse_delivery(s: &str) -> Option<Delivery> {
+    match s {
+        "broadcast" => Some(Delivery::Broadcast),
+        "queue" => Some(Delivery::Queue),
+        "local" => Some(Delivery::Local),
+        _ => None,
+    }
+}

@@ -1,0 +1,215 @@
+//! The broker's sockets: a thin shell around the [`Engine`].
+//!
+//! Three threads: this loop owns the PULL socket and the engine; the journal thread owns
+//! the store; the publisher thread owns the PUB socket. They talk over channels.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use jobz::envelope::{self, DecodeError, Envelope};
+use jobz::socket::{self, BrokerAddr};
+use tracing::{error, info, warn};
+
+use crate::engine::{Effects, Engine, EngineConfig, Publish};
+use crate::journal;
+use crate::store::{SqliteStore, Store};
+
+/// Everything the broker needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where PUB (base port) and PULL (base + 1) bind.
+    pub bind: BrokerAddr,
+    /// Directory of the SQLite store.
+    pub state_dir: PathBuf,
+    /// A worker silent this long is lost.
+    pub worker_expiry: Duration,
+    /// Publish an unstarted task again after this long.
+    pub redeliver_after: Duration,
+}
+
+/// How often the engine's periodic duties run.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs the broker until `shutdown` receives a message or is closed.
+pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
+    let store = SqliteStore::open(&config.state_dir)
+        .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
+    let snapshot = store.load().context("loading the store")?;
+    let instance = jobz::new_id();
+    let mut engine = Engine::restore(
+        EngineConfig {
+            worker_expiry_ms: config.worker_expiry.as_millis() as i64,
+            redeliver_after_ms: config.redeliver_after.as_millis() as i64,
+            instance: instance.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        snapshot,
+        jobz::now_ms(),
+    );
+
+    let ctx = zmq::Context::new();
+    let pub_socket = ctx.socket(zmq::PUB).context("creating PUB socket")?;
+    let pull = ctx.socket(zmq::PULL).context("creating PULL socket")?;
+    socket::configure(&pub_socket).context("configuring PUB socket")?;
+    socket::configure(&pull).context("configuring PULL socket")?;
+    pub_socket
+        .bind(&config.bind.pub_endpoint())
+        .with_context(|| format!("binding PUB on {}", config.bind.pub_endpoint()))?;
+    pull.bind(&config.bind.pull_endpoint())
+        .with_context(|| format!("binding PULL on {}", config.bind.pull_endpoint()))?;
+    info!(
+        pub_endpoint = %config.bind.pub_endpoint(),
+        pull_endpoint = %config.bind.pull_endpoint(),
+        state = %config.state_dir.display(),
+        %instance,
+        "broker started"
+    );
+
+    let (publish_tx, publish_rx) = unbounded();
+    let (effects_tx, effects_rx) = unbounded();
+    let publisher = spawn_publisher(pub_socket, publish_rx)?;
+    let journal = journal::spawn(Box::new(store), effects_rx, publish_tx)?;
+
+    let result = serve(&mut engine, &pull, &effects_tx, &journal, &shutdown);
+    // Closing the effects channel lets the journal commit what is queued and stop; its
+    // end closes the publisher's channel, and the publisher flushes within its linger.
+    drop(effects_tx);
+    let journal_result = journal
+        .join()
+        .map_err(|_| anyhow::anyhow!("journal thread panicked"))?;
+    let _ = publisher.join();
+    info!("broker stopped");
+    result.and(journal_result)
+}
+
+fn serve(
+    engine: &mut Engine,
+    pull: &zmq::Socket,
+    effects: &Sender<Effects>,
+    journal: &JoinHandle<anyhow::Result<()>>,
+    shutdown: &Receiver<()>,
+) -> anyhow::Result<()> {
+    let mut next_tick = Instant::now();
+    let mut drops = DropLog::default();
+    let send = |fx: Effects| -> anyhow::Result<()> {
+        if fx.is_empty() {
+            return Ok(());
+        }
+        effects
+            .send(fx)
+            .map_err(|_| anyhow::anyhow!("the journal has stopped"))
+    };
+    loop {
+        match shutdown.try_recv() {
+            Ok(()) | Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                info!("shutting down");
+                return Ok(());
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if journal.is_finished() {
+            anyhow::bail!("the journal has stopped");
+        }
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        let ready = match pull.poll(zmq::POLLIN, wait.as_millis() as i64) {
+            Ok(n) => n,
+            Err(zmq::Error::EINTR) => continue, // a signal: the shutdown check comes next
+            Err(e) => return Err(e).context("polling PULL"),
+        };
+        if ready > 0 {
+            // Bounded, so ticks keep their rhythm under a flood.
+            for _ in 0..1000 {
+                let frames = match pull.recv_multipart(zmq::DONTWAIT) {
+                    Ok(frames) => frames,
+                    Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
+                    Err(e) => return Err(e).context("receiving from PULL"),
+                };
+                match decode(&frames) {
+                    Ok(env) => send(engine.on_envelope(env, jobz::now_ms()))?,
+                    Err((kind, reason)) => {
+                        engine.count_dropped_frame(kind);
+                        drops.note(kind, &reason);
+                    }
+                }
+            }
+        }
+        if Instant::now() >= next_tick {
+            send(engine.tick(jobz::now_ms()))?;
+            next_tick = Instant::now() + TICK;
+        }
+    }
+}
+
+fn decode(frames: &[Vec<u8>]) -> Result<Envelope, (&'static str, String)> {
+    let [frame] = frames else {
+        return Err((
+            "multipart",
+            format!("{} frames in one message, expected 1", frames.len()),
+        ));
+    };
+    envelope::decode(frame).map_err(|e| {
+        let kind = match e {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::BadMagic { .. } => "bad_magic",
+            DecodeError::UnsupportedVersion { .. } => "bad_version",
+            DecodeError::Malformed(_) => "malformed",
+        };
+        (kind, e.to_string())
+    })
+}
+
+/// Logs dropped frames without letting a flood of garbage flood the log: at most one line
+/// a second, with the number suppressed since.
+#[derive(Default)]
+struct DropLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl DropLog {
+    fn note(&mut self, kind: &str, reason: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(
+            kind,
+            reason,
+            suppressed = self.suppressed,
+            "dropped a frame on PULL"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+fn spawn_publisher(
+    socket: zmq::Socket,
+    publications: Receiver<Publish>,
+) -> anyhow::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || {
+            for p in publications {
+                let env = Envelope::new("broker", p.body);
+                match envelope::encode(&env) {
+                    Ok(frame) => {
+                        if let Err(e) =
+                            socket.send_multipart([p.topic.to_bytes(), frame], zmq::DONTWAIT)
+                        {
+                            warn!(topic = %p.topic, error = %e, "cannot publish");
+                        }
+                    }
+                    Err(e) => error!(topic = %p.topic, error = %e, "cannot encode a publication"),
+                }
+            }
+        })
+        .context("starting the publisher thread")
+}

@@ -1,0 +1,564 @@
+//! The broker's durable state behind one narrow interface.
+//!
+//! [`Store`] is all the broker asks of its storage: apply a batch of upserts atomically,
+//! load what is unfinished, and answer run queries. [`SqliteStore`] implements it on an
+//! embedded SQLite database (WAL, `synchronous=FULL`); a PostgreSQL implementation can
+//! take its place so that a standby broker shares the state.
+
+use std::path::Path;
+
+use jobz::jobfile::JobSpec;
+use jobz::message::{Params, RunFilter, RunState, RunView, StepView, TaskState};
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+
+use crate::engine::{Snapshot, Write};
+use crate::model::{delivery_name, parse_delivery, Run, Step, Task};
+use crate::registry::{CatalogEntry, Worker};
+
+/// Version of the schema this build writes; older databases are migrated on open.
+const SCHEMA_VERSION: i64 = 1;
+
+/// A failure of the store. The broker stops on a failed write (its memory would be ahead
+/// of its disk); it answers a failed read with an error.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("store: {context}: {source}")]
+    Sqlite {
+        context: String,
+        source: rusqlite::Error,
+    },
+    #[error("store: corrupt record: {0}")]
+    Corrupt(String),
+    #[error("store: {0}")]
+    Io(String),
+}
+
+trait Context<T> {
+    fn context(self, what: &str) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, rusqlite::Error> {
+    fn context(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sqlite {
+            context: what.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Everything the broker asks of durable storage.
+pub trait Store: Send {
+    /// Applies every write in one transaction: all of them are durable, or none.
+    fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError>;
+    /// Unfinished runs with their steps and tasks, the registry, recent trigger ids.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// One run with all its tasks.
+    fn run(&self, run_id: &str) -> Result<Option<RunView>, StoreError>;
+    /// Runs, newest first, without tasks.
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError>;
+}
+
+/// The embedded SQLite store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/broker.sqlite3`.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Io(format!("creating state directory {}: {e}", dir.display()))
+        })?;
+        let path = dir.join("broker.sqlite3");
+        let conn = Connection::open(&path).context(&format!("opening {}", path.display()))?;
+        let store = SqliteStore { conn };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn in_memory() -> Result<SqliteStore, StoreError> {
+        let store = SqliteStore {
+            conn: Connection::open_in_memory().context("opening in-memory db")?,
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn init(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = OFF;
+                 PRAGMA busy_timeout = 5000;",
+            )
+            .context("setting pragmas")?;
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .context("reading schema version")?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "database schema {version} is newer than this broker understands ({SCHEMA_VERSION})"
+            )));
+        }
+        if version < 1 {
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TABLE IF NOT EXISTS runs (
+                        run_id TEXT PRIMARY KEY, job TEXT NOT NULL, params TEXT NOT NULL,
+                        state TEXT NOT NULL, parent_runs TEXT NOT NULL, request_id TEXT NOT NULL,
+                        created_at INTEGER NOT NULL, finished_at INTEGER);
+                     CREATE INDEX IF NOT EXISTS runs_by_time ON runs (created_at);
+                     CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, created_at);
+                     CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, created_at);
+                     CREATE TABLE IF NOT EXISTS steps (
+                        step_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, job TEXT NOT NULL,
+                        delivery TEXT NOT NULL, state TEXT NOT NULL, origin_task TEXT,
+                        created_at INTEGER NOT NULL, finished_at INTEGER);
+                     CREATE INDEX IF NOT EXISTS steps_by_run ON steps (run_id);
+                     CREATE TABLE IF NOT EXISTS tasks (
+                        task_id TEXT PRIMARY KEY, step_id TEXT NOT NULL, run_id TEXT NOT NULL,
+                        job TEXT NOT NULL, worker TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
+                        exit_code INTEGER, error TEXT, instance TEXT, created_at INTEGER NOT NULL,
+                        started_at INTEGER, finished_at INTEGER, output_tail TEXT NOT NULL);
+                     CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
+                     CREATE TABLE IF NOT EXISTS workers (
+                        name TEXT PRIMARY KEY, instance TEXT NOT NULL, jobs TEXT NOT NULL,
+                        capabilities TEXT NOT NULL, slots INTEGER NOT NULL, version TEXT NOT NULL,
+                        last_seen INTEGER NOT NULL);
+                     CREATE TABLE IF NOT EXISTS jobs (
+                        name TEXT PRIMARY KEY, spec TEXT NOT NULL, source TEXT NOT NULL,
+                        updated_at INTEGER NOT NULL);
+                     PRAGMA user_version = 1;
+                     COMMIT;",
+                )
+                .context("creating schema")?;
+        }
+        Ok(())
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising plain maps and vectors of strings cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, StoreError> {
+    s.parse().map_err(StoreError::Corrupt)
+}
+
+fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreError> {
+    match write {
+        Write::Run(r) => tx
+            .execute(
+                "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at",
+                params![r.run_id, r.job, json(&r.params), r.state.as_str(), json(&r.parent_runs), r.request_id, r.created_at_ms, r.finished_at_ms],
+            )
+            .context("writing a run"),
+        Write::Step(s) => tx
+            .execute(
+                "INSERT INTO steps (step_id, run_id, job, delivery, state, origin_task, created_at, finished_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (step_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at",
+                params![s.step_id, s.run_id, s.job, delivery_name(s.delivery), s.state.as_str(), s.origin_task, s.created_at_ms, s.finished_at_ms],
+            )
+            .context("writing a step"),
+        Write::Task(t) => tx
+            .execute(
+                "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
+                                    created_at, started_at, finished_at, output_tail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
+                    attempt = excluded.attempt, exit_code = excluded.exit_code, error = excluded.error,
+                    instance = excluded.instance, started_at = excluded.started_at,
+                    finished_at = excluded.finished_at, output_tail = excluded.output_tail",
+                params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
+                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail],
+            )
+            .context("writing a task"),
+        Write::Worker(w) => tx
+            .execute(
+                "INSERT OR REPLACE INTO workers (name, instance, jobs, capabilities, slots, version, last_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![w.name, w.instance, json(&w.jobs), json(&w.capabilities), w.slots, w.version, w.last_seen_ms],
+            )
+            .context("writing a worker"),
+        Write::Job(c) => tx
+            .execute(
+                "INSERT OR REPLACE INTO jobs (name, spec, source, updated_at) VALUES (?1, ?2, ?3, ?4)",
+                params![c.spec.name, json(&c.spec), c.source, c.updated_at_ms],
+            )
+            .context("writing a job"),
+    }
+    .map(|_| ())
+}
+
+const RUN_COLUMNS: &str =
+    "run_id, job, params, state, parent_runs, request_id, created_at, finished_at";
+const STEP_COLUMNS: &str =
+    "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
+const TASK_COLUMNS: &str =
+    "task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance, \
+                            created_at, started_at, finished_at, output_tail";
+
+type Raw<T> = Result<T, StoreError>;
+
+fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Run>> {
+    let params: String = row.get(2)?;
+    let state: String = row.get(3)?;
+    let parents: String = row.get(4)?;
+    let build =
+        |params: Params, state: RunState, parent_runs: Vec<String>| -> rusqlite::Result<Run> {
+            Ok(Run {
+                run_id: row.get(0)?,
+                job: row.get(1)?,
+                params,
+                state,
+                parent_runs,
+                request_id: row.get(5)?,
+                created_at_ms: row.get(6)?,
+                finished_at_ms: row.get(7)?,
+            })
+        };
+    let parsed = (|| {
+        Ok::<_, StoreError>((
+            from_json(&params, "run params")?,
+            parse_state(&state)?,
+            from_json(&parents, "parent runs")?,
+        ))
+    })();
+    match parsed {
+        Ok((p, s, r)) => build(p, s, r).map(Ok),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+fn step_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Step>> {
+    let delivery: String = row.get(3)?;
+    let state: String = row.get(4)?;
+    let Some(delivery) = parse_delivery(&delivery) else {
+        return Ok(Err(StoreError::Corrupt(format!(
+            "unknown delivery {delivery:?}"
+        ))));
+    };
+    let state: TaskState = match parse_state(&state) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(Step {
+        step_id: row.get(0)?,
+        run_id: row.get(1)?,
+        job: row.get(2)?,
+        delivery,
+        state,
+        origin_task: row.get(5)?,
+        created_at_ms: row.get(6)?,
+        finished_at_ms: row.get(7)?,
+    }))
+}
+
+fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
+    let state: String = row.get(5)?;
+    let state: TaskState = match parse_state(&state) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e)),
+    };
+    Ok(Ok(Task {
+        task_id: row.get(0)?,
+        step_id: row.get(1)?,
+        run_id: row.get(2)?,
+        job: row.get(3)?,
+        worker: row.get(4)?,
+        state,
+        attempt: row.get(6)?,
+        exit_code: row.get(7)?,
+        error: row.get(8)?,
+        instance: row.get(9)?,
+        created_at_ms: row.get(10)?,
+        started_at_ms: row.get(11)?,
+        finished_at_ms: row.get(12)?,
+        output_tail: row.get(13)?,
+    }))
+}
+
+impl SqliteStore {
+    fn select<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<Raw<T>>,
+        what: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).context(what)?;
+        let rows = stmt.query_map(params, map).context(what)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.context(what)??);
+        }
+        Ok(out)
+    }
+}
+
+impl Store for SqliteStore {
+    fn apply(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction().context("beginning a transaction")?;
+        for write in writes {
+            apply_one(&tx, write)?;
+        }
+        tx.commit().context("committing")
+    }
+
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let active = "('pending', 'running')";
+        let runs = self.select(
+            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE state IN {active} ORDER BY created_at"),
+            [],
+            run_from_row,
+            "loading active runs",
+        )?;
+        let steps = self.select(
+            &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id IN (SELECT run_id FROM runs WHERE state IN {active}) ORDER BY rowid"),
+            [],
+            step_from_row,
+            "loading active steps",
+        )?;
+        let tasks = self.select(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE run_id IN (SELECT run_id FROM runs WHERE state IN {active}) ORDER BY rowid"),
+            [],
+            task_from_row,
+            "loading active tasks",
+        )?;
+        let workers = self.select(
+            "SELECT name, instance, jobs, capabilities, slots, version, last_seen FROM workers",
+            [],
+            |row| {
+                let jobs: String = row.get(2)?;
+                let caps: String = row.get(3)?;
+                let parsed = (|| {
+                    Ok::<_, StoreError>((
+                        from_json(&jobs, "worker jobs")?,
+                        from_json(&caps, "capabilities")?,
+                    ))
+                })();
+                let (jobs, capabilities) = match parsed {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(Worker {
+                    name: row.get(0)?,
+                    instance: row.get(1)?,
+                    jobs,
+                    capabilities,
+                    slots: row.get(4)?,
+                    running: 0,
+                    version: row.get(5)?,
+                    last_seen_ms: row.get(6)?,
+                    live: true,
+                }))
+            },
+            "loading workers",
+        )?;
+        let catalog = self.select(
+            "SELECT spec, source, updated_at FROM jobs",
+            [],
+            |row| {
+                let spec: String = row.get(0)?;
+                let spec: JobSpec = match from_json(&spec, "job spec") {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(CatalogEntry {
+                    spec,
+                    source: row.get(1)?,
+                    updated_at_ms: row.get(2)?,
+                }))
+            },
+            "loading jobs",
+        )?;
+        let day_ago = jobz::now_ms() - 24 * 3600 * 1000;
+        let recent_requests = self.select(
+            "SELECT request_id, run_id FROM runs WHERE created_at > ?1",
+            [day_ago],
+            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+            "loading recent trigger ids",
+        )?;
+        Ok(Snapshot {
+            runs,
+            steps,
+            tasks,
+            workers,
+            catalog,
+            recent_requests,
+        })
+    }
+
+    fn run(&self, run_id: &str) -> Result<Option<RunView>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))
+            .context("reading a run")?;
+        let Some(run) = stmt
+            .query_row([run_id], run_from_row)
+            .optional()
+            .context("reading a run")?
+        else {
+            return Ok(None);
+        };
+        let run = run?;
+        let tasks = self.select(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE run_id = ?1 ORDER BY rowid"),
+            [run_id],
+            task_from_row,
+            "reading a run's tasks",
+        )?;
+        let steps = self.select(
+            &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND state = 'pending' ORDER BY rowid"),
+            [run_id],
+            step_from_row,
+            "reading a run's waiting steps",
+        )?;
+        let mut views: Vec<StepView> = tasks.iter().map(Task::view).collect();
+        views.extend(steps.iter().map(Step::waiting_view));
+        Ok(Some(run.view(views)))
+    }
+
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError> {
+        let limit = filter.limit.clamp(1, 1000) as i64;
+        let runs = self.select(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM runs
+                 WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR state = ?2)
+                 ORDER BY created_at DESC, rowid DESC LIMIT ?3"
+            ),
+            params![filter.job, filter.state.map(|s| s.as_str()), limit],
+            run_from_row,
+            "listing runs",
+        )?;
+        Ok(runs.into_iter().map(|r| r.view(Vec::new())).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobz::jobfile::Delivery;
+
+    fn run(id: &str, state: RunState, created: i64) -> Run {
+        Run {
+            run_id: id.into(),
+            job: "a".into(),
+            params: [("date".to_string(), "2026_11_23".to_string())].into(),
+            state,
+            parent_runs: vec![],
+            request_id: format!("req-{id}"),
+            created_at_ms: created,
+            finished_at_ms: None,
+        }
+    }
+
+    fn step(id: &str, run: &str, state: TaskState) -> Step {
+        Step {
+            step_id: id.into(),
+            run_id: run.into(),
+            job: "a".into(),
+            delivery: Delivery::Broadcast,
+            state,
+            origin_task: None,
+            created_at_ms: 1,
+            finished_at_ms: None,
+        }
+    }
+
+    fn task(id: &str, step: &str, run: &str) -> Task {
+        Task {
+            task_id: id.into(),
+            step_id: step.into(),
+            run_id: run.into(),
+            job: "a".into(),
+            worker: Some("w1".into()),
+            state: TaskState::Running,
+            attempt: 1,
+            exit_code: None,
+            error: None,
+            instance: Some("i".into()),
+            created_at_ms: 1,
+            started_at_ms: Some(2),
+            finished_at_ms: None,
+            output_tail: String::new(),
+        }
+    }
+
+    #[test]
+    fn writes_are_upserts_and_load_returns_only_active_runs() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let now = jobz::now_ms();
+        store
+            .apply(&[
+                Write::Run(run("r1", RunState::Running, now)),
+                Write::Step(step("s1", "r1", TaskState::Running)),
+                Write::Task(task("t1", "s1", "r1")),
+                Write::Run(run("r2", RunState::Running, now + 1)),
+            ])
+            .unwrap();
+        let mut done = run("r2", RunState::Succeeded, now + 1);
+        done.finished_at_ms = Some(now + 5);
+        store.apply(&[Write::Run(done)]).unwrap();
+
+        let snap = store.load().unwrap();
+        assert_eq!(snap.runs.len(), 1);
+        assert_eq!(snap.runs[0].run_id, "r1");
+        assert_eq!(snap.steps.len(), 1);
+        assert_eq!(snap.tasks.len(), 1);
+        assert_eq!(snap.recent_requests.len(), 2);
+
+        let view = store.run("r1").unwrap().unwrap();
+        assert_eq!(view.steps.len(), 1);
+        assert_eq!(view.params["date"], "2026_11_23");
+        assert!(store.run("nope").unwrap().is_none());
+
+        let all = store
+            .runs(&RunFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.run_id.as_str()).collect::<Vec<_>>(),
+            vec!["r2", "r1"]
+        );
+        let ok = store
+            .runs(&RunFilter {
+                limit: 10,
+                state: Some(RunState::Succeeded),
+                job: None,
+            })
+            .unwrap();
+        assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn reopening_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = SqliteStore::open(dir.path()).unwrap();
+            store
+                .apply(&[Write::Run(run("r1", RunState::Pending, jobz::now_ms()))])
+                .unwrap();
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().runs.len(), 1);
+    }
+}
