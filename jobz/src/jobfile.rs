@@ -198,6 +198,19 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Parameter names become `JOBZ_PARAM_<NAME>` and URL query keys: letters, digits and `_`,
+/// not starting with a digit; `job_name` and `wait` belong to `/job_start` itself.
+pub fn is_valid_param_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    first_ok
+        && name.len() <= 64
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !matches!(name, "job_name" | "wait")
+}
+
 // ---- The YAML forms ---------------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -413,6 +426,11 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
     let template = Template::parse(&raw.command).map_err(|e| context(format!("command: {e}")))?;
     let mut params = BTreeMap::new();
     for (pname, p) in raw.params {
+        if !is_valid_param_name(&pname) {
+            return Err(context(format!(
+                "parameter name {pname:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}} and not be `job_name` or `wait`"
+            )));
+        }
         let pattern = p
             .pattern
             .unwrap_or_else(|| DEFAULT_PARAM_PATTERN.to_owned());
@@ -429,6 +447,11 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
     // A placeholder the file does not declare is a required parameter with the default
     // pattern: the original jobz format declares nothing.
     for used in template.params() {
+        if !is_valid_param_name(used) {
+            return Err(context(format!(
+                "command: placeholder {{{used}}} is not a valid parameter name"
+            )));
+        }
         params.entry(used.to_owned()).or_insert_with(|| ParamSpec {
             required: true,
             pattern: DEFAULT_PARAM_PATTERN.to_owned(),
@@ -781,6 +804,18 @@ semaphores:
             job.validate_params(&p(&[("date", "2026_11_23"), ("x", "1")])),
             Err(ParamError::Undeclared("x".into()))
         );
+    }
+
+    #[test]
+    fn parameter_names_are_restricted() {
+        assert!(is_valid_param_name("date") && is_valid_param_name("_x9"));
+        for bad in ["", "9a", "a-b", "a=b", "job_name", "wait", &"p".repeat(65)] {
+            assert!(!is_valid_param_name(bad), "{bad:?}");
+        }
+        let err =
+            parse("jobs:\n  - name: a\n    command: x\n    params: { a-b: {} }\n").unwrap_err();
+        assert!(err.reason.contains("a-b"), "{err}");
+        assert!(parse("jobs:\n  - name: a\n    command: 'x {wait}'\n").is_err());
     }
 
     #[test]

@@ -1,1 +1,133 @@
-fn main() {}
+//! `jobz-worker`: flags, logging and signals; everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use jobz::logging::LogArgs;
+use jobz::socket::BrokerAddr;
+use worker::config::{self, Config};
+
+/// Runs the jobs of a jobs.d directory when the jobz broker publishes work for them.
+#[derive(Debug, Parser)]
+#[command(name = "jobz-worker", version)]
+struct Args {
+    // Help as an attribute: rustdoc would read `[...]` and `<...>` as links and HTML.
+    #[arg(
+        long,
+        env = "JOBZ_BROKER",
+        default_value = "127.0.0.1",
+        help = "Broker address, HOST[:BASE_PORT] (PUB at the base port, PULL at base + 1)"
+    )]
+    broker: BrokerAddr,
+    /// Directory of job files served by this worker.
+    #[arg(long, env = "JOBZ_JOBS_DIR", default_value = "/etc/jobz/jobs.d")]
+    jobs_dir: PathBuf,
+    /// Unique worker name [default: the host name].
+    #[arg(long, env = "JOBZ_NAME")]
+    name: Option<String>,
+    /// Commands run at once [default: the CPU count].
+    #[arg(long, env = "JOBZ_SLOTS", value_parser = clap::value_parser!(u32).range(1..))]
+    slots: Option<u32>,
+    /// A capability of this host (repeatable; comma-separated in JOBZ_CAPABILITY).
+    #[arg(
+        long = "capability",
+        env = "JOBZ_CAPABILITY",
+        value_name = "CAP",
+        value_delimiter = ','
+    )]
+    capabilities: Vec<String>,
+    /// Spool directory: per-task working directories.
+    #[arg(long, env = "JOBZ_SPOOL", default_value = "/var/lib/jobz/worker")]
+    spool: PathBuf,
+    /// Log directory: worker.log and every task's output under runs/.
+    #[arg(long, env = "JOBZ_LOG_DIR", default_value = "/var/log/jobz")]
+    log_dir: PathBuf,
+    /// Heartbeat interval.
+    #[arg(long, env = "JOBZ_HEARTBEAT", default_value = "2s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    #[arg(
+        long,
+        env = "JOBZ_FRONTEND",
+        value_name = "URL",
+        help = "Base URL of the HTTP API, exported to commands as JOBZ_FRONTEND \
+                [default: http://<broker host>:6769]"
+    )]
+    frontend: Option<String>,
+    /// On SIGTERM/SIGINT, how long to wait for running commands before killing them.
+    #[arg(long, env = "JOBZ_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Validate the job files of --jobs-dir, print one line per file, and exit
+    /// (0 if all are good, 1 otherwise) without connecting anywhere.
+    #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
+    check: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.check {
+        let mut out = std::io::stdout().lock();
+        return match worker::check::check_jobs_dir(&args.jobs_dir, &mut out) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("jobz-worker: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let logs_to_file = args.log.log_file.is_some();
+    match start(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if logs_to_file {
+                tracing::error!("{e:#}");
+            }
+            eprintln!("jobz-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn start(args: Args) -> anyhow::Result<()> {
+    args.log.init()?;
+    let name = match args.name {
+        Some(name) => name,
+        None => config::default_name()?,
+    };
+    let mut config = Config::new(args.broker, name);
+    config.jobs_dir = args.jobs_dir;
+    if let Some(slots) = args.slots {
+        config.slots = slots;
+    }
+    config.capabilities = args.capabilities;
+    config.spool = args.spool;
+    config.log_dir = args.log_dir;
+    config.heartbeat = args.heartbeat;
+    if let Some(frontend) = args.frontend {
+        config.frontend = frontend;
+    }
+    config.drain_timeout = args.drain_timeout;
+    config.validate()?;
+
+    let (shutdown_tx, shutdown) = crossbeam_channel::bounded(1);
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                tracing::info!(signal, "stop requested");
+                let _ = shutdown_tx.try_send(());
+            }
+        })
+        .context("starting the signal thread")?;
+    worker::run(config, shutdown)
+}

@@ -1,0 +1,1110 @@
+//! Routing and handlers of the HTTP API: a parsed request in, an [`Outcome`] out.
+//!
+//! Nothing here touches a socket. The broker is reached through the [`Broker`] trait and
+//! the answer is a plain [`HttpReply`]; the server shell turns it into an HTTP response.
+//! Two requests outlive their handler: `job_start?wait=` ([`Outcome::Wait`], answered by
+//! the waiter thread when the run ends) and `runs/{id}/log?follow=1` ([`Outcome::Follow`],
+//! streamed by a thread of its own).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use jobz::client::ClientError;
+use jobz::message::{
+    Message, Params, Query, ReplyBody, RunFilter, RunState, RunView, TriggerRequest,
+};
+
+use crate::broker::Broker;
+use crate::metrics::{self, Stats};
+use crate::query::{parse_target, QueryParams, TargetError, MAX_TARGET_BYTES};
+use crate::views;
+
+/// The dashboard page, served at `/`.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// How long `/healthz` and `/metrics` wait for the broker.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest `wait=` accepted, in seconds.
+pub const MAX_WAIT_SECS: f64 = 3600.0;
+
+/// Runs listed when `limit` is not given.
+pub const DEFAULT_RUN_LIMIT: u32 = 50;
+
+/// Most runs one list may hold.
+pub const MAX_RUN_LIMIT: u32 = 1000;
+
+/// Most jobs a `tag=` filter may match (one broker query each).
+pub const MAX_TAGGED_JOBS: usize = 100;
+
+/// `Content-Type` of JSON answers.
+pub const JSON: &str = "application/json";
+/// `Content-Type` of plain-text answers.
+pub const TEXT: &str = "text/plain; charset=utf-8";
+/// `Content-Type` of `/metrics`.
+pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// `Content-Type` of the dashboard.
+pub const HTML: &str = "text/html; charset=utf-8";
+
+/// The dashboard loads nothing from elsewhere and talks only to this origin.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
+
+/// Characters escaped in a run id placed in a URL path.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
+
+/// The request method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `HEAD`: answered like `GET`; the server drops the body.
+    Head,
+    /// Anything else: refused with 405.
+    Other(String),
+}
+
+/// What a handler sees of an HTTP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRequest {
+    /// The method.
+    pub method: Method,
+    /// The raw request target (`/path?query`).
+    pub target: String,
+}
+
+/// A complete answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpReply {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// Further headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    /// A JSON answer.
+    pub fn json(status: u16, value: &Value) -> Self {
+        HttpReply {
+            status,
+            content_type: JSON,
+            headers: Vec::new(),
+            body: value.to_string().into_bytes(),
+        }
+    }
+
+    /// A JSON error: `{"error": message, ...extra}`.
+    pub fn error(status: u16, message: &str, extra: &[(&str, Value)]) -> Self {
+        Self::json(status, &views::error(message, extra))
+    }
+
+    /// A plain-text answer.
+    pub fn text(status: u16, content_type: &'static str, body: String) -> Self {
+        HttpReply {
+            status,
+            content_type,
+            headers: Vec::new(),
+            body: body.into_bytes(),
+        }
+    }
+
+    fn with_header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// A `job_start` request that waits for its run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitRequest {
+    /// The accepted run.
+    pub run_id: String,
+    /// Its job.
+    pub job: String,
+    /// How long to wait at most.
+    pub wait: Duration,
+    /// The 202 answer, sent if the wait runs out.
+    pub accepted: HttpReply,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Answer now.
+    Reply(HttpReply),
+    /// The trigger was accepted; answer when the run ends or the wait runs out.
+    Wait(WaitRequest),
+    /// Stream the run's log as its tasks finish, starting from this state of the run.
+    Follow(Box<RunView>),
+}
+
+/// The handlers and what they share.
+pub struct Api {
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// How long a request to the broker may take before the answer is 503.
+    pub request_timeout: Duration,
+    /// The frontend's counters.
+    pub stats: Arc<Stats>,
+}
+
+type Handled = Result<Outcome, HttpReply>;
+
+impl Api {
+    /// A new set of handlers.
+    pub fn new(broker: Arc<dyn Broker>, request_timeout: Duration) -> Self {
+        Api {
+            broker,
+            request_timeout,
+            stats: Arc::new(Stats::default()),
+        }
+    }
+
+    /// Routes and answers one request.
+    pub fn handle(&self, request: &HttpRequest) -> Outcome {
+        self.route(request).unwrap_or_else(Outcome::Reply)
+    }
+
+    fn route(&self, request: &HttpRequest) -> Handled {
+        if request.target.len() > MAX_TARGET_BYTES {
+            let e = TargetError::TooLong {
+                len: request.target.len(),
+            };
+            return Err(HttpReply::error(e.status(), &e.to_string(), &[]));
+        }
+        if let Method::Other(method) = &request.method {
+            return Err(method_not_allowed(method, "GET, HEAD"));
+        }
+        let target = parse_target(&request.target)
+            .map_err(|e| HttpReply::error(e.status(), &e.to_string(), &[]))?;
+        let mut query = target.query;
+        let segments: Vec<&str> = target.segments.iter().map(String::as_str).collect();
+        match segments.as_slice() {
+            [] => Ok(dashboard()),
+            ["job_start"] => {
+                // HEAD must not start anything (link checkers and proxies send it freely).
+                if request.method == Method::Head {
+                    return Err(method_not_allowed("HEAD", "GET"));
+                }
+                self.job_start(query)
+            }
+            ["runs"] => self.list_runs(query),
+            ["runs", run_id] => {
+                only(&query, &[])?;
+                self.get_run(run_id)
+            }
+            ["runs", run_id, "log"] => {
+                only(&query, &["follow"])?;
+                let follow = match query.remove("follow").as_deref() {
+                    None | Some("0") | Some("false") | Some("no") => false,
+                    Some("1") | Some("true") | Some("yes") | Some("") => true,
+                    Some(other) => {
+                        return Err(HttpReply::error(
+                            400,
+                            "follow must be 1 or 0",
+                            &[("follow", json!(other))],
+                        ))
+                    }
+                };
+                self.run_log(run_id, follow && request.method == Method::Get)
+            }
+            ["jobs"] => {
+                only(&query, &[])?;
+                self.list_jobs()
+            }
+            ["workers"] => {
+                only(&query, &[])?;
+                self.list_workers()
+            }
+            ["healthz"] => Ok(self.healthz()),
+            ["metrics"] => Ok(self.metrics()),
+            _ => Err(HttpReply::error(
+                404,
+                "no such endpoint",
+                &[("path", json!(format!("/{}", target.segments.join("/"))))],
+            )),
+        }
+    }
+
+    /// Asks the broker, mapping a missing answer to 503 and a foreign one to 502.
+    fn ask(&self, query: Query) -> Result<ReplyBody, HttpReply> {
+        self.broker
+            .request(Message::Query(query), self.request_timeout)
+            .map_err(|e| broker_error(&e))
+    }
+
+    fn job_start(&self, mut query: QueryParams) -> Handled {
+        let job = match query.remove("job_name") {
+            Some(job) if !job.is_empty() => job,
+            Some(_) => return Err(HttpReply::error(400, "job_name is empty", &[])),
+            None => return Err(HttpReply::error(400, "missing job_name", &[])),
+        };
+        let wait = match query.remove("wait") {
+            None => None,
+            Some(raw) => parse_wait(&raw)?,
+        };
+        let params: Params = query;
+        let param_count = params.len();
+        // A PUSH socket queues messages before its connection exists, so a trigger sent to
+        // a broker that was never reached could be delivered (and run) long after this
+        // request was answered 503. Send nothing until the broker has answered once.
+        if !self.broker.wait_connected(self.request_timeout) {
+            warn!(job = %job, "trigger refused: never connected to the broker");
+            return Err(HttpReply::error(
+                503,
+                &format!(
+                    "broker unreachable: no connection within {:?}; nothing was sent",
+                    self.request_timeout
+                ),
+                &[("job", json!(job))],
+            ));
+        }
+        let trigger = TriggerRequest {
+            job: job.clone(),
+            params,
+            parent_runs: Vec::new(),
+        };
+        let reply = self
+            .broker
+            .request(Message::Trigger(trigger), self.request_timeout);
+        match reply {
+            Ok(ReplyBody::Accepted { run_id }) => {
+                info!(run_id = %run_id, job = %job, params = param_count, "run accepted");
+                let status_url = format!("/runs/{}", utf8_percent_encode(&run_id, PATH_SEGMENT));
+                let accepted = HttpReply::json(
+                    202,
+                    &json!({ "run_id": run_id, "job": job, "status_url": status_url }),
+                )
+                .with_header("Location", status_url);
+                Ok(match wait {
+                    Some(wait) if !wait.is_zero() => Outcome::Wait(WaitRequest {
+                        run_id,
+                        job,
+                        wait,
+                        accepted,
+                    }),
+                    _ => Outcome::Reply(accepted),
+                })
+            }
+            Ok(ReplyBody::Rejected { status, error }) => {
+                info!(job = %job, status, error = %error, "trigger rejected");
+                let status = if (400..=599).contains(&status) {
+                    status
+                } else {
+                    502
+                };
+                Err(HttpReply::error(status, &error, &[("job", json!(job))]))
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(e) => {
+                warn!(job = %job, error = %e, "trigger not answered");
+                let mut reply = broker_error(&e);
+                if reply.status == 503 {
+                    reply = HttpReply::error(
+                        503,
+                        &format!(
+                            "broker unreachable: {e}; the run was not confirmed and may \
+                             still start if the broker receives the request later"
+                        ),
+                        &[("job", json!(job))],
+                    );
+                }
+                Err(reply)
+            }
+        }
+    }
+
+    fn get_run(&self, run_id: &str) -> Handled {
+        match self.ask(Query::Run {
+            run_id: run_id.to_owned(),
+        })? {
+            ReplyBody::Run(Some(run)) => Ok(Outcome::Reply(HttpReply::json(
+                200,
+                &views::run(&run, true),
+            ))),
+            ReplyBody::Run(None) => Err(unknown_run(run_id)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn run_log(&self, run_id: &str, follow: bool) -> Handled {
+        match self.ask(Query::Run {
+            run_id: run_id.to_owned(),
+        })? {
+            ReplyBody::Run(Some(run)) if follow => Ok(Outcome::Follow(Box::new(run))),
+            ReplyBody::Run(Some(run)) => Ok(Outcome::Reply(HttpReply::text(
+                200,
+                TEXT,
+                views::run_log(&run),
+            ))),
+            ReplyBody::Run(None) => Err(unknown_run(run_id)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn list_runs(&self, mut query: QueryParams) -> Handled {
+        only(&query, &["job", "state", "tag", "limit"])?;
+        let limit = match query.remove("limit") {
+            None => DEFAULT_RUN_LIMIT,
+            Some(raw) => raw
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_RUN_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    HttpReply::error(
+                        400,
+                        &format!("limit must be a whole number from 1 to {MAX_RUN_LIMIT}"),
+                        &[("limit", json!(raw))],
+                    )
+                })?,
+        };
+        let state = match query.remove("state").filter(|s| !s.is_empty()) {
+            None => None,
+            Some(raw) => Some(raw.parse::<RunState>().map_err(|_| {
+                HttpReply::error(
+                    400,
+                    "state must be one of pending, running, succeeded, failed, cancelled",
+                    &[("state", json!(raw))],
+                )
+            })?),
+        };
+        let job = query.remove("job").filter(|j| !j.is_empty());
+        let runs = match query.remove("tag").filter(|t| !t.is_empty()) {
+            None => self.runs(RunFilter { job, state, limit })?,
+            Some(tag) => self.runs_with_tag(&tag, job, state, limit)?,
+        };
+        let runs: Vec<Value> = runs.iter().map(|r| views::run(r, false)).collect();
+        Ok(Outcome::Reply(HttpReply::json(
+            200,
+            &json!({ "runs": runs }),
+        )))
+    }
+
+    fn runs(&self, filter: RunFilter) -> Result<Vec<RunView>, HttpReply> {
+        match self.ask(Query::Runs(filter))? {
+            ReplyBody::Runs(runs) => Ok(runs),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The broker filters runs by job, not by tag: find the jobs with the tag, ask for each
+    /// one's newest runs (in parallel), and merge.
+    fn runs_with_tag(
+        &self,
+        tag: &str,
+        job: Option<String>,
+        state: Option<RunState>,
+        limit: u32,
+    ) -> Result<Vec<RunView>, HttpReply> {
+        let jobs = match self.ask(Query::Jobs)? {
+            ReplyBody::Jobs(jobs) => jobs,
+            other => return Err(unexpected(&other)),
+        };
+        let names: Vec<String> = jobs
+            .into_iter()
+            .filter(|j| j.spec.tags.iter().any(|t| t == tag))
+            .map(|j| j.spec.name)
+            .filter(|name| job.as_deref().map_or(true, |j| j == name))
+            .collect();
+        if names.len() > MAX_TAGGED_JOBS {
+            return Err(HttpReply::error(
+                400,
+                &format!(
+                    "tag matches {} jobs, at most {MAX_TAGGED_JOBS}: add job=",
+                    names.len()
+                ),
+                &[("tag", json!(tag))],
+            ));
+        }
+        let pending: Vec<_> = names
+            .into_iter()
+            .map(|job| {
+                let filter = RunFilter {
+                    job: Some(job),
+                    state,
+                    limit,
+                };
+                self.broker
+                    .request_async(Message::Query(Query::Runs(filter)), self.request_timeout)
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for rx in pending {
+            match rx.recv().unwrap_or(Err(ClientError::Closed)) {
+                Ok(ReplyBody::Runs(found)) => runs.extend(found),
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) => return Err(broker_error(&e)),
+            }
+        }
+        runs.sort_by(|a, b| (b.created_at_ms, &b.run_id).cmp(&(a.created_at_ms, &a.run_id)));
+        runs.truncate(limit as usize);
+        Ok(runs)
+    }
+
+    fn list_jobs(&self) -> Handled {
+        match self.ask(Query::Jobs)? {
+            ReplyBody::Jobs(jobs) => {
+                let jobs: Vec<Value> = jobs.iter().map(views::job).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "jobs": jobs }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn list_workers(&self) -> Handled {
+        match self.ask(Query::Workers)? {
+            ReplyBody::Workers(workers) => {
+                let workers: Vec<Value> = workers.iter().map(views::worker).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "workers": workers }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn health(&self) -> Result<jobz::message::HealthView, String> {
+        match self
+            .broker
+            .request(Message::Query(Query::Health), HEALTH_TIMEOUT)
+        {
+            Ok(ReplyBody::Health(health)) => Ok(health),
+            Ok(other) => Err(format!("unexpected answer {}", reply_kind(&other))),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn healthz(&self) -> Outcome {
+        Outcome::Reply(match self.health() {
+            Ok(health) => HttpReply::json(
+                200,
+                &json!({ "status": "ok", "broker": views::health(&health) }),
+            ),
+            Err(error) => HttpReply::json(
+                503,
+                &json!({ "status": "unavailable", "error": format!("broker unreachable: {error}") }),
+            ),
+        })
+    }
+
+    fn metrics(&self) -> Outcome {
+        let mut snapshot = self.stats.snapshot();
+        snapshot.broker = self.health().ok();
+        snapshot.link = self.broker.link_status();
+        Outcome::Reply(HttpReply::text(200, PROMETHEUS, metrics::render(&snapshot)))
+    }
+}
+
+fn dashboard() -> Outcome {
+    Outcome::Reply(
+        HttpReply::text(200, HTML, DASHBOARD.to_owned())
+            .with_header("Content-Security-Policy", DASHBOARD_CSP.to_owned()),
+    )
+}
+
+/// `wait=SECONDS`: a number from 0 to [`MAX_WAIT_SECS`], fractions allowed.
+pub fn parse_wait(raw: &str) -> Result<Option<Duration>, HttpReply> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && (0.0..=MAX_WAIT_SECS).contains(s))
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            HttpReply::error(
+                400,
+                &format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}"),
+                &[("wait", json!(raw))],
+            )
+        })
+}
+
+/// Refuses parameters other than `allowed`: a typo (`stat=failed`) must not silently
+/// widen a query.
+fn only(query: &QueryParams, allowed: &[&str]) -> Result<(), HttpReply> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(HttpReply::error(
+            400,
+            &format!("unknown parameter {key:?}"),
+            &[("allowed", json!(allowed))],
+        )),
+    }
+}
+
+fn method_not_allowed(method: &str, allow: &'static str) -> HttpReply {
+    HttpReply::error(
+        405,
+        &format!("method {method} is not allowed here"),
+        &[("allow", json!(allow))],
+    )
+    .with_header("Allow", allow.to_owned())
+}
+
+fn unknown_run(run_id: &str) -> HttpReply {
+    HttpReply::error(404, "unknown run", &[("run_id", json!(run_id))])
+}
+
+fn broker_error(error: &ClientError) -> HttpReply {
+    match error {
+        ClientError::Timeout(_) | ClientError::Closed => {
+            HttpReply::error(503, &format!("broker unreachable: {error}"), &[])
+        }
+        ClientError::Encode(_) => HttpReply::error(
+            400,
+            &format!("request too large for the broker: {error}"),
+            &[],
+        ),
+    }
+}
+
+fn reply_kind(body: &ReplyBody) -> &'static str {
+    match body {
+        ReplyBody::Welcome { .. } => "Welcome",
+        ReplyBody::Ack => "Ack",
+        ReplyBody::Accepted { .. } => "Accepted",
+        ReplyBody::Rejected { .. } => "Rejected",
+        ReplyBody::Run(_) => "Run",
+        ReplyBody::Runs(_) => "Runs",
+        ReplyBody::Jobs(_) => "Jobs",
+        ReplyBody::Workers(_) => "Workers",
+        ReplyBody::Health(_) => "Health",
+    }
+}
+
+fn unexpected(body: &ReplyBody) -> HttpReply {
+    if let ReplyBody::Rejected { status, error } = body {
+        let status = if (400..=599).contains(status) {
+            *status
+        } else {
+            502
+        };
+        return HttpReply::error(status, error, &[]);
+    }
+    let kind = reply_kind(body);
+    warn!(reply = kind, "unexpected answer from the broker");
+    HttpReply::error(
+        502,
+        &format!("unexpected answer from the broker: {kind}"),
+        &[],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use jobz::jobfile::{Delivery, JobSpec};
+    use jobz::message::{HealthView, JobView, StepView, TaskState, WorkerView};
+
+    use super::*;
+    use crate::broker::fake::FakeBroker;
+
+    fn new_api(broker: FakeBroker) -> (Api, Arc<FakeBroker>) {
+        let broker = Arc::new(broker);
+        (Api::new(broker.clone(), Duration::from_secs(5)), broker)
+    }
+
+    fn get(api: &Api, target: &str) -> Outcome {
+        api.handle(&HttpRequest {
+            method: Method::Get,
+            target: target.into(),
+        })
+    }
+
+    fn reply(outcome: Outcome) -> HttpReply {
+        match outcome {
+            Outcome::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn body(reply: &HttpReply) -> Value {
+        assert_eq!(reply.content_type, JSON);
+        let v: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert!(v.is_object(), "every JSON answer is an object");
+        v
+    }
+
+    fn accepting() -> FakeBroker {
+        FakeBroker::new(|m| match m {
+            Message::Trigger(_) => Ok(ReplyBody::Accepted {
+                run_id: "run-1".into(),
+            }),
+            other => panic!("unexpected {other:?}"),
+        })
+    }
+
+    fn sample_run(state: RunState) -> RunView {
+        RunView {
+            run_id: "run-1".into(),
+            job: "build".into(),
+            params: Params::new(),
+            state,
+            parent_runs: vec![],
+            created_at_ms: 1_000,
+            finished_at_ms: None,
+            steps: vec![StepView {
+                step_id: "s".into(),
+                task_id: "t".into(),
+                job: "build".into(),
+                worker: Some("w1".into()),
+                state: TaskState::Succeeded,
+                attempt: 1,
+                exit_code: Some(0),
+                error: None,
+                started_at_ms: Some(1_000),
+                finished_at_ms: Some(2_000),
+                output_tail: "hello\n".into(),
+            }],
+        }
+    }
+
+    fn job_view(name: &str, tags: &[&str]) -> JobView {
+        JobView {
+            spec: JobSpec {
+                name: name.into(),
+                description: String::new(),
+                command: "true".into(),
+                params: BTreeMap::new(),
+                on_success: vec![],
+                on_failure: vec![],
+                delivery: Delivery::Broadcast,
+                timeout_ms: None,
+                retries: 0,
+                tags: tags.iter().map(|t| t.to_string()).collect(),
+            },
+            workers: vec!["w1".into()],
+        }
+    }
+
+    #[test]
+    fn job_start_sends_every_other_key_as_a_parameter() {
+        let (api, broker) = new_api(accepting());
+        let r = reply(get(
+            &api,
+            "/job_start?job_name=import&date=2026_01_02&note=%24%28id%29+x",
+        ));
+        assert_eq!(r.status, 202);
+        assert_eq!(
+            body(&r),
+            json!({"run_id": "run-1", "job": "import", "status_url": "/runs/run-1"})
+        );
+        assert!(r.headers.contains(&("Location", "/runs/run-1".into())));
+        assert_eq!(
+            broker.seen(),
+            vec![Message::Trigger(TriggerRequest {
+                job: "import".into(),
+                params: BTreeMap::from([
+                    ("date".into(), "2026_01_02".into()),
+                    ("note".into(), "$(id) x".into()),
+                ]),
+                parent_runs: vec![],
+            })]
+        );
+    }
+
+    #[test]
+    fn job_start_passes_hostile_values_verbatim_to_the_broker() {
+        let (api, broker) = new_api(accepting());
+        let long = "v".repeat(7_000);
+        let target =
+            format!("/job_start?job_name=j&a=%3Brm+-rf+%2F&b=%60id%60&c=%27%22&d=x%0Ay&e={long}");
+        assert_eq!(reply(get(&api, &target)).status, 202);
+        let Message::Trigger(t) = &broker.seen()[0] else {
+            panic!()
+        };
+        assert_eq!(t.params["a"], ";rm -rf /");
+        assert_eq!(t.params["b"], "`id`");
+        assert_eq!(t.params["c"], "'\"");
+        assert_eq!(t.params["d"], "x\ny");
+        assert_eq!(t.params["e"], long);
+    }
+
+    #[test]
+    fn bad_queries_are_refused_before_reaching_the_broker() {
+        let (api, broker) = new_api(accepting());
+        for (target, status, needle) in [
+            ("/job_start", 400, "missing job_name"),
+            ("/job_start?date=1", 400, "missing job_name"),
+            ("/job_start?job_name=", 400, "job_name is empty"),
+            ("/job_start?job_name=a&job_name=b", 400, "more than once"),
+            ("/job_start?job_name=a&x=1&x=1", 400, "more than once"),
+            ("/job_start?job_name=a&=1", 400, "empty parameter name"),
+            ("/job_start?job_name=a&date=%ff%fe", 400, "not valid UTF-8"),
+            ("/job_start?job_name=%ff", 400, "not valid UTF-8"),
+            ("/job_start?job_name=a&date=%zz", 400, "bad percent-escape"),
+            ("/job_start?job_name=a&wait=abc", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=3601", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=-1", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=NaN", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=inf", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=", 400, "wait must be"),
+        ] {
+            let r = reply(get(&api, target));
+            assert_eq!(r.status, status, "{target}");
+            let b = body(&r);
+            let error = b["error"].as_str().unwrap();
+            assert!(error.contains(needle), "{target}: {error}");
+        }
+        assert!(broker.seen().is_empty());
+    }
+
+    #[test]
+    fn overlong_target_is_414() {
+        let (api, broker) = new_api(accepting());
+        let target = format!("/job_start?job_name=a&v={}", "x".repeat(MAX_TARGET_BYTES));
+        let r = reply(get(&api, &target));
+        assert_eq!(r.status, 414);
+        assert!(body(&r)["error"].as_str().unwrap().contains("exceeds"));
+        assert!(broker.seen().is_empty());
+    }
+
+    #[test]
+    fn wait_returns_a_wait_outcome_and_zero_means_no_wait() {
+        let (api, _) = new_api(accepting());
+        match get(&api, "/job_start?job_name=a&wait=2.5") {
+            Outcome::Wait(w) => {
+                assert_eq!(w.run_id, "run-1");
+                assert_eq!(w.job, "a");
+                assert_eq!(w.wait, Duration::from_millis(2500));
+                assert_eq!(w.accepted.status, 202);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(reply(get(&api, "/job_start?job_name=a&wait=0")).status, 202);
+        assert!(matches!(
+            get(&api, "/job_start?job_name=a&wait=3600"),
+            Outcome::Wait(_)
+        ));
+    }
+
+    #[test]
+    fn rejection_keeps_the_brokers_status_and_names_the_job() {
+        let (api, _) = new_api(FakeBroker::new(|_| {
+            Ok(ReplyBody::Rejected {
+                status: 404,
+                error: "unknown job \"nope\"".into(),
+            })
+        }));
+        let r = reply(get(&api, "/job_start?job_name=nope"));
+        assert_eq!(r.status, 404);
+        assert_eq!(
+            body(&r),
+            json!({"error": "unknown job \"nope\"", "job": "nope"})
+        );
+    }
+
+    #[test]
+    fn rejection_with_a_non_error_status_becomes_502() {
+        let (api, _) = new_api(FakeBroker::new(|_| {
+            Ok(ReplyBody::Rejected {
+                status: 200,
+                error: "odd".into(),
+            })
+        }));
+        assert_eq!(reply(get(&api, "/job_start?job_name=a")).status, 502);
+    }
+
+    #[test]
+    fn broker_timeout_is_503() {
+        let (api, _) = new_api(FakeBroker::down());
+        let r = reply(get(&api, "/job_start?job_name=a"));
+        assert_eq!(r.status, 503);
+        assert!(body(&r)["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("broker unreachable"));
+        assert_eq!(reply(get(&api, "/runs")).status, 503);
+        assert_eq!(reply(get(&api, "/runs/x")).status, 503);
+        assert_eq!(reply(get(&api, "/jobs")).status, 503);
+    }
+
+    #[test]
+    fn trigger_is_not_sent_before_the_broker_ever_answered() {
+        let mut fake = accepting();
+        fake.connected = false;
+        let (api, broker) = new_api(fake);
+        let r = reply(get(&api, "/job_start?job_name=a"));
+        assert_eq!(r.status, 503);
+        assert!(body(&r)["error"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was sent"));
+        assert!(broker.seen().is_empty());
+    }
+
+    #[test]
+    fn only_get_and_head_are_allowed_and_head_never_triggers() {
+        let (api, broker) = new_api(accepting());
+        let post = api.handle(&HttpRequest {
+            method: Method::Other("POST".into()),
+            target: "/job_start?job_name=a".into(),
+        });
+        let r = reply(post);
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("Allow", "GET, HEAD".into())));
+        let head = api.handle(&HttpRequest {
+            method: Method::Head,
+            target: "/job_start?job_name=a".into(),
+        });
+        let r = reply(head);
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert!(broker.seen().is_empty());
+        let head = api.handle(&HttpRequest {
+            method: Method::Head,
+            target: "/".into(),
+        });
+        assert_eq!(reply(head).status, 200);
+    }
+
+    #[test]
+    fn unknown_paths_are_404_json() {
+        let (api, _) = new_api(accepting());
+        for target in [
+            "/nope",
+            "/runs/a/b",
+            "/runs/a/log/x",
+            "/job_start/x",
+            "/%2e%2e/etc",
+        ] {
+            let r = reply(get(&api, target));
+            assert_eq!(r.status, 404, "{target}");
+            assert_eq!(body(&r)["error"], "no such endpoint");
+        }
+    }
+
+    #[test]
+    fn gets_a_run_or_404() {
+        let (api, broker) = new_api(FakeBroker::new(|m| match m {
+            Message::Query(Query::Run { run_id }) if run_id == "run-1" => {
+                Ok(ReplyBody::Run(Some(sample_run(RunState::Succeeded))))
+            }
+            Message::Query(Query::Run { .. }) => Ok(ReplyBody::Run(None)),
+            other => panic!("{other:?}"),
+        }));
+        let r = reply(get(&api, "/runs/run-1"));
+        assert_eq!(r.status, 200);
+        let b = body(&r);
+        assert_eq!(b["state"], "succeeded");
+        assert_eq!(b["steps"][0]["worker"], "w1");
+        let r = reply(get(&api, "/runs/other"));
+        assert_eq!(r.status, 404);
+        assert_eq!(body(&r), json!({"error": "unknown run", "run_id": "other"}));
+        assert_eq!(reply(get(&api, "/runs/run-1?x=1")).status, 400);
+        assert_eq!(broker.seen().len(), 2);
+    }
+
+    #[test]
+    fn lists_runs_with_filters() {
+        let (api, broker) = new_api(FakeBroker::new(|m| match m {
+            Message::Query(Query::Runs(_)) => {
+                Ok(ReplyBody::Runs(vec![sample_run(RunState::Running)]))
+            }
+            other => panic!("{other:?}"),
+        }));
+        let r = reply(get(&api, "/runs"));
+        assert_eq!(r.status, 200);
+        let b = body(&r);
+        assert_eq!(b["runs"][0]["run_id"], "run-1");
+        assert_eq!(b["runs"][0]["steps"], json!([]));
+        let r = reply(get(&api, "/runs?job=build&state=failed&limit=1000"));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            broker.seen(),
+            vec![
+                Message::Query(Query::Runs(RunFilter {
+                    job: None,
+                    state: None,
+                    limit: DEFAULT_RUN_LIMIT
+                })),
+                Message::Query(Query::Runs(RunFilter {
+                    job: Some("build".into()),
+                    state: Some(RunState::Failed),
+                    limit: 1000
+                })),
+            ]
+        );
+        for target in [
+            "/runs?state=bogus",
+            "/runs?limit=0",
+            "/runs?limit=1001",
+            "/runs?limit=ten",
+            "/runs?limit=-1",
+            "/runs?stat=failed",
+        ] {
+            assert_eq!(reply(get(&api, target)).status, 400, "{target}");
+        }
+        assert_eq!(broker.seen().len(), 2);
+    }
+
+    #[test]
+    fn tag_filter_merges_the_runs_of_the_tagged_jobs_newest_first() {
+        let (api, broker) = new_api(FakeBroker::new(|m| match m {
+            Message::Query(Query::Jobs) => Ok(ReplyBody::Jobs(vec![
+                job_view("a", &["etl"]),
+                job_view("b", &["web"]),
+                job_view("c", &["etl", "web"]),
+            ])),
+            Message::Query(Query::Runs(f)) => {
+                let job = f.job.clone().unwrap();
+                let base = if job == "a" { 10 } else { 15 };
+                Ok(ReplyBody::Runs(
+                    (0..3)
+                        .map(|i| RunView {
+                            run_id: format!("{job}{i}"),
+                            job: job.clone(),
+                            created_at_ms: base - i,
+                            ..sample_run(RunState::Succeeded)
+                        })
+                        .collect(),
+                ))
+            }
+            other => panic!("{other:?}"),
+        }));
+        let b = body(&reply(get(&api, "/runs?tag=etl&limit=4")));
+        let ids: Vec<&str> = b["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["run_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["c0", "c1", "c2", "a0"]);
+        // Jobs, then one query per tagged job.
+        assert_eq!(broker.seen().len(), 3);
+        let b = body(&reply(get(&api, "/runs?tag=nothing")));
+        assert_eq!(b, json!({"runs": []}));
+    }
+
+    #[test]
+    fn log_is_text_and_follow_hands_over_the_run() {
+        let (api, _) = new_api(FakeBroker::new(|m| match m {
+            Message::Query(Query::Run { run_id }) if run_id == "run-1" => {
+                Ok(ReplyBody::Run(Some(sample_run(RunState::Running))))
+            }
+            Message::Query(Query::Run { .. }) => Ok(ReplyBody::Run(None)),
+            other => panic!("{other:?}"),
+        }));
+        let r = reply(get(&api, "/runs/run-1/log"));
+        assert_eq!((r.status, r.content_type), (200, TEXT));
+        assert_eq!(String::from_utf8(r.body).unwrap(), "[w1 build] hello\n");
+        assert!(
+            matches!(get(&api, "/runs/run-1/log?follow=1"), Outcome::Follow(run) if run.run_id == "run-1")
+        );
+        assert!(matches!(
+            get(&api, "/runs/run-1/log?follow=0"),
+            Outcome::Reply(_)
+        ));
+        // HEAD never streams.
+        let head = api.handle(&HttpRequest {
+            method: Method::Head,
+            target: "/runs/run-1/log?follow=1".into(),
+        });
+        assert!(matches!(head, Outcome::Reply(_)));
+        assert_eq!(reply(get(&api, "/runs/run-1/log?follow=maybe")).status, 400);
+        assert_eq!(reply(get(&api, "/runs/nope/log")).status, 404);
+    }
+
+    #[test]
+    fn lists_jobs_and_workers() {
+        let (api, _) = new_api(FakeBroker::new(|m| match m {
+            Message::Query(Query::Jobs) => Ok(ReplyBody::Jobs(vec![job_view("a", &[])])),
+            Message::Query(Query::Workers) => Ok(ReplyBody::Workers(vec![WorkerView {
+                name: "w1".into(),
+                jobs: vec!["a".into()],
+                capabilities: vec![],
+                slots: 2,
+                running: 0,
+                last_seen_ms: 0,
+                live: false,
+                version: "1".into(),
+            }])),
+            other => panic!("{other:?}"),
+        }));
+        let b = body(&reply(get(&api, "/jobs")));
+        assert_eq!(b["jobs"][0]["name"], "a");
+        assert_eq!(b["jobs"][0]["workers"], json!(["w1"]));
+        let b = body(&reply(get(&api, "/workers")));
+        assert_eq!(b["workers"][0]["last_seen"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(b["workers"][0]["live"], false);
+    }
+
+    fn healthy() -> FakeBroker {
+        FakeBroker::new(|m| match m {
+            Message::Query(Query::Health) => Ok(ReplyBody::Health(HealthView {
+                version: "0.0.0".into(),
+                instance: "b1".into(),
+                counters: BTreeMap::from([("frames_received".into(), 7)]),
+                active_runs: 1,
+                live_workers: 2,
+            })),
+            other => panic!("{other:?}"),
+        })
+    }
+
+    #[test]
+    fn healthz_reports_the_broker_or_503() {
+        let (api, _) = new_api(healthy());
+        let r = reply(get(&api, "/healthz"));
+        assert_eq!(r.status, 200);
+        let b = body(&r);
+        assert_eq!(b["status"], "ok");
+        assert_eq!(b["broker"]["live_workers"], 2);
+        let (api, _) = new_api(FakeBroker::down());
+        let r = reply(get(&api, "/healthz"));
+        assert_eq!(r.status, 503);
+        assert_eq!(body(&r)["status"], "unavailable");
+    }
+
+    #[test]
+    fn metrics_show_broker_counters_and_own_requests() {
+        let (api, _) = new_api(healthy());
+        api.stats.record(202);
+        let r = reply(get(&api, "/metrics"));
+        assert_eq!((r.status, r.content_type), (200, PROMETHEUS));
+        let text = String::from_utf8(r.body).unwrap();
+        assert!(text.contains("jobz_broker_up 1\n"));
+        assert!(text.contains("jobz_broker_frames_received 7\n"));
+        assert!(text.contains("jobz_frontend_http_requests_total{code=\"202\"} 1\n"));
+        let (api, _) = new_api(FakeBroker::down());
+        let text = String::from_utf8(reply(get(&api, "/metrics")).body).unwrap();
+        assert!(text.contains("jobz_broker_up 0\n"));
+    }
+
+    #[test]
+    fn dashboard_is_self_contained_html() {
+        let (api, _) = new_api(accepting());
+        let r = reply(get(&api, "/"));
+        assert_eq!((r.status, r.content_type), (200, HTML));
+        assert!(r
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "Content-Security-Policy" && v.contains("default-src 'none'")));
+        let page = String::from_utf8(r.body).unwrap();
+        assert!(page.contains("/runs?limit=50"));
+        for banned in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "src=\"http",
+            "href=\"http",
+            "eval(",
+        ] {
+            assert!(!page.contains(banned), "dashboard uses {banned}");
+        }
+    }
+}

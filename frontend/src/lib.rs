@@ -1,0 +1,26 @@
+//! `jobz-frontend`: the HTTP gateway to a jobz mesh. It starts runs (`/job_start`), shows
+//! runs, jobs and workers as JSON, serves a dashboard and Prometheus metrics, and talks to
+//! the broker only through the shared crate's `Client`.
+//!
+//! # Layout
+//! - [`api`]: routing and handlers, a parsed request in, an `Outcome` out; start reading here.
+//! - [`query`]: strict request-target parsing (percent-decoding, repeated keys, limits).
+//! - [`views`]: the broker's views as API JSON and the plain-text run log.
+//! - [`broker`]: the `Broker` trait the handlers use (the real one is `jobz::client::Client`).
+//! - [`waiter`]: `job_start?wait=`: requests held open on one thread until their run ends.
+//! - [`follow`]: `runs/{id}/log?follow=1`: a run's log streamed as its tasks end.
+//! - [`metrics`]: the frontend's counters and the Prometheus exposition.
+//! - [`server`]: the thin `tiny_http` shell and [`run`].
+//!
+//! The dashboard (`src/dashboard.html`) is one self-contained page compiled into the binary.
+
+pub mod api;
+pub mod broker;
+pub mod follow;
+pub mod metrics;
+pub mod query;
+pub mod server;
+pub mod views;
+pub mod waiter;
+
+pub use server::{run, Config, Frontend};

@@ -1,0 +1,311 @@
+//! The broker's views (`RunView`, `JobView`, `WorkerView`, `HealthView`) as the HTTP API
+//! shows them: JSON objects with RFC 3339 times, and the plain-text run log.
+//!
+//! This is the one place that decides field names and formats of the API's answers.
+
+use serde_json::{json, Map, Value};
+
+use jobz::jobfile::Delivery;
+use jobz::message::{HealthView, JobView, RunView, StepView, WorkerView};
+
+/// Epoch milliseconds as an RFC 3339 string.
+pub fn time(ms: i64) -> Value {
+    Value::String(jobz::format_time_ms(ms))
+}
+
+/// Optional epoch milliseconds as an RFC 3339 string or `null`.
+pub fn opt_time(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, time)
+}
+
+/// A run; `with_steps: false` leaves `steps` empty (run lists).
+pub fn run(run: &RunView, with_steps: bool) -> Value {
+    let steps = if with_steps {
+        run.steps.iter().map(step).collect()
+    } else {
+        Vec::new()
+    };
+    json!({
+        "run_id": run.run_id,
+        "job": run.job,
+        "params": run.params,
+        "state": run.state.as_str(),
+        "parent_runs": run.parent_runs,
+        "created_at": time(run.created_at_ms),
+        "finished_at": opt_time(run.finished_at_ms),
+        "steps": steps,
+    })
+}
+
+/// One task of a run. Its output is not included: it is served by `/runs/{id}/log`.
+pub fn step(step: &StepView) -> Value {
+    json!({
+        "step_id": step.step_id,
+        "task_id": step.task_id,
+        "job": step.job,
+        "worker": step.worker,
+        "state": step.state.as_str(),
+        "attempt": step.attempt,
+        "exit_code": step.exit_code,
+        "error": step.error,
+        "started_at": opt_time(step.started_at_ms),
+        "finished_at": opt_time(step.finished_at_ms),
+    })
+}
+
+/// The lower-case name of a delivery mode, as in job files.
+pub fn delivery_name(delivery: Delivery) -> &'static str {
+    match delivery {
+        Delivery::Broadcast => "broadcast",
+        Delivery::Queue => "queue",
+        Delivery::Local => "local",
+    }
+}
+
+/// A job with the workers that serve it.
+pub fn job(job: &JobView) -> Value {
+    let spec = &job.spec;
+    let params: Map<String, Value> = spec
+        .params
+        .iter()
+        .map(|(name, p)| {
+            (
+                name.clone(),
+                json!({ "required": p.required, "pattern": p.pattern }),
+            )
+        })
+        .collect();
+    json!({
+        "name": spec.name,
+        "description": spec.description,
+        "command": spec.command,
+        "params": params,
+        "on_success": spec.on_success,
+        "on_failure": spec.on_failure,
+        "delivery": delivery_name(spec.delivery),
+        "timeout_ms": spec.timeout_ms,
+        "retries": spec.retries,
+        "tags": spec.tags,
+        "workers": job.workers,
+    })
+}
+
+/// A worker.
+pub fn worker(worker: &WorkerView) -> Value {
+    json!({
+        "name": worker.name,
+        "jobs": worker.jobs,
+        "capabilities": worker.capabilities,
+        "slots": worker.slots,
+        "running": worker.running,
+        "last_seen": time(worker.last_seen_ms),
+        "live": worker.live,
+        "version": worker.version,
+    })
+}
+
+/// The broker's health, as `/healthz` reports it.
+pub fn health(health: &HealthView) -> Value {
+    json!({
+        "version": health.version,
+        "instance": health.instance,
+        "active_runs": health.active_runs,
+        "live_workers": health.live_workers,
+        "counters": health.counters,
+    })
+}
+
+/// `{"error": message}` plus extra fields.
+pub fn error(message: &str, extra: &[(&str, Value)]) -> Value {
+    let mut object = Map::new();
+    object.insert("error".into(), Value::String(message.to_owned()));
+    for (key, value) in extra {
+        object.insert((*key).to_owned(), value.clone());
+    }
+    Value::Object(object)
+}
+
+/// The log lines of one task: each line of its output prefixed by `[<worker> <job>] `.
+/// A task without a worker yet shows `-`. The last line always ends with a newline.
+pub fn task_log(step: &StepView) -> String {
+    let prefix = format!("[{} {}] ", step.worker.as_deref().unwrap_or("-"), step.job);
+    let mut out = String::new();
+    for line in step.output_tail.lines() {
+        out.push_str(&prefix);
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The whole run's log: every task's output in the order the tasks were created.
+pub fn run_log(run: &RunView) -> String {
+    run.steps.iter().map(task_log).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use jobz::jobfile::{JobSpec, ParamSpec};
+    use jobz::message::{RunState, TaskState};
+
+    use super::*;
+
+    pub(crate) fn sample_step() -> StepView {
+        StepView {
+            step_id: "s1".into(),
+            task_id: "t1".into(),
+            job: "build".into(),
+            worker: Some("web1".into()),
+            state: TaskState::Succeeded,
+            attempt: 1,
+            exit_code: Some(0),
+            error: None,
+            started_at_ms: Some(1_000),
+            finished_at_ms: Some(2_500),
+            output_tail: "line one\nline two\n".into(),
+        }
+    }
+
+    fn sample_run() -> RunView {
+        RunView {
+            run_id: "r1".into(),
+            job: "build".into(),
+            params: BTreeMap::from([("date".into(), "2026_01_02".into())]),
+            state: RunState::Running,
+            parent_runs: vec!["p0".into()],
+            created_at_ms: 0,
+            finished_at_ms: None,
+            steps: vec![
+                sample_step(),
+                StepView {
+                    task_id: "t2".into(),
+                    worker: None,
+                    state: TaskState::Pending,
+                    exit_code: None,
+                    started_at_ms: None,
+                    finished_at_ms: None,
+                    output_tail: String::new(),
+                    ..sample_step()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn run_has_every_field_with_rfc3339_times() {
+        let v = run(&sample_run(), true);
+        assert_eq!(
+            v,
+            json!({
+                "run_id": "r1",
+                "job": "build",
+                "params": {"date": "2026_01_02"},
+                "state": "running",
+                "parent_runs": ["p0"],
+                "created_at": "1970-01-01T00:00:00.000Z",
+                "finished_at": null,
+                "steps": [
+                    {
+                        "step_id": "s1", "task_id": "t1", "job": "build", "worker": "web1",
+                        "state": "succeeded", "attempt": 1, "exit_code": 0, "error": null,
+                        "started_at": "1970-01-01T00:00:01.000Z",
+                        "finished_at": "1970-01-01T00:00:02.500Z"
+                    },
+                    {
+                        "step_id": "s1", "task_id": "t2", "job": "build", "worker": null,
+                        "state": "pending", "attempt": 1, "exit_code": null, "error": null,
+                        "started_at": null, "finished_at": null
+                    }
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn run_list_entries_have_no_steps() {
+        assert_eq!(run(&sample_run(), false)["steps"], json!([]));
+    }
+
+    #[test]
+    fn job_shows_its_spec_and_workers() {
+        let view = JobView {
+            spec: JobSpec {
+                name: "import".into(),
+                description: "nightly".into(),
+                command: "/opt/import.sh {date}".into(),
+                params: BTreeMap::from([(
+                    "date".into(),
+                    ParamSpec {
+                        required: true,
+                        pattern: "^[0-9]+$".into(),
+                    },
+                )]),
+                on_success: vec!["reindex".into()],
+                on_failure: vec![],
+                delivery: Delivery::Queue,
+                timeout_ms: Some(60_000),
+                retries: 2,
+                tags: vec!["etl".into()],
+            },
+            workers: vec!["w1".into(), "w2".into()],
+        };
+        assert_eq!(
+            job(&view),
+            json!({
+                "name": "import", "description": "nightly", "command": "/opt/import.sh {date}",
+                "params": {"date": {"required": true, "pattern": "^[0-9]+$"}},
+                "on_success": ["reindex"], "on_failure": [], "delivery": "queue",
+                "timeout_ms": 60000, "retries": 2, "tags": ["etl"], "workers": ["w1", "w2"]
+            })
+        );
+    }
+
+    #[test]
+    fn worker_shows_last_seen_as_time() {
+        let view = WorkerView {
+            name: "w1".into(),
+            jobs: vec!["build".into()],
+            capabilities: vec!["gpu".into()],
+            slots: 4,
+            running: 1,
+            last_seen_ms: 1_700_000_000_000,
+            live: true,
+            version: "0.0.0".into(),
+        };
+        assert_eq!(
+            worker(&view),
+            json!({
+                "name": "w1", "jobs": ["build"], "capabilities": ["gpu"], "slots": 4,
+                "running": 1, "last_seen": "2023-11-14T22:13:20.000Z", "live": true,
+                "version": "0.0.0"
+            })
+        );
+    }
+
+    #[test]
+    fn error_object_carries_extra_fields() {
+        assert_eq!(
+            error("unknown job", &[("job", json!("x"))]),
+            json!({"error": "unknown job", "job": "x"})
+        );
+    }
+
+    #[test]
+    fn log_prefixes_every_line_with_worker_and_job() {
+        let mut r = sample_run();
+        r.steps[1].output_tail = "no newline at end".into();
+        assert_eq!(
+            run_log(&r),
+            "[web1 build] line one\n[web1 build] line two\n[- build] no newline at end\n"
+        );
+    }
+
+    #[test]
+    fn log_of_a_crlf_output_has_no_stray_carriage_returns() {
+        let mut s = sample_step();
+        s.output_tail = "a\r\nb\r\n".into();
+        assert_eq!(task_log(&s), "[web1 build] a\n[web1 build] b\n");
+    }
+}

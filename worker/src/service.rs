@@ -1,0 +1,736 @@
+//! The worker's loop: the thin shell around [`Scheduler`] that owns the broker link, the job
+//! directory, the worker log and the threads that run commands.
+//!
+//! One thread (the caller's) selects over four channels: publications from the broker
+//! (work), events from the command threads (started, finished), a tick (job-file refresh,
+//! heartbeats, acknowledgements) and the shutdown trigger. Commands run on a thread each
+//! ([`runner::run`]), so the loop never waits for a process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use crossbeam_channel::{bounded, never, select, tick, unbounded, Receiver, Sender, TryRecvError};
+use jobz::client::{Client, ClientConfig, ClientError};
+use jobz::envelope::Envelope;
+use jobz::jobfile::{JobDir, JobSpec, Refresh};
+use jobz::message::{Message, ReplyBody, Role, TaskFinished, TaskRef, TaskStarted, WorkerStatus};
+use jobz::topic::Topic;
+use tracing::{debug, error, info, info_span, warn, Span};
+
+use crate::config::Config;
+use crate::eventlog::{self, EventLog};
+use crate::runner::{self, RunResult, RunSpec};
+use crate::schedule::{is_valid_id, Action, Scheduler, Task};
+
+/// How often the loop wakes without any message.
+const TICK: Duration = Duration::from_millis(100);
+/// How often `--jobs-dir` is looked at for changed files.
+const JOBS_REFRESH: Duration = Duration::from_secs(1);
+/// How long the broker link keeps resending a result until the broker acknowledges it:
+/// a broker restart, however long, must not lose a result.
+const RESULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The same for "started" notices, which matter less once the result is in.
+const STARTED_TIMEOUT: Duration = Duration::from_secs(3600);
+/// At shutdown, how long to wait for the broker to acknowledge what was sent.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// At shutdown, how long after SIGKILL to wait for a command thread before giving up on it.
+const REAP_WAIT: Duration = Duration::from_secs(5);
+/// The error of tasks killed because the worker stops.
+pub const SHUTDOWN_ERROR: &str = "worker shut down";
+
+/// Runs the worker until `shutdown` receives a message (or its sender is dropped): loads
+/// the jobs, connects, serves work, then drains. Errors only if it cannot start.
+pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
+    config.validate()?;
+    let work_root = config.spool.join("work");
+    std::fs::create_dir_all(&work_root)
+        .with_context(|| format!("creating spool directory {}", work_root.display()))?;
+    clear_stale_workdirs(&work_root);
+    let runs = config.log_dir.join("runs");
+    std::fs::create_dir_all(&runs)
+        .with_context(|| format!("creating output directory {}", runs.display()))?;
+    let log = EventLog::open(&config.log_dir)?;
+    let mut jobs = JobDir::new(&config.jobs_dir);
+    let first = jobs
+        .refresh()
+        .with_context(|| format!("reading jobs dir {}", config.jobs_dir.display()))?;
+    let client = Client::start(ClientConfig::new(
+        config.broker.clone(),
+        config.node_id(),
+        Role::Worker,
+    ))
+    .with_context(|| format!("connecting to the broker at {}", config.broker))?;
+
+    let (events_tx, events) = unbounded();
+    let mut service = Service {
+        instance: jobz::new_id(),
+        scheduler: Scheduler::new(config.name.clone(), config.slots as usize),
+        config,
+        client,
+        jobs,
+        served: BTreeMap::new(),
+        jobs_dir_readable: true,
+        log,
+        events_tx,
+        events,
+        running: HashMap::new(),
+        acks: Vec::new(),
+        heartbeat_reply: None,
+        heartbeat_sent_at: Instant::now(),
+        broker_answering: None,
+        next_heartbeat: Instant::now(),
+        next_refresh: Instant::now() + JOBS_REFRESH,
+    };
+    info!(
+        worker = %service.config.name,
+        instance = %service.instance,
+        broker = %service.config.broker,
+        slots = service.config.slots,
+        jobs_dir = %service.config.jobs_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "worker starting"
+    );
+    service.on_refresh(first);
+    if service.served.is_empty() {
+        warn!(jobs_dir = %service.config.jobs_dir.display(), "this worker serves no jobs yet");
+    }
+    if service.heartbeat_reply.is_none() {
+        service.heartbeat(); // unless loading the jobs just sent one
+    }
+    let result = service.serve(shutdown);
+    service.client.shutdown();
+    result
+}
+
+/// What a command thread tells the loop.
+enum RunnerEvent {
+    Started { task: TaskRef, at_ms: i64 },
+    Finished { task: TaskRef, result: RunResult },
+}
+
+struct Running {
+    task: Task,
+    cancel: Sender<String>,
+    started_at_ms: Option<i64>,
+}
+
+/// A message the broker has yet to acknowledge.
+struct PendingAck {
+    what: &'static str,
+    task: Task,
+    reply: Receiver<Result<ReplyBody, ClientError>>,
+}
+
+/// Where a stopping worker is.
+struct Drain {
+    deadline: Instant,
+    killed_at: Option<Instant>,
+}
+
+struct Service {
+    config: Config,
+    instance: String,
+    client: Client,
+    jobs: JobDir,
+    served: BTreeMap<String, JobSpec>,
+    jobs_dir_readable: bool,
+    scheduler: Scheduler,
+    log: EventLog,
+    events_tx: Sender<RunnerEvent>,
+    events: Receiver<RunnerEvent>,
+    running: HashMap<TaskRef, Running>,
+    acks: Vec<PendingAck>,
+    heartbeat_reply: Option<Receiver<Result<ReplyBody, ClientError>>>,
+    heartbeat_sent_at: Instant,
+    broker_answering: Option<bool>,
+    next_heartbeat: Instant,
+    next_refresh: Instant,
+}
+
+impl Service {
+    fn serve(&mut self, shutdown: Receiver<()>) -> anyhow::Result<()> {
+        let publications = self.client.publications().clone();
+        let events = self.events.clone();
+        let ticker = tick(TICK);
+        let mut shutdown = shutdown;
+        let mut drain: Option<Drain> = None;
+        loop {
+            select! {
+                recv(shutdown) -> _ => {
+                    shutdown = never();
+                    drain = Some(self.begin_drain());
+                }
+                recv(publications) -> publication => match publication {
+                    Ok((topic, envelope)) => self.on_publication(topic, envelope),
+                    Err(_) => bail!("the broker link stopped"),
+                },
+                recv(events) -> event => {
+                    if let Ok(event) = event {
+                        self.on_runner_event(event);
+                    }
+                }
+                recv(ticker) -> _ => self.on_tick(Instant::now()),
+            }
+            if let Some(drain) = &mut drain {
+                if self.running.is_empty() {
+                    break;
+                }
+                let now = Instant::now();
+                match drain.killed_at {
+                    None if now >= drain.deadline => {
+                        warn!(
+                            running = self.running.len(),
+                            "drain timeout: killing the commands still running"
+                        );
+                        for running in self.running.values() {
+                            let _ = running.cancel.try_send(SHUTDOWN_ERROR.to_owned());
+                        }
+                        drain.killed_at = Some(now);
+                    }
+                    Some(at) if now >= at + self.config.kill_grace + REAP_WAIT => {
+                        self.abandon_running();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.wait_for_acks(ACK_WAIT);
+        info!("worker stopped");
+        Ok(())
+    }
+
+    // ---- Work ---------------------------------------------------------------------------
+
+    fn on_publication(&mut self, topic: Topic, envelope: Envelope) {
+        match (topic, envelope.body) {
+            (Topic::Job(job), Message::Work(work)) => {
+                if work.job != job {
+                    warn!(topic = %job, job = %eventlog::field(&work.job), "dropping work whose job differs from its topic");
+                    return;
+                }
+                let actions = self.scheduler.on_work(&work, &self.served);
+                self.apply(actions);
+            }
+            (topic, body) => debug!(%topic, message = ?body, "ignoring a publication"),
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Received(task) => {
+                    let _span = task_span(&task).entered();
+                    info!("task received");
+                    self.log.append(&task, "received");
+                }
+                Action::Start(task) => self.start(task),
+                Action::Fail { task, error } => {
+                    task_span(&task).in_scope(|| warn!(%error, "task refused"));
+                    self.finish(&task, RunResult::not_started(error));
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, task: Task) {
+        let spec = RunSpec {
+            command: task.command.clone(),
+            env: self.task_env(&task),
+            output: output_path(&self.config.log_dir, &task),
+            workdir: workdir_path(&self.config.spool, &task),
+            timeout: task.timeout,
+            kill_grace: self.config.kill_grace,
+        };
+        let (cancel, cancelled) = bounded(1);
+        let events = self.events_tx.clone();
+        let task_ref = task.task.clone();
+        let span = task_span(&task);
+        let thread = std::thread::Builder::new()
+            .name(format!("task-{}", task.task.task_id))
+            .spawn(move || {
+                let _span = span.entered();
+                let started = task_ref.clone();
+                let result = runner::run(&spec, &cancelled, |at_ms| {
+                    let _ = events.send(RunnerEvent::Started {
+                        task: started,
+                        at_ms,
+                    });
+                });
+                let _ = events.send(RunnerEvent::Finished {
+                    task: task_ref,
+                    result,
+                });
+            });
+        match thread {
+            Ok(_) => {
+                self.running.insert(
+                    task.task.clone(),
+                    Running {
+                        task,
+                        cancel,
+                        started_at_ms: None,
+                    },
+                );
+            }
+            Err(e) => {
+                task_span(&task)
+                    .in_scope(|| error!(error = %e, "cannot start a thread for the task"));
+                self.finish(
+                    &task,
+                    RunResult::not_started(format!("cannot start a thread: {e}")),
+                );
+                let actions = self.scheduler.on_finished(&task.task);
+                self.apply(actions);
+            }
+        }
+    }
+
+    /// The worker's own environment plus these (see SPEC "Job files").
+    fn task_env(&self, task: &Task) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("JOBZ_RUN_ID".to_owned(), task.run_id.clone()),
+            ("JOBZ_STEP_ID".to_owned(), task.step_id.clone()),
+            ("JOBZ_TASK_ID".to_owned(), task.task.task_id.clone()),
+            ("JOBZ_JOB".to_owned(), task.job.clone()),
+            ("JOBZ_WORKER".to_owned(), self.config.name.clone()),
+            ("JOBZ_ATTEMPT".to_owned(), task.task.attempt.to_string()),
+            ("JOBZ_FRONTEND".to_owned(), self.config.frontend.clone()),
+        ];
+        for (name, value) in &task.params {
+            match param_env_name(name) {
+                Some(var) => env.push((var, value.clone())),
+                None => warn!(
+                    parameter = %eventlog::field(name),
+                    "parameter name cannot be an environment variable; not exported"
+                ),
+            }
+        }
+        env
+    }
+
+    fn on_runner_event(&mut self, event: RunnerEvent) {
+        match event {
+            RunnerEvent::Started { task, at_ms } => {
+                let Some(running) = self.running.get_mut(&task) else {
+                    return;
+                };
+                running.started_at_ms = Some(at_ms);
+                let task = running.task.clone();
+                let _span = task_span(&task).entered();
+                info!("task started");
+                self.log.append(&task, "started");
+                let reply = self.client.request_async(
+                    Message::TaskStarted(TaskStarted {
+                        task: task.task.clone(),
+                        worker: self.config.name.clone(),
+                        instance: self.instance.clone(),
+                        started_at_ms: at_ms,
+                    }),
+                    STARTED_TIMEOUT,
+                );
+                self.acks.push(PendingAck {
+                    what: "TaskStarted",
+                    task,
+                    reply,
+                });
+            }
+            RunnerEvent::Finished { task, result } => {
+                let Some(running) = self.running.remove(&task) else {
+                    return;
+                };
+                self.finish(&running.task, result);
+                let actions = self.scheduler.on_finished(&task);
+                self.apply(actions);
+            }
+        }
+    }
+
+    /// Logs the end of a task and reports it to the broker until acknowledged.
+    fn finish(&mut self, task: &Task, result: RunResult) {
+        let event = eventlog::finished_event(&result);
+        {
+            let _span = task_span(task).entered();
+            match result.outcome {
+                jobz::message::TaskOutcome::Succeeded => info!(
+                    exit_code = result.exit_code,
+                    elapsed_ms = result.elapsed.as_millis() as u64,
+                    "task finished"
+                ),
+                _ => warn!(
+                    outcome = ?result.outcome,
+                    exit_code = result.exit_code,
+                    error = result.error.as_deref().unwrap_or(""),
+                    elapsed_ms = result.elapsed.as_millis() as u64,
+                    "task failed"
+                ),
+            }
+        }
+        self.log.append(task, &event);
+        let reply = self.client.request_async(
+            Message::TaskFinished(TaskFinished {
+                task: task.task.clone(),
+                worker: self.config.name.clone(),
+                outcome: result.outcome,
+                exit_code: result.exit_code,
+                error: result.error,
+                started_at_ms: result.started_at_ms,
+                finished_at_ms: result.finished_at_ms,
+                output_tail: result.output_tail,
+            }),
+            RESULT_TIMEOUT,
+        );
+        self.acks.push(PendingAck {
+            what: "TaskFinished",
+            task: task.clone(),
+            reply,
+        });
+    }
+
+    // ---- Periodic -----------------------------------------------------------------------
+
+    fn on_tick(&mut self, now: Instant) {
+        self.poll_acks();
+        self.poll_heartbeat(false);
+        if now >= self.next_refresh && !self.scheduler.is_draining() {
+            self.next_refresh = now + JOBS_REFRESH;
+            match self.jobs.refresh() {
+                Ok(report) => {
+                    if !self.jobs_dir_readable {
+                        info!(jobs_dir = %self.config.jobs_dir.display(), "the jobs dir is readable again");
+                        self.jobs_dir_readable = true;
+                    }
+                    self.on_refresh(report);
+                }
+                Err(e) => {
+                    if self.jobs_dir_readable {
+                        error!(
+                            jobs_dir = %self.config.jobs_dir.display(),
+                            error = %e,
+                            "cannot read the jobs dir; the jobs loaded stay in force"
+                        );
+                        self.jobs_dir_readable = false;
+                    }
+                }
+            }
+        }
+        if now >= self.next_heartbeat {
+            self.heartbeat();
+        }
+    }
+
+    fn on_refresh(&mut self, report: Refresh) {
+        for rejected in &report.rejected {
+            error!("job file rejected, its previous good version (if any) stays: {rejected}");
+        }
+        if !report.changed() {
+            return;
+        }
+        let (set, conflicts) = self.jobs.job_set();
+        for conflict in &conflicts {
+            error!("{conflict}");
+        }
+        let new = set.jobs;
+        let mut changed = false;
+        for name in self.served.keys().filter(|n| !new.contains_key(*n)) {
+            info!(job = %name, "no longer serving job");
+            self.client.unsubscribe(Topic::Job(name.clone()));
+            changed = true;
+        }
+        for (name, spec) in &new {
+            match self.served.get(name) {
+                None => {
+                    info!(job = %name, "serving job");
+                    self.client.subscribe(Topic::Job(name.clone()));
+                    changed = true;
+                }
+                Some(old) if old != spec => {
+                    info!(job = %name, "job definition changed");
+                    changed = true;
+                }
+                Some(_) => {}
+            }
+        }
+        self.served = new;
+        if changed {
+            self.heartbeat();
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        self.poll_heartbeat(true);
+        let status = WorkerStatus {
+            name: self.config.name.clone(),
+            instance: self.instance.clone(),
+            jobs: self.served.values().cloned().collect(),
+            capabilities: self.config.capabilities.clone(),
+            slots: self.config.slots,
+            running: self.scheduler.running(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        self.heartbeat_reply = Some(
+            self.client
+                .request_async(Message::Heartbeat(status), self.config.heartbeat),
+        );
+        self.heartbeat_sent_at = Instant::now();
+        self.next_heartbeat = self.heartbeat_sent_at + self.config.heartbeat;
+    }
+
+    /// Looks at the last heartbeat's answer; `replacing` means a new one is about to go out,
+    /// so no answer within a heartbeat interval counts as none (an earlier replacement, after
+    /// a change of jobs, says nothing about the broker).
+    fn poll_heartbeat(&mut self, replacing: bool) {
+        let Some(reply) = &self.heartbeat_reply else {
+            return;
+        };
+        let overdue = self.heartbeat_sent_at.elapsed() >= self.config.heartbeat;
+        let answering = match reply.try_recv() {
+            Ok(Ok(ReplyBody::Rejected { status, error })) => {
+                warn!(status, %error, "the broker rejected a heartbeat");
+                true
+            }
+            Ok(Ok(_)) => true,
+            Ok(Err(ClientError::Encode(e))) => {
+                error!(error = %e, "cannot send a heartbeat (too many jobs?)");
+                false
+            }
+            Ok(Err(_)) => false,
+            Err(TryRecvError::Empty) if !replacing => return,
+            Err(TryRecvError::Empty) if !overdue => {
+                self.heartbeat_reply = None;
+                return;
+            }
+            Err(_) => false,
+        };
+        self.heartbeat_reply = None;
+        if self.broker_answering != Some(answering) {
+            if answering {
+                info!(broker = %self.config.broker, "the broker acknowledges heartbeats");
+            } else {
+                warn!(broker = %self.config.broker, "the broker does not answer heartbeats; results are kept and resent");
+            }
+            self.broker_answering = Some(answering);
+        }
+    }
+
+    fn poll_acks(&mut self) {
+        self.acks.retain(|ack| match ack.reply.try_recv() {
+            Err(TryRecvError::Empty) => true,
+            Ok(Ok(ReplyBody::Ack)) => false,
+            Ok(Ok(other)) => {
+                let _span = task_span(&ack.task).entered();
+                warn!(message = ack.what, reply = ?other, "unexpected reply from the broker");
+                false
+            }
+            Ok(Err(e)) => {
+                let _span = task_span(&ack.task).entered();
+                error!(message = ack.what, error = %e, "the broker never acknowledged; giving up on it");
+                false
+            }
+            Err(TryRecvError::Disconnected) => false,
+        });
+    }
+
+    // ---- Shutdown -----------------------------------------------------------------------
+
+    fn begin_drain(&mut self) -> Drain {
+        let dropped = self.scheduler.drain();
+        info!(
+            running = self.running.len(),
+            queued = dropped.len(),
+            drain_timeout = %humantime::format_duration(self.config.drain_timeout),
+            "shutting down: taking no new work, waiting for running commands"
+        );
+        for task in &dropped {
+            let _span = task_span(task).entered();
+            info!("queued task not started: the worker is shutting down");
+        }
+        Drain {
+            deadline: Instant::now() + self.config.drain_timeout,
+            killed_at: None,
+        }
+    }
+
+    /// Commands that did not end even after SIGKILL: report them lost and stop waiting.
+    fn abandon_running(&mut self) {
+        let running: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
+        for r in running {
+            error!(
+                task_id = %r.task.task.task_id,
+                "a command did not end after SIGKILL; reporting it failed"
+            );
+            let now = jobz::now_ms();
+            let mut result = RunResult::not_started(SHUTDOWN_ERROR.to_owned());
+            result.started_at_ms = r.started_at_ms.unwrap_or(now);
+            self.finish(&r.task, result);
+        }
+    }
+
+    fn wait_for_acks(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.poll_acks();
+            if self.acks.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    unacknowledged = self.acks.len(),
+                    "stopping with messages the broker has not acknowledged"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `JOBZ_PARAM_<NAME>`, or none if the name would not be a portable variable name.
+fn param_env_name(name: &str) -> Option<String> {
+    let upper = name.to_ascii_uppercase();
+    let portable = !upper.is_empty()
+        && upper
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    portable.then(|| format!("JOBZ_PARAM_{upper}"))
+}
+
+/// `<log-dir>/runs/<run_id>/<job>.<task_id>.<attempt>.log`; ids were validated.
+fn output_path(log_dir: &Path, task: &Task) -> PathBuf {
+    log_dir.join("runs").join(&task.run_id).join(format!(
+        "{}.{}.{}.log",
+        task.job, task.task.task_id, task.task.attempt
+    ))
+}
+
+/// `<spool>/work/<task_id>.<attempt>`; the id was validated.
+fn workdir_path(spool: &Path, task: &Task) -> PathBuf {
+    spool
+        .join("work")
+        .join(format!("{}.{}", task.task.task_id, task.task.attempt))
+}
+
+/// Working directories left by a worker that died mid-task are removed at start. Only
+/// names this worker creates (`<task_id>.<attempt>`) are touched.
+fn clear_stale_workdirs(work_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(work_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name
+            .rsplit_once('.')
+            .is_some_and(|(id, attempt)| is_valid_id(id) && attempt.parse::<u32>().is_ok());
+        if !ours {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                info!(dir = %path.display(), "removed a working directory left by an earlier run")
+            }
+            Err(e) => {
+                warn!(dir = %path.display(), error = %e, "cannot remove a stale working directory")
+            }
+        }
+    }
+}
+
+/// The fields every log line about a task carries.
+fn task_span(task: &Task) -> Span {
+    info_span!(
+        "task",
+        run_id = %eventlog::field(&task.run_id),
+        step_id = %eventlog::field(&task.step_id),
+        task_id = %eventlog::field(&task.task.task_id),
+        attempt = task.task.attempt,
+        job = %eventlog::field(&task.job),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_names_become_upper_case_variables() {
+        assert_eq!(param_env_name("date").as_deref(), Some("JOBZ_PARAM_DATE"));
+        assert_eq!(param_env_name("a_1").as_deref(), Some("JOBZ_PARAM_A_1"));
+        assert_eq!(param_env_name("a-b"), None);
+        assert_eq!(param_env_name("a=b"), None);
+        assert_eq!(param_env_name(""), None);
+    }
+
+    #[test]
+    fn paths_follow_the_documented_layout() {
+        let task = Task {
+            run_id: "r1".into(),
+            step_id: "s1".into(),
+            job: "build".into(),
+            task: TaskRef {
+                task_id: "t1".into(),
+                attempt: 2,
+            },
+            params: Default::default(),
+            command: String::new(),
+            timeout: None,
+        };
+        assert_eq!(
+            output_path(Path::new("/var/log/jobz"), &task),
+            Path::new("/var/log/jobz/runs/r1/build.t1.2.log")
+        );
+        assert_eq!(
+            workdir_path(Path::new("/var/lib/jobz/worker"), &task),
+            Path::new("/var/lib/jobz/worker/work/t1.2")
+        );
+    }
+
+    fn test_config(root: &Path) -> Config {
+        // Nothing listens on port 1 of loopback: the worker runs without a broker.
+        let mut config = Config::new("127.0.0.1:1".parse().unwrap(), "w1".into());
+        config.jobs_dir = root.join("jobs.d");
+        config.spool = root.join("spool");
+        config.log_dir = root.join("log");
+        config
+    }
+
+    #[test]
+    fn a_missing_jobs_dir_stops_the_start_with_its_name() {
+        let root = tempfile::tempdir().unwrap();
+        let (_tx, shutdown) = bounded(1);
+        let err = run(test_config(root.path()), shutdown).unwrap_err();
+        assert!(format!("{err:#}").contains("jobs.d"), "{err:#}");
+    }
+
+    #[test]
+    fn stops_on_the_shutdown_trigger_even_without_a_broker() {
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(root.path());
+        std::fs::create_dir_all(&config.jobs_dir).unwrap();
+        std::fs::create_dir_all(config.spool.join("work/stale-task.1")).unwrap();
+        let (tx, shutdown) = bounded(1);
+        let started = Instant::now();
+        let worker = std::thread::spawn(move || run(config, shutdown));
+        tx.send(()).unwrap();
+        worker.join().unwrap().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(root.path().join("log/worker.log").exists());
+        assert!(root.path().join("log/runs").is_dir());
+        assert!(!root.path().join("spool/work/stale-task.1").exists());
+    }
+
+    #[test]
+    fn only_our_own_stale_workdirs_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["t-1.1", "keep-me", "x.y"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        clear_stale_workdirs(dir.path());
+        assert!(!dir.path().join("t-1.1").exists());
+        assert!(dir.path().join("keep-me").exists());
+        assert!(dir.path().join("x.y").exists());
+    }
+}
