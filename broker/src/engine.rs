@@ -16,7 +16,7 @@ use jobz::message::{
 use jobz::topic::Topic;
 use tracing::{debug, info, warn};
 
-use crate::model::{Run, Step, Task};
+use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 
 /// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
@@ -32,6 +32,10 @@ pub struct EngineConfig {
     pub worker_expiry_ms: i64,
     /// A published task not reported started after this long is published again.
     pub redeliver_after_ms: i64,
+    /// A running task's lease: lost unless the worker's heartbeat renews it within this.
+    pub lease_timeout_ms: i64,
+    /// Extra time after a lease expires before the attempt is declared lost.
+    pub lease_grace_ms: i64,
     /// Random id of this broker process, sent in `Welcome`.
     pub instance: String,
     /// Broker version, for `Health`.
@@ -46,6 +50,8 @@ pub enum Write {
     Task(Task),
     Worker(Worker),
     Job(CatalogEntry),
+    Attempt(Attempt),
+    Dead(Dead),
 }
 
 /// A message to publish.
@@ -95,6 +101,30 @@ pub struct Snapshot {
     pub catalog: Vec<CatalogEntry>,
     /// (trigger message id, run id) of recent runs.
     pub recent_requests: Vec<(String, String)>,
+    /// The newest dead tasks.
+    pub dead: Vec<Dead>,
+}
+
+/// Dead tasks held in memory for listing and retrying (older ones stay in the store).
+const REMEMBERED_DEAD: usize = 10_000;
+
+/// Longest wait between retries.
+const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+
+/// How an attempt failed; it decides whether the task is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The command ran and failed (non-zero exit, timeout): retried while `retries` allow,
+    /// on the same worker (broadcast, local) or on the least loaded one (queue).
+    Ran,
+    /// The attempt was lost (lease expired, worker restarted): a queue task is retried
+    /// elsewhere while `retries` allow; a broadcast or local task is marked failed.
+    Lost,
+    /// The task never started and its worker is gone: a queue task is placed again without
+    /// using a retry; a broadcast or local task is marked failed.
+    Unstarted,
+    /// The task can never run (unknown job, worker does not serve it).
+    Permanent,
 }
 
 pub struct Engine {
@@ -109,6 +139,12 @@ pub struct Engine {
     waiting: BTreeSet<String>,
     /// When each pending task was last published.
     last_sent: HashMap<String, i64>,
+    /// Tasks waiting for a retry (or a worker to retry on).
+    retrying: BTreeSet<String>,
+    /// Worker of a retried queue task's failed attempt, avoided when another can take it.
+    avoid: HashMap<String, String>,
+    dead: BTreeMap<String, Dead>,
+    dead_order: VecDeque<String>,
     requests: HashMap<MessageId, String>,
     request_order: VecDeque<MessageId>,
     counters: BTreeMap<String, u64>,
@@ -127,6 +163,10 @@ impl Engine {
             step_tasks: HashMap::new(),
             waiting: BTreeSet::new(),
             last_sent: HashMap::new(),
+            retrying: BTreeSet::new(),
+            avoid: HashMap::new(),
+            dead: BTreeMap::new(),
+            dead_order: VecDeque::new(),
             requests: HashMap::new(),
             request_order: VecDeque::new(),
             counters: BTreeMap::new(),
@@ -148,7 +188,19 @@ impl Engine {
             }
             engine.steps.insert(step.step_id.clone(), step);
         }
-        for task in snapshot.tasks {
+        let mut dead = snapshot.dead;
+        dead.sort_by_key(|d| d.failed_at_ms);
+        for d in dead {
+            engine.remember_dead(d);
+        }
+        for mut task in snapshot.tasks {
+            // Leases restart with the broker: each worker gets a full lease to renew.
+            if task.state == TaskState::Running {
+                task.lease_expires_ms = Some(now_ms + engine.config.lease_timeout_ms);
+            }
+            if task.state == TaskState::Pending && task.worker.is_none() {
+                engine.retrying.insert(task.task_id.clone());
+            }
             engine
                 .step_tasks
                 .entry(task.step_id.clone())
@@ -191,6 +243,21 @@ impl Engine {
         }
     }
 
+    fn remember_dead(&mut self, dead: Dead) {
+        if self
+            .dead
+            .insert(dead.task_id.clone(), dead.clone())
+            .is_none()
+        {
+            self.dead_order.push_back(dead.task_id);
+        }
+        while self.dead_order.len() > REMEMBERED_DEAD {
+            if let Some(old) = self.dead_order.pop_front() {
+                self.dead.remove(&old);
+            }
+        }
+    }
+
     /// Handles one decoded message.
     pub fn on_envelope(&mut self, env: Envelope, now: i64) -> Effects {
         let mut fx = Effects::default();
@@ -217,6 +284,7 @@ impl Engine {
             Message::TaskStarted(started) => self.on_started(&mut fx, &env, started, now),
             Message::TaskFinished(finished) => self.on_finished(&mut fx, &env, finished, now),
             Message::Query(query) => self.on_query(&mut fx, &env, query),
+            Message::RetryDead { task_id } => self.on_retry_dead(&mut fx, &env, &task_id, now),
             Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
                 warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
@@ -242,6 +310,28 @@ impl Engine {
                 }
             }
         }
+        // Renew the leases of what the worker says it runs; a task whose `TaskStarted` was
+        // lost is running all the same.
+        for running in &status.running {
+            let Some(task) = self.tasks.get_mut(&running.task_id) else {
+                continue;
+            };
+            if task.attempt != running.attempt
+                || task.worker.as_deref() != Some(status.name.as_str())
+            {
+                continue;
+            }
+            if task.state == TaskState::Pending {
+                task.state = TaskState::Running;
+                task.started_at_ms = Some(now);
+                task.instance = Some(status.instance.clone());
+                self.last_sent.remove(&running.task_id);
+                fx.writes.push(Write::Task(task.clone()));
+            }
+            if task.state == TaskState::Running {
+                task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
+            }
+        }
         if reg.restarted_from.is_some() {
             // Tasks the previous process started died with it.
             let lost: Vec<String> = self
@@ -256,12 +346,8 @@ impl Engine {
                 .collect();
             for task_id in lost {
                 warn!(worker = %status.name, task_id = %task_id, "worker restarted; its running attempt is lost");
-                self.fail_task(
-                    fx,
-                    &task_id,
-                    "worker restarted while the task ran; attempt lost",
-                    now,
-                );
+                let reason = "worker restarted while the task ran; attempt lost";
+                self.task_failed(fx, &task_id, Failure::Lost, reason, now);
             }
         }
         if reg.became_live || reg.changed {
@@ -327,12 +413,32 @@ impl Engine {
             reply(fx, env, rejected(400, "invalid parent_runs".into()));
             return;
         }
+        self.create_run(
+            fx,
+            env,
+            &request.job,
+            request.params,
+            request.parent_runs,
+            now,
+        );
+    }
+
+    /// Journals a new run, answers `Accepted` and starts its first step.
+    fn create_run(
+        &mut self,
+        fx: &mut Effects,
+        env: &Envelope,
+        job: &str,
+        params: jobz::message::Params,
+        parent_runs: Vec<String>,
+        now: i64,
+    ) -> String {
         let run = Run {
             run_id: jobz::new_id(),
-            job: request.job.clone(),
-            params: request.params,
+            job: job.to_owned(),
+            params,
             state: RunState::Pending,
-            parent_runs: request.parent_runs,
+            parent_runs,
             request_id: env.id.clone(),
             created_at_ms: now,
             finished_at_ms: None,
@@ -351,8 +457,57 @@ impl Engine {
                 run_id: run_id.clone(),
             },
         );
-        self.start_step(fx, &run_id, &request.job, None, now);
+        self.start_step(fx, &run_id, job, None, now);
         self.finish_run_if_done(fx, &run_id, now);
+        run_id
+    }
+
+    fn on_retry_dead(&mut self, fx: &mut Effects, env: &Envelope, task_id: &str, now: i64) {
+        if let Some(run_id) = self.requests.get(&env.id).cloned() {
+            reply(fx, env, ReplyBody::Accepted { run_id });
+            return;
+        }
+        let rejected = |status: u16, error: String| ReplyBody::Rejected { status, error };
+        let Some(dead) = self.dead.get(task_id).cloned() else {
+            reply(
+                fx,
+                env,
+                rejected(404, format!("no dead task {:?}", truncate(task_id, 80))),
+            );
+            return;
+        };
+        if let Some(run_id) = dead.retried_as {
+            reply(fx, env, ReplyBody::Accepted { run_id });
+            return;
+        }
+        let Some(spec) = self.registry.job(&dead.job) else {
+            let error = format!("unknown job {:?}: no worker has registered it", dead.job);
+            reply(fx, env, rejected(404, error));
+            return;
+        };
+        if spec.delivery == Delivery::Local {
+            let error = format!(
+                "job {:?} has delivery `local`: retry the run that led to it",
+                dead.job
+            );
+            reply(fx, env, rejected(400, error));
+            return;
+        }
+        if let Err(e) = spec.validate_params(&dead.params) {
+            reply(
+                fx,
+                env,
+                rejected(400, format!("the job's parameters changed: {e}")),
+            );
+            return;
+        }
+        self.count("dead_retried");
+        let parents = vec![dead.run_id.clone()];
+        let run_id = self.create_run(fx, env, &dead.job, dead.params.clone(), parents, now);
+        let mut dead = dead;
+        dead.retried_as = Some(run_id);
+        fx.writes.push(Write::Dead(dead.clone()));
+        self.remember_dead(dead);
     }
 
     fn on_started(&mut self, fx: &mut Effects, env: &Envelope, started: TaskStarted, now: i64) {
@@ -372,18 +527,18 @@ impl Engine {
             task.state = TaskState::Running;
             task.started_at_ms = Some(started.started_at_ms);
             task.instance = Some(started.instance);
+            task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             self.last_sent.remove(&task.task_id);
             info!(run_id = %task.run_id, task_id = %task.task_id, job = %task.job, worker = %started.worker, "task started");
             let run_id = task.run_id.clone();
             fx.writes.push(Write::Task(task.clone()));
             self.mark_run_running(fx, &run_id);
         }
-        let _ = now;
         reply(fx, env, ReplyBody::Ack);
     }
 
     fn on_finished(&mut self, fx: &mut Effects, env: &Envelope, finished: TaskFinished, now: i64) {
-        let Some(task) = self.tasks.get(&finished.task.task_id) else {
+        let Some(task) = self.tasks.get(&finished.task.task_id).cloned() else {
             self.count("duplicate_results");
             reply(fx, env, ReplyBody::Ack);
             return;
@@ -393,17 +548,32 @@ impl Engine {
             reply(fx, env, ReplyBody::Ack);
             return;
         }
-        if task.attempt != finished.task.attempt
-            || task.worker.as_deref() != Some(finished.worker.as_str())
-        {
-            self.count("stale_reports");
-            reply(fx, env, ReplyBody::Ack);
-            return;
-        }
         let state = match finished.outcome {
             TaskOutcome::Succeeded => TaskState::Succeeded,
             TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
         };
+        if task.attempt != finished.task.attempt
+            || task.worker.as_deref() != Some(finished.worker.as_str())
+        {
+            // A superseded attempt: recorded as history, never applied over the newer one.
+            self.count("late_results");
+            warn!(run_id = %task.run_id, task_id = %task.task_id, worker = %finished.worker,
+                attempt = finished.task.attempt, current = task.attempt, "late result of a superseded attempt");
+            fx.writes.push(Write::Attempt(Attempt {
+                task_id: task.task_id.clone(),
+                run_id: task.run_id.clone(),
+                attempt: finished.task.attempt,
+                worker: Some(finished.worker.clone()),
+                state,
+                exit_code: finished.exit_code,
+                error: finished.error.clone(),
+                started_at_ms: Some(finished.started_at_ms),
+                finished_at_ms: finished.finished_at_ms,
+                late: true,
+            }));
+            reply(fx, env, ReplyBody::Ack);
+            return;
+        }
         let task_id = task.task_id.clone();
         let run_id = task.run_id.clone();
         if let Some(task) = self.tasks.get_mut(&task_id) {
@@ -417,7 +587,16 @@ impl Engine {
         self.count("tasks_finished");
         // Ack first: it is published after the commit that records the result.
         reply(fx, env, ReplyBody::Ack);
-        self.finish_task(fx, &task_id, state, now);
+        if state == TaskState::Failed {
+            let reason = match (finished.outcome, finished.exit_code) {
+                (TaskOutcome::TimedOut, _) => "timed out".to_owned(),
+                (_, Some(code)) => format!("exit code {code}"),
+                (_, None) => "failed".to_owned(),
+            };
+            self.task_failed(fx, &task_id, Failure::Ran, &reason, now);
+        } else {
+            self.finish_task(fx, &task_id, state, now);
+        }
     }
 
     fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query) {
@@ -434,6 +613,18 @@ impl Engine {
             Query::Health => {
                 let health = self.health();
                 reply(fx, env, ReplyBody::Health(health));
+            }
+            Query::Dead { limit } => {
+                let limit = limit.clamp(1, 1000) as usize;
+                let views = self
+                    .dead_order
+                    .iter()
+                    .rev()
+                    .filter_map(|id| self.dead.get(id))
+                    .take(limit)
+                    .map(Dead::view)
+                    .collect();
+                reply(fx, env, ReplyBody::Dead(views));
             }
         }
     }
@@ -455,21 +646,153 @@ impl Engine {
         for worker in self.registry.expire(now, expiry) {
             warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
             self.count("workers_lost");
-            let mut lost: Vec<(i64, String)> = self
+            // Its unstarted tasks go elsewhere (queue) or fail; running ones keep their
+            // lease, which the worker may still renew if it was only slow.
+            let mut unstarted: Vec<(i64, String)> = self
                 .tasks
                 .values()
-                .filter(|t| t.worker.as_deref() == Some(worker.as_str()) && !t.state.is_final())
+                .filter(|t| {
+                    t.worker.as_deref() == Some(worker.as_str()) && t.state == TaskState::Pending
+                })
                 .map(|t| (t.created_at_ms, t.task_id.clone()))
                 .collect();
-            lost.sort();
-            let reason = format!("worker {worker} lost: no heartbeat for {} s", expiry / 1000);
-            for (_, task_id) in lost {
-                self.fail_task(&mut fx, &task_id, &reason, now);
+            unstarted.sort();
+            let reason = format!(
+                "worker {worker} lost before starting the task: no heartbeat for {} s",
+                expiry / 1000
+            );
+            for (_, task_id) in unstarted {
+                self.task_failed(&mut fx, &task_id, Failure::Unstarted, &reason, now);
             }
         }
+        self.expire_leases(&mut fx, now);
         self.redeliver(&mut fx, now);
+        self.place_retries(&mut fx, now);
         self.dispatch_waiting(&mut fx, now);
         fx
+    }
+
+    fn expire_leases(&mut self, fx: &mut Effects, now: i64) {
+        let deadline = now - self.config.lease_grace_ms;
+        let mut expired: Vec<(i64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                t.state == TaskState::Running && t.lease_expires_ms.is_some_and(|l| l < deadline)
+            })
+            .map(|t| (t.created_at_ms, t.task_id.clone()))
+            .collect();
+        expired.sort();
+        for (_, task_id) in expired {
+            let worker = self
+                .tasks
+                .get(&task_id)
+                .and_then(|t| t.worker.clone())
+                .unwrap_or_default();
+            self.count("leases_expired");
+            let reason =
+                format!("lease expired: worker {worker} stopped renewing it; attempt lost");
+            self.task_failed(fx, &task_id, Failure::Lost, &reason, now);
+        }
+    }
+
+    /// Publishes retries whose backoff has passed, choosing a worker for queue tasks.
+    fn place_retries(&mut self, fx: &mut Effects, now: i64) {
+        let due: Vec<String> = self
+            .retrying
+            .iter()
+            .filter(|id| {
+                self.tasks
+                    .get(*id)
+                    .is_some_and(|t| t.not_before_ms.is_none_or(|nb| nb <= now))
+            })
+            .cloned()
+            .collect();
+        let mut load = self.load();
+        for task_id in due {
+            let Some(task) = self.tasks.get(&task_id) else {
+                self.retrying.remove(&task_id);
+                continue;
+            };
+            if task.state != TaskState::Pending {
+                self.retrying.remove(&task_id);
+                continue;
+            }
+            let worker = match &task.worker {
+                Some(w) => {
+                    if !self.registry.worker(w).is_some_and(|w| w.live) {
+                        let reason = format!("worker {w} lost before the retry could start");
+                        self.retrying.remove(&task_id);
+                        self.task_failed(fx, &task_id, Failure::Unstarted, &reason, now);
+                        continue;
+                    }
+                    w.clone()
+                }
+                None => {
+                    let avoid = self.avoid.get(&task_id).cloned();
+                    match self.pick_queue_worker(&task.job, &load, avoid.as_deref()) {
+                        Some(w) => w,
+                        None => continue, // nobody has a free slot: try again next tick
+                    }
+                }
+            };
+            *load.entry(worker.clone()).or_default() += 1;
+            self.retrying.remove(&task_id);
+            self.avoid.remove(&task_id);
+            let step_id = match self.tasks.get_mut(&task_id) {
+                Some(t) => {
+                    t.worker = Some(worker);
+                    t.not_before_ms = None;
+                    fx.writes.push(Write::Task(t.clone()));
+                    t.step_id.clone()
+                }
+                None => continue,
+            };
+            self.publish_work(fx, &step_id, std::slice::from_ref(&task_id), now);
+        }
+    }
+
+    /// Unfinished tasks per worker: what occupies its slots, as far as the broker knows.
+    fn load(&self) -> HashMap<String, u32> {
+        let mut load: HashMap<String, u32> = HashMap::new();
+        for t in self.tasks.values().filter(|t| !t.state.is_final()) {
+            if let Some(w) = &t.worker {
+                *load.entry(w.clone()).or_default() += 1;
+            }
+        }
+        load
+    }
+
+    /// The live worker serving `job` with a free slot and the lightest load; ties go by
+    /// name. `avoid` is taken only if no other worker can.
+    fn pick_queue_worker(
+        &self,
+        job: &str,
+        load: &HashMap<String, u32>,
+        avoid: Option<&str>,
+    ) -> Option<String> {
+        let candidates: Vec<(u32, &str)> = self
+            .registry
+            .live_workers_for(job)
+            .into_iter()
+            .map(|w| {
+                (
+                    load.get(&w.name).copied().unwrap_or(0),
+                    w.slots.max(1),
+                    w.name.as_str(),
+                )
+            })
+            .filter(|(used, slots, _)| used < slots)
+            .map(|(used, _, name)| (used, name))
+            .collect();
+        let best = |skip: Option<&str>| {
+            candidates
+                .iter()
+                .filter(|(_, n)| Some(*n) != skip)
+                .min()
+                .map(|(_, n)| n.to_string())
+        };
+        best(avoid).or_else(|| best(None))
     }
 
     fn redeliver(&mut self, fx: &mut Effects, now: i64) {
@@ -587,23 +910,18 @@ impl Engine {
             }
             return;
         }
-        self.waiting.remove(step_id);
         let workers = match step.delivery {
-            Delivery::Queue => {
-                // The live worker with the fewest unfinished tasks; ties go by name.
-                let mut load: HashMap<&str, usize> = live.iter().map(|w| (w.as_str(), 0)).collect();
-                for t in self.tasks.values().filter(|t| !t.state.is_final()) {
-                    if let Some(n) = t.worker.as_deref().and_then(|w| load.get_mut(w)) {
-                        *n += 1;
-                    }
+            // Credits: a queue step goes only to a worker with a free slot, else it waits.
+            Delivery::Queue => match self.pick_queue_worker(&step.job, &self.load(), None) {
+                Some(w) => vec![w],
+                None => {
+                    self.waiting.insert(step_id.to_owned());
+                    return;
                 }
-                let best = live
-                    .iter()
-                    .min_by_key(|w| (load.get(w.as_str()).copied().unwrap_or(0), (*w).clone()));
-                best.cloned().into_iter().collect()
-            }
+            },
             _ => live,
         };
+        self.waiting.remove(step_id);
         self.assign(fx, step_id, workers, now);
     }
 
@@ -633,6 +951,7 @@ impl Engine {
             worker,
             state: TaskState::Pending,
             attempt: 1,
+            failures: 0,
             exit_code: None,
             error: None,
             instance: None,
@@ -640,6 +959,8 @@ impl Engine {
             started_at_ms: None,
             finished_at_ms: None,
             output_tail: String::new(),
+            lease_expires_ms: None,
+            not_before_ms: None,
         };
         let task_id = task.task_id.clone();
         self.step_tasks
@@ -719,19 +1040,98 @@ impl Engine {
             if let Some(step) = self.steps.get_mut(step_id) {
                 step.state = TaskState::Running;
             }
-            self.fail_task(fx, &task_id, &reason, now);
+            self.task_failed(fx, &task_id, Failure::Permanent, &reason, now);
         }
     }
 
-    fn fail_task(&mut self, fx: &mut Effects, task_id: &str, reason: &str, now: i64) {
-        if let Some(task) = self.tasks.get_mut(task_id) {
-            if task.state.is_final() {
-                return;
-            }
-            task.error = Some(reason.to_owned());
-            task.finished_at_ms = Some(now);
+    /// An attempt failed: retry the task if its job and the kind of failure allow, else
+    /// record it failed for good.
+    fn task_failed(
+        &mut self,
+        fx: &mut Effects,
+        task_id: &str,
+        failure: Failure,
+        reason: &str,
+        now: i64,
+    ) {
+        let Some(task) = self.tasks.get(task_id) else {
+            return;
+        };
+        if task.state.is_final() {
+            return;
         }
-        self.finish_task(fx, task_id, TaskState::Failed, now);
+        let delivery = self
+            .steps
+            .get(&task.step_id)
+            .map(|s| s.delivery)
+            .unwrap_or_default();
+        let (retries, backoff_ms) = self
+            .registry
+            .job(&task.job)
+            .map_or((0, 0), |s| (s.retries, s.retry_backoff_ms));
+        let budget_left = task.failures < retries;
+        // (counts against `retries`, moves to another worker)
+        let retry = match failure {
+            Failure::Permanent => None,
+            Failure::Ran if budget_left => Some((true, delivery == Delivery::Queue)),
+            Failure::Lost if budget_left && delivery == Delivery::Queue => Some((true, true)),
+            Failure::Unstarted if delivery == Delivery::Queue => Some((false, true)),
+            _ => None,
+        };
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        let error = match (failure, task.error.as_deref()) {
+            (Failure::Ran, Some(detail)) => format!("{reason}: {detail}"),
+            _ => reason.to_owned(),
+        };
+        if task.state == TaskState::Running || failure == Failure::Ran {
+            fx.writes.push(Write::Attempt(Attempt {
+                task_id: task.task_id.clone(),
+                run_id: task.run_id.clone(),
+                attempt: task.attempt,
+                worker: task.worker.clone(),
+                state: TaskState::Failed,
+                exit_code: task.exit_code,
+                error: Some(error.clone()),
+                started_at_ms: task.started_at_ms,
+                finished_at_ms: task.finished_at_ms.unwrap_or(now),
+                late: false,
+            }));
+        }
+        task.error = Some(error.clone());
+        let Some((counts, moves)) = retry else {
+            task.finished_at_ms = task.finished_at_ms.or(Some(now));
+            self.finish_task(fx, task_id, TaskState::Failed, now);
+            return;
+        };
+        if counts {
+            task.failures += 1;
+        }
+        let delay = if counts {
+            backoff_ms_for(backoff_ms, task.failures, task_id)
+        } else {
+            0
+        };
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.exit_code = None;
+        task.instance = None;
+        task.started_at_ms = None;
+        task.finished_at_ms = None;
+        task.lease_expires_ms = None;
+        task.not_before_ms = Some(now + delay as i64);
+        if moves {
+            if let Some(previous) = task.worker.take() {
+                self.avoid.insert(task_id.to_owned(), previous);
+            }
+        }
+        info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
+            delay_ms = delay, error = %error, "task will be retried");
+        fx.writes.push(Write::Task(task.clone()));
+        self.count("retries");
+        self.last_sent.remove(task_id);
+        self.retrying.insert(task_id.to_owned());
     }
 
     /// Records a task's final state, then starts what follows it.
@@ -746,6 +1146,29 @@ impl Engine {
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
             worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
         fx.writes.push(Write::Task(task.clone()));
+        self.retrying.remove(task_id);
+        self.avoid.remove(task_id);
+        if state == TaskState::Failed {
+            let dead = Dead {
+                task_id: task.task_id.clone(),
+                run_id: task.run_id.clone(),
+                step_id: task.step_id.clone(),
+                job: task.job.clone(),
+                worker: task.worker.clone(),
+                params: self
+                    .runs
+                    .get(&task.run_id)
+                    .map(|r| r.params.clone())
+                    .unwrap_or_default(),
+                attempts: task.attempt,
+                error: task.error.clone(),
+                exit_code: task.exit_code,
+                failed_at_ms: now,
+                retried_as: None,
+            };
+            fx.writes.push(Write::Dead(dead.clone()));
+            self.remember_dead(dead);
+        }
         if let Some(run) = self.runs.get(&task.run_id) {
             fx.publish.push(Publish {
                 topic: Topic::Events(task.job.clone()),
@@ -870,9 +1293,24 @@ impl Engine {
             for task_id in self.step_tasks.remove(&step_id).unwrap_or_default() {
                 self.tasks.remove(&task_id);
                 self.last_sent.remove(&task_id);
+                self.retrying.remove(&task_id);
+                self.avoid.remove(&task_id);
             }
         }
     }
+}
+
+/// Exponential backoff with jitter: `base · 2^(failures-1)`, capped, plus up to a quarter
+/// more. The jitter is a hash of the task and attempt, so a replay decides the same.
+fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &str) -> u64 {
+    let exp = base_ms
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
+        .min(MAX_BACKOFF_MS);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task_id.bytes().chain(failures.to_le_bytes()) {
+        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    exp + hash % (exp / 4 + 1)
 }
 
 fn reply(fx: &mut Effects, env: &Envelope, body: ReplyBody) {

@@ -32,6 +32,13 @@ struct Args {
     /// Publish a task again if its worker has not reported it started after this long.
     #[arg(long, env = "JOBZ_REDELIVER_AFTER", default_value = "2s", value_parser = humantime::parse_duration)]
     redeliver_after: Duration,
+    /// A running task's lease; its worker's heartbeats renew it. A lease not renewed for
+    /// this long (plus the grace) loses the attempt: queue tasks are retried elsewhere.
+    #[arg(long, env = "JOBZ_LEASE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    lease_timeout: Duration,
+    /// Extra time after a lease expires before the attempt counts as lost.
+    #[arg(long, env = "JOBZ_LEASE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_grace: Duration,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -54,6 +61,8 @@ fn main() -> ExitCode {
         state_dir: args.state,
         worker_expiry: args.worker_expiry,
         redeliver_after: args.redeliver_after,
+        lease_timeout: args.lease_timeout,
+        lease_grace: args.lease_grace,
     };
     match broker::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,7 +5,7 @@
 //! has one task per live worker, a queue or local step exactly one.
 
 use jobz::jobfile::Delivery;
-use jobz::message::{Params, RunState, RunView, StepView, TaskState};
+use jobz::message::{AttemptView, DeadView, Params, RunState, RunView, StepView, TaskState};
 
 /// One run.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,11 @@ pub struct Task {
     /// `None` only for a task that failed before any worker was chosen (unknown job).
     pub worker: Option<String>,
     pub state: TaskState,
+    /// Attempt number, from 1; every retry or reassignment takes the next one, so a late
+    /// report from an older attempt is told apart (fencing).
     pub attempt: u32,
+    /// Failed attempts so far, counted against the job's `retries`.
+    pub failures: u32,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
     /// Worker process that started it; a different one later means the attempt was lost.
@@ -55,6 +59,76 @@ pub struct Task {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub output_tail: String,
+    /// A running task's lease: the worker's heartbeats renew it (memory only; reset on start).
+    pub lease_expires_ms: Option<i64>,
+    /// A task waiting for its retry: not before this time (memory only).
+    pub not_before_ms: Option<i64>,
+}
+
+/// One finished attempt of a task, kept as history (also late reports of old attempts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub task_id: String,
+    pub run_id: String,
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: i64,
+    /// Reported after a newer attempt had taken over; recorded, never applied.
+    pub late: bool,
+}
+
+/// A task that failed for good.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dead {
+    pub task_id: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub job: String,
+    pub worker: Option<String>,
+    pub params: Params,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub exit_code: Option<i32>,
+    pub failed_at_ms: i64,
+    pub retried_as: Option<String>,
+}
+
+impl Dead {
+    pub fn view(&self) -> DeadView {
+        DeadView {
+            task_id: self.task_id.clone(),
+            run_id: self.run_id.clone(),
+            step_id: self.step_id.clone(),
+            job: self.job.clone(),
+            worker: self.worker.clone(),
+            params: self.params.clone(),
+            attempts: self.attempts,
+            error: self.error.clone(),
+            exit_code: self.exit_code,
+            failed_at_ms: self.failed_at_ms,
+            retried_as: self.retried_as.clone(),
+        }
+    }
+}
+
+impl Attempt {
+    pub fn view(&self) -> AttemptView {
+        AttemptView {
+            task_id: self.task_id.clone(),
+            attempt: self.attempt,
+            worker: self.worker.clone(),
+            state: self.state,
+            exit_code: self.exit_code,
+            error: self.error.clone(),
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            late: self.late,
+        }
+    }
 }
 
 impl Task {
@@ -95,7 +169,7 @@ impl Step {
 }
 
 impl Run {
-    pub fn view(&self, steps: Vec<StepView>) -> RunView {
+    pub fn view(&self, steps: Vec<StepView>, attempts: Vec<AttemptView>) -> RunView {
         RunView {
             run_id: self.run_id.clone(),
             job: self.job.clone(),
@@ -105,6 +179,7 @@ impl Run {
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
             steps,
+            attempts,
         }
     }
 }

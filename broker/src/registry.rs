@@ -229,6 +229,7 @@ mod tests {
             delivery: Delivery::Broadcast,
             timeout_ms: None,
             retries: 0,
+            retry_backoff_ms: 10,
             tags: vec![],
         }
     }

@@ -28,6 +28,10 @@ pub struct Config {
     pub worker_expiry: Duration,
     /// Publish an unstarted task again after this long.
     pub redeliver_after: Duration,
+    /// A running task's lease: lost unless its worker's heartbeats renew it.
+    pub lease_timeout: Duration,
+    /// Extra time after a lease expires before the attempt counts as lost.
+    pub lease_grace: Duration,
 }
 
 /// How often the engine's periodic duties run.
@@ -43,6 +47,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         EngineConfig {
             worker_expiry_ms: config.worker_expiry.as_millis() as i64,
             redeliver_after_ms: config.redeliver_after.as_millis() as i64,
+            lease_timeout_ms: config.lease_timeout.as_millis() as i64,
+            lease_grace_ms: config.lease_grace.as_millis() as i64,
             instance: instance.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },

@@ -8,12 +8,12 @@
 use std::path::Path;
 
 use jobz::jobfile::JobSpec;
-use jobz::message::{Params, RunFilter, RunState, RunView, StepView, TaskState};
+use jobz::message::{AttemptView, Params, RunFilter, RunState, RunView, StepView, TaskState};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 use crate::engine::{Snapshot, Write};
-use crate::model::{delivery_name, parse_delivery, Run, Step, Task};
+use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
 
 /// Version of the schema this build writes; older databases are migrated on open.
@@ -123,6 +123,7 @@ impl SqliteStore {
                      CREATE TABLE IF NOT EXISTS tasks (
                         task_id TEXT PRIMARY KEY, step_id TEXT NOT NULL, run_id TEXT NOT NULL,
                         job TEXT NOT NULL, worker TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
+                        failures INTEGER NOT NULL DEFAULT 0,
                         exit_code INTEGER, error TEXT, instance TEXT, created_at INTEGER NOT NULL,
                         started_at INTEGER, finished_at INTEGER, output_tail TEXT NOT NULL);
                      CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
@@ -133,6 +134,17 @@ impl SqliteStore {
                      CREATE TABLE IF NOT EXISTS jobs (
                         name TEXT PRIMARY KEY, spec TEXT NOT NULL, source TEXT NOT NULL,
                         updated_at INTEGER NOT NULL);
+                                          CREATE TABLE IF NOT EXISTS attempts (
+                        task_id TEXT NOT NULL, run_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+                        worker TEXT, state TEXT NOT NULL, exit_code INTEGER, error TEXT,
+                        started_at INTEGER, finished_at INTEGER NOT NULL, late INTEGER NOT NULL,
+                        PRIMARY KEY (task_id, attempt, late));
+                     CREATE INDEX IF NOT EXISTS attempts_by_run ON attempts (run_id);
+                     CREATE TABLE IF NOT EXISTS dead (
+                        task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
+                        job TEXT NOT NULL, worker TEXT, params TEXT NOT NULL, attempts INTEGER NOT NULL,
+                        error TEXT, exit_code INTEGER, failed_at INTEGER NOT NULL, retried_as TEXT);
+                     CREATE INDEX IF NOT EXISTS dead_by_time ON dead (failed_at);
                      PRAGMA user_version = 1;
                      COMMIT;",
                 )
@@ -175,15 +187,16 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
             .context("writing a step"),
         Write::Task(t) => tx
             .execute(
-                "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
-                                    created_at, started_at, finished_at, output_tail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                                "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
+                                    created_at, started_at, finished_at, output_tail, failures)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
-                    attempt = excluded.attempt, exit_code = excluded.exit_code, error = excluded.error,
+                    attempt = excluded.attempt, failures = excluded.failures,
+                    exit_code = excluded.exit_code, error = excluded.error,
                     instance = excluded.instance, started_at = excluded.started_at,
                     finished_at = excluded.finished_at, output_tail = excluded.output_tail",
                 params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
-                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail],
+                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures],
             )
             .context("writing a task"),
         Write::Worker(w) => tx
@@ -198,7 +211,25 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 "INSERT OR REPLACE INTO jobs (name, spec, source, updated_at) VALUES (?1, ?2, ?3, ?4)",
                 params![c.spec.name, json(&c.spec), c.source, c.updated_at_ms],
             )
-            .context("writing a job"),
+                        .context("writing a job"),
+        Write::Attempt(a) => tx
+            .execute(
+                "INSERT OR REPLACE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
+                                                  started_at, finished_at, late)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![a.task_id, a.run_id, a.attempt, a.worker, a.state.as_str(), a.exit_code, a.error,
+                        a.started_at_ms, a.finished_at_ms, a.late],
+            )
+            .context("writing an attempt"),
+        Write::Dead(d) => tx
+            .execute(
+                "INSERT OR REPLACE INTO dead (task_id, run_id, step_id, job, worker, params, attempts, error,
+                                              exit_code, failed_at, retried_as)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![d.task_id, d.run_id, d.step_id, d.job, d.worker, json(&d.params), d.attempts, d.error,
+                        d.exit_code, d.failed_at_ms, d.retried_as],
+            )
+            .context("writing a dead task"),
     }
     .map(|_| ())
 }
@@ -209,7 +240,7 @@ const STEP_COLUMNS: &str =
     "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
 const TASK_COLUMNS: &str =
     "task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance, \
-                            created_at, started_at, finished_at, output_tail";
+                            created_at, started_at, finished_at, output_tail, failures";
 
 type Raw<T> = Result<T, StoreError>;
 
@@ -288,6 +319,9 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
         started_at_ms: row.get(11)?,
         finished_at_ms: row.get(12)?,
         output_tail: row.get(13)?,
+        failures: row.get(14)?,
+        lease_expires_ms: None,
+        not_before_ms: None,
     }))
 }
 
@@ -395,7 +429,34 @@ impl Store for SqliteStore {
             |row| Ok(Ok((row.get(0)?, row.get(1)?))),
             "loading recent trigger ids",
         )?;
+        let dead = self.select(
+            "SELECT task_id, run_id, step_id, job, worker, params, attempts, error, exit_code, failed_at, retried_as
+             FROM dead ORDER BY failed_at DESC LIMIT 10000",
+            [],
+            |row| {
+                let params: String = row.get(5)?;
+                let params = match from_json(&params, "dead task params") {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(Dead {
+                    task_id: row.get(0)?,
+                    run_id: row.get(1)?,
+                    step_id: row.get(2)?,
+                    job: row.get(3)?,
+                    worker: row.get(4)?,
+                    params,
+                    attempts: row.get(6)?,
+                    error: row.get(7)?,
+                    exit_code: row.get(8)?,
+                    failed_at_ms: row.get(9)?,
+                    retried_as: row.get(10)?,
+                }))
+            },
+            "loading dead tasks",
+        )?;
         Ok(Snapshot {
+            dead,
             runs,
             steps,
             tasks,
@@ -432,7 +493,31 @@ impl Store for SqliteStore {
         )?;
         let mut views: Vec<StepView> = tasks.iter().map(Task::view).collect();
         views.extend(steps.iter().map(Step::waiting_view));
-        Ok(Some(run.view(views)))
+        let attempts = self.select(
+            "SELECT task_id, attempt, worker, state, exit_code, error, started_at, finished_at, late
+             FROM attempts WHERE run_id = ?1 ORDER BY finished_at, rowid",
+            [run_id],
+            |row| {
+                let state: String = row.get(3)?;
+                let state: TaskState = match parse_state(&state) {
+                    Ok(s) => s,
+                    Err(e) => return Ok(Err(e)),
+                };
+                Ok(Ok(AttemptView {
+                    task_id: row.get(0)?,
+                    attempt: row.get(1)?,
+                    worker: row.get(2)?,
+                    state,
+                    exit_code: row.get(4)?,
+                    error: row.get(5)?,
+                    started_at_ms: row.get(6)?,
+                    finished_at_ms: row.get(7)?,
+                    late: row.get(8)?,
+                }))
+            },
+            "reading a run's attempts",
+        )?;
+        Ok(Some(run.view(views, attempts)))
     }
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError> {
@@ -447,7 +532,10 @@ impl Store for SqliteStore {
             run_from_row,
             "listing runs",
         )?;
-        Ok(runs.into_iter().map(|r| r.view(Vec::new())).collect())
+        Ok(runs
+            .into_iter()
+            .map(|r| r.view(Vec::new(), Vec::new()))
+            .collect())
     }
 }
 
@@ -498,6 +586,9 @@ mod tests {
             started_at_ms: Some(2),
             finished_at_ms: None,
             output_tail: String::new(),
+            failures: 0,
+            lease_expires_ms: None,
+            not_before_ms: None,
         }
     }
 

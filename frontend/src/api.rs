@@ -225,6 +225,31 @@ impl Api {
                 only(&query, &[])?;
                 self.list_workers()
             }
+            ["dead"] => {
+                only(&query, &["limit"])?;
+                let limit = match query.remove("limit") {
+                    None => 50,
+                    Some(raw) => raw
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|l| (1..=1000).contains(l))
+                        .ok_or_else(|| {
+                            HttpReply::error(
+                                400,
+                                "limit must be a whole number from 1 to 1000",
+                                &[("limit", json!(raw))],
+                            )
+                        })?,
+                };
+                self.list_dead(limit)
+            }
+            ["dead", task_id, "retry"] => {
+                if request.method == Method::Head {
+                    return Err(method_not_allowed("HEAD", "GET"));
+                }
+                only(&query, &[])?;
+                self.retry_dead(task_id)
+            }
             ["healthz"] => Ok(self.healthz()),
             ["metrics"] => Ok(self.metrics()),
             _ => Err(HttpReply::error(
@@ -413,7 +438,7 @@ impl Api {
             .into_iter()
             .filter(|j| j.spec.tags.iter().any(|t| t == tag))
             .map(|j| j.spec.name)
-            .filter(|name| job.as_deref().map_or(true, |j| j == name))
+            .filter(|name| job.as_deref().is_none_or(|j| j == name))
             .collect();
         if names.len() > MAX_TAGGED_JOBS {
             return Err(HttpReply::error(
@@ -458,6 +483,41 @@ impl Api {
                     200,
                     &json!({ "jobs": jobs }),
                 )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn list_dead(&self, limit: u32) -> Handled {
+        match self.ask(Query::Dead { limit })? {
+            ReplyBody::Dead(dead) => {
+                let dead: Vec<Value> = dead.iter().map(views::dead).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "dead": dead }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a dead task's job again as a new run; retrying twice gives the same run.
+    fn retry_dead(&self, task_id: &str) -> Handled {
+        let message = Message::RetryDead {
+            task_id: task_id.to_owned(),
+        };
+        match self
+            .broker
+            .request(message, self.request_timeout)
+            .map_err(|e| broker_error(&e))?
+        {
+            ReplyBody::Accepted { run_id } => {
+                info!(run_id = %run_id, task_id = %task_id, "dead task re-run");
+                let status_url = format!("/runs/{}", utf8_percent_encode(&run_id, PATH_SEGMENT));
+                let body = json!({ "run_id": run_id, "retried_task_id": task_id, "status_url": status_url });
+                Ok(Outcome::Reply(
+                    HttpReply::json(202, &body).with_header("Location", status_url),
+                ))
             }
             other => Err(unexpected(&other)),
         }
@@ -581,6 +641,7 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Jobs(_) => "Jobs",
         ReplyBody::Workers(_) => "Workers",
         ReplyBody::Health(_) => "Health",
+        ReplyBody::Dead(_) => "Dead",
     }
 }
 
@@ -669,6 +730,7 @@ mod tests {
                 finished_at_ms: Some(2_000),
                 output_tail: "hello\n".into(),
             }],
+            attempts: vec![],
         }
     }
 
@@ -684,6 +746,7 @@ mod tests {
                 delivery: Delivery::Broadcast,
                 timeout_ms: None,
                 retries: 0,
+                retry_backoff_ms: 10,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
             },
             workers: vec!["w1".into()],

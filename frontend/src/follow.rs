@@ -133,6 +133,7 @@ mod tests {
             created_at_ms: 0,
             finished_at_ms: None,
             steps,
+            attempts: vec![],
         }
     }
 

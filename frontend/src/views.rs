@@ -6,7 +6,7 @@
 use serde_json::{json, Map, Value};
 
 use jobz::jobfile::Delivery;
-use jobz::message::{HealthView, JobView, RunView, StepView, WorkerView};
+use jobz::message::{AttemptView, DeadView, HealthView, JobView, RunView, StepView, WorkerView};
 
 /// Epoch milliseconds as an RFC 3339 string.
 pub fn time(ms: i64) -> Value {
@@ -32,8 +32,42 @@ pub fn run(run: &RunView, with_steps: bool) -> Value {
         "state": run.state.as_str(),
         "parent_runs": run.parent_runs,
         "created_at": time(run.created_at_ms),
-        "finished_at": opt_time(run.finished_at_ms),
+                "finished_at": opt_time(run.finished_at_ms),
         "steps": steps,
+        "attempts": run.attempts.iter().map(attempt).collect::<Vec<_>>(),
+    })
+}
+
+/// An earlier or late attempt of a task.
+pub fn attempt(a: &AttemptView) -> Value {
+    json!({
+        "task_id": a.task_id,
+        "attempt": a.attempt,
+        "worker": a.worker,
+        "state": a.state.as_str(),
+        "exit_code": a.exit_code,
+        "error": a.error,
+        "started_at": opt_time(a.started_at_ms),
+        "finished_at": time(a.finished_at_ms),
+        "late": a.late,
+    })
+}
+
+/// A task that failed for good.
+pub fn dead(d: &DeadView) -> Value {
+    json!({
+        "task_id": d.task_id,
+        "run_id": d.run_id,
+        "step_id": d.step_id,
+        "job": d.job,
+        "worker": d.worker,
+        "params": d.params,
+        "attempts": d.attempts,
+        "error": d.error,
+        "exit_code": d.exit_code,
+        "failed_at": time(d.failed_at_ms),
+        "retried_as": d.retried_as,
+        "retry_url": format!("/dead/{}/retry", d.task_id),
     })
 }
 
@@ -190,6 +224,7 @@ mod tests {
                     ..sample_step()
                 },
             ],
+            attempts: vec![],
         }
     }
 
@@ -218,7 +253,8 @@ mod tests {
                         "state": "pending", "attempt": 1, "exit_code": null, "error": null,
                         "started_at": null, "finished_at": null
                     }
-                ]
+                ],
+                "attempts": []
             })
         );
     }
@@ -247,6 +283,7 @@ mod tests {
                 delivery: Delivery::Queue,
                 timeout_ms: Some(60_000),
                 retries: 2,
+                retry_backoff_ms: 10_000,
                 tags: vec!["etl".into()],
             },
             workers: vec!["w1".into(), "w2".into()],

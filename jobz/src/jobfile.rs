@@ -69,9 +69,19 @@ pub struct JobSpec {
     pub timeout_ms: Option<u64>,
     /// Extra attempts after a failure.
     pub retries: u32,
+    /// Wait before the first retry; doubles with each further one (capped at 10 min).
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
     /// Free-form labels.
     #[serde(default)]
     pub tags: Vec<String>,
+}
+
+/// Default `retry_backoff`: ten seconds.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 10_000;
+
+fn default_retry_backoff_ms() -> u64 {
+    DEFAULT_RETRY_BACKOFF_MS
 }
 
 /// What a semaphore counts.
@@ -233,6 +243,8 @@ struct RawJob {
     timeout: Option<String>,
     #[serde(default)]
     retries: u32,
+    #[serde(default)]
+    retry_backoff: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
 }
@@ -471,6 +483,9 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
         on_failure,
         delivery: raw.delivery,
         retries: raw.retries,
+        retry_backoff_ms: parse_duration("retry_backoff", raw.retry_backoff)
+            .map_err(context)?
+            .unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
         tags: raw.tags,
     })
 }

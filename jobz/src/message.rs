@@ -37,6 +37,14 @@ pub enum Message {
     TaskFinished(TaskFinished),
     /// Client → broker: read state. Answered with the matching `ReplyBody`.
     Query(Query),
+    /// Client → broker: run a dead task's job again, as a new run with the same parameters
+    /// naming the old run as its parent. Answered with `Accepted` (the same run id if it
+    /// was retried before) or `Rejected` (404 unknown task or job, 400 parameters no
+    /// longer valid).
+    RetryDead {
+        /// The dead task.
+        task_id: String,
+    },
     /// Broker → one node (on the node's topic): the answer to a message it sent.
     Reply(Reply),
     /// Broker → workers (on the job's topic): tasks to run.
@@ -189,6 +197,11 @@ pub enum Query {
     Workers,
     /// Broker liveness and counters.
     Health,
+    /// Tasks that failed for good (retries exhausted), newest first.
+    Dead {
+        /// At most this many (the broker caps it).
+        limit: u32,
+    },
 }
 
 /// Filter for [`Query::Runs`].
@@ -243,6 +256,35 @@ pub enum ReplyBody {
     Workers(Vec<WorkerView>),
     /// Answer to `Query::Health`.
     Health(HealthView),
+    /// Answer to `Query::Dead`.
+    Dead(Vec<DeadView>),
+}
+
+/// A task that failed for good, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadView {
+    /// The task.
+    pub task_id: String,
+    /// Its run.
+    pub run_id: String,
+    /// Its step.
+    pub step_id: String,
+    /// The job.
+    pub job: String,
+    /// Worker of the last attempt.
+    pub worker: Option<String>,
+    /// Parameters of the run.
+    pub params: Params,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+    /// Exit code of the last attempt.
+    pub exit_code: Option<i32>,
+    /// When it failed for good, ms since the epoch.
+    pub failed_at_ms: i64,
+    /// The run that re-ran it, once retried.
+    pub retried_as: Option<String>,
 }
 
 /// Published when a task ends, for semaphores and other watchers.
@@ -358,6 +400,32 @@ pub struct RunView {
     pub finished_at_ms: Option<i64>,
     /// One entry per task, in the order they were created (empty in run lists).
     pub steps: Vec<StepView>,
+    /// Earlier attempts of retried tasks, and late reports of superseded attempts.
+    #[serde(default)]
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One finished attempt of a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptView {
+    /// The task.
+    pub task_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Worker that ran it.
+    pub worker: Option<String>,
+    /// How it ended.
+    pub state: TaskState,
+    /// Exit code, if it exited.
+    pub exit_code: Option<i32>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Started at, ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    /// Ended at, ms since the epoch.
+    pub finished_at_ms: i64,
+    /// Reported after a newer attempt had taken over: recorded, not applied.
+    pub late: bool,
 }
 
 /// One task of a run (one step on one worker) as the API shows it.

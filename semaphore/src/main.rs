@@ -51,7 +51,8 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
     let mut jobs = JobDir::new(&args.jobs_dir);
     let report = jobs
         .refresh()
@@ -64,7 +65,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         error!("{c}");
     }
     let node_id = format!("semaphore:{}", jobz::new_id());
-    let client = Client::start(ClientConfig::new(args.broker.clone(), node_id, Role::Semaphore))?;
+    let client = Client::start(ClientConfig::new(
+        args.broker.clone(),
+        node_id,
+        Role::Semaphore,
+    ))?;
     info!(broker = %args.broker, semaphores = set.semaphores.len(), "semaphore started");
     if !set.semaphores.is_empty() {
         warn!("barrier counting is not implemented in this version; semaphores are loaded but never fire");

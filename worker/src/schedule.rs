@@ -249,6 +249,7 @@ mod tests {
             delivery: Delivery::Broadcast,
             timeout_ms: Some(2000),
             retries: 0,
+            retry_backoff_ms: 10,
             tags: vec![],
         }
     }

@@ -6,6 +6,8 @@ fn config() -> EngineConfig {
     EngineConfig {
         worker_expiry_ms: 10_000,
         redeliver_after_ms: 2_000,
+        lease_timeout_ms: 60_000,
+        lease_grace_ms: 10_000,
         instance: "b1".into(),
         version: "test".into(),
     }
@@ -22,6 +24,7 @@ fn job(name: &str, delivery: Delivery, on_success: &[&str], on_failure: &[&str])
         delivery,
         timeout_ms: None,
         retries: 0,
+        retry_backoff_ms: 10,
         tags: vec![],
     }
 }
@@ -359,4 +362,242 @@ fn invalid_senders_are_dropped() {
     );
     assert!(fx.is_empty());
     assert_eq!(h.engine.health().counters.get("frames_dropped"), Some(&1));
+}
+
+fn with_retries(mut spec: JobSpec, retries: u32, backoff_ms: u64) -> JobSpec {
+    spec.retries = retries;
+    spec.retry_backoff_ms = backoff_ms;
+    spec
+}
+
+fn start(h: &mut Harness, a: &Assignment) {
+    let started = TaskStarted {
+        task: a.task.clone(),
+        worker: a.worker.clone(),
+        instance: "i1".into(),
+        started_at_ms: h.now,
+    };
+    h.send(
+        &format!("worker:{}", a.worker),
+        Message::TaskStarted(started),
+    );
+}
+
+fn heartbeat_running(h: &mut Harness, worker: &str, running: Vec<TaskRef>) -> Effects {
+    let status = WorkerStatus {
+        name: worker.into(),
+        instance: "i1".into(),
+        jobs: h.jobs.clone(),
+        capabilities: vec![],
+        slots: 4,
+        running,
+        version: "t".into(),
+    };
+    h.send(&format!("worker:{worker}"), Message::Heartbeat(status))
+}
+
+#[test]
+fn failed_attempts_are_retried_with_backoff_until_success() {
+    let jobs = vec![with_retries(job("a", Delivery::Queue, &[], &[]), 3, 1_000)];
+    let mut h = Harness::new(jobs, &["w1"]);
+    let (fx, run_id) = h.trigger("a");
+    let mut a = works(&fx).remove(0).assignments.remove(0);
+    for attempt in 1..=2u32 {
+        assert_eq!(a.task.attempt, attempt);
+        let fx = h.finish(&a, TaskOutcome::Failed);
+        assert!(works(&fx).is_empty() && final_run_write(&fx).is_none());
+        // Not before the backoff (base · 2^(n-1), up to +25 %).
+        let base = 1_000 * (1 << (attempt - 1));
+        h.now += base - 1;
+        assert!(
+            works(&h.engine.tick(h.now)).is_empty(),
+            "retried before its backoff"
+        );
+        h.now += base / 4 + 2;
+        let mut w = works(&h.engine.tick(h.now));
+        assert_eq!(w.len(), 1, "retry published after its backoff");
+        a = w.remove(0).assignments.remove(0);
+    }
+    assert_eq!(a.task.attempt, 3);
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
+    let history = fx
+        .writes
+        .iter()
+        .filter(|w| matches!(w, Write::Attempt(_)))
+        .count();
+    assert_eq!(
+        history, 0,
+        "history was written with each failure, not at the end"
+    );
+    let _ = run_id;
+}
+
+#[test]
+fn exhausted_retries_go_to_the_dead_list_and_can_be_rerun() {
+    let jobs = vec![with_retries(job("a", Delivery::Queue, &[], &[]), 1, 10)];
+    let mut h = Harness::new(jobs, &["w1"]);
+    let (fx, run_id) = h.trigger("a");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    h.finish(&a, TaskOutcome::Failed);
+    h.now += 100;
+    let a2 = works(&h.engine.tick(h.now)).remove(0).assignments.remove(0);
+    let fx = h.finish(&a2, TaskOutcome::Failed);
+    assert_eq!(final_run_write(&fx), Some(RunState::Failed));
+    let fx = h.send("frontend:x", Message::Query(Query::Dead { limit: 10 }));
+    let ReplyBody::Dead(dead) = replies(&fx).remove(0) else {
+        panic!("not a dead list")
+    };
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts, 2);
+    assert_eq!(dead[0].run_id, run_id.clone().unwrap());
+
+    let task_id = dead[0].task_id.clone();
+    let fx = h.send(
+        "frontend:x",
+        Message::RetryDead {
+            task_id: task_id.clone(),
+        },
+    );
+    let ReplyBody::Accepted { run_id: rerun } = replies(&fx).remove(0) else {
+        panic!("not accepted")
+    };
+    assert_eq!(works(&fx).len(), 1, "the re-run starts at once");
+    assert_eq!(h.engine.runs[&rerun].parent_runs, vec![run_id.unwrap()]);
+    let again = h.send("frontend:x", Message::RetryDead { task_id });
+    assert_eq!(
+        replies(&again),
+        vec![ReplyBody::Accepted { run_id: rerun }],
+        "a second retry is the same run"
+    );
+    let unknown = h.send(
+        "frontend:x",
+        Message::RetryDead {
+            task_id: "nope".into(),
+        },
+    );
+    assert!(matches!(
+        replies(&unknown)[..],
+        [ReplyBody::Rejected { status: 404, .. }]
+    ));
+}
+
+#[test]
+fn a_long_step_keeps_its_lease_while_the_worker_heartbeats() {
+    let jobs = vec![with_retries(job("a", Delivery::Queue, &[], &[]), 3, 10)];
+    let mut h = Harness::new(jobs, &["w1", "w2"]);
+    let (fx, _) = h.trigger("a");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &a);
+    for _ in 0..50 {
+        h.now += 5_000; // 250 s in all, four times the lease
+        heartbeat_running(&mut h, &a.worker, vec![a.task.clone()]);
+        let other = if a.worker == "w1" { "w2" } else { "w1" };
+        heartbeat_running(&mut h, other, vec![]);
+        let fx = h.engine.tick(h.now);
+        assert!(
+            works(&fx).is_empty() && fx.writes.is_empty(),
+            "the step was given to someone else"
+        );
+    }
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
+}
+
+#[test]
+fn a_partitioned_worker_loses_its_lease_and_its_late_result_is_only_recorded() {
+    let jobs = vec![with_retries(job("a", Delivery::Queue, &[], &[]), 2, 10)];
+    let mut h = Harness::new(jobs, &["w1", "w2"]);
+    let (fx, _) = h.trigger("a");
+    let first = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &first);
+    let other = if first.worker == "w1" { "w2" } else { "w1" };
+    // The first worker goes silent; the other keeps beating.
+    let mut retried = None;
+    for _ in 0..20 {
+        h.now += 5_000;
+        heartbeat_running(&mut h, other, vec![]);
+        let mut w = works(&h.engine.tick(h.now));
+        if let Some(w) = w.pop() {
+            retried = Some(w.assignments[0].clone());
+            break;
+        }
+    }
+    let second = retried.expect("the step was not retried after the lease expired");
+    assert_eq!(second.worker, other, "retried on the other worker");
+    assert_eq!(second.task.attempt, 2);
+    // The partition heals: the old attempt's result arrives late.
+    let fx = h.finish(&first, TaskOutcome::Succeeded);
+    assert!(
+        fx.writes
+            .iter()
+            .all(|w| matches!(w, Write::Attempt(a) if a.late)),
+        "a late result changed state"
+    );
+    assert_eq!(fx.writes.len(), 1, "the late result is recorded");
+    assert_eq!(h.engine.tasks[&second.task.task_id].attempt, 2);
+    let fx = h.finish(&second, TaskOutcome::Succeeded);
+    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
+}
+
+#[test]
+fn queue_steps_wait_for_a_free_slot() {
+    let mut h = Harness::new(vec![job("a", Delivery::Queue, &[], &[])], &[]);
+    for w in ["w1", "w2"] {
+        let status = WorkerStatus {
+            name: w.into(),
+            instance: "i1".into(),
+            jobs: h.jobs.clone(),
+            capabilities: vec![],
+            slots: 1,
+            running: vec![],
+            version: "t".into(),
+        };
+        h.send(&format!("worker:{w}"), Message::Heartbeat(status));
+    }
+    let placed: Vec<Assignment> = (0..3)
+        .flat_map(|_| works(&h.trigger("a").0))
+        .flat_map(|w| w.assignments)
+        .collect();
+    assert_eq!(placed.len(), 2, "one per free slot");
+    assert_ne!(
+        placed[0].worker, placed[1].worker,
+        "spread over the workers"
+    );
+    let fx = h.finish(&placed[0], TaskOutcome::Succeeded);
+    assert!(works(&fx).is_empty());
+    let next = works(&h.engine.tick(h.now));
+    assert_eq!(next.len(), 1, "the waiting step takes the freed slot");
+    assert_eq!(next[0].assignments[0].worker, placed[0].worker);
+}
+
+#[test]
+fn an_unstarted_queue_task_of_a_lost_worker_moves_without_using_a_retry() {
+    let jobs = vec![job("a", Delivery::Queue, &[], &[])]; // retries: 0
+    let mut h = Harness::new(jobs, &["w1", "w2"]);
+    let (fx, _) = h.trigger("a");
+    let first = works(&fx).remove(0).assignments.remove(0);
+    let other = if first.worker == "w1" { "w2" } else { "w1" };
+    let mut moved = None;
+    for _ in 0..5 {
+        h.now += 4_000;
+        heartbeat_running(&mut h, other, vec![]);
+        let w = works(&h.engine.tick(h.now));
+        if let Some(w) = w.into_iter().find(|w| w.assignments[0].worker == other) {
+            moved = Some(w.assignments[0].clone());
+            break;
+        }
+    }
+    let moved = moved.expect("not moved to the live worker");
+    assert_eq!(moved.task.attempt, 2, "a new attempt fences the old worker");
+    let fx = h.finish(&moved, TaskOutcome::Succeeded);
+    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, "t")));
+    assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, "t")));
+    assert!(backoff_ms_for(1_000, 30, "t") <= MAX_BACKOFF_MS * 5 / 4);
+    assert_eq!(backoff_ms_for(1_000, 2, "t"), backoff_ms_for(1_000, 2, "t"));
 }

@@ -46,6 +46,7 @@ fn run_view(state: RunState, output: &str) -> RunView {
             finished_at_ms: finished.then_some(2_000),
             output_tail: output.into(),
         }],
+        attempts: vec![],
     }
 }
 
