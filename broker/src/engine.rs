@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use jobz::envelope::{Envelope, MessageId};
 use jobz::jobfile::{is_valid_name, Delivery};
 use jobz::message::{
-    Assignment, Event, HealthView, Message, Query, Reply, ReplyBody, RunFilter, RunState,
-    TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
+    Assignment, BarrierView, Event, HealthView, Message, Query, Reply, ReplyBody, RunFilter,
+    RunState, TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work,
+    WorkerStatus,
 };
 use jobz::topic::Topic;
 use tracing::{debug, info, warn};
@@ -74,6 +75,11 @@ pub struct StoreRead {
 pub enum ReadQuery {
     Run(String),
     Runs(RunFilter),
+    Completions {
+        jobs: Vec<String>,
+        since_ms: i64,
+        limit: u32,
+    },
 }
 
 /// What one event makes the broker do, in order: journal `writes` in one transaction,
@@ -145,6 +151,8 @@ pub struct Engine {
     avoid: HashMap<String, String>,
     dead: BTreeMap<String, Dead>,
     dead_order: VecDeque<String>,
+    /// The barriers each semaphore process last reported, and when.
+    semaphores: HashMap<String, (Vec<BarrierView>, i64)>,
     requests: HashMap<MessageId, String>,
     request_order: VecDeque<MessageId>,
     counters: BTreeMap<String, u64>,
@@ -167,6 +175,7 @@ impl Engine {
             avoid: HashMap::new(),
             dead: BTreeMap::new(),
             dead_order: VecDeque::new(),
+            semaphores: HashMap::new(),
             requests: HashMap::new(),
             request_order: VecDeque::new(),
             counters: BTreeMap::new(),
@@ -283,8 +292,11 @@ impl Engine {
             Message::Trigger(request) => self.on_trigger(&mut fx, &env, request, now),
             Message::TaskStarted(started) => self.on_started(&mut fx, &env, started, now),
             Message::TaskFinished(finished) => self.on_finished(&mut fx, &env, finished, now),
-            Message::Query(query) => self.on_query(&mut fx, &env, query),
+            Message::Query(query) => self.on_query(&mut fx, &env, query, now),
             Message::RetryDead { task_id } => self.on_retry_dead(&mut fx, &env, &task_id, now),
+            Message::SemaphoreStatus { barriers } => {
+                self.semaphores.insert(env.sender.clone(), (barriers, now));
+            }
             Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
                 warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
@@ -599,7 +611,7 @@ impl Engine {
         }
     }
 
-    fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query) {
+    fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query, now: i64) {
         let read = |query| StoreRead {
             reply_to: env.sender.clone(),
             in_reply_to: env.id.clone(),
@@ -614,6 +626,22 @@ impl Engine {
                 let health = self.health();
                 reply(fx, env, ReplyBody::Health(health));
             }
+            Query::Completions {
+                jobs,
+                since_ms,
+                limit,
+            } => {
+                let query = ReadQuery::Completions {
+                    jobs,
+                    since_ms,
+                    limit: limit.clamp(1, 10_000),
+                };
+                fx.reads.push(read(query));
+            }
+            Query::Semaphores => {
+                let barriers = self.barriers(now);
+                reply(fx, env, ReplyBody::Semaphores(barriers));
+            }
             Query::Dead { limit } => {
                 let limit = limit.clamp(1, 1000) as usize;
                 let views = self
@@ -627,6 +655,28 @@ impl Engine {
                 reply(fx, env, ReplyBody::Dead(views));
             }
         }
+    }
+
+    /// Barriers as the semaphores reported them; a key two processes track appears once,
+    /// as the one that got furthest. Reports older than ten minutes are ignored.
+    fn barriers(&self, now: i64) -> Vec<BarrierView> {
+        let rank = |b: &BarrierView| (b.state != "waiting", b.runs.len());
+        let mut merged: BTreeMap<(String, String), BarrierView> = BTreeMap::new();
+        for (views, at) in self.semaphores.values() {
+            if now - at > 10 * 60 * 1000 {
+                continue;
+            }
+            for view in views {
+                let key = (view.semaphore.clone(), view.key.clone());
+                match merged.get(&key) {
+                    Some(existing) if rank(existing) >= rank(view) => {}
+                    _ => {
+                        merged.insert(key, view.clone());
+                    }
+                }
+            }
+        }
+        merged.into_values().collect()
     }
 
     pub fn health(&self) -> HealthView {
@@ -941,7 +991,23 @@ impl Engine {
         }
     }
 
-    fn new_task(&mut self, step_id: &str, worker: Option<String>, now: i64) -> Option<String> {
+    /// How many tasks the broadcast behind a new task of `step_id` reached: the step's own
+    /// count (`placed`), or for a `local` step that of the task it follows.
+    fn fanout_of(&self, step_id: &str, placed: usize) -> u32 {
+        let origin = self.steps.get(step_id).and_then(|s| s.origin_task.as_ref());
+        match origin.and_then(|t| self.tasks.get(t)) {
+            Some(origin) => origin.fanout,
+            None => placed.max(1) as u32,
+        }
+    }
+
+    fn new_task(
+        &mut self,
+        step_id: &str,
+        worker: Option<String>,
+        fanout: u32,
+        now: i64,
+    ) -> Option<String> {
         let step = self.steps.get(step_id)?;
         let task = Task {
             task_id: jobz::new_id(),
@@ -952,6 +1018,7 @@ impl Engine {
             state: TaskState::Pending,
             attempt: 1,
             failures: 0,
+            fanout,
             exit_code: None,
             error: None,
             instance: None,
@@ -972,9 +1039,10 @@ impl Engine {
     }
 
     fn assign(&mut self, fx: &mut Effects, step_id: &str, workers: Vec<String>, now: i64) {
+        let fanout = self.fanout_of(step_id, workers.len());
         let mut task_ids = Vec::new();
         for worker in workers {
-            if let Some(id) = self.new_task(step_id, Some(worker), now) {
+            if let Some(id) = self.new_task(step_id, Some(worker), fanout, now) {
                 if let Some(t) = self.tasks.get(&id) {
                     fx.writes.push(Write::Task(t.clone()));
                 }
@@ -1036,7 +1104,8 @@ impl Engine {
         now: i64,
     ) {
         warn!(step_id = %step_id, %reason, "step cannot run");
-        if let Some(task_id) = self.new_task(step_id, worker, now) {
+        let fanout = self.fanout_of(step_id, 1);
+        if let Some(task_id) = self.new_task(step_id, worker, fanout, now) {
             if let Some(step) = self.steps.get_mut(step_id) {
                 step.state = TaskState::Running;
             }
@@ -1172,18 +1241,7 @@ impl Engine {
         if let Some(run) = self.runs.get(&task.run_id) {
             fx.publish.push(Publish {
                 topic: Topic::Events(task.job.clone()),
-                body: Message::Event(Event::TaskFinished {
-                    run_id: task.run_id.clone(),
-                    step_id: task.step_id.clone(),
-                    task: TaskRef {
-                        task_id: task.task_id.clone(),
-                        attempt: task.attempt,
-                    },
-                    job: task.job.clone(),
-                    worker: task.worker.clone().unwrap_or_default(),
-                    params: run.params.clone(),
-                    state,
-                }),
+                body: Message::Event(Event::TaskFinished(task.completion(run.params.clone()))),
             });
         }
         // `local` successors follow each task on its own worker, before the step is judged,

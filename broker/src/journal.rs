@@ -73,6 +73,13 @@ fn answer(store: &dyn Store, read: StoreRead) -> Publish {
     let body = match &read.query {
         ReadQuery::Run(run_id) => store.run(run_id).map(ReplyBody::Run),
         ReadQuery::Runs(filter) => store.runs(filter).map(ReplyBody::Runs),
+        ReadQuery::Completions {
+            jobs,
+            since_ms,
+            limit,
+        } => store
+            .completions(jobs, *since_ms, *limit)
+            .map(ReplyBody::Completions),
     }
     .unwrap_or_else(|e| {
         error!(error = %e, "store read failed");

@@ -5,7 +5,9 @@
 //! has one task per live worker, a queue or local step exactly one.
 
 use jobz::jobfile::Delivery;
-use jobz::message::{AttemptView, DeadView, Params, RunState, RunView, StepView, TaskState};
+use jobz::message::{
+    AttemptView, Completion, DeadView, Params, RunState, RunView, StepView, TaskRef, TaskState,
+};
 
 /// One run.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,6 +53,8 @@ pub struct Task {
     pub attempt: u32,
     /// Failed attempts so far, counted against the job's `retries`.
     pub failures: u32,
+    /// Tasks the broadcast behind this task reached (see `Completion::fanout`).
+    pub fanout: u32,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
     /// Worker process that started it; a different one later means the attempt was lost.
@@ -132,6 +136,24 @@ impl Attempt {
 }
 
 impl Task {
+    /// The completion event of a finished task.
+    pub fn completion(&self, params: Params) -> Completion {
+        Completion {
+            run_id: self.run_id.clone(),
+            step_id: self.step_id.clone(),
+            task: TaskRef {
+                task_id: self.task_id.clone(),
+                attempt: self.attempt,
+            },
+            job: self.job.clone(),
+            worker: self.worker.clone().unwrap_or_default(),
+            params,
+            state: self.state,
+            finished_at_ms: self.finished_at_ms.unwrap_or(self.created_at_ms),
+            fanout: self.fanout,
+        }
+    }
+
     pub fn view(&self) -> StepView {
         StepView {
             step_id: self.step_id.clone(),

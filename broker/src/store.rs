@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use jobz::jobfile::JobSpec;
-use jobz::message::{AttemptView, Params, RunFilter, RunState, RunView, StepView, TaskState};
+use jobz::message::{
+    AttemptView, Completion, Params, RunFilter, RunState, RunView, StepView, TaskState,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -57,6 +59,13 @@ pub trait Store: Send {
     fn run(&self, run_id: &str) -> Result<Option<RunView>, StoreError>;
     /// Runs, newest first, without tasks.
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError>;
+    /// Tasks of `jobs` that ended for good at or after `since_ms`, oldest first.
+    fn completions(
+        &self,
+        jobs: &[String],
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Completion>, StoreError>;
 }
 
 /// The embedded SQLite store.
@@ -123,10 +132,11 @@ impl SqliteStore {
                      CREATE TABLE IF NOT EXISTS tasks (
                         task_id TEXT PRIMARY KEY, step_id TEXT NOT NULL, run_id TEXT NOT NULL,
                         job TEXT NOT NULL, worker TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
-                        failures INTEGER NOT NULL DEFAULT 0,
+                                                failures INTEGER NOT NULL DEFAULT 0, fanout INTEGER NOT NULL DEFAULT 1,
                         exit_code INTEGER, error TEXT, instance TEXT, created_at INTEGER NOT NULL,
                         started_at INTEGER, finished_at INTEGER, output_tail TEXT NOT NULL);
-                     CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
+                                          CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
+                     CREATE INDEX IF NOT EXISTS tasks_by_job_end ON tasks (job, finished_at);
                      CREATE TABLE IF NOT EXISTS workers (
                         name TEXT PRIMARY KEY, instance TEXT NOT NULL, jobs TEXT NOT NULL,
                         capabilities TEXT NOT NULL, slots INTEGER NOT NULL, version TEXT NOT NULL,
@@ -188,15 +198,15 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
         Write::Task(t) => tx
             .execute(
                                 "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
-                                    created_at, started_at, finished_at, output_tail, failures)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                                    created_at, started_at, finished_at, output_tail, failures, fanout)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
                     attempt = excluded.attempt, failures = excluded.failures,
                     exit_code = excluded.exit_code, error = excluded.error,
                     instance = excluded.instance, started_at = excluded.started_at,
                     finished_at = excluded.finished_at, output_tail = excluded.output_tail",
                 params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
-                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures],
+                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout],
             )
             .context("writing a task"),
         Write::Worker(w) => tx
@@ -240,7 +250,7 @@ const STEP_COLUMNS: &str =
     "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
 const TASK_COLUMNS: &str =
     "task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance, \
-                            created_at, started_at, finished_at, output_tail, failures";
+                            created_at, started_at, finished_at, output_tail, failures, fanout";
 
 type Raw<T> = Result<T, StoreError>;
 
@@ -320,6 +330,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
         finished_at_ms: row.get(12)?,
         output_tail: row.get(13)?,
         failures: row.get(14)?,
+        fanout: row.get(15)?,
         lease_expires_ms: None,
         not_before_ms: None,
     }))
@@ -537,6 +548,49 @@ impl Store for SqliteStore {
             .map(|r| r.view(Vec::new(), Vec::new()))
             .collect())
     }
+
+    fn completions(
+        &self,
+        jobs: &[String],
+        since_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Completion>, StoreError> {
+        let tasks = self.select(
+            &format!(
+                "SELECT {TASK_COLUMNS} FROM tasks
+                 WHERE job IN (SELECT value FROM json_each(?1)) AND finished_at >= ?2
+                   AND state IN ('succeeded', 'failed')
+                 ORDER BY finished_at, rowid LIMIT ?3"
+            ),
+            params![json(&jobs), since_ms, limit.clamp(1, 10_000)],
+            task_from_row,
+            "listing completions",
+        )?;
+        let mut params_of: std::collections::HashMap<String, Params> =
+            std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            if !params_of.contains_key(&task.run_id) {
+                let params: Option<String> = self
+                    .conn
+                    .query_row(
+                        "SELECT params FROM runs WHERE run_id = ?1",
+                        [&task.run_id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .context("reading a run's params")?;
+                let params = match params {
+                    Some(p) => from_json(&p, "run params")?,
+                    None => Params::new(),
+                };
+                params_of.insert(task.run_id.clone(), params);
+            }
+            let params = params_of.get(&task.run_id).cloned().unwrap_or_default();
+            out.push(task.completion(params));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -587,6 +641,7 @@ mod tests {
             finished_at_ms: None,
             output_tail: String::new(),
             failures: 0,
+            fanout: 1,
             lease_expires_ms: None,
             not_before_ms: None,
         }
@@ -638,6 +693,39 @@ mod tests {
             })
             .unwrap();
         assert_eq!(ok.len(), 1);
+    }
+
+    #[test]
+    fn completions_list_finished_tasks_of_the_jobs_since_a_time() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut done = task("t1", "s1", "r1");
+        done.state = TaskState::Succeeded;
+        done.finished_at_ms = Some(100);
+        let mut later = task("t2", "s1", "r1");
+        later.state = TaskState::Failed;
+        later.finished_at_ms = Some(200);
+        let running = task("t3", "s1", "r1");
+        store
+            .apply(&[
+                Write::Run(run("r1", RunState::Running, 1)),
+                Write::Task(done),
+                Write::Task(later),
+                Write::Task(running),
+            ])
+            .unwrap();
+        let all = store.completions(&["a".into()], 0, 100).unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|c| c.task.task_id.as_str())
+                .collect::<Vec<_>>(),
+            vec!["t1", "t2"]
+        );
+        assert_eq!(all[0].params["date"], "2026_11_23");
+        assert_eq!(store.completions(&["a".into()], 150, 100).unwrap().len(), 1);
+        assert!(store
+            .completions(&["other".into()], 0, 100)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -250,6 +250,10 @@ impl Api {
                 only(&query, &[])?;
                 self.retry_dead(task_id)
             }
+            ["semaphores"] => {
+                only(&query, &[])?;
+                self.list_semaphores()
+            }
             ["healthz"] => Ok(self.healthz()),
             ["metrics"] => Ok(self.metrics()),
             _ => Err(HttpReply::error(
@@ -488,6 +492,19 @@ impl Api {
         }
     }
 
+    fn list_semaphores(&self) -> Handled {
+        match self.ask(Query::Semaphores)? {
+            ReplyBody::Semaphores(barriers) => {
+                let barriers: Vec<Value> = barriers.iter().map(views::barrier).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "semaphores": barriers }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     fn list_dead(&self, limit: u32) -> Handled {
         match self.ask(Query::Dead { limit })? {
             ReplyBody::Dead(dead) => {
@@ -642,6 +659,8 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Workers(_) => "Workers",
         ReplyBody::Health(_) => "Health",
         ReplyBody::Dead(_) => "Dead",
+        ReplyBody::Completions(_) => "Completions",
+        ReplyBody::Semaphores(_) => "Semaphores",
     }
 }
 

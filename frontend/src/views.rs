@@ -6,7 +6,9 @@
 use serde_json::{json, Map, Value};
 
 use jobz::jobfile::Delivery;
-use jobz::message::{AttemptView, DeadView, HealthView, JobView, RunView, StepView, WorkerView};
+use jobz::message::{
+    AttemptView, BarrierView, DeadView, HealthView, JobView, RunView, StepView, WorkerView,
+};
 
 /// Epoch milliseconds as an RFC 3339 string.
 pub fn time(ms: i64) -> Value {
@@ -50,6 +52,23 @@ pub fn attempt(a: &AttemptView) -> Value {
         "started_at": opt_time(a.started_at_ms),
         "finished_at": time(a.finished_at_ms),
         "late": a.late,
+    })
+}
+
+/// One barrier key of a semaphore: what it has and what it waits for.
+pub fn barrier(b: &BarrierView) -> Value {
+    json!({
+        "semaphore": b.semaphore,
+        "key": b.key,
+        "params": b.params,
+        "state": b.state,
+        "conditions": b.conditions.iter().map(|c| json!({
+            "job": c.job, "have": c.have, "need": c.need,
+        })).collect::<Vec<_>>(),
+        "runs": b.runs,
+        "started_run": b.started_run,
+        "opened_at": time(b.opened_at_ms),
+        "reporter": b.reporter,
     })
 }
 

@@ -63,6 +63,7 @@ pub enum ClientError {
 
 enum Command {
     Request {
+        id: MessageId,
         body: Message,
         timeout: Duration,
         reply: Sender<Result<ReplyBody, ClientError>>,
@@ -187,10 +188,23 @@ impl Client {
         body: Message,
         timeout: Duration,
     ) -> Receiver<Result<ReplyBody, ClientError>> {
+        self.request_with_id(crate::new_id(), body, timeout)
+    }
+
+    /// Like [`Client::request_async`] under a message id the caller chooses. The broker
+    /// ingests a trigger id once, so a deterministic id (e.g. derived from a semaphore and
+    /// key) makes an action happen once however many processes or restarts send it.
+    pub fn request_with_id(
+        &self,
+        id: MessageId,
+        body: Message,
+        timeout: Duration,
+    ) -> Receiver<Result<ReplyBody, ClientError>> {
         let (reply, rx) = bounded(1);
         if self
             .commands
             .send(Command::Request {
+                id,
                 body,
                 timeout,
                 reply: reply.clone(),
@@ -336,11 +350,13 @@ impl Link {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Request {
+                id,
                 body,
                 timeout,
                 reply,
             } => {
-                let envelope = Envelope::new(&self.config.node_id, body);
+                let mut envelope = Envelope::new(&self.config.node_id, body);
+                envelope.id = id;
                 match envelope::encode(&envelope) {
                     Ok(frame) => {
                         self.send_frame(&frame);

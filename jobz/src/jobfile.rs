@@ -108,6 +108,8 @@ pub struct SemaphoreSpec {
     pub timeout_ms: Option<u64>,
     /// Jobs started when a key times out.
     pub on_timeout: Vec<String>,
+    /// Jobs started when an awaited job fails (unless `count_failures`).
+    pub on_failure: Vec<String>,
     /// Count failed completions too.
     pub count_failures: bool,
 }
@@ -270,6 +272,8 @@ struct RawSemaphore {
     timeout: Option<String>,
     #[serde(default)]
     on_timeout: OneOrMany,
+    #[serde(default)]
+    on_failure: OneOrMany,
     #[serde(default)]
     on: Option<String>,
 }
@@ -531,6 +535,8 @@ fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
     check_names("then", &then).map_err(context)?;
     let on_timeout = raw.on_timeout.into_vec();
     check_names("on_timeout", &on_timeout).map_err(context)?;
+    let on_failure = raw.on_failure.into_vec();
+    check_names("on_failure", &on_failure).map_err(context)?;
     let count_failures = match raw.on.as_deref() {
         None | Some("success") => false,
         Some("finished") => true,
@@ -547,6 +553,7 @@ fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
         key: raw.key,
         then,
         on_timeout,
+        on_failure,
         count_failures,
     })
 }

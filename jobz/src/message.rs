@@ -37,6 +37,11 @@ pub enum Message {
     TaskFinished(TaskFinished),
     /// Client → broker: read state. Answered with the matching `ReplyBody`.
     Query(Query),
+    /// Semaphore → broker: the state of its barriers, for `GET /semaphores`. Not answered.
+    SemaphoreStatus {
+        /// Every barrier key it tracks (open ones and recently closed ones).
+        barriers: Vec<BarrierView>,
+    },
     /// Client → broker: run a dead task's job again, as a new run with the same parameters
     /// naming the old run as its parent. Answered with `Accepted` (the same run id if it
     /// was retried before) or `Rejected` (404 unknown task or job, 400 parameters no
@@ -202,6 +207,18 @@ pub enum Query {
         /// At most this many (the broker caps it).
         limit: u32,
     },
+    /// Completions of these jobs that ended at or after `since_ms`, oldest first: how a
+    /// semaphore catches up on events published while it was away.
+    Completions {
+        /// Job names.
+        jobs: Vec<String>,
+        /// Broker time, ms since the epoch.
+        since_ms: i64,
+        /// At most this many (the broker caps it at 10,000).
+        limit: u32,
+    },
+    /// The barriers the semaphores last reported.
+    Semaphores,
 }
 
 /// Filter for [`Query::Runs`].
@@ -258,6 +275,44 @@ pub enum ReplyBody {
     Health(HealthView),
     /// Answer to `Query::Dead`.
     Dead(Vec<DeadView>),
+    /// Answer to `Query::Completions`.
+    Completions(Vec<Completion>),
+    /// Answer to `Query::Semaphores`.
+    Semaphores(Vec<BarrierView>),
+}
+
+/// One barrier key as a semaphore reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BarrierView {
+    /// Semaphore name.
+    pub semaphore: String,
+    /// Rendered key (e.g. the date).
+    pub key: String,
+    /// Parameters the `then` run gets.
+    pub params: Params,
+    /// One entry per awaited job.
+    pub conditions: Vec<ConditionView>,
+    /// `waiting`, `fired`, `failed` or `timed_out`.
+    pub state: String,
+    /// Runs counted so far.
+    pub runs: Vec<String>,
+    /// The run it started (fired, failed or timed out), if any.
+    pub started_run: Option<String>,
+    /// First completion counted, ms since the epoch.
+    pub opened_at_ms: i64,
+    /// Node id of the semaphore process that reported it.
+    pub reporter: String,
+}
+
+/// Progress of one condition of a barrier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConditionView {
+    /// The awaited job.
+    pub job: String,
+    /// Completions counted.
+    pub have: u32,
+    /// Completions needed (for `count: all`, known once the first arrives).
+    pub need: Option<u32>,
 }
 
 /// A task that failed for good, as the API shows it.
@@ -290,23 +345,32 @@ pub struct DeadView {
 /// Published when a task ends, for semaphores and other watchers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    /// One task of a step ended.
-    TaskFinished {
-        /// Run id.
-        run_id: String,
-        /// Step id.
-        step_id: String,
-        /// Task id and attempt.
-        task: TaskRef,
-        /// The job.
-        job: String,
-        /// The worker that ran it.
-        worker: String,
-        /// Parameters of the run.
-        params: Params,
-        /// Final state of the task.
-        state: TaskState,
-    },
+    /// One task of a step ended for good.
+    TaskFinished(Completion),
+}
+
+/// A task that ended for good (succeeded, or failed after its retries).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// Run id.
+    pub run_id: String,
+    /// Step id.
+    pub step_id: String,
+    /// Task id and attempt.
+    pub task: TaskRef,
+    /// The job.
+    pub job: String,
+    /// The worker that ran it (empty if none could).
+    pub worker: String,
+    /// Parameters of the run.
+    pub params: Params,
+    /// Final state of the task.
+    pub state: TaskState,
+    /// Ended at, ms since the epoch (broker clock).
+    pub finished_at_ms: i64,
+    /// How many tasks the broadcast that led here reached: the step's own task count, or
+    /// for a `local` step that of the step it follows. `count: all` barriers wait for this many.
+    pub fanout: u32,
 }
 
 /// State of a run.

@@ -601,3 +601,40 @@ fn backoff_grows_and_is_capped() {
     assert!(backoff_ms_for(1_000, 30, "t") <= MAX_BACKOFF_MS * 5 / 4);
     assert_eq!(backoff_ms_for(1_000, 2, "t"), backoff_ms_for(1_000, 2, "t"));
 }
+
+#[test]
+fn completion_events_carry_the_fanout_of_the_broadcast_behind_them() {
+    let jobs = vec![
+        job("a", Delivery::Broadcast, &["l"], &[]),
+        job("l", Delivery::Local, &[], &[]),
+    ];
+    let mut h = Harness::new(jobs, &["w1", "w2", "w3"]);
+    let (fx, _) = h.trigger("a");
+    let a = works(&fx).remove(0);
+    let fx = h.finish(&a.assignments[0], TaskOutcome::Succeeded);
+    let events: Vec<jobz::message::Completion> = fx
+        .publish
+        .iter()
+        .filter_map(|p| match &p.body {
+            Message::Event(Event::TaskFinished(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].job.as_str(), events[0].fanout), ("a", 3));
+    let l = works(&fx).remove(0).assignments.remove(0);
+    let fx = h.finish(&l, TaskOutcome::Succeeded);
+    let fanouts: Vec<u32> = fx
+        .publish
+        .iter()
+        .filter_map(|p| match &p.body {
+            Message::Event(Event::TaskFinished(c)) if c.job == "l" => Some(c.fanout),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        fanouts,
+        vec![3],
+        "a local step inherits the fanout of the step it follows"
+    );
+}
