@@ -207,8 +207,14 @@ impl Engine {
             if task.state == TaskState::Running {
                 task.lease_expires_ms = Some(now_ms + engine.config.lease_timeout_ms);
             }
-            if task.state == TaskState::Pending && task.worker.is_none() {
-                engine.retrying.insert(task.task_id.clone());
+                        // A pending task may never have reached its worker before the broker stopped:
+            // publish it again at the first tick (placed ones) or place it (retries).
+            if task.state == TaskState::Pending {
+                if task.worker.is_some() {
+                    engine.last_sent.insert(task.task_id.clone(), i64::MIN / 2);
+                } else {
+                    engine.retrying.insert(task.task_id.clone());
+                }
             }
             engine
                 .step_tasks
@@ -1400,6 +1406,22 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+impl Engine {
+    fn heartbeat_for_test(&mut self, jobs: &[jobz::jobfile::JobSpec], worker: &str, now: i64) {
+        let status = WorkerStatus {
+            name: worker.into(),
+            instance: "i1".into(),
+            jobs: jobs.to_vec(),
+            capabilities: vec![],
+            slots: 4,
+            running: vec![],
+            version: "t".into(),
+        };
+        self.registry.heartbeat(&status, now);
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use percent_encoding::percent_decode_str;
 use thiserror::Error;
 
 /// Longest request target (path and query) accepted.
-pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+pub const MAX_TARGET_BYTES: usize = 64 * 1024;
 
 /// Decoded query parameters, by name.
 pub type QueryParams = BTreeMap<String, String>;

@@ -267,7 +267,7 @@ impl Responder for Pending {
         let status = reply.status;
         self.stats.record(status);
         let method = self.request.method().as_str().to_owned();
-        // Targets can be 8 KiB of parameters; the log needs the path only.
+        // Targets can be 64 KiB of parameters; the log needs the path only.
         let path = self
             .request
             .url()

@@ -638,3 +638,19 @@ fn completion_events_carry_the_fanout_of_the_broadcast_behind_them() {
         "a local step inherits the fanout of the step it follows"
     );
 }
+
+#[test]
+fn a_restored_pending_task_is_published_again_at_once() {
+    // Regression: a broker killed between journaling a task and its worker receiving it
+    // never published the task again after restart.
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
+    let (_, run_id) = h.trigger("a");
+    let run = h.engine.runs[&run_id.unwrap()].clone();
+    let steps: Vec<Step> = h.engine.steps.values().cloned().collect();
+    let tasks: Vec<Task> = h.engine.tasks.values().cloned().collect();
+    let snapshot = Snapshot { runs: vec![run], steps, tasks, ..Default::default() };
+    let mut restored = Engine::restore(config(), snapshot, h.now);
+    restored.heartbeat_for_test(&h.jobs, "w1", h.now);
+    let again = works(&restored.tick(h.now));
+    assert_eq!(again.len(), 1, "the pending task was not published after restore");
+}

@@ -1,0 +1,91 @@
+//! The shipped job files and the compatibility fixtures still parse (no binaries needed).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use jobz::jobfile::{parse_job_file, Delivery, JobSet, JobSpec, DEFAULT_PARAM_PATTERN};
+
+use crate::harness::repo_root;
+
+fn parse(path: &Path) -> JobSet {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parse_job_file(path, &text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn original_jobz_job_db_still_parses() {
+    let set = parse(&repo_root().join("tests/data/original-jobz-jobdb.yml"));
+    assert_eq!(set.jobs.len(), 4);
+    let sync = &set.jobs["bfd_category_sync"];
+    assert_eq!(sync.on_success, vec!["bfd_category_dump"]);
+    assert_eq!(sync.on_failure, vec!["notify_failure"]);
+    assert_eq!(sync.delivery, Delivery::Broadcast);
+    // `{date}` is declared implicitly: required, default pattern.
+    assert!(sync.params["date"].required);
+    assert_eq!(sync.params["date"].pattern, DEFAULT_PARAM_PATTERN);
+    let last = &set.jobs["import_category_dump"];
+    assert!(last.on_success.is_empty());
+}
+
+#[test]
+fn jobz_v1_spec_example_still_parses() {
+    let set = parse(&repo_root().join("tests/data/jobz-v1-jobs.yaml"));
+    let job = &set.jobs["import_category_dump"];
+    assert_eq!(job.on_success, vec!["reindex_search"]);
+    assert_eq!(job.on_failure, vec!["alert_ops"]);
+    assert_eq!(job.timeout_ms, Some(30 * 60 * 1000));
+    assert_eq!(job.retries, 3);
+    assert_eq!(
+        job.params["date"].pattern,
+        "^[0-9]{4}_[0-9]{2}_[0-9]{2}$".to_string()
+    );
+    let sem = &set.semaphores["all_reindexed"];
+    assert_eq!(sem.then, vec!["publish_site"]);
+    assert_eq!(sem.wait_for[0].count, Some(10));
+}
+
+#[test]
+fn every_file_in_jobs_d_parses_and_names_only_known_successors() {
+    let dir = repo_root().join("jobs.d");
+    let mut all: BTreeMap<String, JobSpec> = BTreeMap::new();
+    let mut files = 0;
+    for entry in fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        files += 1;
+        for (name, job) in parse(&path).jobs {
+            assert!(
+                all.insert(name.clone(), job).is_none(),
+                "{name} defined twice"
+            );
+        }
+    }
+    assert!(files > 0, "no job files in {}", dir.display());
+    for job in all.values() {
+        for next in job.successors() {
+            assert!(
+                all.contains_key(next),
+                "{} names unknown successor {next}",
+                job.name
+            );
+        }
+    }
+
+    // The demo pipeline that scripts/demo.sh triggers.
+    let import = &all["import"];
+    assert_eq!(import.on_success, vec!["reindex", "notify"]);
+    assert_eq!(
+        import.params["date"].pattern,
+        "^[0-9]{4}_[0-9]{2}_[0-9]{2}$".to_string()
+    );
+    assert_eq!(all["reindex"].delivery, Delivery::Broadcast);
+    assert_eq!(all["reindex"].on_success, vec!["warm_cache"]);
+    assert_eq!(all["warm_cache"].delivery, Delivery::Local);
+    assert_eq!(all["import_broken"].on_failure, vec!["alert_ops"]);
+}

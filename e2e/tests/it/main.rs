@@ -1,0 +1,12 @@
+//! One integration-test binary for the whole mesh (see `e2e/src/lib.rs` for the layout).
+//! Each test starts its own [`harness::Mesh`] of real binaries on free loopback ports.
+
+// Test code through and through, helpers included: a panic here is a test failure with a
+// message, which is what `allow-unwrap-in-tests` means but cannot see outside `#[test]`s.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod faults;
+mod harness;
+mod hostile;
+mod jobfiles;
+mod pipeline;
