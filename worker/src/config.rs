@@ -23,7 +23,9 @@ pub struct Config {
     pub slots: u32,
     /// Capabilities announced in heartbeats (`--capability`).
     pub capabilities: Vec<String>,
-    /// Spool directory (`--spool`): per-task working directories under `work/`.
+    /// Spool directory (`--spool`): what survives a crash (seen attempts, running attempts,
+    /// unacknowledged results; see [`crate::spool`]) and per-task working directories
+    /// under `work/`.
     pub spool: PathBuf,
     /// Log directory (`--log-dir`): `worker.log` and each task's output under `runs/`.
     pub log_dir: PathBuf,
@@ -36,6 +38,13 @@ pub struct Config {
     /// Between SIGTERM and SIGKILL when a command's process group is killed. Not a flag:
     /// 5 s in production, shorter in tests.
     pub kill_grace: Duration,
+    /// At shutdown, how long to wait for the broker to acknowledge what was sent (results
+    /// not acknowledged stay in the spool). Not a flag: 5 s in production.
+    pub ack_wait: Duration,
+    /// The step leader's program, the worker's own binary ([`crate::leader`]). Not a flag:
+    /// `/proc/self/exe`, which still runs this worker's binary after an upgrade replaced
+    /// the file; tests point it at the built `jobz-worker`.
+    pub leader: PathBuf,
 }
 
 impl Config {
@@ -54,6 +63,8 @@ impl Config {
             frontend,
             drain_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(5),
+            ack_wait: Duration::from_secs(5),
+            leader: PathBuf::from("/proc/self/exe"),
         }
     }
 

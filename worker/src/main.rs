@@ -39,7 +39,8 @@ struct Args {
         value_delimiter = ','
     )]
     capabilities: Vec<String>,
-    /// Spool directory: per-task working directories.
+    /// Spool directory: seen attempts, running attempts and unacknowledged results (kept
+    /// across restarts), and per-task working directories.
     #[arg(long, env = "JOBZ_SPOOL", default_value = "/var/lib/jobz/worker")]
     spool: PathBuf,
     /// Log directory: worker.log and every task's output under runs/.
@@ -68,6 +69,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The hidden step-leader mode (see worker::leader), before any flag parsing: the worker
+    // starts its own binary this way under each task.
+    let mut raw = std::env::args_os();
+    if raw.nth(1).as_deref() == Some(std::ffi::OsStr::new(worker::leader::FLAG)) {
+        worker::leader::main(raw.collect());
+    }
     let args = Args::parse();
     if args.check {
         let mut out = std::io::stdout().lock();

@@ -1,12 +1,15 @@
-//! Running one command: process group, output file, working directory, timeout and kill.
+//! Running one command: step leader, process group, output file, working directory,
+//! timeout and kill.
 //!
 //! [`run`] blocks until the command has ended and its process group is gone, so the service
-//! calls it on a thread of its own per task. The command is `/bin/sh -c <rendered>` in a new
-//! process group, with the parent-death signal set, stdin from `/dev/null`, stdout and
-//! stderr appended to one file, in a fresh working directory that is removed afterwards.
+//! calls it on a thread of its own per task. The worker's own binary is started as the
+//! task's step leader ([`crate::leader`]) in a new process group, stdin a pipe the leader
+//! watches (the worker's death closes it and the leader kills the group), stdout and stderr
+//! appended to one file, in a fresh working directory that is removed afterwards. The
+//! leader runs `/bin/sh -c <rendered>` in the same group and ends the way the shell ends.
 //!
-//! The group leader is waited for with `waitid(WNOWAIT)`, which leaves it a zombie until
-//! the group has been signalled: its pid, and so the group id, cannot be reused while this
+//! The leader is waited for with `waitid(WNOWAIT)`, which leaves it a zombie until the
+//! group has been signalled: its pid, and so the group id, cannot be reused while this
 //! module may still send signals to it. Whatever the command left running in its group when
 //! it ends (background children) is killed: a task owns nothing after it has finished.
 
@@ -32,6 +35,8 @@ const TASK_ENV_PREFIX: &str = "JOBZ_PARAM_";
 pub struct RunSpec {
     /// The rendered command, given to `/bin/sh -c`.
     pub command: String,
+    /// The step leader's program: the worker's own binary (`/proc/self/exe`).
+    pub leader: PathBuf,
     /// Variables added to the worker's own environment.
     pub env: Vec<(String, String)>,
     /// Output file; stdout and stderr are both appended to it. Its directory is created.
@@ -114,8 +119,15 @@ fn run_in(
 ) -> RunResult {
     let mut child = match spawn(spec, output) {
         Ok(child) => child,
-        Err(e) => return RunResult::not_started(format!("cannot start /bin/sh: {e}")),
+        Err(e) => {
+            return RunResult::not_started(format!(
+                "cannot start the step leader {}: {e}",
+                spec.leader.display()
+            ))
+        }
     };
+    // Held until the leader has ended: closing it tells the leader the worker is gone.
+    let control = child.stdin.take();
     let started_at_ms = jobz::now_ms();
     let start = Instant::now();
     on_started(started_at_ms);
@@ -133,6 +145,7 @@ fn run_in(
         // Without a waiter there is no safe way to time the command: stop it now.
         signal_group(pgid, libc::SIGKILL);
         let _ = child.wait();
+        drop(control);
         return finish(
             spec,
             offset,
@@ -182,6 +195,7 @@ fn run_in(
             None
         }
     };
+    drop(control);
     finish(spec, offset, started_at_ms, start, status, kill)
 }
 
@@ -218,18 +232,19 @@ fn finish(
         started_at_ms,
         finished_at_ms: jobz::now_ms(),
         elapsed,
-        output_tail: read_tail(&spec.output, offset),
+        output_tail: output_tail(&spec.output, offset),
         started: true,
     }
 }
 
 fn spawn(spec: &RunSpec, output: File) -> std::io::Result<Child> {
     let stderr = output.try_clone()?;
-    let mut command = Command::new("/bin/sh");
+    let mut command = Command::new(&spec.leader);
     command
-        .arg("-c")
+        .arg(crate::leader::FLAG)
+        .arg(std::process::id().to_string())
         .arg(&spec.command)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(output)
         .stderr(stderr)
         .current_dir(&spec.workdir);
@@ -239,35 +254,9 @@ fn spawn(spec: &RunSpec, output: File) -> std::io::Result<Child> {
         }
     }
     command.envs(spec.env.iter().map(|(k, v)| (k, v)));
-    // A group of its own, so a timeout kills the command's children too (setpgid(0, 0) in
-    // the child, done by std before exec).
+    // A group of its own, led by the step leader, so a timeout kills the command's
+    // children too, and the leader can kill them all if the worker dies.
     command.process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the closure runs in the forked child before exec and calls only prctl and
-    // getppid, which are async-signal-safe system calls; it allocates nothing and touches
-    // no lock. This is the one place where jobz needs code before exec: the parent-death
-    // signal has no safe std API.
-    #[allow(unsafe_code)]
-    unsafe {
-        command.pre_exec(move || {
-            // If the worker dies, its commands die with it instead of running unowned.
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The worker may have died between fork and prctl; then nothing will kill us.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
-    }
     command.spawn()
 }
 
@@ -346,8 +335,9 @@ fn open_output(path: &Path) -> Result<(File, u64), String> {
     Ok((file, len))
 }
 
-/// The last [`OUTPUT_TAIL_BYTES`] of the file written after `offset`.
-fn read_tail(path: &Path, offset: u64) -> String {
+/// The last [`OUTPUT_TAIL_BYTES`] of the file written after `offset`; empty (and a warning)
+/// if it cannot be read.
+pub fn output_tail(path: &Path, offset: u64) -> String {
     let read = || -> std::io::Result<Vec<u8>> {
         let mut file = File::open(path)?;
         let len = file.metadata()?.len();
@@ -383,236 +373,28 @@ pub fn tail_text(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    // Tests that run commands are in `tests/it/runner.rs`: they need the `jobz-worker`
+    // binary as the step leader, which only integration tests can name.
     use super::*;
-    use std::collections::BTreeMap;
 
-    struct Fixture {
-        dir: tempfile::TempDir,
-    }
-
-    impl Fixture {
-        fn new() -> Fixture {
-            Fixture {
-                dir: tempfile::tempdir().unwrap(),
-            }
+    fn spec(dir: &Path) -> RunSpec {
+        RunSpec {
+            command: "true".into(),
+            leader: dir.join("no-such-leader"),
+            env: vec![],
+            output: dir.join("runs/r1/job.t1.1.log"),
+            workdir: dir.join("work/t1.1"),
+            timeout: None,
+            kill_grace: Duration::from_millis(300),
         }
-
-        fn spec(&self, command: &str) -> RunSpec {
-            RunSpec {
-                command: command.into(),
-                env: vec![],
-                output: self.dir.path().join("runs/r1/job.t1.1.log"),
-                workdir: self.dir.path().join("work/t1.1"),
-                timeout: None,
-                kill_grace: Duration::from_millis(300),
-            }
-        }
-
-        fn output(&self) -> String {
-            std::fs::read_to_string(self.dir.path().join("runs/r1/job.t1.1.log")).unwrap()
-        }
-    }
-
-    fn run_plain(spec: &RunSpec) -> RunResult {
-        let (_keep, cancel) = bounded::<String>(1);
-        run(spec, &cancel, |_| {})
-    }
-
-    fn is_alive(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            // A zombie is dead; `pid (comm) S ...`, comm may contain spaces.
-            Ok(stat) => !stat
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-            Err(_) => false,
-        }
-    }
-
-    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    #[test]
-    fn exit_codes_become_outcomes() {
-        let f = Fixture::new();
-        let ok = run_plain(&f.spec("echo hello; echo oops >&2"));
-        assert_eq!(ok.outcome, TaskOutcome::Succeeded);
-        assert_eq!(ok.exit_code, Some(0));
-        assert_eq!(ok.error, None);
-        assert_eq!(ok.output_tail, "hello\noops\n");
-        let failed = run_plain(&f.spec("exit 3"));
-        assert_eq!(failed.outcome, TaskOutcome::Failed);
-        assert_eq!(failed.exit_code, Some(3));
-        assert_eq!(failed.error, None);
-        assert_eq!(f.output(), "hello\noops\n", "output is appended");
-    }
-
-    #[test]
-    fn a_signalled_command_has_no_exit_code() {
-        let f = Fixture::new();
-        let r = run_plain(&f.spec("kill -9 $$"));
-        assert_eq!(r.outcome, TaskOutcome::Failed);
-        assert_eq!(r.exit_code, None);
-        assert_eq!(r.error.as_deref(), Some("killed by signal 9"));
-    }
-
-    #[test]
-    fn timeout_kills_the_whole_process_group() {
-        let f = Fixture::new();
-        let pidfile = f.dir.path().join("child.pid");
-        let mut spec = f.spec(&format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
-        spec.timeout = Some(Duration::from_millis(300));
-        let r = run_plain(&spec);
-        assert_eq!(r.outcome, TaskOutcome::TimedOut);
-        assert_eq!(r.error.as_deref(), Some("timed out after 300ms"));
-        assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        wait_until("the background sleep to die", || !is_alive(pid));
-    }
-
-    #[test]
-    fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
-        let f = Fixture::new();
-        let mut spec = f.spec("trap '' TERM; sleep 30");
-        spec.timeout = Some(Duration::from_millis(200));
-        let r = run_plain(&spec);
-        assert_eq!(r.outcome, TaskOutcome::TimedOut);
-        assert_eq!(r.exit_code, None, "SIGKILL, not an exit");
-        assert!(r.elapsed >= Duration::from_millis(500), "{:?}", r.elapsed);
-        assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
-    }
-
-    #[test]
-    fn leftover_background_processes_die_when_the_command_ends() {
-        let f = Fixture::new();
-        let pidfile = f.dir.path().join("child.pid");
-        let spec = f.spec(&format!(
-            "sleep 30 >/dev/null 2>&1 & echo $! > {}",
-            pidfile.display()
-        ));
-        let r = run_plain(&spec);
-        assert_eq!(r.outcome, TaskOutcome::Succeeded);
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        wait_until("the leftover sleep to die", || !is_alive(pid));
-    }
-
-    #[test]
-    fn cancel_kills_and_fails_with_the_reason() {
-        let f = Fixture::new();
-        let spec = f.spec("sleep 30");
-        let (tx, cancel) = bounded::<String>(1);
-        let (started_tx, started) = bounded(1);
-        let handle = std::thread::spawn(move || {
-            run(&spec, &cancel, |at| {
-                started_tx.send(at).unwrap();
-            })
-        });
-        started.recv_timeout(Duration::from_secs(10)).unwrap();
-        tx.send("worker shut down".into()).unwrap();
-        let r = handle.join().unwrap();
-        assert_eq!(r.outcome, TaskOutcome::Failed);
-        assert_eq!(r.error.as_deref(), Some("worker shut down"));
-        assert!(r.elapsed < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn a_dropped_cancel_sender_cancels_nothing() {
-        let f = Fixture::new();
-        let (tx, cancel) = bounded::<String>(1);
-        drop(tx);
-        let r = run(&f.spec("sleep 0.2; exit 4"), &cancel, |_| {});
-        assert_eq!(r.exit_code, Some(4));
-    }
-
-    #[test]
-    fn hostile_parameter_values_reach_the_command_as_one_argument() {
-        let template = jobz::template::Template::parse("printf '%s' {v}").unwrap();
-        for hostile in [
-            ";rm -rf /",
-            "$(id)",
-            "`id`",
-            "a'b\"c",
-            "x\ny",
-            " spaced  out ",
-            "*",
-            "~",
-            "$HOME",
-            "-n",
-            "\\",
-            "a\tb|c&d>e<f",
-        ] {
-            let f = Fixture::new();
-            let values = BTreeMap::from([("v".to_string(), hostile.to_string())]);
-            let command = template.render_shell(&values).unwrap();
-            let r = run_plain(&f.spec(&command));
-            assert_eq!(r.outcome, TaskOutcome::Succeeded, "{hostile:?}");
-            assert_eq!(f.output(), hostile, "{command}");
-        }
-    }
-
-    #[test]
-    fn runs_in_a_fresh_workdir_that_is_removed_after() {
-        let f = Fixture::new();
-        let spec = f.spec("pwd; ls -A | wc -l; touch left-behind");
-        std::fs::create_dir_all(&spec.workdir).unwrap();
-        std::fs::write(spec.workdir.join("stale"), "x").unwrap();
-        let r = run_plain(&spec);
-        assert_eq!(r.outcome, TaskOutcome::Succeeded);
-        let out = f.output();
-        let mut lines = out.lines();
-        let pwd = PathBuf::from(lines.next().unwrap());
-        assert_eq!(
-            pwd.canonicalize().ok(),
-            None,
-            "the directory it ran in is gone"
-        );
-        assert!(pwd.ends_with("work/t1.1"));
-        assert_eq!(
-            lines.next().unwrap().trim(),
-            "0",
-            "stale files were cleared"
-        );
-        assert!(!spec.workdir.exists());
-    }
-
-    #[test]
-    fn the_environment_carries_task_variables_but_no_inherited_params() {
-        let f = Fixture::new();
-        std::env::set_var("JOBZ_PARAM_LEAKED", "from the worker");
-        let mut spec = f.spec("echo \"$JOBZ_RUN_ID|$JOBZ_PARAM_DATE|${JOBZ_PARAM_LEAKED-unset}\"");
-        spec.env = vec![
-            ("JOBZ_RUN_ID".into(), "r1".into()),
-            ("JOBZ_PARAM_DATE".into(), "2024_01_01".into()),
-        ];
-        let r = run_plain(&spec);
-        assert_eq!(r.output_tail, "r1|2024_01_01|unset\n");
-    }
-
-    #[test]
-    fn stdin_is_empty() {
-        let f = Fixture::new();
-        let r = run_plain(&f.spec("wc -c"));
-        assert_eq!(r.output_tail.trim(), "0");
     }
 
     #[test]
     fn an_output_file_that_cannot_be_opened_fails_without_starting() {
-        let f = Fixture::new();
-        let mut spec = f.spec("true");
-        std::fs::write(f.dir.path().join("file"), "").unwrap();
-        spec.output = f.dir.path().join("file/sub/out.log");
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path());
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        spec.output = dir.path().join("file/sub/out.log");
         let mut called = false;
         let (_keep, cancel) = bounded::<String>(1);
         let r = run(&spec, &cancel, |_| called = true);
@@ -624,16 +406,22 @@ mod tests {
     }
 
     #[test]
-    fn the_tail_is_the_last_4k_of_this_runs_output_at_a_char_boundary() {
-        let f = Fixture::new();
-        run_plain(&f.spec("echo previous run"));
-        let r = run_plain(&f.spec("echo this run"));
-        assert_eq!(r.output_tail, "this run\n");
-        let big =
-            run_plain(&f.spec("i=0; while [ $i -lt 1000 ]; do echo line$i; i=$((i+1)); done"));
-        assert!(big.output_tail.len() <= OUTPUT_TAIL_BYTES);
-        assert!(big.output_tail.ends_with("line999\n"));
+    fn a_missing_leader_fails_the_task_without_starting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        let mut called = false;
+        let (_keep, cancel) = bounded::<String>(1);
+        let r = run(&spec, &cancel, |_| called = true);
+        assert!(!called);
+        assert!(!r.started);
+        let error = r.error.unwrap();
+        assert!(error.contains("cannot start the step leader"), "{error}");
+        assert!(error.contains("no-such-leader"), "{error}");
+        assert!(!spec.workdir.exists());
+    }
 
+    #[test]
+    fn the_tail_of_bytes_starts_at_a_char_boundary() {
         let mut bytes = "é".repeat(3000).into_bytes(); // 2 bytes each
         bytes.push(b'!');
         let tail = tail_text(&bytes);
@@ -642,5 +430,15 @@ mod tests {
         assert!(tail.ends_with("é!"));
         assert_eq!(tail_text(b"short"), "short");
         assert_eq!(tail_text(b"\xff\xfebad"), "\u{FFFD}\u{FFFD}bad");
+    }
+
+    #[test]
+    fn the_output_tail_is_what_this_run_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.log");
+        std::fs::write(&path, "previous run\nthis run\n").unwrap();
+        assert_eq!(output_tail(&path, 13), "this run\n");
+        assert_eq!(output_tail(&path, 0), "previous run\nthis run\n");
+        assert_eq!(output_tail(&dir.path().join("missing"), 0), "");
     }
 }

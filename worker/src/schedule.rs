@@ -112,6 +112,12 @@ impl Scheduler {
         actions
     }
 
+    /// Remembers `task` as seen without running it: an attempt the spool knows from an
+    /// earlier run of this worker.
+    pub fn remember(&mut self, task: TaskRef) {
+        self.seen.insert(task);
+    }
+
     /// A started task ended: its slot is free for the next queued one.
     pub fn on_finished(&mut self, task: &TaskRef) -> Vec<Action> {
         self.running.remove(task);
@@ -121,7 +127,8 @@ impl Scheduler {
     }
 
     /// Stops taking work: later assignments are ignored, queued tasks are dropped (the broker
-    /// still counts them as not started). Returns the dropped tasks.
+    /// still counts them as not started, and the spool never recorded them, so a restarted
+    /// worker runs them when they are offered again). Returns the dropped tasks.
     pub fn drain(&mut self) -> Vec<Task> {
         self.draining = true;
         self.queue.drain(..).collect()
@@ -442,6 +449,17 @@ mod tests {
         };
         assert!(s.on_finished(&a).is_empty());
         assert!(s.running().is_empty());
+    }
+
+    #[test]
+    fn remembered_attempts_are_not_run() {
+        let mut s = Scheduler::new("me", 4);
+        s.remember(TaskRef {
+            task_id: "t1".into(),
+            attempt: 1,
+        });
+        let w = work("plain", &[("me", "t1", 1), ("me", "t1", 2)], &[]);
+        assert_eq!(started(&s.on_work(&w, &served())), vec!["t1.2"]);
     }
 
     #[test]

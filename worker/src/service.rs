@@ -5,6 +5,11 @@
 //! (work), events from the command threads (started, finished), a tick (job-file refresh,
 //! heartbeats, acknowledgements) and the shutdown trigger. Commands run on a thread each
 //! ([`runner::run`]), so the loop never waits for a process.
+//!
+//! The loop writes the [`Spool`] before it acts: an attempt is recorded (seen, running)
+//! before its command starts, and a result is in the outbox before it is first sent; the
+//! outbox entry goes when the broker acknowledges it. At start, the spool's outbox is sent
+//! again and attempts it finds running are reported lost.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,6 +28,7 @@ use crate::config::Config;
 use crate::eventlog::{self, EventLog};
 use crate::runner::{self, RunResult, RunSpec};
 use crate::schedule::{is_valid_id, Action, Scheduler, Task};
+use crate::spool::{self, OutboxEntry, Recovered, RunningEntry, Spool};
 
 /// How often the loop wakes without any message.
 const TICK: Duration = Duration::from_millis(100);
@@ -33,17 +39,25 @@ const JOBS_REFRESH: Duration = Duration::from_secs(1);
 const RESULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// The same for "started" notices, which matter less once the result is in.
 const STARTED_TIMEOUT: Duration = Duration::from_secs(3600);
-/// At shutdown, how long to wait for the broker to acknowledge what was sent.
-const ACK_WAIT: Duration = Duration::from_secs(5);
 /// At shutdown, how long after SIGKILL to wait for a command thread before giving up on it.
 const REAP_WAIT: Duration = Duration::from_secs(5);
 /// The error of tasks killed because the worker stops.
 pub const SHUTDOWN_ERROR: &str = "worker shut down";
+/// The `worker.log` event of a queued task given back at shutdown.
+pub const HANDED_BACK_EVENT: &str = "handed back: not started before shutdown";
 
 /// Runs the worker until `shutdown` receives a message (or its sender is dropped): loads
 /// the jobs, connects, serves work, then drains. Errors only if it cannot start.
 pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     config.validate()?;
+    std::fs::metadata(&config.leader).with_context(|| {
+        format!(
+            "the step leader {} (the worker's own binary) is not there",
+            config.leader.display()
+        )
+    })?;
+    let (spool, recovered) = Spool::open(&config.spool, jobz::now_ms())
+        .with_context(|| format!("opening the spool {}", config.spool.display()))?;
     let work_root = config.spool.join("work");
     std::fs::create_dir_all(&work_root)
         .with_context(|| format!("creating spool directory {}", work_root.display()))?;
@@ -67,6 +81,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let mut service = Service {
         instance: jobz::new_id(),
         scheduler: Scheduler::new(config.name.clone(), config.slots as usize),
+        spool,
         config,
         client,
         jobs,
@@ -92,6 +107,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "worker starting"
     );
+    service.recover(recovered);
     service.on_refresh(first);
     if service.served.is_empty() {
         warn!(jobs_dir = %service.config.jobs_dir.display(), "this worker serves no jobs yet");
@@ -118,9 +134,26 @@ struct Running {
 
 /// A message the broker has yet to acknowledge.
 struct PendingAck {
-    what: &'static str,
+    what: Pending,
     task: Task,
     reply: Receiver<Result<ReplyBody, ClientError>>,
+}
+
+/// What a [`PendingAck`] waits for.
+enum Pending {
+    Started,
+    /// A result, kept to be sent again if the broker link gives up on it (its outbox entry
+    /// is removed when the broker acknowledges it).
+    Finished(Box<TaskFinished>),
+}
+
+impl Pending {
+    fn name(&self) -> &'static str {
+        match self {
+            Pending::Started => "TaskStarted",
+            Pending::Finished(_) => "TaskFinished",
+        }
+    }
 }
 
 /// Where a stopping worker is.
@@ -137,6 +170,7 @@ struct Service {
     served: BTreeMap<String, JobSpec>,
     jobs_dir_readable: bool,
     scheduler: Scheduler,
+    spool: Spool,
     log: EventLog,
     events_tx: Sender<RunnerEvent>,
     events: Receiver<RunnerEvent>,
@@ -197,7 +231,7 @@ impl Service {
                 }
             }
         }
-        self.wait_for_acks(ACK_WAIT);
+        self.wait_for_acks(self.config.ack_wait);
         info!("worker stopped");
         Ok(())
     }
@@ -229,6 +263,12 @@ impl Service {
                 Action::Start(task) => self.start(task),
                 Action::Fail { task, error } => {
                     task_span(&task).in_scope(|| warn!(%error, "task refused"));
+                    if let Err(e) = self.spool.mark_seen(&task.task, jobz::now_ms()) {
+                        // Refusing it again after a restart would be harmless.
+                        task_span(&task).in_scope(|| {
+                            warn!(error = %format!("{e:#}"), "cannot record the refused attempt in the spool")
+                        });
+                    }
                     self.finish(&task, RunResult::not_started(error));
                 }
             }
@@ -236,8 +276,27 @@ impl Service {
     }
 
     fn start(&mut self, task: Task) {
+        // Durably seen and running before anything runs: after a crash, the attempt is
+        // neither run again nor forgotten.
+        let entry = RunningEntry {
+            run_id: task.run_id.clone(),
+            step_id: task.step_id.clone(),
+            job: task.job.clone(),
+            task: task.task.clone(),
+            worker: self.config.name.clone(),
+            started_at_ms: jobz::now_ms(),
+        };
+        if let Err(e) = self.spool.start(&entry, entry.started_at_ms) {
+            let error = format!("cannot record the attempt in the worker's spool: {e:#}");
+            task_span(&task).in_scope(|| error!(%error, "not running the task"));
+            self.finish(&task, RunResult::not_started(error));
+            let actions = self.scheduler.on_finished(&task.task);
+            self.apply(actions);
+            return;
+        }
         let spec = RunSpec {
             command: task.command.clone(),
+            leader: self.config.leader.clone(),
             env: self.task_env(&task),
             output: output_path(&self.config.log_dir, &task),
             workdir: workdir_path(&self.config.spool, &task),
@@ -332,7 +391,7 @@ impl Service {
                     STARTED_TIMEOUT,
                 );
                 self.acks.push(PendingAck {
-                    what: "TaskStarted",
+                    what: Pending::Started,
                     task,
                     reply,
                 });
@@ -369,8 +428,11 @@ impl Service {
             }
         }
         self.log.append(task, &event);
-        let reply = self.client.request_async(
-            Message::TaskFinished(TaskFinished {
+        let entry = OutboxEntry {
+            run_id: task.run_id.clone(),
+            step_id: task.step_id.clone(),
+            job: task.job.clone(),
+            result: TaskFinished {
                 task: task.task.clone(),
                 worker: self.config.name.clone(),
                 outcome: result.outcome,
@@ -379,14 +441,82 @@ impl Service {
                 started_at_ms: result.started_at_ms,
                 finished_at_ms: result.finished_at_ms,
                 output_tail: result.output_tail,
-            }),
-            RESULT_TIMEOUT,
-        );
+            },
+        };
+        self.report(task.clone(), entry);
+    }
+
+    /// Puts a result in the spool's outbox, then sends it until the broker acknowledges it.
+    fn report(&mut self, task: Task, entry: OutboxEntry) {
+        if let Err(e) = self.spool.put_result(&entry) {
+            task_span(&task).in_scope(|| {
+                error!(
+                    error = %format!("{e:#}"),
+                    "cannot write the result to the spool; sending it anyway, but it is lost \
+                     if the worker stops before the broker acknowledges it"
+                )
+            });
+        }
+        self.send_result(task, entry.result);
+    }
+
+    fn send_result(&mut self, task: Task, result: TaskFinished) {
+        let reply = self
+            .client
+            .request_async(Message::TaskFinished(result.clone()), RESULT_TIMEOUT);
         self.acks.push(PendingAck {
-            what: "TaskFinished",
-            task: task.clone(),
+            what: Pending::Finished(Box::new(result)),
+            task,
             reply,
         });
+    }
+
+    // ---- Restart --------------------------------------------------------------------------
+
+    /// Takes over what the spool remembers from an earlier run of this worker.
+    fn recover(&mut self, recovered: Recovered) {
+        let Recovered {
+            seen,
+            running,
+            outbox,
+            set_aside,
+        } = recovered;
+        if !seen.is_empty() || !running.is_empty() || !outbox.is_empty() || !set_aside.is_empty() {
+            info!(
+                seen = seen.len(),
+                lost = running.len(),
+                unacknowledged = outbox.len(),
+                set_aside = set_aside.len(),
+                spool = %self.config.spool.display(),
+                "spool loaded"
+            );
+        }
+        for task in seen {
+            self.scheduler.remember(task);
+        }
+        for entry in outbox {
+            let task = spooled_task(
+                &entry.run_id,
+                &entry.step_id,
+                &entry.job,
+                &entry.result.task,
+            );
+            task_span(&task).in_scope(|| info!("resending a result kept in the spool"));
+            self.scheduler.remember(task.task.clone());
+            self.send_result(task, entry.result);
+        }
+        for entry in running {
+            let task = spooled_task(&entry.run_id, &entry.step_id, &entry.job, &entry.task);
+            task_span(&task).in_scope(|| {
+                warn!(started_at = %jobz::format_time_ms(entry.started_at_ms),
+                    "attempt lost: the worker stopped while the task ran")
+            });
+            self.scheduler.remember(task.task.clone());
+            self.log.append(&task, spool::LOST_EVENT);
+            let tail = runner::output_tail(&output_path(&self.config.log_dir, &task), 0);
+            let lost = spool::lost_result(&entry, tail, jobz::now_ms());
+            self.report(task, lost);
+        }
     }
 
     // ---- Periodic -----------------------------------------------------------------------
@@ -516,21 +646,50 @@ impl Service {
     }
 
     fn poll_acks(&mut self) {
-        self.acks.retain(|ack| match ack.reply.try_recv() {
-            Err(TryRecvError::Empty) => true,
-            Ok(Ok(ReplyBody::Ack)) => false,
-            Ok(Ok(other)) => {
-                let _span = task_span(&ack.task).entered();
-                warn!(message = ack.what, reply = ?other, "unexpected reply from the broker");
-                false
+        let mut resend = Vec::new();
+        for ack in std::mem::take(&mut self.acks) {
+            let answer = match ack.reply.try_recv() {
+                Err(TryRecvError::Empty) => {
+                    self.acks.push(ack);
+                    continue;
+                }
+                Ok(answer) => answer,
+                // The link dropped the request (it is shutting down): a result stays in the
+                // outbox for the next start.
+                Err(TryRecvError::Disconnected) => continue,
+            };
+            let _span = task_span(&ack.task).entered();
+            match (answer, ack.what) {
+                (Ok(ReplyBody::Ack), Pending::Finished(result)) => {
+                    self.spool.remove_result(&result.task);
+                }
+                (Ok(ReplyBody::Ack), Pending::Started) => {}
+                (Ok(other), what) => {
+                    // The broker answered, so it has the message; resending cannot change
+                    // the answer.
+                    warn!(message = what.name(), reply = ?other, "unexpected reply from the broker");
+                    if let Pending::Finished(result) = what {
+                        self.spool.remove_result(&result.task);
+                    }
+                }
+                (Err(ClientError::Timeout(after)), Pending::Finished(result)) => {
+                    warn!(after = %humantime::format_duration(after),
+                        "the broker has not acknowledged a result; still sending it");
+                    resend.push((ack.task, *result));
+                }
+                (Err(ClientError::Encode(e)), Pending::Finished(result)) => {
+                    error!(error = %e, "a result cannot be encoded; setting it aside in the spool");
+                    self.spool.set_aside_result(&result.task, &e);
+                }
+                (Err(ClientError::Closed), Pending::Finished(_)) => {}
+                (Err(e), Pending::Started) => {
+                    warn!(error = %e, "the broker never acknowledged that the task started");
+                }
             }
-            Ok(Err(e)) => {
-                let _span = task_span(&ack.task).entered();
-                error!(message = ack.what, error = %e, "the broker never acknowledged; giving up on it");
-                false
-            }
-            Err(TryRecvError::Disconnected) => false,
-        });
+        }
+        for (task, result) in resend {
+            self.send_result(task, result);
+        }
     }
 
     // ---- Shutdown -----------------------------------------------------------------------
@@ -544,8 +703,12 @@ impl Service {
             "shutting down: taking no new work, waiting for running commands"
         );
         for task in &dropped {
-            let _span = task_span(task).entered();
-            info!("queued task not started: the worker is shutting down");
+            // Not recorded in the spool: the broker still counts the task as not started
+            // and offers it again (to this worker when it is back), or gives it up when this
+            // worker expires.
+            task_span(task)
+                .in_scope(|| info!("queued task handed back: not started before shutdown"));
+            self.log.append(task, HANDED_BACK_EVENT);
         }
         Drain {
             deadline: Instant::now() + self.config.drain_timeout,
@@ -578,7 +741,9 @@ impl Service {
             if Instant::now() >= deadline {
                 warn!(
                     unacknowledged = self.acks.len(),
-                    "stopping with messages the broker has not acknowledged"
+                    results_in_outbox = self.spool.outbox_len(),
+                    "stopping with messages the broker has not acknowledged; the results stay \
+                     in the spool and are sent again at the next start"
                 );
                 return;
             }
@@ -636,6 +801,19 @@ fn clear_stale_workdirs(work_root: &Path) {
                 warn!(dir = %path.display(), error = %e, "cannot remove a stale working directory")
             }
         }
+    }
+}
+
+/// A task rebuilt from the spool, for logs: no command or parameters.
+fn spooled_task(run_id: &str, step_id: &str, job: &str, task: &TaskRef) -> Task {
+    Task {
+        run_id: run_id.to_owned(),
+        step_id: step_id.to_owned(),
+        job: job.to_owned(),
+        task: task.clone(),
+        params: Default::default(),
+        command: String::new(),
+        timeout: None,
     }
 }
 

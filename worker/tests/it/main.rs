@@ -1,0 +1,18 @@
+//! Integration tests of the worker with real processes: the built `jobz-worker` is the step
+//! leader of every command (and, in the kill tests, the worker itself), and a fake broker
+//! on loopback stands in for `jobz-broker`.
+//!
+//! - `harness.rs`: helpers, the fake broker, a worker running in this process.
+//! - `runner.rs`: one command: outcomes, output, environment, timeouts, process groups.
+//! - `leader.rs`: the step leader: a worker or leader killed with SIGKILL leaves nothing.
+//! - `service.rs`: the spool at work: outbox until acknowledged, no second run of a seen
+//!   attempt after a restart, queued tasks handed back at shutdown.
+
+// Test code through and through, helpers included: a panic here is a test failure with a
+// message, which is what `allow-unwrap-in-tests` means but cannot see outside `#[test]`s.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod leader;
+mod runner;
+mod service;

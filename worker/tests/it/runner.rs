@@ -1,0 +1,192 @@
+//! The runner with real processes: outcomes, output, environment, timeouts and the kill
+//! of the process group (moved from `src/runner.rs` when commands began to run under the
+//! step leader, which is the `jobz-worker` binary).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossbeam_channel::bounded;
+use jobz::message::TaskOutcome;
+use worker::runner::{run, RunResult, RunSpec, OUTPUT_TAIL_BYTES};
+
+use crate::harness::{is_alive, read_pid, wait_until, Fixture};
+
+fn run_plain(spec: &RunSpec) -> RunResult {
+    let (_keep, cancel) = bounded::<String>(1);
+    run(spec, &cancel, |_| {})
+}
+
+#[test]
+fn exit_codes_become_outcomes() {
+    let f = Fixture::new();
+    let ok = run_plain(&f.spec("echo hello; echo oops >&2"));
+    assert_eq!(ok.outcome, TaskOutcome::Succeeded);
+    assert_eq!(ok.exit_code, Some(0));
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.output_tail, "hello\noops\n");
+    let failed = run_plain(&f.spec("exit 3"));
+    assert_eq!(failed.outcome, TaskOutcome::Failed);
+    assert_eq!(failed.exit_code, Some(3));
+    assert_eq!(failed.error, None);
+    assert_eq!(f.output(), "hello\noops\n", "output is appended");
+}
+
+#[test]
+fn a_signalled_command_has_no_exit_code() {
+    let f = Fixture::new();
+    let r = run_plain(&f.spec("kill -9 $$"));
+    assert_eq!(r.outcome, TaskOutcome::Failed);
+    assert_eq!(r.exit_code, None);
+    assert_eq!(r.error.as_deref(), Some("killed by signal 9"));
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group() {
+    let f = Fixture::new();
+    let pidfile = f.dir.path().join("child.pid");
+    let mut spec = f.spec(&format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
+    spec.timeout = Some(Duration::from_millis(300));
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::TimedOut);
+    assert_eq!(r.error.as_deref(), Some("timed out after 300ms"));
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    let pid = read_pid(&pidfile);
+    wait_until("the background sleep to die", || !is_alive(pid));
+}
+
+#[test]
+fn a_command_ignoring_sigterm_is_killed_after_the_grace() {
+    let f = Fixture::new();
+    let mut spec = f.spec("trap '' TERM; sleep 30");
+    spec.timeout = Some(Duration::from_millis(200));
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::TimedOut);
+    assert_eq!(r.exit_code, None, "SIGKILL, not an exit");
+    assert!(r.elapsed >= Duration::from_millis(500), "{:?}", r.elapsed);
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+}
+
+#[test]
+fn leftover_background_processes_die_when_the_command_ends() {
+    let f = Fixture::new();
+    let pidfile = f.dir.path().join("child.pid");
+    let spec = f.spec(&format!(
+        "sleep 30 >/dev/null 2>&1 & echo $! > {}",
+        pidfile.display()
+    ));
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::Succeeded);
+    let pid = read_pid(&pidfile);
+    wait_until("the leftover sleep to die", || !is_alive(pid));
+}
+
+#[test]
+fn cancel_kills_and_fails_with_the_reason() {
+    let f = Fixture::new();
+    let spec = f.spec("sleep 30");
+    let (tx, cancel) = bounded::<String>(1);
+    let (started_tx, started) = bounded(1);
+    let handle = std::thread::spawn(move || {
+        run(&spec, &cancel, |at| {
+            started_tx.send(at).unwrap();
+        })
+    });
+    started.recv_timeout(Duration::from_secs(10)).unwrap();
+    tx.send("worker shut down".into()).unwrap();
+    let r = handle.join().unwrap();
+    assert_eq!(r.outcome, TaskOutcome::Failed);
+    assert_eq!(r.error.as_deref(), Some("worker shut down"));
+    assert!(r.elapsed < Duration::from_secs(5));
+}
+
+#[test]
+fn a_dropped_cancel_sender_cancels_nothing() {
+    let f = Fixture::new();
+    let (tx, cancel) = bounded::<String>(1);
+    drop(tx);
+    let r = run(&f.spec("sleep 0.2; exit 4"), &cancel, |_| {});
+    assert_eq!(r.exit_code, Some(4));
+}
+
+#[test]
+fn hostile_parameter_values_reach_the_command_as_one_argument() {
+    let template = jobz::template::Template::parse("printf '%s' {v}").unwrap();
+    for hostile in [
+        ";rm -rf /",
+        "$(id)",
+        "`id`",
+        "a'b\"c",
+        "x\ny",
+        " spaced  out ",
+        "*",
+        "~",
+        "$HOME",
+        "-n",
+        "\\",
+        "a\tb|c&d>e<f",
+    ] {
+        let f = Fixture::new();
+        let values = BTreeMap::from([("v".to_string(), hostile.to_string())]);
+        let command = template.render_shell(&values).unwrap();
+        let r = run_plain(&f.spec(&command));
+        assert_eq!(r.outcome, TaskOutcome::Succeeded, "{hostile:?}");
+        assert_eq!(f.output(), hostile, "{command}");
+    }
+}
+
+#[test]
+fn runs_in_a_fresh_workdir_that_is_removed_after() {
+    let f = Fixture::new();
+    let spec = f.spec("pwd; ls -A | wc -l; touch left-behind");
+    std::fs::create_dir_all(&spec.workdir).unwrap();
+    std::fs::write(spec.workdir.join("stale"), "x").unwrap();
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::Succeeded);
+    let out = f.output();
+    let mut lines = out.lines();
+    let pwd = PathBuf::from(lines.next().unwrap());
+    assert_eq!(
+        pwd.canonicalize().ok(),
+        None,
+        "the directory it ran in is gone"
+    );
+    assert!(pwd.ends_with("work/t1.1"));
+    assert_eq!(
+        lines.next().unwrap().trim(),
+        "0",
+        "stale files were cleared"
+    );
+    assert!(!spec.workdir.exists());
+}
+
+#[test]
+fn the_environment_carries_task_variables_but_no_inherited_params() {
+    let f = Fixture::new();
+    std::env::set_var("JOBZ_PARAM_LEAKED", "from the worker");
+    let mut spec = f.spec("echo \"$JOBZ_RUN_ID|$JOBZ_PARAM_DATE|${JOBZ_PARAM_LEAKED-unset}\"");
+    spec.env = vec![
+        ("JOBZ_RUN_ID".into(), "r1".into()),
+        ("JOBZ_PARAM_DATE".into(), "2024_01_01".into()),
+    ];
+    let r = run_plain(&spec);
+    assert_eq!(r.output_tail, "r1|2024_01_01|unset\n");
+}
+
+#[test]
+fn stdin_is_empty() {
+    let f = Fixture::new();
+    let r = run_plain(&f.spec("wc -c"));
+    assert_eq!(r.output_tail.trim(), "0");
+}
+
+#[test]
+fn the_tail_is_the_last_4k_of_this_runs_output_at_a_char_boundary() {
+    let f = Fixture::new();
+    run_plain(&f.spec("echo previous run"));
+    let r = run_plain(&f.spec("echo this run"));
+    assert_eq!(r.output_tail, "this run\n");
+    let big = run_plain(&f.spec("i=0; while [ $i -lt 1000 ]; do echo line$i; i=$((i+1)); done"));
+    assert!(big.output_tail.len() <= OUTPUT_TAIL_BYTES);
+    assert!(big.output_tail.ends_with("line999\n"));
+}
