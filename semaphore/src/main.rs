@@ -1,7 +1,4 @@
-//! `jobz-semaphore`: dependency barriers ("run X once N others are done").
-//!
-//! This build loads and validates the `semaphores:` of its `jobs.d` and connects to the
-//! broker; counting and firing barriers is not implemented yet (see ARCHITECTURE.md).
+//! `jobz-semaphore`: flags, logging and signals; everything else is in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,75 +6,86 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use jobz::client::{Client, ClientConfig};
-use jobz::jobfile::JobDir;
 use jobz::logging::LogArgs;
-use jobz::message::Role;
 use jobz::socket::BrokerAddr;
-use tracing::{error, info, warn};
+use semaphore::config::{self, Config};
 
-/// The jobz semaphore: dependency barriers between jobs.
+/// Dependency barriers between jobs: triggers a job once others have finished.
 #[derive(Debug, Parser)]
 #[command(name = "jobz-semaphore", version)]
 struct Args {
-    /// The broker, HOST[:BASE_PORT].
-    #[arg(long, env = "JOBZ_BROKER", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        env = "JOBZ_BROKER",
+        default_value = "127.0.0.1",
+        help = "Broker address, HOST[:BASE_PORT] (PUB at the base port, PULL at base + 1)"
+    )]
     broker: BrokerAddr,
     /// Directory of job files; only their `semaphores:` are used.
     #[arg(long, env = "JOBZ_JOBS_DIR", default_value = "/etc/jobz/jobs.d")]
     jobs_dir: PathBuf,
-    /// Directory of the durable barrier state.
-    #[arg(long, env = "JOBZ_STATE", default_value = "/var/lib/jobz/semaphore")]
+    /// Directory of the durable barrier state (one process per directory).
+    #[arg(long, env = "JOBZ_STATE", default_value = config::DEFAULT_STATE_DIR)]
     state: PathBuf,
+    /// How often the barriers are reported to the broker, for `GET /semaphores`.
+    #[arg(long, env = "JOBZ_STATUS_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    status_interval: Duration,
+    /// Validate the semaphores of --jobs-dir, print one line per file, and exit
+    /// (0 if all are good, 1 otherwise) without connecting anywhere.
+    #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
+    check: bool,
     #[command(flatten)]
     log: LogArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(e) = args.log.init() {
-        eprintln!("jobz-semaphore: {e:#}");
-        return ExitCode::from(2);
+    if args.check {
+        let mut out = std::io::stdout().lock();
+        return match semaphore::check::check_jobs_dir(&args.jobs_dir, &mut out) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("jobz-semaphore: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
-    match run(args) {
+    let logs_to_file = args.log.log_file.is_some();
+    match start(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
+            if logs_to_file {
+                tracing::error!("{e:#}");
+            }
             eprintln!("jobz-semaphore: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
-        .context("installing signal handlers")?;
-    let mut jobs = JobDir::new(&args.jobs_dir);
-    let report = jobs
-        .refresh()
-        .with_context(|| format!("reading jobs dir {}", args.jobs_dir.display()))?;
-    for rejected in &report.rejected {
-        error!("{rejected}");
-    }
-    let (set, conflicts) = jobs.job_set();
-    for c in &conflicts {
-        error!("{c}");
-    }
-    let node_id = format!("semaphore:{}", jobz::new_id());
-    let client = Client::start(ClientConfig::new(
-        args.broker.clone(),
-        node_id,
-        Role::Semaphore,
-    ))?;
-    info!(broker = %args.broker, semaphores = set.semaphores.len(), "semaphore started");
-    if !set.semaphores.is_empty() {
-        warn!("barrier counting is not implemented in this version; semaphores are loaded but never fire");
-    }
-    let _ = client.wait_connected(Duration::from_secs(5));
-    // Wait for SIGTERM/SIGINT.
-    let _ = signals.forever().next();
-    info!("semaphore stopped");
-    client.shutdown();
-    Ok(())
+fn start(args: Args) -> anyhow::Result<()> {
+    args.log.init()?;
+    let mut config = Config::new(args.broker, config::default_node_id()?);
+    config.jobs_dir = args.jobs_dir;
+    config.state_dir = args.state;
+    config.status_interval = args.status_interval;
+    config.validate()?;
+
+    let (shutdown_tx, shutdown) = crossbeam_channel::bounded(1);
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                tracing::info!(signal, "stop requested");
+                let _ = shutdown_tx.try_send(());
+            }
+        })
+        .context("starting the signal thread")?;
+    semaphore::run(config, shutdown)
 }

@@ -4,6 +4,8 @@
 //! - [`bin`] builds the workspace's binaries once per test process and finds them.
 //! - [`Mesh`] is a broker, a frontend and any number of workers, each with its own
 //!   directories and its own stderr file; [`MeshBuilder`] sets it up.
+//! - [`Mesh::start_semaphore`] adds a `jobz-semaphore` to a running mesh and waits until it
+//!   has caught up with the broker.
 //! - [`http_request`] is a minimal HTTP/1.1 client over `TcpStream`, so hostile tests can
 //!   send raw bytes; [`Mesh::http_get`] and [`Mesh::get_json`] wrap it.
 //! - [`wait_until`] and [`wait_for`] poll every 50 ms up to a deadline: tests wait on
@@ -661,7 +663,10 @@ impl Mesh {
             if seen >= starts {
                 Ok(())
             } else {
-                Err(format!("{seen} times {needle:?}; tail: {}", last_lines(&text, 5)))
+                Err(format!(
+                    "{seen} times {needle:?}; tail: {}",
+                    last_lines(&text, 5)
+                ))
             }
         });
     }

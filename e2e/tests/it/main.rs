@@ -10,3 +10,4 @@ mod harness;
 mod hostile;
 mod jobfiles;
 mod pipeline;
+mod semaphores;
