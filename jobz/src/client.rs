@@ -8,6 +8,9 @@
 //! channel. Callers never touch a socket, so any thread may use it.
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -87,6 +90,9 @@ pub struct ClientStats {
 #[derive(Clone)]
 pub struct Client {
     commands: Sender<Command>,
+    /// Write end of the link thread's wake-up pipe: a byte after each command, so the
+    /// thread reacts at once instead of at its next tick.
+    waker: Arc<UnixStream>,
     publications: Receiver<(Topic, Envelope)>,
     welcomed: Arc<AtomicBool>,
     broker_instance: Arc<std::sync::Mutex<String>>,
@@ -113,11 +119,19 @@ impl Client {
             .with_context(|| format!("connecting to {}", config.broker.pull_endpoint()))?;
 
         let (commands, command_rx) = unbounded();
+        let (waker, wake_rx) = UnixStream::pair().context("creating the link's wake-up pipe")?;
+        waker
+            .set_nonblocking(true)
+            .context("configuring the wake-up pipe")?;
+        wake_rx
+            .set_nonblocking(true)
+            .context("configuring the wake-up pipe")?;
         let (publication_tx, publications) = unbounded();
         let welcomed = Arc::new(AtomicBool::new(false));
         let broker_instance = Arc::new(std::sync::Mutex::new(String::new()));
         let stats = Arc::new(ClientStats::default());
         let mut link = Link {
+            wake_rx,
             config: config.clone(),
             push,
             sub,
@@ -136,6 +150,7 @@ impl Client {
             .context("starting the broker link thread")?;
         Ok(Client {
             commands,
+            waker: Arc::new(waker),
             publications,
             welcomed,
             broker_instance,
@@ -143,6 +158,13 @@ impl Client {
             node_id: config.node_id,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
+    }
+
+    fn command(&self, command: Command) -> bool {
+        let sent = self.commands.send(command).is_ok();
+        // Non-blocking: a full pipe already holds a wake-up.
+        let _ = (&*self.waker).write(&[1]);
+        sent
     }
 
     /// This node's id.
@@ -201,16 +223,13 @@ impl Client {
         timeout: Duration,
     ) -> Receiver<Result<ReplyBody, ClientError>> {
         let (reply, rx) = bounded(1);
-        if self
-            .commands
-            .send(Command::Request {
-                id,
-                body,
-                timeout,
-                reply: reply.clone(),
-            })
-            .is_err()
-        {
+        let request = Command::Request {
+            id,
+            body,
+            timeout,
+            reply: reply.clone(),
+        };
+        if !self.command(request) {
             let _ = reply.send(Err(ClientError::Closed));
         }
         rx
@@ -218,17 +237,17 @@ impl Client {
 
     /// Sends without waiting for any reply.
     pub fn send(&self, body: Message) {
-        let _ = self.commands.send(Command::Send(body));
+        self.command(Command::Send(body));
     }
 
     /// Receives publications on `topic` from now on.
     pub fn subscribe(&self, topic: Topic) {
-        let _ = self.commands.send(Command::Subscribe(topic));
+        self.command(Command::Subscribe(topic));
     }
 
     /// Stops receiving publications on `topic`.
     pub fn unsubscribe(&self, topic: Topic) {
-        let _ = self.commands.send(Command::Unsubscribe(topic));
+        self.command(Command::Unsubscribe(topic));
     }
 
     /// Publications on subscribed topics other than this node's own (work, events).
@@ -243,7 +262,7 @@ impl Client {
 
     /// Stops the link thread after flushing what was sent (bounded by the socket linger).
     pub fn shutdown(&self) {
-        let _ = self.commands.send(Command::Shutdown);
+        self.command(Command::Shutdown);
         if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = thread.join();
         }
@@ -260,6 +279,7 @@ struct Pending {
 }
 
 struct Link {
+    wake_rx: UnixStream,
     config: ClientConfig,
     push: zmq::Socket,
     sub: zmq::Socket,
@@ -273,8 +293,8 @@ struct Link {
     next_hello: Instant,
 }
 
-/// How often the link thread wakes to resend and to look at its command channel.
-const TICK: Duration = Duration::from_millis(5);
+/// How often the link thread wakes without a message or command, to resend and greet.
+const TICK: Duration = Duration::from_millis(50);
 
 impl Link {
     fn run(&mut self) {
@@ -290,9 +310,22 @@ impl Link {
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return,
                 }
             }
-            match self.sub.poll(zmq::POLLIN, TICK.as_millis() as i64) {
-                Ok(n) if n > 0 => self.drain_sub(),
-                Ok(_) | Err(zmq::Error::EINTR) => {}
+            let mut items = [
+                self.sub.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.wake_rx.as_raw_fd(), zmq::POLLIN),
+            ];
+            match zmq::poll(&mut items, TICK.as_millis() as i64) {
+                Ok(_) => {
+                    let (sub_ready, woken) = (items[0].is_readable(), items[1].is_readable());
+                    if woken {
+                        let mut sink = [0u8; 256];
+                        while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+                    }
+                    if sub_ready {
+                        self.drain_sub();
+                    }
+                }
+                Err(zmq::Error::EINTR) => {}
                 Err(e) => {
                     warn!(error = %e, "polling the broker's PUB socket failed");
                     std::thread::sleep(TICK);

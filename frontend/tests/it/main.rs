@@ -212,7 +212,7 @@ fn http_edge_cases_through_the_real_server() {
     let r = request(frontend.port, "HEAD", "/job_start?job_name=build");
     assert_eq!(r.status, 405);
 
-    let long = format!("/job_start?job_name=build&v={}", "a".repeat(9000));
+    let long = format!("/job_start?job_name=build&v={}", "a".repeat(70_000));
     let r = frontend.get(&long);
     assert_eq!(r.status, 414);
     assert!(r.json()["error"].as_str().unwrap().contains("exceeds"));
