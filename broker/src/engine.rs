@@ -207,7 +207,7 @@ impl Engine {
             if task.state == TaskState::Running {
                 task.lease_expires_ms = Some(now_ms + engine.config.lease_timeout_ms);
             }
-                        // A pending task may never have reached its worker before the broker stopped:
+            // A pending task may never have reached its worker before the broker stopped:
             // publish it again at the first tick (placed ones) or place it (retries).
             if task.state == TaskState::Pending {
                 if task.worker.is_some() {

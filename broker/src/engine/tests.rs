@@ -648,9 +648,18 @@ fn a_restored_pending_task_is_published_again_at_once() {
     let run = h.engine.runs[&run_id.unwrap()].clone();
     let steps: Vec<Step> = h.engine.steps.values().cloned().collect();
     let tasks: Vec<Task> = h.engine.tasks.values().cloned().collect();
-    let snapshot = Snapshot { runs: vec![run], steps, tasks, ..Default::default() };
+    let snapshot = Snapshot {
+        runs: vec![run],
+        steps,
+        tasks,
+        ..Default::default()
+    };
     let mut restored = Engine::restore(config(), snapshot, h.now);
     restored.heartbeat_for_test(&h.jobs, "w1", h.now);
     let again = works(&restored.tick(h.now));
-    assert_eq!(again.len(), 1, "the pending task was not published after restore");
+    assert_eq!(
+        again.len(),
+        1,
+        "the pending task was not published after restore"
+    );
 }
