@@ -158,8 +158,19 @@ pub enum ParamError {
 }
 
 impl JobSpec {
-    /// Checks a run's parameters against the declaration.
+    /// Checks a trigger's parameters against the declaration: every one must be declared.
     pub fn validate_params(&self, params: &Params) -> Result<(), ParamError> {
+        if let Some(name) = params.keys().find(|n| !self.params.contains_key(*n)) {
+            return Err(ParamError::Undeclared(name.clone()));
+        }
+        self.validate_declared_params(params)
+    }
+
+    /// Checks the parameters a run carries into this job as a successor: the declared ones
+    /// must match, required ones must be present; undeclared ones flow on untouched (they
+    /// were checked against the triggered job's declaration, reach the command only as
+    /// `JOBZ_PARAM_<NAME>`, and cannot appear in its command: a placeholder declares).
+    pub fn validate_declared_params(&self, params: &Params) -> Result<(), ParamError> {
         if params.len() > MAX_PARAMS {
             return Err(ParamError::TooLarge(format!(
                 "{} parameters, at most {MAX_PARAMS}",
@@ -168,7 +179,7 @@ impl JobSpec {
         }
         for (name, value) in params {
             let Some(spec) = self.params.get(name) else {
-                return Err(ParamError::Undeclared(name.clone()));
+                continue;
             };
             if value.len() > MAX_PARAM_VALUE_BYTES {
                 return Err(ParamError::TooLarge(format!(
@@ -826,6 +837,15 @@ semaphores:
             job.validate_params(&p(&[("date", "2026_11_23"), ("x", "1")])),
             Err(ParamError::Undeclared("x".into()))
         );
+        // As a successor, undeclared parameters flow on; declared ones are still checked.
+        assert_eq!(
+            job.validate_declared_params(&p(&[("date", "2026_11_23"), ("x", "1")])),
+            Ok(())
+        );
+        assert!(job
+            .validate_declared_params(&p(&[("date", "bad"), ("x", "1")]))
+            .is_err());
+        assert!(job.validate_declared_params(&p(&[("x", "1")])).is_err());
     }
 
     #[test]

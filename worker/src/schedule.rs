@@ -177,9 +177,10 @@ fn prepare(task: &mut Task, served: &BTreeMap<String, JobSpec>) -> Result<(), St
     let Some(spec) = served.get(&task.job) else {
         return Err("job not served by this worker".into());
     };
-    // The broker checked the parameters against the job definition it knows, which may come
-    // from another worker; this worker runs its own definition, so it checks again.
-    spec.validate_params(&task.params).map_err(|e| {
+    // The broker checked the parameters against the definition of the job that was
+    // triggered, which may come from another worker; this worker runs its own definition,
+    // so it checks again what that declares (a successor also carries the run's others).
+    spec.validate_declared_params(&task.params).map_err(|e| {
         format!(
             "parameters refused by this worker's definition of {:?}: {e}",
             task.job
@@ -416,13 +417,24 @@ mod tests {
     }
 
     #[test]
-    fn parameters_are_checked_against_this_workers_definition() {
-        let mut s = Scheduler::new("me", 1);
-        let actions = s.on_work(
-            &work("plain", &[("me", "t", 1)], &[("undeclared", "x")]),
-            &served(),
+    fn declared_parameters_are_checked_against_this_workers_definition() {
+        let mut served = served();
+        if let Some(build) = served.get_mut("build") {
+            build.params.get_mut("v").unwrap().pattern = "^[a-z]+$".into();
+        }
+        let mut s = Scheduler::new("me", 2);
+        let refused = s.on_work(&work("build", &[("me", "t", 1)], &[("v", "A;B")]), &served);
+        assert!(
+            failures(&refused)[0].contains("does not match"),
+            "{refused:?}"
         );
-        assert!(failures(&actions)[0].contains("undeclared"));
+        // A successor carries the run's other parameters: they flow on, unchecked here.
+        let flows = s.on_work(
+            &work("plain", &[("me", "u", 1)], &[("undeclared", "x")]),
+            &served,
+        );
+        assert!(failures(&flows).is_empty(), "{flows:?}");
+        assert_eq!(started(&flows).len(), 1);
     }
 
     #[test]

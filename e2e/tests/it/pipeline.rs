@@ -279,3 +279,30 @@ fn exact_topics_job_named_prefix_does_not_fire_longer_job() {
         "the `import_category_dump` worker saw work for `import`"
     );
 }
+
+/// Regression: a successor that does not declare the run's parameters was refused by its
+/// worker ("undeclared parameter"), although SPEC says the run's params flow on.
+#[test]
+fn run_params_flow_on_to_successors_that_do_not_declare_them() {
+    let mesh = Mesh::builder()
+        .worker(
+            "w1",
+            r#"
+jobs:
+  - name: first
+    command: "echo {date}"
+    params:
+      date: { required: true, pattern: '^[0-9]{4}_[0-9]{2}_[0-9]{2}$' }
+    on_success: second
+  - name: second
+    command: 'printf %s "$JOBZ_PARAM_DATE" > @DIR@/second.out'
+"#,
+        )
+        .start();
+    mesh.wait_workers_live(1);
+    let run_id = mesh.start_run("first", &[("date", "2026_11_23")]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+    let out = std::fs::read_to_string(mesh.dir().join("second.out")).unwrap();
+    assert_eq!(out, "2026_11_23");
+}
