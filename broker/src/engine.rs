@@ -1031,6 +1031,7 @@ impl Engine {
             created_at_ms: now,
             started_at_ms: None,
             finished_at_ms: None,
+            recorded_at_ms: None,
             output_tail: String::new(),
             lease_expires_ms: None,
             not_before_ms: None,
@@ -1216,6 +1217,7 @@ impl Engine {
         };
         task.state = state;
         task.finished_at_ms = task.finished_at_ms.or(Some(now));
+        task.recorded_at_ms = Some(now);
         self.last_sent.remove(task_id);
         let task = task.clone();
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,

@@ -62,6 +62,9 @@ pub struct Task {
     pub created_at_ms: i64,
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// When the broker recorded the final state (its own clock): what completion catch-up
+    /// pages by, since `finished_at_ms` is the worker's clock and a result may come late.
+    pub recorded_at_ms: Option<i64>,
     pub output_tail: String,
     /// A running task's lease: the worker's heartbeats renew it (memory only; reset on start).
     pub lease_expires_ms: Option<i64>,
@@ -149,7 +152,10 @@ impl Task {
             worker: self.worker.clone().unwrap_or_default(),
             params,
             state: self.state,
-            finished_at_ms: self.finished_at_ms.unwrap_or(self.created_at_ms),
+            finished_at_ms: self
+                .recorded_at_ms
+                .or(self.finished_at_ms)
+                .unwrap_or(self.created_at_ms),
             fanout: self.fanout,
         }
     }

@@ -132,11 +132,11 @@ impl SqliteStore {
                      CREATE TABLE IF NOT EXISTS tasks (
                         task_id TEXT PRIMARY KEY, step_id TEXT NOT NULL, run_id TEXT NOT NULL,
                         job TEXT NOT NULL, worker TEXT, state TEXT NOT NULL, attempt INTEGER NOT NULL,
-                                                failures INTEGER NOT NULL DEFAULT 0, fanout INTEGER NOT NULL DEFAULT 1,
+                                                failures INTEGER NOT NULL DEFAULT 0, fanout INTEGER NOT NULL DEFAULT 1, recorded_at INTEGER,
                         exit_code INTEGER, error TEXT, instance TEXT, created_at INTEGER NOT NULL,
                         started_at INTEGER, finished_at INTEGER, output_tail TEXT NOT NULL);
                                           CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (run_id);
-                     CREATE INDEX IF NOT EXISTS tasks_by_job_end ON tasks (job, finished_at);
+                     CREATE INDEX IF NOT EXISTS tasks_by_job_end ON tasks (job, recorded_at);
                      CREATE TABLE IF NOT EXISTS workers (
                         name TEXT PRIMARY KEY, instance TEXT NOT NULL, jobs TEXT NOT NULL,
                         capabilities TEXT NOT NULL, slots INTEGER NOT NULL, version TEXT NOT NULL,
@@ -198,15 +198,16 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
         Write::Task(t) => tx
             .execute(
                                 "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
-                                    created_at, started_at, finished_at, output_tail, failures, fanout)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                                    created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
                  ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
                     attempt = excluded.attempt, failures = excluded.failures,
                     exit_code = excluded.exit_code, error = excluded.error,
                     instance = excluded.instance, started_at = excluded.started_at,
-                    finished_at = excluded.finished_at, output_tail = excluded.output_tail",
+                    finished_at = excluded.finished_at, output_tail = excluded.output_tail,
+                    recorded_at = excluded.recorded_at",
                 params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
-                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout],
+                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout, t.recorded_at_ms],
             )
             .context("writing a task"),
         Write::Worker(w) => tx
@@ -250,7 +251,7 @@ const STEP_COLUMNS: &str =
     "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
 const TASK_COLUMNS: &str =
     "task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance, \
-                            created_at, started_at, finished_at, output_tail, failures, fanout";
+                            created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at";
 
 type Raw<T> = Result<T, StoreError>;
 
@@ -331,6 +332,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
         output_tail: row.get(13)?,
         failures: row.get(14)?,
         fanout: row.get(15)?,
+        recorded_at_ms: row.get(16)?,
         lease_expires_ms: None,
         not_before_ms: None,
     }))
@@ -558,9 +560,9 @@ impl Store for SqliteStore {
         let tasks = self.select(
             &format!(
                 "SELECT {TASK_COLUMNS} FROM tasks
-                 WHERE job IN (SELECT value FROM json_each(?1)) AND finished_at >= ?2
+                 WHERE job IN (SELECT value FROM json_each(?1)) AND recorded_at >= ?2
                    AND state IN ('succeeded', 'failed')
-                 ORDER BY finished_at, rowid LIMIT ?3"
+                 ORDER BY recorded_at, rowid LIMIT ?3"
             ),
             params![json(&jobs), since_ms, limit.clamp(1, 10_000)],
             task_from_row,
@@ -639,6 +641,7 @@ mod tests {
             created_at_ms: 1,
             started_at_ms: Some(2),
             finished_at_ms: None,
+            recorded_at_ms: None,
             output_tail: String::new(),
             failures: 0,
             fanout: 1,
@@ -701,9 +704,11 @@ mod tests {
         let mut done = task("t1", "s1", "r1");
         done.state = TaskState::Succeeded;
         done.finished_at_ms = Some(100);
+        done.recorded_at_ms = Some(100);
         let mut later = task("t2", "s1", "r1");
         later.state = TaskState::Failed;
-        later.finished_at_ms = Some(200);
+        later.finished_at_ms = Some(5); // the worker's clock may be anything
+        later.recorded_at_ms = Some(200);
         let running = task("t3", "s1", "r1");
         store
             .apply(&[

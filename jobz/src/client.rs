@@ -293,6 +293,9 @@ struct Link {
     next_hello: Instant,
 }
 
+/// How often a connected link greets the broker again, to notice a restart.
+const HELLO_WHEN_CONNECTED: Duration = Duration::from_secs(5);
+
 /// How often the link thread wakes without a message or command, to resend and greet.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -342,9 +345,10 @@ impl Link {
     }
 
     fn say_hello_if_due(&mut self, now: Instant) {
-        if self.welcomed.load(Ordering::Relaxed) || now < self.next_hello {
+        if now < self.next_hello {
             return;
         }
+        let welcomed = self.welcomed.load(Ordering::Relaxed);
         let env = Envelope::new(
             &self.config.node_id,
             Message::Hello {
@@ -355,8 +359,15 @@ impl Link {
             self.send_frame(&frame);
         }
         self.hello_id = Some(env.id);
-        // Jittered, so a restarted broker is not greeted by every client at once.
-        self.next_hello = now + socket::with_jitter(Duration::from_millis(300), 1.0);
+        // Until welcomed, greet often; afterwards every few seconds, which tells a restarted
+        // broker apart (its instance id changes). Jittered, so a restarted broker is not
+        // greeted by every client at once.
+        let every = if welcomed {
+            HELLO_WHEN_CONNECTED
+        } else {
+            Duration::from_millis(300)
+        };
+        self.next_hello = now + socket::with_jitter(every, 1.0);
     }
 
     fn resend_or_expire(&mut self, now: Instant) {
