@@ -75,14 +75,21 @@ start() {
     echo $! >"$DEMO/$name.pid"
 }
 
-# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s.
+# wait_for SECONDS WHAT COMMAND...: polls COMMAND every 0.2 s until a deadline; gives up at
+# once if a mesh process has died (its log says why).
 wait_for() {
-    local seconds=$1 what=$2 tries
+    local seconds=$1 what=$2 deadline name
     shift 2
-    tries=$((seconds * 5))
+    deadline=$((SECONDS + seconds))
     until "$@"; do
-        tries=$((tries - 1))
-        if ((tries <= 0)); then
+        for name in broker frontend demo-a demo-b; do
+            if ! live_pid "$name" >/dev/null; then
+                echo "demo: $name exited while waiting for $what; its log ($DEMO/$name.log) ends:" >&2
+                tail -n 5 "$DEMO/$name.log" >&2 || true
+                exit 1
+            fi
+        done
+        if ((SECONDS >= deadline)); then
             echo "demo: timed out waiting for $what; the logs are in $DEMO/" >&2
             tail -n 5 "$DEMO"/*.log >&2 || true
             exit 1
@@ -91,7 +98,7 @@ wait_for() {
     done
 }
 
-healthy() { curl -fsS -o /dev/null "$FRONTEND/healthz" 2>/dev/null; }
+healthy() { curl -fsS -m 3 -o /dev/null "$FRONTEND/healthz" 2>/dev/null; }
 
 live_workers() {
     curl -fsS "$FRONTEND/workers" 2>/dev/null | grep -o '"live": *true' | wc -l

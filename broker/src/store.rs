@@ -19,7 +19,7 @@ use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
 
 /// Version of the schema this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// A failure of the store. The broker stops on a failed write (its memory would be ahead
 /// of its disk); it answers a failed read with an error.
@@ -113,6 +113,9 @@ impl SqliteStore {
                 "database schema {version} is newer than this broker understands ({SCHEMA_VERSION})"
             )));
         }
+        if version == 1 {
+            self.migrate_v1_to_v2()?;
+        }
         if version < 1 {
             self.conn
                 .execute_batch(
@@ -155,11 +158,43 @@ impl SqliteStore {
                         job TEXT NOT NULL, worker TEXT, params TEXT NOT NULL, attempts INTEGER NOT NULL,
                         error TEXT, exit_code INTEGER, failed_at INTEGER NOT NULL, retried_as TEXT);
                      CREATE INDEX IF NOT EXISTS dead_by_time ON dead (failed_at);
-                     PRAGMA user_version = 1;
+                     PRAGMA user_version = 2;
                      COMMIT;",
                 )
                 .context("creating schema")?;
         }
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Version 2 added retries, fanout and the broker-clock completion time to tasks, and
+    /// the attempt history and dead list. Done in one transaction: all of it, or nothing.
+    fn migrate_v1_to_v2(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE tasks ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE tasks ADD COLUMN fanout INTEGER NOT NULL DEFAULT 1;
+                 ALTER TABLE tasks ADD COLUMN recorded_at INTEGER;
+                 UPDATE tasks SET recorded_at = finished_at WHERE state IN ('succeeded', 'failed');
+                 CREATE INDEX IF NOT EXISTS tasks_by_job_end ON tasks (job, recorded_at);
+                 CREATE TABLE IF NOT EXISTS attempts (
+                    task_id TEXT NOT NULL, run_id TEXT NOT NULL, attempt INTEGER NOT NULL,
+                    worker TEXT, state TEXT NOT NULL, exit_code INTEGER, error TEXT,
+                    started_at INTEGER, finished_at INTEGER NOT NULL, late INTEGER NOT NULL,
+                    PRIMARY KEY (task_id, attempt, late));
+                 CREATE INDEX IF NOT EXISTS attempts_by_run ON attempts (run_id);
+                 CREATE TABLE IF NOT EXISTS dead (
+                    task_id TEXT PRIMARY KEY, run_id TEXT NOT NULL, step_id TEXT NOT NULL,
+                    job TEXT NOT NULL, worker TEXT, params TEXT NOT NULL, attempts INTEGER NOT NULL,
+                    error TEXT, exit_code INTEGER, failed_at INTEGER NOT NULL, retried_as TEXT);
+                 CREATE INDEX IF NOT EXISTS dead_by_time ON dead (failed_at);
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )
+            .context("migrating the schema from version 1 to 2")?;
+        tracing::info!("store migrated from schema version 1 to 2");
         Ok(())
     }
 }
@@ -731,6 +766,35 @@ mod tests {
             .completions(&["other".into()], 0, 100)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_and_its_run_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("broker.sqlite3")).unwrap();
+            conn.execute_batch(include_str!("../tests/data/schema-v1.sql"))
+                .unwrap();
+        }
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.runs.len(), 1);
+        assert_eq!(snap.tasks.len(), 1);
+        assert_eq!(snap.tasks[0].failures, 0);
+        assert_eq!(snap.workers.len(), 1);
+        // And it takes version-2 writes.
+        let mut t = snap.tasks[0].clone();
+        t.state = TaskState::Succeeded;
+        t.recorded_at_ms = Some(5000);
+        store.apply(&[Write::Task(t)]).unwrap();
+        assert_eq!(store.completions(&["a".into()], 0, 10).unwrap().len(), 1);
+        let version: i64 = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(store);
+        SqliteStore::open(dir.path()).unwrap(); // opening again is a no-op
     }
 
     #[test]

@@ -9,5 +9,8 @@
 //! - `tests/it/hostile.rs`: hostile parameters, HTTP requests and ZeroMQ frames.
 //! - `tests/it/faults.rs`: a broker killed mid-run, step time-outs.
 //! - `tests/it/jobfiles.rs`: the shipped job files and compatibility fixtures still parse.
+//! - `tests/it/delivery.rs`: the fault-injection suite (kill -9, a frozen worker, leases,
+//!   retries, the dead list), with a ledger every command writes.
+//! - `tests/it/semaphores.rs`: barriers: counts, keys, restarts, two processes, timeouts.
 //!
 //! Run with `cargo test -p e2e`; set `JOBZ_E2E_KEEP=1` to keep a failed test's directory.
