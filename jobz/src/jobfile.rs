@@ -569,6 +569,20 @@ fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
     })
 }
 
+/// Is this a job file: `*.yaml` or `*.yml`, not hidden (editors' temporary files such as
+/// `.foo.yaml.swp` or `.#foo.yaml` are not), and a regular file?
+pub fn is_job_file(path: &Path) -> bool {
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'));
+    yaml && !hidden && path.is_file()
+}
+
 // ---- The directory ----------------------------------------------------------------------
 
 /// The job files of one directory, re-read on change, each kept at its last good version.
@@ -625,24 +639,12 @@ impl JobDir {
         let mut seen = BTreeSet::new();
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
-            let is_yaml = matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            );
-            // Editors' temporary files (`.foo.yaml.swp`, `.#foo.yaml`) are not job files.
-            let hidden = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with('.'));
-            if !is_yaml || hidden {
+            if !is_job_file(&path) {
                 continue;
             }
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
-            if !meta.is_file() {
-                continue;
-            }
             seen.insert(path.clone());
             let modified = meta.modified().ok();
             if let Some(f) = self.files.get(&path) {

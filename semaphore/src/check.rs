@@ -21,7 +21,7 @@ pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> 
         let path = entry
             .with_context(|| format!("reading jobs dir {}", dir.display()))?
             .path();
-        if is_job_file(&path) {
+        if jobz::jobfile::is_job_file(&path) {
             files.push(path);
         }
     }
@@ -91,19 +91,6 @@ pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> 
         if good { "" } else { " (with errors)" }
     )?;
     Ok(good)
-}
-
-/// The files [`jobz::jobfile::JobDir`] reads: `*.yaml`/`*.yml`, not hidden, regular.
-fn is_job_file(path: &Path) -> bool {
-    let yaml = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    );
-    let hidden = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with('.'));
-    yaml && !hidden && path.is_file()
 }
 
 #[cfg(test)]
