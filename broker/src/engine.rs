@@ -52,6 +52,10 @@ pub enum Write {
     Worker(Worker),
     Job(CatalogEntry),
     Attempt(Attempt),
+    /// A result for a task of a run that has ended (so it is no longer in memory): the
+    /// store records it as a late attempt unless it is the task's current attempt (then it
+    /// is a plain duplicate). `run_id` is filled in by the store.
+    ResultAfterRunEnd(Attempt),
     Dead(Dead),
 }
 
@@ -557,7 +561,23 @@ impl Engine {
 
     fn on_finished(&mut self, fx: &mut Effects, env: &Envelope, finished: TaskFinished, now: i64) {
         let Some(task) = self.tasks.get(&finished.task.task_id).cloned() else {
-            self.count("duplicate_results");
+            self.count("results_after_run_end");
+            let state = match finished.outcome {
+                TaskOutcome::Succeeded => TaskState::Succeeded,
+                TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
+            };
+            fx.writes.push(Write::ResultAfterRunEnd(Attempt {
+                task_id: finished.task.task_id.clone(),
+                run_id: String::new(),
+                attempt: finished.task.attempt,
+                worker: Some(finished.worker.clone()),
+                state,
+                exit_code: finished.exit_code,
+                error: finished.error.clone(),
+                started_at_ms: Some(finished.started_at_ms),
+                finished_at_ms: finished.finished_at_ms,
+                late: true,
+            }));
             reply(fx, env, ReplyBody::Ack);
             return;
         };

@@ -15,6 +15,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 use crate::engine::{Snapshot, Write};
+#[cfg(test)]
+use crate::model::Attempt;
 use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
 
@@ -267,6 +269,16 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         a.started_at_ms, a.finished_at_ms, a.late],
             )
             .context("writing an attempt"),
+                Write::ResultAfterRunEnd(a) => tx
+            .execute(
+                "INSERT OR IGNORE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
+                                                 started_at, finished_at, late)
+                 SELECT ?1, run_id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1 FROM tasks
+                 WHERE task_id = ?1 AND (attempt != ?2 OR worker IS NOT ?3)",
+                params![a.task_id, a.attempt, a.worker, a.state.as_str(), a.exit_code, a.error,
+                        a.started_at_ms, a.finished_at_ms],
+            )
+            .context("recording a result that came after its run ended"),
         Write::Dead(d) => tx
             .execute(
                 "INSERT OR REPLACE INTO dead (task_id, run_id, step_id, job, worker, params, attempts, error,
@@ -795,6 +807,48 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         drop(store);
         SqliteStore::open(dir.path()).unwrap(); // opening again is a no-op
+    }
+
+    #[test]
+    fn a_result_after_the_run_ended_is_recorded_late_unless_it_is_the_current_attempt() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut current = task("t1", "s1", "r1");
+        current.attempt = 2;
+        current.worker = Some("w2".into());
+        current.state = TaskState::Succeeded;
+        store
+            .apply(&[
+                Write::Run(run("r1", RunState::Succeeded, 1)),
+                Write::Task(current),
+            ])
+            .unwrap();
+        let result = |attempt: u32, worker: &str| Attempt {
+            task_id: "t1".into(),
+            run_id: String::new(),
+            attempt,
+            worker: Some(worker.into()),
+            state: TaskState::Succeeded,
+            exit_code: Some(0),
+            error: None,
+            started_at_ms: Some(1),
+            finished_at_ms: 2,
+            late: true,
+        };
+        store
+            .apply(&[Write::ResultAfterRunEnd(result(2, "w2"))])
+            .unwrap(); // a duplicate
+        store
+            .apply(&[Write::ResultAfterRunEnd(result(1, "w1"))])
+            .unwrap(); // late
+        store
+            .apply(&[Write::ResultAfterRunEnd(Attempt {
+                task_id: "nope".into(),
+                ..result(1, "w1")
+            })])
+            .unwrap();
+        let view = store.run("r1").unwrap().unwrap();
+        assert_eq!(view.attempts.len(), 1, "{:?}", view.attempts);
+        assert_eq!((view.attempts[0].attempt, view.attempts[0].late), (1, true));
     }
 
     #[test]

@@ -336,3 +336,141 @@ jobs:
         "a second retry must be the same run"
     );
 }
+
+/// A network namespace joined to this one by a veth pair, for a worker to live behind a
+/// link the test can cut. Removed (with its veth) on drop, also when the test fails.
+struct Netns {
+    name: String,
+    host_veth: String,
+    host_ip: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        // A /30 of 10.253.0.0/16 of our own; nothing else uses it, and it has no route out.
+        let n = (std::process::id() % 250) as u8 + 1;
+        let name = format!("jzp-{tag}-{}", std::process::id());
+        let host_veth = format!("jzp{n}h");
+        let ns_veth = format!("jzp{n}n");
+        let host_ip = format!("10.253.{n}.1");
+        let ns_ip = format!("10.253.{n}.2");
+        let net = Netns {
+            name: name.clone(),
+            host_veth: host_veth.clone(),
+            host_ip: host_ip.clone(),
+        };
+        for cmd in [
+            vec!["netns", "add", &name],
+            vec![
+                "link", "add", &host_veth, "type", "veth", "peer", "name", &ns_veth,
+            ],
+            vec!["link", "set", &ns_veth, "netns", &name],
+            vec!["addr", "add", &format!("{host_ip}/30"), "dev", &host_veth],
+            vec!["link", "set", &host_veth, "up"],
+            vec![
+                "-n",
+                &name,
+                "addr",
+                "add",
+                &format!("{ns_ip}/30"),
+                "dev",
+                &ns_veth,
+            ],
+            vec!["-n", &name, "link", "set", &ns_veth, "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+        ] {
+            ip(&cmd);
+        }
+        net
+    }
+
+    fn link(&self, state: &str) {
+        ip(&["link", "set", &self.host_veth, state]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_veth])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_worker_partitioned_mid_step_is_retried_elsewhere_and_its_late_result_is_only_recorded() {
+    let net = Netns::new("lease");
+    let jobs = format!(
+        "jobs:\n  - name: p\n    delivery: queue\n    retries: 2\n    retry_backoff: 100ms\n    command: '{LEDGER_LINE}; sleep 3'\n"
+    );
+    // `a-ns` sorts first, so the first attempt goes to the worker behind the veth.
+    let mesh = Mesh::builder()
+        .broker_host(&net.host_ip)
+        .broker_args(&FAST_LEASES)
+        .worker("a-ns", &jobs)
+        .worker_in_netns("a-ns", &net.name)
+        .worker("b-host", &jobs)
+        .start();
+    mesh.wait_workers_live(2);
+    let dir = mesh.dir().to_owned();
+    let run_id = mesh.start_run("p", &[]);
+    wait_until(
+        Duration::from_secs(10),
+        "the first attempt to start",
+        || ledger_len(&dir) == 1,
+    );
+    let first = ledger(&dir).remove(0);
+    assert_eq!(
+        first.worker, "a-ns",
+        "the first attempt should run behind the veth"
+    );
+
+    net.link("down");
+    wait_until(
+        Duration::from_secs(20),
+        "the retry on the other worker",
+        || ledger(&dir).iter().any(|e| e.attempt == 2),
+    );
+    let retry = ledger(&dir).into_iter().find(|e| e.attempt == 2).unwrap();
+    assert_eq!(retry.worker, "b-host");
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+
+    net.link("up");
+    let late = || {
+        list_of(&mesh.run(&run_id), "attempts")
+            .into_iter()
+            .any(|a| a["late"] == true && a["attempt"] == 1 && a["worker"] == "a-ns")
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the late result once the link is back",
+        late,
+    );
+    let run = mesh.run(&run_id);
+    let steps = steps_of(&run);
+    assert_eq!(steps.len(), 1, "{run:#}");
+    assert_eq!(
+        steps[0]["attempt"], 2,
+        "the late result overwrote the retry: {run:#}"
+    );
+    assert_eq!(str_of(&steps[0], "state"), "succeeded");
+    assert_no_attempt_ran_twice(&dir);
+    drop(mesh);
+}

@@ -457,6 +457,10 @@ impl Proc {
 pub struct MeshBuilder {
     workers: Vec<(String, String, Vec<String>)>,
     broker_args: Vec<String>,
+    /// Address the broker binds and everyone connects to (default 127.0.0.1).
+    broker_host: Option<String>,
+    /// Workers to run inside a network namespace: name → namespace.
+    netns: Vec<(String, String)>,
 }
 
 impl MeshBuilder {
@@ -473,6 +477,20 @@ impl MeshBuilder {
             jobs_yaml.to_owned(),
             args.iter().map(|a| a.to_string()).collect(),
         ));
+        self
+    }
+
+    /// The broker binds `host` (a local address, e.g. the host end of a test's veth pair)
+    /// instead of 127.0.0.1, and every process connects to it there.
+    pub fn broker_host(mut self, host: &str) -> Self {
+        self.broker_host = Some(host.to_owned());
+        self
+    }
+
+    /// Runs the worker `name` inside network namespace `netns` (`ip netns exec`, which
+    /// execs: the PID the mesh kills is the worker's).
+    pub fn worker_in_netns(mut self, name: &str, netns: &str) -> Self {
+        self.netns.push((name.to_owned(), netns.to_owned()));
         self
     }
 
@@ -500,7 +518,11 @@ impl MeshBuilder {
             frontend_port,
             procs: Vec::new(),
         };
-        let broker_addr = format!("127.0.0.1:{base_port}");
+        let broker_host = self
+            .broker_host
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let broker_addr = format!("{broker_host}:{base_port}");
         let frontend_url = format!("http://127.0.0.1:{frontend_port}");
 
         let mut broker_args: Vec<OsString> = vec![
@@ -550,7 +572,19 @@ impl MeshBuilder {
                 frontend_url.clone().into(),
             ];
             args.extend(extra.iter().map(OsString::from));
-            mesh.add(&name, bin("jobz-worker"), args);
+            match self.netns.iter().find(|(w, _)| *w == name) {
+                Some((_, ns)) => {
+                    let mut wrapped: Vec<OsString> = vec![
+                        "netns".into(),
+                        "exec".into(),
+                        ns.into(),
+                        bin("jobz-worker").into(),
+                    ];
+                    wrapped.extend(args);
+                    mesh.add(&name, PathBuf::from("ip"), wrapped);
+                }
+                None => mesh.add(&name, bin("jobz-worker"), args),
+            }
         }
         mesh
     }
