@@ -7,8 +7,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Installs: nothing yet. Whatever the tests need beyond the Rust toolchain (apt or pip
-# packages) is installed here, so that a fresh machine passes as this one does.
+# Installs what the tests need beyond the Rust toolchain, so that a fresh machine passes as
+# this one does. The partition tests make network namespaces: they need root and iproute2.
+need_apt=()
+command -v ip >/dev/null || need_apt+=(iproute2)
+if ((${#need_apt[@]})); then
+    step "apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q "${need_apt[@]}"
+fi
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
