@@ -29,3 +29,14 @@ cargo build --workspace --bins
 
 step "cargo test --workspace --no-fail-fast"
 cargo test --workspace --no-fail-fast
+
+# The Ansible deployment, proven on four hosts made of network namespaces with their own
+# sshd (it installs openssh-server and friends with apt, Ansible into a venv with pip).
+step "multi-host deployment test (tests/multihost/run.sh: Ansible over SSH to 4 namespace hosts)"
+if [[ ${JOBZ_SKIP_MULTIHOST:-0} == 1 ]]; then
+    echo "skipped (JOBZ_SKIP_MULTIHOST=1)"
+elif [[ $EUID -ne 0 ]]; then
+    echo "skipped: needs root (network namespaces)"
+else
+    JOBZ_TEST_SEMAPHORE=1 bash tests/multihost/run.sh
+fi
