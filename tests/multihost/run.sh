@@ -236,7 +236,10 @@ make_network() {
 }
 
 # One host: its sshd as PID 1 of new PID, UTS and mount namespaces inside its network
-# namespace, with private overlays over /etc, /var, /run and /usr/local.
+# namespace, with private overlays over /etc, /var, /run and /usr/local, and an empty
+# private /root: SSH sessions as root must not source this machine's /root/.bashrc (here it
+# runs `pyenv init`, whose rehash lock, once left stale by a killed session, made every
+# Ansible module wait 60 s).
 start_host() {
     local h=$1 dir=$WORK/hosts/$1 d n mounts=""
     mkdir -p "$dir/ovl"
@@ -246,6 +249,9 @@ start_host() {
         mkdir -p "$dir/ovl/$n.upper" "$dir/ovl/$n.work"
         mounts+="mount -t overlay overlay -o lowerdir=/$d,upperdir=$dir/ovl/$n.upper,workdir=$dir/ovl/$n.work /$d && "
     done
+    mkdir -p "$dir/root"
+    chmod 700 "$dir/root"
+    mounts+="mount --bind $dir/root /root && "
     cat >"$dir/sshd_config" <<EOF
 ListenAddress ${IP[$h]}
 Port 22
