@@ -986,6 +986,18 @@ impl Engine {
             }
             return;
         }
+        // First come, first served: a queue step does not overtake steps of its job that
+        // already wait for a slot.
+        if step.delivery == Delivery::Queue
+            && !self.waiting.contains(step_id)
+            && self
+                .waiting
+                .iter()
+                .any(|w| self.steps.get(w).is_some_and(|s| s.job == step.job))
+        {
+            self.waiting.insert(step_id.to_owned());
+            return;
+        }
         let workers = match step.delivery {
             // Credits: a queue step goes only to a worker with a free slot, else it waits.
             Delivery::Queue => match self.pick_queue_worker(&step.job, &self.load(), None) {
@@ -1001,18 +1013,44 @@ impl Engine {
         self.assign(fx, step_id, workers, now);
     }
 
+    /// Places waiting steps, oldest first (step ids are time-ordered). The load is counted
+    /// once per pass and a job with no free slot is skipped for the rest of the pass, so a
+    /// pass costs one scan of the tasks plus one of the waiting steps.
     fn dispatch_waiting(&mut self, fx: &mut Effects, now: i64) {
+        if self.waiting.is_empty() {
+            return;
+        }
         let waiting: Vec<String> = self.waiting.iter().cloned().collect();
+        let mut load = self.load();
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
         for step_id in waiting {
-            let job = match self.steps.get(&step_id) {
-                Some(s) => s.job.clone(),
+            let (job, delivery) = match self.steps.get(&step_id) {
+                Some(s) => (s.job.clone(), s.delivery),
                 None => {
                     self.waiting.remove(&step_id);
                     continue;
                 }
             };
-            if !self.registry.live_workers_for(&job).is_empty() {
+            if blocked.contains(&job) {
+                continue;
+            }
+            if self.registry.live_workers_for(&job).is_empty() {
+                blocked.insert(job);
+                continue;
+            }
+            if delivery != Delivery::Queue {
                 self.place(fx, &step_id, now);
+                continue;
+            }
+            match self.pick_queue_worker(&job, &load, None) {
+                Some(worker) => {
+                    *load.entry(worker.clone()).or_default() += 1;
+                    self.waiting.remove(&step_id);
+                    self.assign(fx, &step_id, vec![worker], now);
+                }
+                None => {
+                    blocked.insert(job);
+                }
             }
         }
     }
@@ -1283,6 +1321,8 @@ impl Engine {
         }
         self.finish_step_if_done(fx, &task.step_id, now);
         self.finish_run_if_done(fx, &task.run_id, now);
+        // The task freed a slot: a waiting queue step can take it now, not at the next tick.
+        self.dispatch_waiting(fx, now);
     }
 
     /// Successor job names of `job` after success or failure; `local` ones or the others.

@@ -565,10 +565,10 @@ fn queue_steps_wait_for_a_free_slot() {
         "spread over the workers"
     );
     let fx = h.finish(&placed[0], TaskOutcome::Succeeded);
-    assert!(works(&fx).is_empty());
-    let next = works(&h.engine.tick(h.now));
+    let next = works(&fx);
     assert_eq!(next.len(), 1, "the waiting step takes the freed slot");
     assert_eq!(next[0].assignments[0].worker, placed[0].worker);
+    assert!(works(&h.engine.tick(h.now)).is_empty(), "and only once");
 }
 
 #[test]
@@ -662,4 +662,42 @@ fn a_restored_pending_task_is_published_again_at_once() {
         1,
         "the pending task was not published after restore"
     );
+}
+
+#[test]
+fn queue_steps_waiting_for_a_slot_are_served_first_come_first_served() {
+    // Regression (found by the bench): a new trigger took a freed slot ahead of steps that
+    // were already waiting, so latency under a burst was not FIFO.
+    let mut h = Harness::new(vec![], &[]);
+    h.jobs = vec![job("a", Delivery::Queue, &[], &[])];
+    let status = WorkerStatus {
+        name: "w1".into(),
+        instance: "i1".into(),
+        jobs: h.jobs.clone(),
+        capabilities: vec![],
+        slots: 1,
+        running: vec![],
+        version: "t".into(),
+    };
+    h.send("worker:w1", Message::Heartbeat(status));
+    let (fx, _) = h.trigger("a");
+    let first = works(&fx).remove(0).assignments.remove(0);
+    let (_, waiting_run) = h.trigger("a");
+    assert!(works(&h.trigger("a").0).is_empty(), "no free slot");
+    // The slot frees: the oldest waiting step takes it at once, in the same effects.
+    let fx = h.finish(&first, TaskOutcome::Succeeded);
+    let next = works(&fx);
+    assert_eq!(
+        next.len(),
+        1,
+        "the freed slot is taken without waiting for a tick"
+    );
+    assert_eq!(
+        next[0].run_id,
+        waiting_run.unwrap(),
+        "the oldest waiting step goes first"
+    );
+    // A new trigger does not jump the queue while others wait.
+    let (fx, _) = h.trigger("a");
+    assert!(works(&fx).is_empty());
 }
