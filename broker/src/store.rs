@@ -8,9 +8,7 @@
 use std::path::Path;
 
 use jobz::jobfile::JobSpec;
-use jobz::message::{
-    AttemptView, Completion, Params, RunFilter, RunState, RunView, StepView, TaskState,
-};
+use jobz::message::{AttemptView, Completion, Params, RunFilter, RunView, StepView, TaskState};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -36,6 +34,16 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store: {0}")]
     Io(String),
+}
+
+/// A column that does not convert (wrong type, NULL where none may be).
+impl From<rusqlite::Error> for StoreError {
+    fn from(source: rusqlite::Error) -> Self {
+        StoreError::Sqlite {
+            context: "reading a row".into(),
+            source,
+        }
+    }
 }
 
 trait Context<T> {
@@ -300,51 +308,29 @@ const TASK_COLUMNS: &str =
     "task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance, \
                             created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at";
 
-type Raw<T> = Result<T, StoreError>;
-
-fn run_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Run>> {
+fn run_from_row(row: &rusqlite::Row<'_>) -> Result<Run, StoreError> {
     let params: String = row.get(2)?;
     let state: String = row.get(3)?;
     let parents: String = row.get(4)?;
-    let build =
-        |params: Params, state: RunState, parent_runs: Vec<String>| -> rusqlite::Result<Run> {
-            Ok(Run {
-                run_id: row.get(0)?,
-                job: row.get(1)?,
-                params,
-                state,
-                parent_runs,
-                request_id: row.get(5)?,
-                created_at_ms: row.get(6)?,
-                finished_at_ms: row.get(7)?,
-            })
-        };
-    let parsed = (|| {
-        Ok::<_, StoreError>((
-            from_json(&params, "run params")?,
-            parse_state(&state)?,
-            from_json(&parents, "parent runs")?,
-        ))
-    })();
-    match parsed {
-        Ok((p, s, r)) => build(p, s, r).map(Ok),
-        Err(e) => Ok(Err(e)),
-    }
+    Ok(Run {
+        run_id: row.get(0)?,
+        job: row.get(1)?,
+        params: from_json(&params, "run params")?,
+        state: parse_state(&state)?,
+        parent_runs: from_json(&parents, "parent runs")?,
+        request_id: row.get(5)?,
+        created_at_ms: row.get(6)?,
+        finished_at_ms: row.get(7)?,
+    })
 }
 
-fn step_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Step>> {
+fn step_from_row(row: &rusqlite::Row<'_>) -> Result<Step, StoreError> {
     let delivery: String = row.get(3)?;
     let state: String = row.get(4)?;
-    let Some(delivery) = parse_delivery(&delivery) else {
-        return Ok(Err(StoreError::Corrupt(format!(
-            "unknown delivery {delivery:?}"
-        ))));
-    };
-    let state: TaskState = match parse_state(&state) {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(e)),
-    };
-    Ok(Ok(Step {
+    let delivery = parse_delivery(&delivery)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown delivery {delivery:?}")))?;
+    let state: TaskState = parse_state(&state)?;
+    Ok(Step {
         step_id: row.get(0)?,
         run_id: row.get(1)?,
         job: row.get(2)?,
@@ -353,16 +339,13 @@ fn step_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Step>> {
         origin_task: row.get(5)?,
         created_at_ms: row.get(6)?,
         finished_at_ms: row.get(7)?,
-    }))
+    })
 }
 
-fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
+fn task_from_row(row: &rusqlite::Row<'_>) -> Result<Task, StoreError> {
     let state: String = row.get(5)?;
-    let state: TaskState = match parse_state(&state) {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(e)),
-    };
-    Ok(Ok(Task {
+    let state: TaskState = parse_state(&state)?;
+    Ok(Task {
         task_id: row.get(0)?,
         step_id: row.get(1)?,
         run_id: row.get(2)?,
@@ -382,7 +365,7 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Raw<Task>> {
         recorded_at_ms: row.get(16)?,
         lease_expires_ms: None,
         not_before_ms: None,
-    }))
+    })
 }
 
 impl SqliteStore {
@@ -390,14 +373,14 @@ impl SqliteStore {
         &self,
         sql: &str,
         params: impl rusqlite::Params,
-        map: fn(&rusqlite::Row<'_>) -> rusqlite::Result<Raw<T>>,
+        map: fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
         what: &str,
     ) -> Result<Vec<T>, StoreError> {
         let mut stmt = self.conn.prepare_cached(sql).context(what)?;
-        let rows = stmt.query_map(params, map).context(what)?;
+        let mut rows = stmt.query(params).context(what)?;
         let mut out = Vec::new();
-        for row in rows {
-            out.push(row.context(what)??);
+        while let Some(row) = rows.next().context(what)? {
+            out.push(map(row)?);
         }
         Ok(out)
     }
@@ -441,17 +424,11 @@ impl Store for SqliteStore {
             |row| {
                 let jobs: String = row.get(2)?;
                 let caps: String = row.get(3)?;
-                let parsed = (|| {
-                    Ok::<_, StoreError>((
-                        from_json(&jobs, "worker jobs")?,
-                        from_json(&caps, "capabilities")?,
-                    ))
-                })();
-                let (jobs, capabilities) = match parsed {
-                    Ok(p) => p,
-                    Err(e) => return Ok(Err(e)),
-                };
-                Ok(Ok(Worker {
+                let (jobs, capabilities) = (
+                    from_json(&jobs, "worker jobs")?,
+                    from_json(&caps, "capabilities")?,
+                );
+                Ok(Worker {
                     name: row.get(0)?,
                     instance: row.get(1)?,
                     jobs,
@@ -461,7 +438,7 @@ impl Store for SqliteStore {
                     version: row.get(5)?,
                     last_seen_ms: row.get(6)?,
                     live: true,
-                }))
+                })
             },
             "loading workers",
         )?;
@@ -470,15 +447,12 @@ impl Store for SqliteStore {
             [],
             |row| {
                 let spec: String = row.get(0)?;
-                let spec: JobSpec = match from_json(&spec, "job spec") {
-                    Ok(s) => s,
-                    Err(e) => return Ok(Err(e)),
-                };
-                Ok(Ok(CatalogEntry {
+                let spec: JobSpec = from_json(&spec, "job spec")?;
+                Ok(CatalogEntry {
                     spec,
                     source: row.get(1)?,
                     updated_at_ms: row.get(2)?,
-                }))
+                })
             },
             "loading jobs",
         )?;
@@ -486,7 +460,7 @@ impl Store for SqliteStore {
         let recent_requests = self.select(
             "SELECT request_id, run_id FROM runs WHERE created_at > ?1",
             [day_ago],
-            |row| Ok(Ok((row.get(0)?, row.get(1)?))),
+            |row| Ok((row.get(0)?, row.get(1)?)),
             "loading recent trigger ids",
         )?;
         let dead = self.select(
@@ -495,11 +469,8 @@ impl Store for SqliteStore {
             [],
             |row| {
                 let params: String = row.get(5)?;
-                let params = match from_json(&params, "dead task params") {
-                    Ok(p) => p,
-                    Err(e) => return Ok(Err(e)),
-                };
-                Ok(Ok(Dead {
+                let params = from_json(&params, "dead task params")?;
+                Ok(Dead {
                     task_id: row.get(0)?,
                     run_id: row.get(1)?,
                     step_id: row.get(2)?,
@@ -511,7 +482,7 @@ impl Store for SqliteStore {
                     exit_code: row.get(8)?,
                     failed_at_ms: row.get(9)?,
                     retried_as: row.get(10)?,
-                }))
+                })
             },
             "loading dead tasks",
         )?;
@@ -527,18 +498,13 @@ impl Store for SqliteStore {
     }
 
     fn run(&self, run_id: &str) -> Result<Option<RunView>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1"))
-            .context("reading a run")?;
-        let Some(run) = stmt
-            .query_row([run_id], run_from_row)
-            .optional()
-            .context("reading a run")?
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE run_id = ?1");
+        let Some(run) = self
+            .select(&sql, [run_id], run_from_row, "reading a run")?
+            .pop()
         else {
             return Ok(None);
         };
-        let run = run?;
         let tasks = self.select(
             &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE run_id = ?1 ORDER BY rowid"),
             [run_id],
@@ -559,11 +525,8 @@ impl Store for SqliteStore {
             [run_id],
             |row| {
                 let state: String = row.get(3)?;
-                let state: TaskState = match parse_state(&state) {
-                    Ok(s) => s,
-                    Err(e) => return Ok(Err(e)),
-                };
-                Ok(Ok(AttemptView {
+                let state: TaskState = parse_state(&state)?;
+                Ok(AttemptView {
                     task_id: row.get(0)?,
                     attempt: row.get(1)?,
                     worker: row.get(2)?,
@@ -573,7 +536,7 @@ impl Store for SqliteStore {
                     started_at_ms: row.get(6)?,
                     finished_at_ms: row.get(7)?,
                     late: row.get(8)?,
-                }))
+                })
             },
             "reading a run's attempts",
         )?;
@@ -646,6 +609,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use jobz::jobfile::Delivery;
+    use jobz::message::RunState;
 
     fn run(id: &str, state: RunState, created: i64) -> Run {
         Run {
