@@ -124,7 +124,7 @@ pub struct JobSet {
 }
 
 /// A job file that cannot be used.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct InvalidJobFile {
     /// The file.
@@ -581,6 +581,118 @@ pub fn is_job_file(path: &Path) -> bool {
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with('.'));
     yaml && !hidden && path.is_file()
+}
+
+/// What a whole-directory check found wrong with one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileProblem {
+    /// The file does not read or parse.
+    Invalid(InvalidJobFile),
+    /// A job this file defines was defined by an earlier file (in name order).
+    DuplicateJob {
+        /// The job.
+        name: String,
+        /// The file that defined it first.
+        first: PathBuf,
+    },
+    /// A semaphore this file defines was defined by an earlier file.
+    DuplicateSemaphore {
+        /// The semaphore.
+        name: String,
+        /// The file that defined it first.
+        first: PathBuf,
+    },
+}
+
+impl std::fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileProblem::Invalid(e) => write!(f, "{e}"),
+            FileProblem::DuplicateJob { name, first } => {
+                write!(f, "job {name:?} is already defined in {}", first.display())
+            }
+            FileProblem::DuplicateSemaphore { name, first } => {
+                write!(
+                    f,
+                    "semaphore {name:?} is already defined in {}",
+                    first.display()
+                )
+            }
+        }
+    }
+}
+
+/// One file of a whole-directory check.
+#[derive(Debug, Clone)]
+pub struct FileCheck {
+    /// The file.
+    pub path: PathBuf,
+    /// What it defines, if it parsed.
+    pub set: Option<JobSet>,
+    /// What is wrong with it; empty if it is good.
+    pub problems: Vec<FileProblem>,
+}
+
+/// Checks every job file of `dir` at once, in name order, as the `--check` modes do before
+/// a deployment: each file must parse, and no job or semaphore may be defined twice.
+/// Fails only if the directory itself cannot be read.
+pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if is_job_file(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let mut first_job: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut first_semaphore: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut checks = Vec::new();
+    for path in files {
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| InvalidJobFile {
+                path: path.clone(),
+                line: None,
+                reason: e.to_string(),
+            })
+            .and_then(|text| parse_job_file(&path, &text));
+        let mut problems = Vec::new();
+        let set = match parsed {
+            Ok(set) => Some(set),
+            Err(e) => {
+                problems.push(FileProblem::Invalid(e));
+                None
+            }
+        };
+        for name in set.iter().flat_map(|s| s.jobs.keys()) {
+            match first_job.get(name) {
+                Some(first) => problems.push(FileProblem::DuplicateJob {
+                    name: name.clone(),
+                    first: first.clone(),
+                }),
+                None => {
+                    first_job.insert(name.clone(), path.clone());
+                }
+            }
+        }
+        for name in set.iter().flat_map(|s| s.semaphores.keys()) {
+            match first_semaphore.get(name) {
+                Some(first) => problems.push(FileProblem::DuplicateSemaphore {
+                    name: name.clone(),
+                    first: first.clone(),
+                }),
+                None => {
+                    first_semaphore.insert(name.clone(), path.clone());
+                }
+            }
+        }
+        checks.push(FileCheck {
+            path,
+            set,
+            problems,
+        });
+    }
+    Ok(checks)
 }
 
 // ---- The directory ----------------------------------------------------------------------

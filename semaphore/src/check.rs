@@ -4,68 +4,47 @@
 //! <reason>`, then each semaphore with what it waits for, then a summary. The answer is
 //! good only if every file parses and no semaphore is defined twice.
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
-use jobz::jobfile::{parse_job_file, InvalidJobFile, SemaphoreSpec};
+use jobz::jobfile::{check_dir, FileProblem, SemaphoreSpec};
 
 /// Checks every job file in `dir`, writing to `out`. Ok(true) if all are good; an error only
-/// if the directory itself cannot be read.
+/// if the directory itself cannot be read. Only what concerns semaphores counts here: a job
+/// defined twice is the workers' `--check`'s business.
 pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
-    let mut files = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("reading jobs dir {}", dir.display()))?;
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("reading jobs dir {}", dir.display()))?
-            .path();
-        if jobz::jobfile::is_job_file(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
+    let checks = check_dir(dir).with_context(|| format!("reading jobs dir {}", dir.display()))?;
     let mut good = true;
-    let mut defined: BTreeMap<String, (PathBuf, SemaphoreSpec)> = BTreeMap::new();
-    for path in &files {
-        let parsed = std::fs::read_to_string(path)
-            .map_err(|e| InvalidJobFile {
-                path: path.clone(),
-                line: None,
-                reason: e.to_string(),
-            })
-            .and_then(|text| parse_job_file(path, &text));
-        match parsed {
-            Ok(set) => {
-                let mut file_ok = true;
-                for (name, spec) in set.semaphores {
-                    if let Some((first, _)) = defined.get(&name) {
-                        writeln!(
-                            out,
-                            "error {}: semaphore {name:?} is already defined in {}",
-                            path.display(),
-                            first.display()
-                        )?;
-                        file_ok = false;
-                    } else {
-                        defined.insert(name, (path.clone(), spec));
-                    }
+    let mut defined: Vec<(&String, &SemaphoreSpec)> = Vec::new();
+    for check in &checks {
+        let mut file_ok = true;
+        for problem in &check.problems {
+            match problem {
+                FileProblem::Invalid(_) => writeln!(out, "error {problem}")?,
+                FileProblem::DuplicateSemaphore { .. } => {
+                    writeln!(out, "error {}: {problem}", check.path.display())?
                 }
-                if file_ok {
-                    let count = defined.values().filter(|(p, _)| p == path).count();
-                    writeln!(out, "ok {}: {count} semaphores", path.display())?;
-                } else {
-                    good = false;
-                }
+                FileProblem::DuplicateJob { .. } => continue,
             }
-            Err(e) => {
-                writeln!(out, "error {e}")?;
-                good = false;
+            file_ok = false;
+        }
+        match &check.set {
+            Some(set) if file_ok => {
+                writeln!(
+                    out,
+                    "ok {}: {} semaphores",
+                    check.path.display(),
+                    set.semaphores.len()
+                )?;
+                defined.extend(&set.semaphores);
             }
+            _ => good = false,
         }
     }
-    for (name, (_, spec)) in &defined {
+    defined.sort_by_key(|(name, _)| *name);
+    let files = checks.len();
+    for (name, spec) in &defined {
         let waits: Vec<String> = spec
             .wait_for
             .iter()
@@ -85,7 +64,7 @@ pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> 
     writeln!(
         out,
         "{} files, {} semaphores in {}{}",
-        files.len(),
+        files,
         defined.len(),
         dir.display(),
         if good { "" } else { " (with errors)" }

@@ -4,97 +4,46 @@
 //! gets one line, `ok <file>: N jobs, M semaphores` or `error <file>:<line>: <reason>`, then a
 //! summary; the answer is good only if every file parses and no name is defined twice.
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
-use jobz::jobfile::{parse_job_file, InvalidJobFile};
+use jobz::jobfile::{check_dir, FileProblem};
 
 /// Checks every job file in `dir`, writing one line per file to `out`. Ok(true) if all are
 /// good; an error only if the directory itself cannot be read.
 pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> {
-    let mut files = Vec::new();
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("reading jobs dir {}", dir.display()))?;
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("reading jobs dir {}", dir.display()))?
-            .path();
-        if jobz::jobfile::is_job_file(&path) {
-            files.push(path);
-        }
-    }
-    files.sort();
-
-    let mut all_good = true;
-    let mut jobs_defined: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut semaphores_defined: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let checks = check_dir(dir).with_context(|| format!("reading jobs dir {}", dir.display()))?;
     let (mut total_jobs, mut bad_files) = (0, 0);
-    for path in &files {
-        let parsed = std::fs::read_to_string(path)
-            .map_err(|e| InvalidJobFile {
-                path: path.clone(),
-                line: None,
-                reason: e.to_string(),
-            })
-            .and_then(|text| parse_job_file(path, &text));
-        let mut problems = Vec::new();
-        match parsed {
-            Ok(set) => {
-                for name in set.jobs.keys() {
-                    if let Some(first) = jobs_defined.get(name) {
-                        problems.push(format!(
-                            "job {name:?} is already defined in {}",
-                            first.display()
-                        ));
-                    } else {
-                        jobs_defined.insert(name.clone(), path.clone());
-                    }
-                }
-                for name in set.semaphores.keys() {
-                    if let Some(first) = semaphores_defined.get(name) {
-                        problems.push(format!(
-                            "semaphore {name:?} is already defined in {}",
-                            first.display()
-                        ));
-                    } else {
-                        semaphores_defined.insert(name.clone(), path.clone());
-                    }
-                }
-                if problems.is_empty() {
-                    total_jobs += set.jobs.len();
-                    writeln!(
-                        out,
-                        "ok {}: {} jobs, {} semaphores",
-                        path.display(),
-                        set.jobs.len(),
-                        set.semaphores.len()
-                    )?;
-                }
+    for check in &checks {
+        match &check.set {
+            Some(set) if check.problems.is_empty() => {
+                total_jobs += set.jobs.len();
+                writeln!(
+                    out,
+                    "ok {}: {} jobs, {} semaphores",
+                    check.path.display(),
+                    set.jobs.len(),
+                    set.semaphores.len()
+                )?;
             }
-            Err(e) => problems.push(e.to_string()),
+            _ => bad_files += 1,
         }
-        for problem in &problems {
-            // A parse error already starts with the file (and line); a conflict does not.
-            if problem.starts_with(&path.display().to_string()) {
-                writeln!(out, "error {problem}")?;
-            } else {
-                writeln!(out, "error {}: {problem}", path.display())?;
+        for problem in &check.problems {
+            // A parse error names its file (and line) itself; a duplicate does not.
+            match problem {
+                FileProblem::Invalid(_) => writeln!(out, "error {problem}")?,
+                _ => writeln!(out, "error {}: {problem}", check.path.display())?,
             }
-        }
-        if !problems.is_empty() {
-            all_good = false;
-            bad_files += 1;
         }
     }
     writeln!(
         out,
         "{} files, {bad_files} rejected, {total_jobs} jobs in {}",
-        files.len(),
+        checks.len(),
         dir.display()
     )?;
-    Ok(all_good)
+    Ok(bad_files == 0)
 }
 
 #[cfg(test)]
