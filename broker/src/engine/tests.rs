@@ -406,6 +406,19 @@ fn failed_attempts_are_retried_with_backoff_until_success() {
         assert_eq!(a.task.attempt, attempt);
         let fx = h.finish(&a, TaskOutcome::Failed);
         assert!(works(&fx).is_empty() && final_run_write(&fx).is_none());
+        let recorded: Vec<u32> = fx
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Attempt(h) if !h.late && h.state == TaskState::Failed => Some(h.attempt),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            recorded,
+            vec![attempt],
+            "the failed attempt goes to the history at once"
+        );
         // Not before the backoff (base · 2^(n-1), up to +25 %).
         let base = 1_000 * (1 << (attempt - 1));
         h.now += base - 1;
@@ -420,17 +433,15 @@ fn failed_attempts_are_retried_with_backoff_until_success() {
     }
     assert_eq!(a.task.attempt, 3);
     let fx = h.finish(&a, TaskOutcome::Succeeded);
-    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
-    let history = fx
-        .writes
-        .iter()
-        .filter(|w| matches!(w, Write::Attempt(_)))
-        .count();
+    let run = fx.writes.iter().find_map(|w| match w {
+        Write::Run(r) if r.state.is_final() => Some(r.clone()),
+        _ => None,
+    });
+    let run = run.expect("the run did not end");
     assert_eq!(
-        history, 0,
-        "history was written with each failure, not at the end"
+        (run.run_id, run.state),
+        (run_id.unwrap(), RunState::Succeeded)
     );
-    let _ = run_id;
 }
 
 #[test]
