@@ -560,24 +560,28 @@ impl Engine {
     }
 
     fn on_finished(&mut self, fx: &mut Effects, env: &Envelope, finished: TaskFinished, now: i64) {
+        let state = match finished.outcome {
+            TaskOutcome::Succeeded => TaskState::Succeeded,
+            TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
+        };
+        // A report that must not be applied, kept as history (the store fills in the run
+        // of a task whose run has already ended).
+        let late = |run_id: String| Attempt {
+            task_id: finished.task.task_id.clone(),
+            run_id,
+            attempt: finished.task.attempt,
+            worker: Some(finished.worker.clone()),
+            state,
+            exit_code: finished.exit_code,
+            error: finished.error.clone(),
+            started_at_ms: Some(finished.started_at_ms),
+            finished_at_ms: finished.finished_at_ms,
+            late: true,
+        };
         let Some(task) = self.tasks.get(&finished.task.task_id).cloned() else {
             self.count("results_after_run_end");
-            let state = match finished.outcome {
-                TaskOutcome::Succeeded => TaskState::Succeeded,
-                TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
-            };
-            fx.writes.push(Write::ResultAfterRunEnd(Attempt {
-                task_id: finished.task.task_id.clone(),
-                run_id: String::new(),
-                attempt: finished.task.attempt,
-                worker: Some(finished.worker.clone()),
-                state,
-                exit_code: finished.exit_code,
-                error: finished.error.clone(),
-                started_at_ms: Some(finished.started_at_ms),
-                finished_at_ms: finished.finished_at_ms,
-                late: true,
-            }));
+            fx.writes
+                .push(Write::ResultAfterRunEnd(late(String::new())));
             reply(fx, env, ReplyBody::Ack);
             return;
         };
@@ -586,10 +590,6 @@ impl Engine {
             reply(fx, env, ReplyBody::Ack);
             return;
         }
-        let state = match finished.outcome {
-            TaskOutcome::Succeeded => TaskState::Succeeded,
-            TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
-        };
         if task.attempt != finished.task.attempt
             || task.worker.as_deref() != Some(finished.worker.as_str())
         {
@@ -597,18 +597,7 @@ impl Engine {
             self.count("late_results");
             warn!(run_id = %task.run_id, task_id = %task.task_id, worker = %finished.worker,
                 attempt = finished.task.attempt, current = task.attempt, "late result of a superseded attempt");
-            fx.writes.push(Write::Attempt(Attempt {
-                task_id: task.task_id.clone(),
-                run_id: task.run_id.clone(),
-                attempt: finished.task.attempt,
-                worker: Some(finished.worker.clone()),
-                state,
-                exit_code: finished.exit_code,
-                error: finished.error.clone(),
-                started_at_ms: Some(finished.started_at_ms),
-                finished_at_ms: finished.finished_at_ms,
-                late: true,
-            }));
+            fx.writes.push(Write::Attempt(late(task.run_id.clone())));
             reply(fx, env, ReplyBody::Ack);
             return;
         }
