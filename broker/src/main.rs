@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         eprintln!("jobz-broker: {e:#}");
         return ExitCode::from(2);
     }
-    let shutdown = match signals() {
+    let shutdown = match jobz::signals::shutdown_on_signals() {
         Ok(rx) => rx,
         Err(e) => {
             eprintln!("jobz-broker: {e:#}");
@@ -72,17 +72,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// SIGTERM and SIGINT, as a channel the broker loop watches.
-fn signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            let _ = tx.send(());
-        }
-    });
-    Ok(rx)
 }

@@ -10,6 +10,7 @@
 //! - [`socket`]: broker addresses and the socket options every process uses.
 //! - [`client`]: the link a worker, semaphore or frontend keeps to the broker.
 //! - [`logging`]: the `--log-file`/`--log-format` flags.
+//! - [`signals`]: SIGTERM/SIGINT as a shutdown channel.
 #![deny(missing_docs)]
 
 pub mod client;
@@ -17,6 +18,7 @@ pub mod envelope;
 pub mod jobfile;
 pub mod logging;
 pub mod message;
+pub mod signals;
 pub mod socket;
 pub mod template;
 pub mod topic;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use jobz::logging::LogArgs;
 use jobz::socket::BrokerAddr;
@@ -121,20 +120,6 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.drain_timeout = args.drain_timeout;
     config.validate()?;
 
-    let (shutdown_tx, shutdown) = crossbeam_channel::bounded(1);
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .context("installing signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                tracing::info!(signal, "stop requested");
-                let _ = shutdown_tx.try_send(());
-            }
-        })
-        .context("starting the signal thread")?;
+    let shutdown = jobz::signals::shutdown_on_signals()?;
     worker::run(config, shutdown)
 }
