@@ -711,30 +711,46 @@ impl Engine {
         for worker in self.registry.expire(now, expiry) {
             warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
             self.count("workers_lost");
-            // Its unstarted tasks go elsewhere (queue) or fail; running ones keep their
-            // lease, which the worker may still renew if it was only slow.
-            let mut unstarted: Vec<(i64, String)> = self
-                .tasks
-                .values()
-                .filter(|t| {
-                    t.worker.as_deref() == Some(worker.as_str()) && t.state == TaskState::Pending
-                })
-                .map(|t| (t.created_at_ms, t.task_id.clone()))
-                .collect();
-            unstarted.sort();
             let reason = format!(
                 "worker {worker} lost before starting the task: no heartbeat for {} s",
                 expiry / 1000
             );
-            for (_, task_id) in unstarted {
-                self.task_failed(&mut fx, &task_id, Failure::Unstarted, &reason, now);
-            }
+            self.fail_unstarted_of(&mut fx, &worker, &reason, now);
         }
         self.expire_leases(&mut fx, now);
         self.redeliver(&mut fx, now);
         self.place_retries(&mut fx, now);
         self.dispatch_waiting(&mut fx, now);
         fx
+    }
+
+    /// A worker whose key was revoked: lost at once. Its unstarted tasks go elsewhere or
+    /// fail now; its running ones keep their lease, which it can no longer renew (its
+    /// frames are refused), so they are lost and retried when the lease ends.
+    pub fn revoke_worker(&mut self, worker: &str, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        if self.registry.mark_lost(worker) {
+            warn!(worker = %worker, "worker lost: its key was revoked");
+            self.count("workers_revoked");
+            let reason = format!("worker {worker} lost before starting the task: key revoked");
+            self.fail_unstarted_of(&mut fx, worker, &reason, now);
+        }
+        fx
+    }
+
+    // Unstarted tasks of a lost worker go elsewhere (queue) or fail; running ones keep their
+    // lease, which the worker may still renew if it was only slow.
+    fn fail_unstarted_of(&mut self, fx: &mut Effects, worker: &str, reason: &str, now: i64) {
+        let mut unstarted: Vec<(i64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| t.worker.as_deref() == Some(worker) && t.state == TaskState::Pending)
+            .map(|t| (t.created_at_ms, t.task_id.clone()))
+            .collect();
+        unstarted.sort();
+        for (_, task_id) in unstarted {
+            self.task_failed(fx, &task_id, Failure::Unstarted, reason, now);
+        }
     }
 
     fn expire_leases(&mut self, fx: &mut Effects, now: i64) {

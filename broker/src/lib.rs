@@ -7,10 +7,14 @@
 //! - [`registry`]: live workers and the job catalog they register.
 //! - [`store`]: the narrow durable-state interface and its SQLite implementation.
 //! - [`journal`]: the thread that group-commits effects before they are published.
+//! - [`guard`]: sealed frames in and out: authentication, enrolment, mesh keys.
+//! - [`keys`]: the key directory (`jobz-broker keys …`).
 //! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
 
 pub mod engine;
+pub mod guard;
 pub mod journal;
+pub mod keys;
 pub mod model;
 pub mod registry;
 pub mod server;

@@ -2,22 +2,40 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use anyhow::bail;
+use clap::{Parser, Subcommand};
 use jobz::logging::LogArgs;
 use jobz::socket::BrokerAddr;
+
+use broker::guard::{SealedConfig, Security};
+use broker::keys::{render_list, KeyDir, KeyState};
 
 /// The jobz broker: receives triggers and step results, keeps durable state, publishes work.
 #[derive(Debug, Parser)]
 #[command(name = "jobz-broker", version)]
 struct Args {
-    /// Address to bind; PUB takes the base port, PULL base + 1.
-    #[arg(
-        long,
-        env = "JOBZ_BIND",
-        default_value = "0.0.0.0:6795",
-        value_name = "ADDR[:BASE_PORT]"
-    )]
-    bind: BrokerAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to bind; PUB takes the base port, PULL base + 1. Default 0.0.0.0:6795 with
+    /// --keys; without keys only loopback is allowed (default 127.0.0.1:6795) unless
+    /// --insecure.
+    #[arg(long, env = "JOBZ_BIND", value_name = "ADDR[:BASE_PORT]")]
+    bind: Option<BrokerAddr>,
+    /// Key directory: turns on sealed frames (authenticated, encrypted) and enrolment.
+    /// Holds the broker's key (made at first start) and the accepted, pending and
+    /// rejected node keys.
+    #[arg(long, env = "JOBZ_KEYS", value_name = "DIR")]
+    keys: Option<PathBuf>,
+    /// Serve plain frames on a non-loopback address: anyone who reaches the ports can
+    /// trigger jobs and read parameters. For isolated test networks only.
+    #[arg(long, env = "JOBZ_INSECURE")]
+    insecure: bool,
+    /// Accept every new node key at once instead of keeping it pending (labs only).
+    #[arg(long, env = "JOBZ_AUTO_ACCEPT", requires = "keys")]
+    auto_accept: bool,
+    /// Make a new mesh key this often (it is also renewed after every revocation).
+    #[arg(long, env = "JOBZ_MESH_KEY_LIFETIME", default_value = "1h", value_parser = humantime::parse_duration)]
+    mesh_key_lifetime: Duration,
     /// Directory of the durable state.
     #[arg(
         long,
@@ -43,8 +61,137 @@ struct Args {
     log: LogArgs,
 }
 
+/// Offline commands on the key directory; the running broker notices changes within a second.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage node keys (Salt's salt-key model).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+        /// The broker's key directory.
+        #[arg(
+            long,
+            global = true,
+            env = "JOBZ_KEYS",
+            value_name = "DIR",
+            default_value = "/etc/jobz/broker-keys"
+        )]
+        keys: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Lists accepted, pending and rejected keys with their fingerprints.
+    List,
+    /// Accepts a pending key (NAME is ROLE:NAME, or NAME alone if unambiguous).
+    Accept { name: String },
+    /// Rejects a pending key.
+    Reject { name: String },
+    /// Revokes an accepted key: the node is refused within a second.
+    Revoke { name: String },
+    /// Accepts a key given directly, e.g. pre-seeded by Ansible: ROLE:NAME and the key
+    /// text (`jobz1:…`) or a file holding it.
+    Add { name: String, key: String },
+    /// Prints the broker's public key (made if missing), for the nodes' --broker-key.
+    Show,
+}
+
+fn run_keys(dir: &std::path::Path, action: KeysAction) -> anyhow::Result<()> {
+    let kd = KeyDir::open(dir)?;
+    match action {
+        KeysAction::List => print!("{}", render_list(&kd.list()?)),
+        KeysAction::Accept { name } => {
+            let name = kd.resolve(&name, KeyState::Pending)?;
+            kd.transition(
+                &name,
+                &[KeyState::Pending, KeyState::Rejected],
+                KeyState::Accepted,
+            )?;
+            println!("accepted {name}");
+        }
+        KeysAction::Reject { name } => {
+            let name = kd.resolve(&name, KeyState::Pending)?;
+            kd.transition(&name, &[KeyState::Pending], KeyState::Rejected)?;
+            println!("rejected {name}");
+        }
+        KeysAction::Revoke { name } => {
+            let name = kd.resolve(&name, KeyState::Accepted)?;
+            kd.transition(&name, &[KeyState::Accepted], KeyState::Rejected)?;
+            println!("revoked {name}");
+        }
+        KeysAction::Add { name, key } => {
+            let keys = if key.starts_with("jobz1:") {
+                jobz::keys::parse_public_keys(&key)?
+            } else {
+                jobz::keys::read_public_keys(std::path::Path::new(&key))?
+            };
+            kd.add(&name, &keys)?;
+            println!("accepted {name}");
+        }
+        KeysAction::Show => {
+            let (key, _) = kd.broker_key()?;
+            println!("{}", key.public());
+        }
+    }
+    Ok(())
+}
+
+/// The address to bind: as given, or the default for the security mode.
+fn bind_address(args: &Args) -> BrokerAddr {
+    let (host, default) = if args.keys.is_some() {
+        ("0.0.0.0", "sealed")
+    } else {
+        ("127.0.0.1", "protected")
+    };
+    args.bind.clone().unwrap_or_else(|| {
+        tracing::info!("{default} mode: binding {host} by default");
+        BrokerAddr {
+            host: host.into(),
+            base_port: jobz::socket::DEFAULT_BASE_PORT,
+        }
+    })
+}
+
+/// Protected mode: plain frames only on loopback, unless the operator insists.
+fn security(args: &Args, bind: &BrokerAddr) -> anyhow::Result<Security> {
+    let Some(dir) = &args.keys else {
+        if !bind.is_loopback() {
+            if !args.insecure {
+                bail!(
+                    "refusing to bind {} without keys: anyone reaching it could run jobs on every host. \
+                     Give --keys DIR (sealed frames, enrolled nodes), bind a loopback address, \
+                     or pass --insecure on an isolated network",
+                    bind.pub_endpoint()
+                );
+            }
+            tracing::warn!(
+                bind = %bind.pub_endpoint(),
+                "INSECURE: plain frames on a non-loopback address; anyone who reaches these ports can trigger jobs and read parameters"
+            );
+        } else {
+            tracing::info!("protected mode: no --keys, so plain frames and loopback peers only");
+        }
+        return Ok(Security::Plain);
+    };
+    Ok(Security::Sealed(SealedConfig {
+        keys: KeyDir::open(dir)?,
+        auto_accept: args.auto_accept,
+        mesh_key_lifetime: args.mesh_key_lifetime,
+    }))
+}
+
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Keys { action, keys }) = args.command.take() {
+        return match run_keys(&keys, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("jobz-broker keys: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = args.log.init() {
         eprintln!("jobz-broker: {e:#}");
         return ExitCode::from(2);
@@ -56,8 +203,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let bind = bind_address(&args);
+    let security = match security(&args, &bind) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("jobz-broker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let config = broker::Config {
-        bind: args.bind,
+        security,
+        bind,
         state_dir: args.state,
         worker_expiry: args.worker_expiry,
         redeliver_after: args.redeliver_after,

@@ -157,6 +157,17 @@ impl Registry {
         expired
     }
 
+    /// Marks one worker lost now (its key was revoked); false if it was not live.
+    pub fn mark_lost(&mut self, name: &str) -> bool {
+        match self.workers.get_mut(name) {
+            Some(w) if w.live => {
+                w.live = false;
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn worker(&self, name: &str) -> Option<&Worker> {
         self.workers.get(name)
     }
@@ -231,6 +242,7 @@ mod tests {
             retries: 0,
             retry_backoff_ms: 10,
             tags: vec![],
+            run_as: None,
         }
     }
 

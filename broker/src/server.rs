@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use jobz::envelope::{self, DecodeError, Envelope};
+use jobz::envelope::{self, Envelope};
 use jobz::socket::{self, BrokerAddr};
 use tracing::{error, info, warn};
 
 use crate::engine::{Effects, Engine, EngineConfig, Publish};
+use crate::guard::{self, Inbound, Outbound, Security};
 use crate::journal;
 use crate::store::{SqliteStore, Store};
 
@@ -32,6 +33,8 @@ pub struct Config {
     pub lease_timeout: Duration,
     /// Extra time after a lease expires before the attempt counts as lost.
     pub lease_grace: Duration,
+    /// Plain (loopback) or sealed frames.
+    pub security: Security,
 }
 
 /// How often the engine's periodic duties run.
@@ -56,6 +59,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         jobz::now_ms(),
     );
 
+    let (mut inbound, outbound) = guard::build(&config.security, jobz::now_ms())?;
     let ctx = zmq::Context::new();
     let pub_socket = ctx.socket(zmq::PUB).context("creating PUB socket")?;
     let pull = ctx.socket(zmq::PULL).context("creating PULL socket")?;
@@ -76,10 +80,17 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
 
     let (publish_tx, publish_rx) = unbounded();
     let (effects_tx, effects_rx) = unbounded();
-    let publisher = spawn_publisher(pub_socket, publish_rx)?;
+    let publisher = spawn_publisher(pub_socket, publish_rx, outbound)?;
     let journal = journal::spawn(Box::new(store), effects_rx, publish_tx)?;
 
-    let result = serve(&mut engine, &pull, &effects_tx, &journal, &shutdown);
+    let result = serve(
+        &mut engine,
+        &mut inbound,
+        &pull,
+        &effects_tx,
+        &journal,
+        &shutdown,
+    );
     // Closing the effects channel lets the journal commit what is queued and stop; its
     // end closes the publisher's channel, and the publisher flushes within its linger.
     drop(effects_tx);
@@ -93,6 +104,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
 
 fn serve(
     engine: &mut Engine,
+    inbound: &mut Inbound,
     pull: &zmq::Socket,
     effects: &Sender<Effects>,
     journal: &JoinHandle<anyhow::Result<()>>,
@@ -136,7 +148,7 @@ fn serve(
                     Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
                     Err(e) => return Err(e).context("receiving from PULL"),
                 };
-                match decode(&frames) {
+                match inbound.admit(&frames, jobz::now_ms()) {
                     Ok(env) => send(engine.on_envelope(env, jobz::now_ms()))?,
                     Err((kind, reason)) => {
                         engine.count_dropped_frame(kind);
@@ -146,28 +158,16 @@ fn serve(
             }
         }
         if Instant::now() >= next_tick {
-            send(engine.tick(jobz::now_ms()))?;
+            let now = jobz::now_ms();
+            for name in inbound.tick(now) {
+                if let Some(worker) = name.strip_prefix("worker:") {
+                    send(engine.revoke_worker(worker, now))?;
+                }
+            }
+            send(engine.tick(now))?;
             next_tick = Instant::now() + TICK;
         }
     }
-}
-
-fn decode(frames: &[Vec<u8>]) -> Result<Envelope, (&'static str, String)> {
-    let [frame] = frames else {
-        return Err((
-            "multipart",
-            format!("{} frames in one message, expected 1", frames.len()),
-        ));
-    };
-    envelope::decode(frame).map_err(|e| {
-        let kind = match e {
-            DecodeError::TooLarge { .. } => "too_large",
-            DecodeError::BadMagic { .. } => "bad_magic",
-            DecodeError::UnsupportedVersion { .. } => "bad_version",
-            DecodeError::Malformed(_) => "malformed",
-        };
-        (kind, e.to_string())
-    })
 }
 
 /// Logs dropped frames without letting a flood of garbage flood the log: at most one line
@@ -202,6 +202,7 @@ impl DropLog {
 fn spawn_publisher(
     socket: zmq::Socket,
     publications: Receiver<Publish>,
+    mut outbound: Outbound,
 ) -> anyhow::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("publisher".into())
@@ -210,6 +211,9 @@ fn spawn_publisher(
                 let env = Envelope::new("broker", p.body);
                 match envelope::encode(&env) {
                     Ok(frame) => {
+                        let Some(frame) = outbound.seal(&p.topic, frame) else {
+                            continue;
+                        };
                         if let Err(e) =
                             socket.send_multipart([p.topic.to_bytes(), frame], zmq::DONTWAIT)
                         {

@@ -767,6 +767,7 @@ mod tests {
                 retries: 0,
                 retry_backoff_ms: 10,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
+                run_as: None,
             },
             workers: vec!["w1".into()],
         }

@@ -11,16 +11,25 @@
 //! - [`follow`]: `runs/{id}/log?follow=1`: a run's log streamed as its tasks end.
 //! - [`metrics`]: the frontend's counters and the Prometheus exposition.
 //! - [`server`]: the thin `tiny_http` shell and [`run`].
+//! - [`security`]: protected mode and the per-request gate; [`auth`]: tokens and scopes.
+//! - [`relay`]: the public listener in front of `tiny_http`: TLS ([`tls`]), request limits
+//!   ([`limits`]) and the connection cap.
 //!
 //! The dashboard (`src/dashboard.html`) is one self-contained page compiled into the binary.
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod follow;
+pub mod limits;
 pub mod metrics;
 pub mod query;
+pub mod relay;
+pub mod security;
 pub mod server;
+pub mod tls;
 pub mod views;
 pub mod waiter;
 
+pub use security::Security;
 pub use server::{run, Config, Frontend};

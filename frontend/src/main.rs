@@ -1,12 +1,13 @@
 //! `jobz-frontend`: flags, logging and signals; everything else is in the library.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use jobz::logging::LogArgs;
 use jobz::socket::BrokerAddr;
@@ -23,15 +24,54 @@ struct Args {
         default_value = "127.0.0.1"
     )]
     broker: BrokerAddr,
-    /// Where to listen for HTTP: ADDR:PORT.
+    /// Where to listen for HTTP: ADDR:PORT. Default 0.0.0.0:6769 when --tokens or
+    /// --tls-client-ca protect it, else 127.0.0.1:6769 (protected mode).
     #[arg(
         long,
         env = "JOBZ_LISTEN",
         value_name = "ADDR:PORT",
-        default_value = "0.0.0.0:6769",
         value_parser = parse_listen
     )]
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    /// Token file (`NAME SCOPES sha256:HEX` per line; see `token new`): every request but
+    /// /healthz then needs `Authorization: Bearer TOKEN` with the right scope.
+    #[arg(long, env = "JOBZ_TOKENS", value_name = "FILE")]
+    tokens: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "JOBZ_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "JOBZ_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this PEM file (mutual TLS).
+    #[arg(
+        long,
+        env = "JOBZ_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow a non-loopback --listen with neither --tokens nor --tls-client-ca (protected
+    /// mode otherwise refuses to start). Only behind a firewall or authenticating proxy.
+    #[arg(long)]
+    insecure: bool,
+    /// Also serve /healthz and /metrics, and nothing else, without authentication here.
+    #[arg(
+        long,
+        env = "JOBZ_HEALTH_LISTEN",
+        value_name = "ADDR:PORT",
+        value_parser = parse_listen
+    )]
+    health_listen: Option<SocketAddr>,
+    /// Most HTTP connections open at once per listener; more are closed at once.
+    #[arg(
+        long,
+        env = "JOBZ_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..=65536)
+    )]
+    max_connections: u32,
     /// How long a request may wait for the broker before the answer is 503 (e.g. 5s, 500ms).
     #[arg(
         long,
@@ -52,6 +92,52 @@ struct Args {
     threads: u16,
     #[command(flatten)]
     log: LogArgs,
+    /// Name of this frontend on the mesh; its key is enrolled as `frontend:NAME`
+    /// (default: the host name).
+    #[arg(long, env = "JOBZ_NAME", value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    keys: jobz::keys::KeyArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Makes a new token: prints the token on stdout (give it to the client) and the line
+    /// for the --tokens file on stderr (the file keeps only the token's SHA-256).
+    New {
+        /// A name for logs, unique in the file (e.g. ci, grafana, alice).
+        name: String,
+        /// Comma-separated: read (every view), trigger (/job_start), admin (everything).
+        #[arg(long, value_name = "SCOPES", value_parser = frontend::auth::Scopes::parse)]
+        scopes: frontend::auth::Scopes,
+    },
+}
+
+fn token_new(name: &str, scopes: frontend::auth::Scopes) -> ExitCode {
+    if let Err(e) = frontend::auth::check_name(name) {
+        eprintln!("jobz-frontend: {e}");
+        return ExitCode::from(2);
+    }
+    let token = match frontend::auth::new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("jobz-frontend: no randomness from the operating system: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("{token}");
+    eprintln!("# Add this line to the --tokens file; the token above is shown only once.");
+    eprintln!("{}", frontend::auth::file_line(name, scopes, &token));
+    ExitCode::SUCCESS
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -71,6 +157,12 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = args.keys.print_public_key() {
+        return code;
+    }
+    if let Some(Command::Token(TokenCommand::New { name, scopes })) = &args.command {
+        return token_new(name, *scopes);
+    }
     if let Err(e) = args.log.init() {
         eprintln!("jobz-frontend: {e:#}");
         return ExitCode::from(2);
@@ -82,11 +174,43 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let identity = match args.keys.identity() {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("jobz-frontend: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let protected = args.tokens.is_some() || args.tls_client_ca.is_some();
+    let listen = args.listen.unwrap_or_else(|| {
+        if protected {
+            SocketAddr::from(([0, 0, 0, 0], 6769))
+        } else {
+            tracing::info!("protected mode: no --tokens or --tls-client-ca, so the default listen address is 127.0.0.1:6769");
+            SocketAddr::from(([127, 0, 0, 1], 6769))
+        }
+    });
     let config = frontend::Config {
+        name: args.name,
+        identity,
         broker: args.broker,
-        listen: args.listen,
+        listen,
         request_timeout: args.request_timeout,
         threads: usize::from(args.threads),
+        security: frontend::Security {
+            tokens: args.tokens,
+            tls: match (args.tls_cert, args.tls_key) {
+                (Some(cert), Some(key)) => Some(frontend::tls::TlsFiles {
+                    cert,
+                    key,
+                    client_ca: args.tls_client_ca,
+                }),
+                _ => None,
+            },
+            insecure: args.insecure,
+            health_listen: args.health_listen,
+            max_connections: args.max_connections as usize,
+        },
     };
     match frontend::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,9 @@
 //! The thin shell: a `tiny_http` server, N threads taking requests and handing them to
 //! [`Api::handle`], the waiter thread, and one thread per followed log.
+//!
+//! `tiny_http` listens on a Unix socket in a private directory; the public address belongs
+//! to a [`Relay`] (TLS, limits, connection cap). Each request passes the
+//! [`security::gate`] before it reaches the handlers.
 
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -17,9 +21,12 @@ use jobz::message::{Role, RunView};
 use jobz::socket::BrokerAddr;
 
 use crate::api::{Api, HttpReply, HttpRequest, Method, Outcome, WaitRequest};
+use crate::auth::Tokens;
 use crate::broker::Broker;
 use crate::follow;
 use crate::metrics::Stats;
+use crate::relay::{OpenCount, Relay};
+use crate::security::{self, Exposure, Listener, Prepared, Security};
 use crate::waiter::{self, Responder};
 
 /// How long an HTTP thread blocks for a request before it looks at the shutdown flag.
@@ -30,25 +37,35 @@ const RECV_TIMEOUT: Duration = Duration::from_millis(200);
 pub struct Config {
     /// Where the broker is.
     pub broker: BrokerAddr,
+    /// Name on the mesh (default: the host name); the key is enrolled as `frontend:NAME`.
+    pub name: Option<String>,
+    /// This frontend's key and the broker keys it trusts: frames are sealed when set.
+    pub identity: Option<jobz::keys::NodeIdentity>,
     /// Where to listen for HTTP.
     pub listen: SocketAddr,
     /// How long a request to the broker may take before the answer is 503.
     pub request_timeout: Duration,
     /// HTTP worker threads.
     pub threads: usize,
+    /// Tokens, TLS, protected mode, the health listener, the connection cap.
+    pub security: Security,
 }
 
 /// Connects to the broker, serves HTTP until `shutdown` is set, then drains and stops.
 pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let node_id = format!("frontend:{}", jobz::new_id());
-    let client = Client::start(ClientConfig::new(
-        config.broker.clone(),
-        node_id.clone(),
-        Role::Frontend,
-    ))
-    .context("starting the broker link")?;
+    // Refuse a dangerous or broken set-up before anything connects anywhere.
+    let prepared = config.security.prepare(config.listen)?;
+    let node_id = format!(
+        "frontend:{}/{}",
+        jobz::keys::node_name("frontend", config.name.as_deref())?,
+        jobz::new_id()
+    );
+    let mut client_config =
+        ClientConfig::new(config.broker.clone(), node_id.clone(), Role::Frontend);
+    client_config.identity = config.identity.clone();
+    let client = Client::start(client_config).context("starting the broker link")?;
     let api = Api::new(Arc::new(client.clone()), config.request_timeout);
-    let frontend = match Frontend::bind(config.listen, config.threads, api) {
+    let frontend = match Frontend::bind(config.listen, config.threads, api, prepared) {
         Ok(f) => f,
         Err(e) => {
             client.shutdown();
@@ -62,36 +79,137 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         threads = config.threads,
         "frontend listening"
     );
+    frontend.log_security();
     let result = frontend.serve(shutdown);
     client.shutdown();
     info!("frontend stopped");
     result
 }
 
-fn bind(listen: SocketAddr) -> anyhow::Result<tiny_http::Server> {
-    tiny_http::Server::http(listen).map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))
+/// A `tiny_http` server on a Unix socket in `dir`, and the relay from `listen` to it.
+fn bind(
+    listen: SocketAddr,
+    dir: &std::path::Path,
+    name: &str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_connections: usize,
+) -> anyhow::Result<(Arc<tiny_http::Server>, Relay)> {
+    let socket = dir.join(format!("{name}.sock"));
+    let server = tiny_http::Server::http_unix(&socket)
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", socket.display()))?;
+    let relay = Relay::bind(listen, tls, socket, max_connections)?;
+    Ok((Arc::new(server), relay))
+}
+
+/// A private directory (mode 0700) for the Unix sockets behind the relays.
+fn socket_dir() -> anyhow::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("jobz-frontend.")
+        .tempdir()
+        .context("creating a private directory for the HTTP sockets")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .context("restricting the HTTP socket directory")?;
+    Ok(dir)
+}
+
+/// One listener: its relay, and the `tiny_http` server behind it.
+struct Endpoint {
+    listener: Listener,
+    server: Arc<tiny_http::Server>,
+    relay: Relay,
 }
 
 /// A bound HTTP server with its handlers, ready to serve.
 pub struct Frontend {
-    server: Arc<tiny_http::Server>,
+    endpoints: Vec<Endpoint>,
     api: Arc<Api>,
     threads: usize,
+    prepared: Prepared,
+    /// Removed (with the sockets) when the frontend is dropped.
+    _sockets: tempfile::TempDir,
 }
 
 impl Frontend {
-    /// Binds `listen` (port 0 picks a free port) with these handlers.
-    pub fn bind(listen: SocketAddr, threads: usize, api: Api) -> anyhow::Result<Frontend> {
+    /// Binds `listen` (port 0 picks a free port), and the health listener if any, with
+    /// these handlers.
+    pub fn bind(
+        listen: SocketAddr,
+        threads: usize,
+        api: Api,
+        prepared: Prepared,
+    ) -> anyhow::Result<Frontend> {
+        let sockets = socket_dir()?;
+        let (server, relay) = bind(
+            listen,
+            sockets.path(),
+            "http",
+            prepared.tls.clone(),
+            prepared.max_connections,
+        )?;
+        let mut endpoints = vec![Endpoint {
+            listener: Listener::Main,
+            server,
+            relay,
+        }];
+        if let Some(health) = prepared.health_listen {
+            let (server, relay) = bind(
+                health,
+                sockets.path(),
+                "health",
+                None,
+                prepared.max_connections,
+            )?;
+            endpoints.push(Endpoint {
+                listener: Listener::Health,
+                server,
+                relay,
+            });
+        }
         Ok(Frontend {
-            server: Arc::new(bind(listen)?),
+            endpoints,
             api: Arc::new(api),
             threads,
+            prepared,
+            _sockets: sockets,
         })
     }
 
     /// The address actually bound.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.server.server_addr().to_ip()
+        self.endpoints.first().and_then(|e| e.relay.local_addr())
+    }
+
+    /// The health listener's address actually bound, if there is one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.endpoints
+            .iter()
+            .find(|e| e.listener == Listener::Health)
+            .and_then(|e| e.relay.local_addr())
+    }
+
+    /// Says how the listeners are protected; loudly when they are not.
+    pub fn log_security(&self) {
+        let p = &self.prepared;
+        let scheme = if p.tls.is_some() { "https" } else { "http" };
+        let tokens = p.tokens.as_ref().map_or(0, |t| t.len());
+        info!(
+            mode = p.exposure.describe(),
+            scheme,
+            tokens,
+            max_connections = p.max_connections,
+            "HTTP security"
+        );
+        if p.exposure == Exposure::Insecure {
+            warn!(
+                listen = %self.local_addr().map_or_else(String::new, |a| a.to_string()),
+                "INSECURE: --insecure is set and neither --tokens nor --tls-client-ca is \
+                 given: anyone who can reach this address can start jobs and read every run"
+            );
+        }
+        if let Some(health) = self.health_addr() {
+            info!(health_listen = %health, "open health listener: /healthz and /metrics only");
+        }
     }
 
     /// Serves until `shutdown` is set: requests in progress are finished, waiting requests
@@ -107,28 +225,48 @@ impl Frontend {
                 .spawn(move || waiter::run(wait_rx, broker, stats, shutdown))
                 .context("starting the waiter thread")?
         };
-        let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(self.threads);
-        for n in 0..self.threads.max(1) {
-            let shell = Shell {
-                server: self.server.clone(),
-                api: self.api.clone(),
-                waits: wait_tx.clone(),
-                shutdown: shutdown.clone(),
+        let mut workers: Vec<JoinHandle<()>> = Vec::with_capacity(self.threads + 2);
+        let mut open: Vec<OpenCount> = Vec::new();
+        let mut started = Ok(());
+        for endpoint in self.endpoints {
+            let threads = match endpoint.listener {
+                Listener::Main => self.threads.max(1),
+                Listener::Health => 2,
             };
-            let handle = std::thread::Builder::new()
-                .name(format!("http-{n}"))
-                .spawn(move || shell.serve())
-                .context("starting an HTTP thread");
-            match handle {
-                Ok(h) => workers.push(h),
-                Err(e) => {
-                    shutdown.store(true, Ordering::Relaxed);
-                    for h in workers {
-                        let _ = h.join();
-                    }
-                    return Err(e);
+            for n in 0..threads {
+                let shell = Shell {
+                    server: endpoint.server.clone(),
+                    api: self.api.clone(),
+                    waits: wait_tx.clone(),
+                    shutdown: shutdown.clone(),
+                    listener: endpoint.listener,
+                    tokens: self.prepared.tokens.clone(),
+                };
+                let name = match endpoint.listener {
+                    Listener::Main => format!("http-{n}"),
+                    Listener::Health => format!("health-{n}"),
+                };
+                let handle = std::thread::Builder::new()
+                    .name(name)
+                    .spawn(move || shell.serve())
+                    .context("starting an HTTP thread");
+                match handle {
+                    Ok(h) => workers.push(h),
+                    Err(e) => started = Err(e),
                 }
             }
+            open.push(endpoint.relay.open_connections());
+            let name = match endpoint.listener {
+                Listener::Main => "http",
+                Listener::Health => "health",
+            };
+            match endpoint.relay.spawn(name, shutdown.clone()) {
+                Ok(h) => workers.push(h),
+                Err(e) => started = Err(e),
+            }
+        }
+        if started.is_err() {
+            shutdown.store(true, Ordering::Relaxed);
         }
         drop(wait_tx);
         for h in workers {
@@ -139,12 +277,17 @@ impl Frontend {
         if waiter.join().is_err() {
             warn!("the waiter thread panicked");
         }
-        // Log streams see the flag within one poll; give them a moment to end cleanly.
+        // Log streams see the flag within one poll, and connections stop taking requests
+        // and end once their answers are out; give both a moment to end cleanly.
         let deadline = Instant::now() + Duration::from_secs(3);
-        while self.api.stats.following.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        let busy = || {
+            self.api.stats.following.load(Ordering::Relaxed) > 0
+                || open.iter().any(|n| n.load(Ordering::Relaxed) > 0)
+        };
+        while busy() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        started
     }
 }
 
@@ -154,6 +297,8 @@ struct Shell {
     api: Arc<Api>,
     waits: Sender<(Pending, WaitRequest)>,
     shutdown: Arc<AtomicBool>,
+    listener: Listener,
+    tokens: Option<Arc<Tokens>>,
 }
 
 impl Shell {
@@ -180,11 +325,35 @@ impl Shell {
             },
             target: request.url().to_owned(),
         };
+        let authorization = request
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Authorization"))
+            .map(|h| h.value.as_str().to_owned());
         let pending = Pending {
             request,
             stats: self.api.stats.clone(),
             started,
         };
+        let admitted = security::gate(
+            self.listener,
+            self.tokens.as_deref(),
+            &http,
+            authorization.as_deref(),
+        );
+        if let Err(reply) = admitted {
+            let path: String = http
+                .target
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect();
+            info!(status = reply.status, %path, "request not authorised");
+            pending.respond(reply);
+            return;
+        }
         match self.api.handle(&http) {
             Outcome::Reply(reply) => pending.respond(reply),
             Outcome::Wait(wait) => {

@@ -304,6 +304,7 @@ mod tests {
                 retries: 2,
                 retry_backoff_ms: 10_000,
                 tags: vec!["etl".into()],
+                run_as: None,
             },
             workers: vec!["w1".into(), "w2".into()],
         };

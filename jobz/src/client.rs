@@ -21,7 +21,9 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::envelope::{self, Envelope, MessageId};
+use crate::keys::NodeIdentity;
 use crate::message::{Message, Reply, ReplyBody, Role};
+use crate::seal::{NodeSeal, OpenError};
 use crate::socket::{self, BrokerAddr};
 use crate::topic::Topic;
 
@@ -36,6 +38,8 @@ pub struct ClientConfig {
     pub role: Role,
     /// Resend an unanswered request after this long.
     pub resend_after: Duration,
+    /// This node's key and the broker keys it trusts: frames are sealed when set.
+    pub identity: Option<NodeIdentity>,
 }
 
 impl ClientConfig {
@@ -46,6 +50,7 @@ impl ClientConfig {
             node_id,
             role,
             resend_after: Duration::from_secs(1),
+            identity: None,
         }
     }
 }
@@ -84,6 +89,8 @@ pub struct ClientStats {
     pub dropped_frames: AtomicU64,
     /// Requests resent after no reply.
     pub resends: AtomicU64,
+    /// Sealed frames refused: not authentic, replayed, stale or unreadable.
+    pub rejected_frames: AtomicU64,
 }
 
 /// A handle on the link thread; cheap to clone.
@@ -130,7 +137,13 @@ impl Client {
         let welcomed = Arc::new(AtomicBool::new(false));
         let broker_instance = Arc::new(std::sync::Mutex::new(String::new()));
         let stats = Arc::new(ClientStats::default());
+        let seal = config.identity.clone().map(NodeSeal::new);
         let mut link = Link {
+            seal,
+            unanswered_hellos: 0,
+            last_hint: None,
+            last_drop_log: None,
+            suppressed_drops: 0,
             wake_rx,
             config: config.clone(),
             push,
@@ -271,6 +284,7 @@ impl Client {
 
 struct Pending {
     envelope: Envelope,
+    /// The plain frame; sealed afresh at every (re)send, so a resend is never a replay.
     frame: Vec<u8>,
     deadline: Instant,
     timeout: Duration,
@@ -279,6 +293,15 @@ struct Pending {
 }
 
 struct Link {
+    /// Sealing state when the mesh is secured.
+    seal: Option<NodeSeal>,
+    /// Hellos sent since the last welcome.
+    unanswered_hellos: u32,
+    /// When the link last logged why the broker stays silent.
+    last_hint: Option<Instant>,
+    /// When the link last logged a dropped frame, and how many it did not log since.
+    last_drop_log: Option<Instant>,
+    suppressed_drops: u64,
     wake_rx: UnixStream,
     config: ClientConfig,
     push: zmq::Socket,
@@ -295,6 +318,9 @@ struct Link {
 
 /// How often a connected link greets the broker again, to notice a restart.
 const HELLO_WHEN_CONNECTED: Duration = Duration::from_secs(5);
+
+/// How often an unwelcomed link says why the broker may be silent.
+const HINT_EVERY: Duration = Duration::from_secs(30);
 
 /// How often the link thread wakes without a message or command, to resend and greet.
 const TICK: Duration = Duration::from_millis(50);
@@ -337,10 +363,46 @@ impl Link {
         }
     }
 
-    fn send_frame(&self, frame: &[u8]) {
+    /// Sends one plain frame, sealed first when the mesh is secured.
+    fn send_frame(&mut self, frame: &[u8]) {
+        let sealed;
+        let wire = match self.seal.as_mut() {
+            Some(seal) => match seal.seal(frame, crate::now_ms()) {
+                Ok(f) => {
+                    sealed = f;
+                    &sealed
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot seal a message to the broker");
+                    return;
+                }
+            },
+            None => frame,
+        };
         // DONTWAIT: a full queue is reported, never a silent stall of the link thread.
-        if let Err(e) = self.push.send(frame, zmq::DONTWAIT) {
+        if let Err(e) = self.push.send(wire, zmq::DONTWAIT) {
             warn!(error = %e, "cannot queue a message to the broker (will resend if it is a request)");
+        }
+    }
+
+    /// Says, at most every 30 s, why an unwelcomed link may stay silent.
+    fn hint_if_unanswered(&mut self, now: Instant) {
+        if self.unanswered_hellos < 10 || self.last_hint.is_some_and(|t| now - t < HINT_EVERY) {
+            return;
+        }
+        self.last_hint = Some(now);
+        match &self.seal {
+            Some(seal) => warn!(
+                node = %self.config.node_id,
+                public_key = %seal.public(),
+                fingerprint = %seal.public().fingerprint(),
+                "the broker does not answer: it may be down, or this node's key is not accepted yet (on the broker: jobz-broker keys accept {})",
+                crate::keys::principal_of(&self.config.node_id)
+            ),
+            None => warn!(
+                broker = %self.config.broker.pub_endpoint(),
+                "the broker does not answer: it may be down, or it requires sealed frames (give this node --key and --broker-key)"
+            ),
         }
     }
 
@@ -355,6 +417,16 @@ impl Link {
                 role: self.config.role,
             },
         );
+        if !welcomed {
+            self.unanswered_hellos = self.unanswered_hellos.saturating_add(1);
+            // The broker's key may have been rotated: try the next trusted one.
+            if self.unanswered_hellos % 3 == 0 {
+                if let Some(seal) = self.seal.as_mut() {
+                    seal.try_next_broker_key();
+                }
+            }
+            self.hint_if_unanswered(now);
+        }
         if let Ok(frame) = envelope::encode(&env) {
             self.send_frame(&frame);
         }
@@ -372,17 +444,19 @@ impl Link {
 
     fn resend_or_expire(&mut self, now: Instant) {
         let mut expired = Vec::new();
+        let mut resend = Vec::new();
         for (id, p) in self.pending.iter_mut() {
             if now >= p.deadline {
                 expired.push(id.clone());
             } else if now >= p.resend_at {
                 self.stats.resends.fetch_add(1, Ordering::Relaxed);
                 debug!(message_id = %id, "resending unanswered request");
-                if let Err(e) = self.push.send(&p.frame, zmq::DONTWAIT) {
-                    warn!(error = %e, "cannot queue a resend to the broker");
-                }
+                resend.push(p.frame.clone());
                 p.resend_at = now + self.config.resend_after;
             }
+        }
+        for frame in resend {
+            self.send_frame(&frame);
         }
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
@@ -457,7 +531,8 @@ impl Link {
                 [topic, payload] => Topic::parse(topic)
                     .ok_or_else(|| "unknown topic".to_owned())
                     .and_then(|t| {
-                        envelope::decode(payload)
+                        let plain = self.unseal(topic, payload)?;
+                        envelope::decode(&plain)
                             .map(|e| (t, e))
                             .map_err(|e| e.to_string())
                     }),
@@ -475,8 +550,47 @@ impl Link {
                 }
                 Err(reason) => {
                     self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
-                    warn!(%reason, "dropping a malformed frame from the broker");
+                    // At most one line a second: a mismatched mesh would flood the log.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_log
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        warn!(%reason, suppressed = self.suppressed_drops, "dropping a frame from the broker");
+                        self.last_drop_log = Some(now);
+                        self.suppressed_drops = 0;
+                    } else {
+                        self.suppressed_drops += 1;
+                    }
                 }
+            }
+        }
+    }
+
+    /// The plain frame of a publication: opened when the mesh is secured; a sealed frame
+    /// without a key, or an unsealed one with a key, is refused.
+    fn unseal(&mut self, topic: &[u8], payload: &[u8]) -> Result<Vec<u8>, String> {
+        let Some(seal) = self.seal.as_mut() else {
+            if crate::seal::is_sealed(payload) {
+                return Err(
+                    "sealed frame, but this node has no key (give it --key and --broker-key)"
+                        .into(),
+                );
+            }
+            return Ok(payload.to_vec());
+        };
+        match seal.open(topic, payload, crate::now_ms()) {
+            Ok(plain) => Ok(plain),
+            Err(e) => {
+                self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                if let OpenError::UnknownEpoch(_) = e {
+                    // A mesh key announced while this node was away: greet now for it,
+                    // at a jittered moment so a mesh-wide miss is not a greeting storm.
+                    let soon =
+                        Instant::now() + socket::with_jitter(Duration::from_millis(200), 1.0);
+                    self.next_hello = self.next_hello.min(soon);
+                }
+                Err(e.to_string())
             }
         }
     }
@@ -494,6 +608,7 @@ impl Link {
                 }
             }
             self.welcomed.store(true, Ordering::Relaxed);
+            self.unanswered_hellos = 0;
             self.hello_id = None;
             return;
         }

@@ -75,6 +75,11 @@ pub struct JobSpec {
     /// Free-form labels.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The local user the command runs as (`run_as:`; syntax checked by
+    /// [`is_valid_user_name`], existence by the worker when it runs the step). `None`: the
+    /// worker's `--default-run-as`, or the worker's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 /// Default `retry_backoff`: ten seconds.
@@ -221,6 +226,20 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Is this a plausible local user name for `run_as:` (the portable POSIX form, as
+/// `useradd` accepts by default: `[A-Za-z_][A-Za-z0-9_.-]{0,31}`, optionally ending in `$`)?
+/// Numeric ids, path separators, NUL and anything a shell would read are refused.
+pub fn is_valid_user_name(name: &str) -> bool {
+    let body = name.strip_suffix('$').unwrap_or(name);
+    let mut bytes = body.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    first_ok
+        && body.len() <= 32
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 /// Parameter names become `JOBZ_PARAM_<NAME>` and URL query keys: letters, digits and `_`,
 /// not starting with a digit; `job_name` and `wait` belong to `/job_start` itself.
 pub fn is_valid_param_name(name: &str) -> bool {
@@ -260,6 +279,8 @@ struct RawJob {
     retry_backoff: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    #[serde(default, deserialize_with = "optional_scalar_string")]
+    run_as: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -307,6 +328,18 @@ fn scalar_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
         other => Err(D::Error::custom(format!(
             "expected a command string, found {other:?}"
         ))),
+    }
+}
+
+/// `run_as: 1000` is a YAML number: read it as text, so the error names `run_as`.
+fn optional_scalar_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    match Option::<serde_yaml::Value>::deserialize(d)? {
+        None | Some(serde_yaml::Value::Null) => Ok(None),
+        Some(value) => scalar_string(value)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 
@@ -488,6 +521,11 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
     let on_failure = raw.on_failure.into_vec();
     check_names("on_success", &on_success).map_err(context)?;
     check_names("on_failure", &on_failure).map_err(context)?;
+    if let Some(user) = raw.run_as.as_deref().filter(|u| !is_valid_user_name(u)) {
+        return Err(context(format!(
+            "run_as {user:?} is not a valid user name ([A-Za-z_][A-Za-z0-9_.-]{{0,31}})"
+        )));
+    }
     Ok(JobSpec {
         timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
         name: name.clone(),
@@ -502,6 +540,7 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
             .map_err(context)?
             .unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
         tags: raw.tags,
+        run_as: raw.run_as,
     })
 }
 
@@ -960,6 +999,52 @@ semaphores:
             .validate_declared_params(&p(&[("date", "bad"), ("x", "1")]))
             .is_err());
         assert!(job.validate_declared_params(&p(&[("x", "1")])).is_err());
+    }
+
+    #[test]
+    fn run_as_is_read_from_both_formats_and_its_syntax_checked() {
+        let set = parse("jobs:\n  - name: a\n    command: id -u\n    run_as: nobody\n").unwrap();
+        assert_eq!(set.jobs["a"].run_as.as_deref(), Some("nobody"));
+        let set = parse("etl:\n  - name: b\n    command: id -u\n    run_as: svc_etl-1\n").unwrap();
+        assert_eq!(set.jobs["b"].run_as.as_deref(), Some("svc_etl-1"));
+        let set = parse("jobs:\n  - name: c\n    command: true\n").unwrap();
+        assert_eq!(set.jobs["c"].run_as, None);
+        for bad in [
+            "''",
+            "../root",
+            "/etc/passwd",
+            "0",
+            "1000",
+            "-rf",
+            "'a b'",
+            "'a;id'",
+            "'a\\0b'",
+            "'$(id)'",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", // 33 characters
+        ] {
+            let text = format!("jobs:\n  - name: a\n    command: x\n    run_as: {bad}\n");
+            let err = parse(&text).unwrap_err();
+            assert!(err.reason.contains("run_as"), "{bad}: {err}");
+            assert_eq!(err.line, Some(2), "{bad}: {err}");
+        }
+        assert!(
+            is_valid_user_name("nobody") && is_valid_user_name("_x") && is_valid_user_name("host$")
+        );
+        assert!(
+            !is_valid_user_name("a\0b") && !is_valid_user_name("a/b") && !is_valid_user_name("$")
+        );
+    }
+
+    #[test]
+    fn a_job_spec_without_run_as_decodes_and_encodes_as_before() {
+        // Heartbeats carry JobSpecs: an older worker's (no `run_as`) must still decode.
+        let set = parse(SPEC_EXAMPLE).unwrap();
+        let job = set.jobs["import_category_dump"].clone();
+        let mut old = serde_json::to_value(&job).unwrap();
+        assert!(old.get("run_as").is_none(), "None is not sent");
+        old.as_object_mut().unwrap().remove("run_as");
+        let back: JobSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(back, job);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`jobfile`]: `jobs.d` files: parsing both formats, validation, the reloading loader.
 //! - [`template`]: `{param}` rendering, shell-quoted for commands.
 //! - [`socket`]: broker addresses and the socket options every process uses.
+//! - [`keys`]: node key pairs and public-key files, enrolment names.
+//! - [`seal`]: sealed frames (authenticated encryption, replay refusal, mesh keys).
 //! - [`client`]: the link a worker, semaphore or frontend keeps to the broker.
 //! - [`logging`]: the `--log-file`/`--log-format` flags.
 //! - [`signals`]: SIGTERM/SIGINT as a shutdown channel.
@@ -16,8 +18,10 @@
 pub mod client;
 pub mod envelope;
 pub mod jobfile;
+pub mod keys;
 pub mod logging;
 pub mod message;
+pub mod seal;
 pub mod signals;
 pub mod socket;
 pub mod template;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use jobz::socket::BrokerAddr;
 
 /// Default `--state`.
@@ -23,8 +23,11 @@ pub struct Config {
     /// How often completions are fetched again from the broker, to make up for events lost
     /// on the way (a slow subscription, a broker restart).
     pub catch_up_interval: Duration,
-    /// This process's node id: `semaphore:<host>-<random>`.
+    /// This process's node id: `semaphore:<name>/<random>`; its key is enrolled as
+    /// `semaphore:<name>`.
     pub node_id: String,
+    /// This semaphore's key and the broker keys it trusts: frames are sealed when set.
+    pub identity: Option<jobz::keys::NodeIdentity>,
 }
 
 impl Config {
@@ -37,6 +40,7 @@ impl Config {
             status_interval: Duration::from_secs(2),
             catch_up_interval: Duration::from_secs(10),
             node_id,
+            identity: None,
         }
     }
 
@@ -60,19 +64,18 @@ impl Config {
     }
 }
 
-/// `semaphore:<host>-<8 hex digits>`: unique per process, so two semaphores on one host
-/// (for availability) never read each other's replies.
-pub fn default_node_id() -> anyhow::Result<String> {
-    let host = hostname::get().context("reading the host name")?;
-    let host: String = host
-        .to_string_lossy()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-        .take(100)
-        .collect();
-    let host = if host.is_empty() { "host".into() } else { host };
+/// `semaphore:<name>/<8 hex digits>`: unique per process, so two semaphores on one host
+/// (for availability) never read each other's replies. `name` defaults to the host name;
+/// `semaphore:<name>` is what its key is enrolled as.
+pub fn node_id(name: Option<&str>) -> anyhow::Result<String> {
+    let name = jobz::keys::node_name("semaphore", name)?;
     let random = uuid::Uuid::new_v4().simple().to_string();
-    Ok(format!("semaphore:{host}-{}", &random[..8]))
+    Ok(format!("semaphore:{name}/{}", &random[..8]))
+}
+
+/// [`node_id`] named after the host.
+pub fn default_node_id() -> anyhow::Result<String> {
+    node_id(None)
 }
 
 #[cfg(test)]

@@ -33,12 +33,20 @@ struct Args {
     /// (0 if all are good, 1 otherwise) without connecting anywhere.
     #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
     check: bool,
+    /// Name of this semaphore; its key is enrolled as `semaphore:NAME` (default: host name).
+    #[arg(long, env = "JOBZ_NAME", value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    keys: jobz::keys::KeyArgs,
     #[command(flatten)]
     log: LogArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(code) = args.keys.print_public_key() {
+        return code;
+    }
     if args.check {
         let mut out = std::io::stdout().lock();
         return match semaphore::check::check_jobs_dir(&args.jobs_dir, &mut out) {
@@ -65,7 +73,8 @@ fn main() -> ExitCode {
 
 fn start(args: Args) -> anyhow::Result<()> {
     args.log.init()?;
-    let mut config = Config::new(args.broker, config::default_node_id()?);
+    let mut config = Config::new(args.broker, config::node_id(args.name.as_deref())?);
+    config.identity = args.keys.identity()?;
     config.jobs_dir = args.jobs_dir;
     config.state_dir = args.state;
     config.status_interval = args.status_interval;

@@ -75,12 +75,14 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         Some(mark) => (mark, false),
         None => (jobz::now_ms(), true),
     };
-    let client = Client::start(ClientConfig::new(
+    let mut client_config = ClientConfig::new(
         config.broker.clone(),
         config.node_id.clone(),
         Role::Semaphore,
-    ))
-    .with_context(|| format!("connecting to the broker at {}", config.broker))?;
+    );
+    client_config.identity = config.identity.clone();
+    let client = Client::start(client_config)
+        .with_context(|| format!("connecting to the broker at {}", config.broker))?;
     let start = Instant::now();
     let mut service = Service {
         client,

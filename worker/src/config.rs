@@ -4,11 +4,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use jobz::jobfile::is_valid_name;
+use jobz::jobfile::{is_valid_name, is_valid_user_name};
 use jobz::socket::BrokerAddr;
+
+use crate::runner::is_valid_env_name;
 
 /// Port the frontend listens on by default (SPEC: `0.0.0.0:6769`).
 pub const DEFAULT_FRONTEND_PORT: u16 = 6769;
+
+/// Default `--max-step-output`: 64 MiB of output per step attempt.
+pub const DEFAULT_MAX_STEP_OUTPUT: u64 = 64 << 20;
 
 /// Everything [`crate::run`] needs to know.
 #[derive(Debug, Clone)]
@@ -31,6 +36,9 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Heartbeat interval (`--heartbeat`).
     pub heartbeat: Duration,
+    /// This worker's key and the broker keys it trusts (`--key`, `--broker-key`): frames
+    /// are sealed when set.
+    pub identity: Option<jobz::keys::NodeIdentity>,
     /// Base URL of the HTTP API, exported to commands as `JOBZ_FRONTEND` (`--frontend`).
     pub frontend: String,
     /// How long a stopping worker waits for running commands (`--drain-timeout`).
@@ -45,6 +53,14 @@ pub struct Config {
     /// `/proc/self/exe`, which still runs this worker's binary after an upgrade replaced
     /// the file; tests point it at the built `jobz-worker`.
     pub leader: PathBuf,
+    /// Names passed from the worker's environment to every step, besides the fixed
+    /// allow-list (`--env-allow`; see [`crate::runner::step_env`]).
+    pub env_allow: Vec<String>,
+    /// Bytes of output kept per step attempt; the rest is dropped with a marker line
+    /// (`--max-step-output`).
+    pub max_step_output: u64,
+    /// The user steps without `run_as:` run as (`--default-run-as`); `None`: the worker's.
+    pub default_run_as: Option<String>,
 }
 
 impl Config {
@@ -60,11 +76,15 @@ impl Config {
             spool: PathBuf::from("/var/lib/jobz/worker"),
             log_dir: PathBuf::from("/var/log/jobz"),
             heartbeat: Duration::from_secs(2),
+            identity: None,
             frontend,
             drain_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(5),
             ack_wait: Duration::from_secs(5),
             leader: PathBuf::from("/proc/self/exe"),
+            env_allow: Vec::new(),
+            max_step_output: DEFAULT_MAX_STEP_OUTPUT,
+            default_run_as: None,
         }
     }
 
@@ -97,8 +117,42 @@ impl Config {
         if self.frontend.trim().is_empty() {
             bail!("--frontend must not be empty");
         }
+        if let Some(bad) = self.env_allow.iter().find(|n| !is_valid_env_name(n)) {
+            bail!("--env-allow {bad:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)");
+        }
+        if self.max_step_output == 0 {
+            bail!("--max-step-output must be at least 1 byte");
+        }
+        if let Some(user) = self
+            .default_run_as
+            .as_deref()
+            .filter(|u| !is_valid_user_name(u))
+        {
+            bail!("--default-run-as {user:?} is not a valid user name");
+        }
         Ok(())
     }
+}
+
+/// A byte count: `1048576`, or a whole number with a binary unit, `64MiB`, `512KiB`,
+/// `1GiB` (`K`, `M`, `G`, `KB`, `MB`, `GB` mean the same; case does not matter).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 1048576, 512KiB, 64MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("{other:?} is not a size unit (KiB, MiB, GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// `http://<broker host>:6769`: the frontend usually runs beside the broker.
@@ -159,5 +213,41 @@ mod tests {
         let mut c = config();
         c.capabilities = vec!["".into()];
         assert!(c.validate().is_err());
+        let mut c = config();
+        c.env_allow = vec!["FOO".into(), "A=B".into()];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--env-allow"));
+        let mut c = config();
+        c.max_step_output = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--max-step-output"), "{e}");
+        let mut c = config();
+        c.default_run_as = Some("../root".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--default-run-as"), "{e}");
+    }
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("512 kib"), Ok(512 << 10));
+        assert_eq!(parse_size("1GB"), Ok(1 << 30));
+        assert_eq!(parse_size("10b"), Ok(10));
+        for bad in [
+            "",
+            "MiB",
+            "-1",
+            "1.5MiB",
+            "64 TiB",
+            "99999999999999999999",
+            "99999999999GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -107,8 +107,17 @@ pub fn format_line(time_ms: i64, task: &Task, event: &str) -> String {
     )
 }
 
-/// The event text for a task that ran (or could not start).
+/// The event text for a task that ran (or could not start); `; output truncated after N
+/// bytes` is appended when `--max-step-output` cut its output.
 pub fn finished_event(result: &RunResult) -> String {
+    let event = ended_event(result);
+    match result.truncated {
+        Some(kept) => format!("{event}; {}", crate::runner::truncated_note(kept)),
+        None => event,
+    }
+}
+
+fn ended_event(result: &RunResult) -> String {
     let secs = result.elapsed.as_secs_f64();
     match (&result.outcome, &result.error, result.exit_code) {
         (TaskOutcome::Succeeded, _, code) => {
@@ -170,6 +179,7 @@ mod tests {
             params: Default::default(),
             command: String::new(),
             timeout: None,
+            run_as: None,
         }
     }
 
@@ -183,6 +193,7 @@ mod tests {
             elapsed: Duration::from_millis(1234),
             output_tail: String::new(),
             started: true,
+            truncated: None,
         }
     }
 
@@ -231,6 +242,12 @@ mod tests {
                 Some("timed out after 2s")
             )),
             "timed out after 2s"
+        );
+        let mut cut = result(TaskOutcome::Succeeded, Some(0), None);
+        cut.truncated = Some(1024);
+        assert_eq!(
+            finished_event(&cut),
+            "finished exit=0 in 1.23s; output truncated after 1024 bytes"
         );
     }
 

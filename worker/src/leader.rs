@@ -2,11 +2,20 @@
 //! worker that dies, even by SIGKILL, takes its commands with it.
 //!
 //! [`crate::runner`] starts the worker's own binary as
-//! `jobz-worker --lead-step <worker pid> <command>` ([`FLAG`]; not a documented flag) as
-//! the leader of a new process group, with stdin a pipe whose write end only the worker
-//! holds, stdout and stderr the task's output file, and the task's environment and working
-//! directory. The leader starts `/bin/sh -c <command>` in its group (stdin `/dev/null`)
-//! and waits for it. As soon as it learns that the worker is gone it sends SIGKILL to its
+//! `jobz-worker --lead-step <worker pid> [--max-output BYTES] [--run-as UID:GID:GROUPS]
+//! <command>` ([`FLAG`]; not a documented flag) as the leader of a new process group, with
+//! stdin a pipe whose write end only the worker holds, stdout and stderr the task's output
+//! file, and the task's environment and working directory. With `--run-as` the leader
+//! takes those credentials (supplementary groups, gid, uid: it never keeps root) before
+//! anything of the task runs. It starts `/bin/sh -c <command>` in its group (stdin
+//! `/dev/null`, stdout and stderr one pipe) and waits for it.
+//!
+//! **Output.** The leader copies the pipe into the output file, at most `--max-output`
+//! bytes; beyond that it reads on and drops what it reads (the command neither blocks nor
+//! dies of SIGPIPE) and, at the end, appends one line `[jobz: output truncated after N
+//! bytes]` ([`crate::runner::truncation_marker`]). When the shell has ended the leader
+//! copies what is still in the pipe (at most [`DRAIN_AFTER_EXIT`] more bytes: background
+//! processes the worker is about to kill may hold it open) and ends. As soon as it learns that the worker is gone it sends SIGKILL to its
 //! whole process group, itself included. It learns it two ways, whichever comes first:
 //! - **end of file on stdin**: the kernel closes the worker's end of the pipe when the
 //!   worker process dies, however it dies (also before the leader got to run);
@@ -32,7 +41,9 @@
 //! a new group) escapes both the leader and the worker, as it did before.
 
 use std::ffi::OsString;
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -41,6 +52,15 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SI
 
 /// The first argument that makes `jobz-worker` a step leader.
 pub const FLAG: &str = "--lead-step";
+
+/// Leader option: keep at most this many bytes of the command's output.
+pub const MAX_OUTPUT: &str = "--max-output";
+
+/// Leader option: run the command with these credentials (`UID:GID:G1,G2,…`).
+pub const RUN_AS: &str = "--run-as";
+
+/// After the shell ended, at most this much more output is copied from the pipe.
+pub const DRAIN_AFTER_EXIT: u64 = 1 << 20;
 
 /// Exit code when the leader itself cannot work (bad arguments, no signal handling).
 pub const EXIT_LEADER_FAILED: i32 = 125;
@@ -56,12 +76,28 @@ enum Event {
     WorkerGone(&'static str),
     /// The shell ended.
     Exited(ExitStatus),
+    /// The output was copied, as far as it will be.
+    Copied,
 }
 
-/// Runs the leader with the arguments after [`FLAG`]: `<worker pid> <command>`. Never
-/// returns: the process ends like the shell, or by SIGKILL with its group.
+/// What the worker asks of the leader.
+#[derive(Debug, PartialEq)]
+struct LeaderArgs {
+    worker_pid: u32,
+    max_output: u64,
+    run_as: Option<crate::runner::Switch>,
+    command: OsString,
+}
+
+/// Runs the leader with the arguments after [`FLAG`]: `<worker pid> [options] <command>`.
+/// Never returns: the process ends like the shell, or by SIGKILL with its group.
 pub fn main(args: Vec<OsString>) -> ! {
-    let (worker_pid, command) = match parse_args(args) {
+    let LeaderArgs {
+        worker_pid,
+        max_output,
+        run_as,
+        command,
+    } = match parse_args(args) {
         Ok(parsed) => parsed,
         Err(e) => fail(&e),
     };
@@ -73,23 +109,58 @@ pub fn main(args: Vec<OsString>) -> ! {
         Ok(signals) => signals,
         Err(e) => fail(&format!("cannot handle signals: {e}")),
     };
+    if let Some(switch) = &run_as {
+        if let Err(e) = take_credentials(switch) {
+            fail(&format!(
+                "cannot switch to uid {} gid {}: {e}",
+                switch.uid, switch.gid
+            ));
+        }
+    }
+    // After the switch: a change of credentials clears the parent-death signal.
     set_parent_death_signal(SIGTERM);
     if std::os::unix::process::parent_id() != worker_pid {
         kill_group("the worker exited before the task started");
     }
 
-    let mut child = match Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&command)
-        .stdin(Stdio::null())
-        .spawn()
-    {
+    // The output file (our stdout) for the copier; the shell writes into a pipe.
+    let sink = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => fail(&format!("cannot use the output file: {e}")),
+    };
+    let (output, output_writer) = match pipe() {
+        Ok(ends) => ends,
+        Err(e) => fail(&format!("cannot make the output pipe: {e}")),
+    };
+    // Closed when the shell has ended: tells the copier to finish.
+    let (shell_done, shell_done_writer) = match pipe() {
+        Ok(ends) => ends,
+        Err(e) => fail(&format!("cannot make a pipe: {e}")),
+    };
+    let spawned = output_writer.try_clone().and_then(|stderr| {
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&command)
+            .stdin(Stdio::null())
+            .stdout(output_writer)
+            .stderr(stderr)
+            .spawn()
+    }); // the Command is dropped here, and our ends of the pipe with it
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             eprintln!("jobz-worker: cannot start /bin/sh: {e}");
             std::process::exit(EXIT_NO_SHELL);
         }
     };
+
+    let tx = events_tx.clone();
+    spawn("output", move || {
+        let mut capped = CappedOutput::new(sink, max_output);
+        copy_output(&output, &shell_done, &mut capped);
+        capped.finish();
+        let _ = tx.send(Event::Copied);
+    });
 
     let tx = events_tx.clone();
     spawn("signals", move || {
@@ -117,30 +188,247 @@ pub fn main(args: Vec<OsString>) -> ! {
     let tx = events_tx;
     spawn("wait", move || {
         if let Ok(status) = child.wait() {
+            drop(shell_done_writer);
             let _ = tx.send(Event::Exited(status));
         }
         // A failed wait on our own child cannot happen; if it did, the worker's death
         // still ends this process through the other events.
     });
 
-    match events.recv() {
-        Ok(Event::WorkerGone(why)) => kill_group(why),
-        Ok(Event::Exited(status)) => end_like(status),
-        Err(_) => kill_group("the leader lost track of the task"),
+    let mut exited = None;
+    let mut copied = false;
+    loop {
+        match events.recv() {
+            Ok(Event::WorkerGone(why)) => kill_group(why),
+            Ok(Event::Exited(status)) => exited = Some(status),
+            Ok(Event::Copied) => copied = true,
+            Err(_) => kill_group("the leader lost track of the task"),
+        }
+        if let (Some(status), true) = (exited, copied) {
+            end_like(status);
+        }
     }
 }
 
-fn parse_args(args: Vec<OsString>) -> Result<(u32, OsString), String> {
-    let mut args = args.into_iter();
-    let (Some(pid), Some(command), None) = (args.next(), args.next(), args.next()) else {
-        return Err(format!("usage: jobz-worker {FLAG} <worker pid> <command>"));
+fn parse_args(args: Vec<OsString>) -> Result<LeaderArgs, String> {
+    let usage = || {
+        format!(
+            "usage: jobz-worker {FLAG} <worker pid> [{MAX_OUTPUT} BYTES] \
+             [{RUN_AS} UID:GID:GROUPS] <command>"
+        )
     };
-    let pid = pid
+    let mut args: Vec<OsString> = args;
+    let command = args.pop().ok_or_else(usage)?;
+    let mut args = args.into_iter();
+    let pid = args.next().ok_or_else(usage)?;
+    let worker_pid = pid
         .to_str()
         .and_then(|p| p.parse::<u32>().ok())
         .filter(|&p| p > 1)
         .ok_or_else(|| format!("{FLAG}: {pid:?} is not a worker pid"))?;
-    Ok((pid, command))
+    let mut parsed = LeaderArgs {
+        worker_pid,
+        max_output: u64::MAX,
+        run_as: None,
+        command,
+    };
+    while let Some(option) = args.next() {
+        let value = args.next().ok_or_else(usage)?;
+        let value = value.to_str().ok_or_else(usage)?;
+        match option.to_str() {
+            Some(MAX_OUTPUT) => {
+                parsed.max_output = value
+                    .parse()
+                    .map_err(|_| format!("{MAX_OUTPUT}: {value:?} is not a byte count"))?
+            }
+            Some(RUN_AS) => {
+                parsed.run_as = Some(
+                    crate::runner::Switch::parse_arg(value)
+                        .ok_or_else(|| format!("{RUN_AS}: {value:?} is not UID:GID:GROUPS"))?,
+                )
+            }
+            _ => return Err(usage()),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Takes the credentials of `switch` for good: supplementary groups, then the group, then
+/// the user (in this order: each step needs the privilege the next one drops), and checks
+/// that root cannot be taken back.
+fn take_credentials(switch: &crate::runner::Switch) -> std::io::Result<()> {
+    let last = || Err(std::io::Error::last_os_error());
+    let groups: Vec<libc::gid_t> = switch.groups.clone();
+    // SAFETY: setgroups reads `groups.len()` ids from a buffer we own; setgid and setuid
+    // take integers. None has other memory effects. The leader has no other threads yet
+    // that could run with mixed credentials (glibc applies set*id to all threads anyway).
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
+            return last();
+        }
+        if libc::setgid(switch.gid) != 0 {
+            return last();
+        }
+        if libc::setuid(switch.uid) != 0 {
+            return last();
+        }
+    }
+    // SAFETY: the get*id calls take nothing and cannot fail; setuid(0) only tests that
+    // root is gone for good (it must fail for any other uid).
+    #[allow(unsafe_code)]
+    let held = unsafe {
+        libc::getuid() == switch.uid
+            && libc::geteuid() == switch.uid
+            && libc::getgid() == switch.gid
+            && libc::getegid() == switch.gid
+            && (switch.uid == 0 || libc::setuid(0) != 0)
+    };
+    if !held {
+        return Err(std::io::Error::other("the new credentials did not hold"));
+    }
+    Ok(())
+}
+
+/// A pipe, both ends close-on-exec (the shell gets the write end as its stdout and stderr,
+/// which clears the flag on those two).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by nobody else.
+    #[allow(unsafe_code)]
+    let ends = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(ends)
+}
+
+/// Copies the command's output from `pipe` into `out` until the pipe ends, or until
+/// `shell_done` is closed and the pipe has nothing more to read right now (then at most
+/// [`DRAIN_AFTER_EXIT`] bytes more are taken).
+fn copy_output<W: Write>(pipe: &OwnedFd, shell_done: &OwnedFd, out: &mut CappedOutput<W>) {
+    let mut reader = match pipe.try_clone() {
+        Ok(fd) => File::from(fd),
+        Err(_) => return,
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut after_exit: Option<u64> = None;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: pipe.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shell_done.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Once the shell is gone, only look whether something is ready now.
+        let (count, timeout) = match after_exit {
+            Some(_) => (1, 0),
+            None => (2, -1),
+        };
+        // SAFETY: poll reads and writes `count` pollfd entries of the array we own.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), count, timeout) };
+        if rc < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[0].revents != 0 {
+            match reader.read(&mut buf) {
+                Ok(0) => return, // every writer is gone
+                Ok(n) => {
+                    out.feed(&buf[..n]);
+                    if let Some(taken) = &mut after_exit {
+                        *taken += n as u64;
+                        if *taken >= DRAIN_AFTER_EXIT {
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+            continue;
+        }
+        if after_exit.is_some() {
+            return; // the shell ended and nothing more is waiting in the pipe
+        }
+        if fds[1].revents != 0 {
+            after_exit = Some(0);
+        }
+    }
+}
+
+/// Writes at most `limit` bytes to its sink, counts the rest, and marks a cut at the end.
+pub struct CappedOutput<W: Write> {
+    sink: W,
+    limit: u64,
+    kept: u64,
+    seen: u64,
+    last: Option<u8>,
+    broken: bool,
+}
+
+impl<W: Write> CappedOutput<W> {
+    /// Keeps at most `limit` bytes in `sink`.
+    pub fn new(sink: W, limit: u64) -> Self {
+        CappedOutput {
+            sink,
+            limit,
+            kept: 0,
+            seen: 0,
+            last: None,
+            broken: false,
+        }
+    }
+
+    /// Takes the next piece of output.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.seen = self.seen.saturating_add(bytes.len() as u64);
+        let room = self.limit.saturating_sub(self.kept);
+        let take = bytes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        if take == 0 || self.broken {
+            return;
+        }
+        match self.sink.write_all(&bytes[..take]) {
+            Ok(()) => {
+                self.kept += take as u64;
+                self.last = bytes[..take].last().copied();
+            }
+            // A full disk: the command still runs to its end, its output is lost.
+            Err(_) => self.broken = true,
+        }
+    }
+
+    /// The output ended: appends the marker line if it was cut. Returns the number of
+    /// bytes kept if it was.
+    pub fn finish(&mut self) -> Option<u64> {
+        if self.seen <= self.limit {
+            return None;
+        }
+        let mut marker = String::new();
+        if self.last.is_some_and(|b| b != b'\n') {
+            marker.push('\n'); // the marker has a line of its own
+        }
+        marker.push_str(&crate::runner::truncation_marker(self.kept));
+        let _ = self.sink.write_all(marker.as_bytes());
+        Some(self.kept)
+    }
+
+    /// The sink.
+    pub fn into_inner(self) -> W {
+        self.sink
+    }
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
@@ -228,17 +516,81 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arguments_are_a_worker_pid_and_one_command() {
+    fn arguments_are_a_worker_pid_options_and_one_command() {
         let args = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
-        let (pid, command) = parse_args(args(&["1234", "echo 'a b'"])).unwrap();
-        assert_eq!(pid, 1234);
-        assert_eq!(command, "echo 'a b'");
+        let parsed = parse_args(args(&["1234", "echo 'a b'"])).unwrap();
+        assert_eq!(parsed.worker_pid, 1234);
+        assert_eq!(parsed.command, "echo 'a b'");
+        assert_eq!(parsed.max_output, u64::MAX);
+        assert_eq!(parsed.run_as, None);
+        let parsed = parse_args(args(&[
+            "1234",
+            MAX_OUTPUT,
+            "100",
+            RUN_AS,
+            "65534:65534:",
+            "id",
+        ]))
+        .unwrap();
+        assert_eq!(parsed.max_output, 100);
+        assert_eq!(parsed.run_as.unwrap().uid, 65534);
+        assert_eq!(parsed.command, "id");
         assert!(parse_args(args(&["1234"])).is_err());
         assert!(parse_args(args(&["1234", "a", "b"])).is_err());
+        assert!(parse_args(args(&["1234", MAX_OUTPUT, "x", "true"])).is_err());
+        assert!(parse_args(args(&["1234", RUN_AS, "root", "true"])).is_err());
+        assert!(parse_args(args(&["1234", MAX_OUTPUT, "true"])).is_err());
         assert!(parse_args(args(&["x", "true"])).is_err());
         assert!(
             parse_args(args(&["1", "true"])).is_err(),
             "init is nobody's worker"
         );
+    }
+
+    #[test]
+    fn output_beyond_the_limit_is_dropped_and_marked_once() {
+        let mut out = CappedOutput::new(Vec::new(), 10);
+        out.feed(b"12345");
+        out.feed(b"67890abc");
+        out.feed(&[b'x'; 100_000]);
+        assert_eq!(out.finish(), Some(10));
+        let text = String::from_utf8(out.into_inner()).unwrap();
+        assert_eq!(
+            text,
+            "1234567890\n[jobz: output truncated after 10 bytes]\n"
+        );
+
+        let mut out = CappedOutput::new(Vec::new(), 4);
+        out.feed(b"abc\nd");
+        assert_eq!(out.finish(), Some(4));
+        assert_eq!(
+            out.into_inner(),
+            b"abc\n[jobz: output truncated after 4 bytes]\n"
+        );
+    }
+
+    #[test]
+    fn output_within_the_limit_is_kept_as_it_is() {
+        let mut out = CappedOutput::new(Vec::new(), 10);
+        out.feed(b"0123456789");
+        assert_eq!(out.finish(), None);
+        assert_eq!(out.into_inner(), b"0123456789");
+    }
+
+    #[test]
+    fn a_failing_sink_stops_writing_but_not_counting() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = CappedOutput::new(Full, 10);
+        out.feed(b"abc");
+        out.feed(&[0; 100]);
+        assert_eq!(out.finish(), Some(0));
     }
 }

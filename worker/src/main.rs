@@ -59,10 +59,31 @@ struct Args {
     /// On SIGTERM/SIGINT, how long to wait for running commands before killing them.
     #[arg(long, env = "JOBZ_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// A variable passed from the worker's environment to every step, besides PATH (a
+    /// fixed safe value unless PATH is named here), HOME, USER, LOGNAME, LANG, LC_ALL, TZ
+    /// and the JOBZ_* task variables (repeatable; comma-separated in JOBZ_ENV_ALLOW).
+    #[arg(
+        long = "env-allow",
+        env = "JOBZ_ENV_ALLOW",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    env_allow: Vec<String>,
+    /// Output kept per step attempt (bytes, or 512KiB, 64MiB, 1GiB); the rest is dropped
+    /// and the log ends with "[jobz: output truncated after N bytes]".
+    #[arg(long, env = "JOBZ_MAX_STEP_OUTPUT", value_name = "BYTES", default_value = "64MiB",
+        value_parser = config::parse_size)]
+    max_step_output: u64,
+    /// The user steps without run_as run as (a root worker switches to it) [default: the
+    /// worker's own user].
+    #[arg(long, env = "JOBZ_DEFAULT_RUN_AS", value_name = "USER")]
+    default_run_as: Option<String>,
     /// Validate the job files of --jobs-dir, print one line per file, and exit
     /// (0 if all are good, 1 otherwise) without connecting anywhere.
     #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
     check: bool,
+    #[command(flatten)]
+    keys: jobz::keys::KeyArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -75,6 +96,9 @@ fn main() -> ExitCode {
         worker::leader::main(raw.collect());
     }
     let args = Args::parse();
+    if let Some(code) = args.keys.print_public_key() {
+        return code;
+    }
     if args.check {
         let mut out = std::io::stdout().lock();
         return match worker::check::check_jobs_dir(&args.jobs_dir, &mut out) {
@@ -118,6 +142,10 @@ fn start(args: Args) -> anyhow::Result<()> {
         config.frontend = frontend;
     }
     config.drain_timeout = args.drain_timeout;
+    config.env_allow = args.env_allow;
+    config.max_step_output = args.max_step_output;
+    config.default_run_as = args.default_run_as;
+    config.identity = args.keys.identity()?;
     config.validate()?;
 
     let shutdown = jobz::signals::shutdown_on_signals()?;

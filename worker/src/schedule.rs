@@ -39,6 +39,9 @@ pub struct Task {
     pub command: String,
     /// The job's timeout.
     pub timeout: Option<Duration>,
+    /// The job's `run_as` user, captured with the command (a job file changed or removed
+    /// while the task waits must not change whom it runs as).
+    pub run_as: Option<String>,
 }
 
 /// What the service loop must do.
@@ -101,6 +104,7 @@ impl Scheduler {
                 params: work.params.clone(),
                 command: String::new(),
                 timeout: None,
+                run_as: None,
             };
             actions.push(Action::Received(task.clone()));
             match prepare(&mut task, served) {
@@ -192,6 +196,7 @@ fn prepare(task: &mut Task, served: &BTreeMap<String, JobSpec>) -> Result<(), St
         .render_shell(&task.params)
         .map_err(|e| format!("cannot render the command: {e}"))?;
     task.timeout = spec.timeout_ms.map(Duration::from_millis);
+    task.run_as = spec.run_as.clone();
     Ok(())
 }
 
@@ -259,6 +264,7 @@ mod tests {
             retries: 0,
             retry_backoff_ms: 10,
             tags: vec![],
+            run_as: None,
         }
     }
 

@@ -70,12 +70,11 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let first = jobs
         .refresh()
         .with_context(|| format!("reading jobs dir {}", config.jobs_dir.display()))?;
-    let client = Client::start(ClientConfig::new(
-        config.broker.clone(),
-        config.node_id(),
-        Role::Worker,
-    ))
-    .with_context(|| format!("connecting to the broker at {}", config.broker))?;
+    let mut client_config =
+        ClientConfig::new(config.broker.clone(), config.node_id(), Role::Worker);
+    client_config.identity = config.identity.clone();
+    let client = Client::start(client_config)
+        .with_context(|| format!("connecting to the broker at {}", config.broker))?;
 
     let (events_tx, events) = unbounded();
     let mut service = Service {
@@ -276,6 +275,16 @@ impl Service {
     }
 
     fn start(&mut self, task: Task) {
+        let spec = match self.run_spec(&task) {
+            Ok(spec) => spec,
+            Err(error) => {
+                task_span(&task).in_scope(|| warn!(%error, "task refused"));
+                self.finish(&task, RunResult::not_started(error));
+                let actions = self.scheduler.on_finished(&task.task);
+                self.apply(actions);
+                return;
+            }
+        };
         // Durably seen and running before anything runs: after a crash, the attempt is
         // neither run again nor forgotten.
         let entry = RunningEntry {
@@ -294,15 +303,6 @@ impl Service {
             self.apply(actions);
             return;
         }
-        let spec = RunSpec {
-            command: task.command.clone(),
-            leader: self.config.leader.clone(),
-            env: self.task_env(&task),
-            output: output_path(&self.config.log_dir, &task),
-            workdir: workdir_path(&self.config.spool, &task),
-            timeout: task.timeout,
-            kill_grace: self.config.kill_grace,
-        };
         let (cancel, cancelled) = bounded(1);
         let events = self.events_tx.clone();
         let task_ref = task.task.clone();
@@ -347,7 +347,27 @@ impl Service {
         }
     }
 
-    /// The worker's own environment plus these (see SPEC "Job files").
+    /// How to run `task`, or why it cannot be run (a path would not be safe).
+    fn run_spec(&self, task: &Task) -> Result<RunSpec, String> {
+        Ok(RunSpec {
+            command: task.command.clone(),
+            leader: self.config.leader.clone(),
+            env: self.task_env(task),
+            env_allow: self.config.env_allow.clone(),
+            run_as: task
+                .run_as
+                .clone()
+                .or_else(|| self.config.default_run_as.clone()),
+            max_output: self.config.max_step_output,
+            output: output_path(&self.config.log_dir, task)?,
+            workdir: workdir_path(&self.config.spool, task)?,
+            timeout: task.timeout,
+            kill_grace: self.config.kill_grace,
+        })
+    }
+
+    /// The task's variables (see SPEC "Job files"), added to the allow-listed environment
+    /// ([`runner::step_env`]).
     fn task_env(&self, task: &Task) -> Vec<(String, String)> {
         let mut env = vec![
             ("JOBZ_RUN_ID".to_owned(), task.run_id.clone()),
@@ -437,7 +457,7 @@ impl Service {
                 worker: self.config.name.clone(),
                 outcome: result.outcome,
                 exit_code: result.exit_code,
-                error: result.error,
+                error: result.reported_error(),
                 started_at_ms: result.started_at_ms,
                 finished_at_ms: result.finished_at_ms,
                 output_tail: result.output_tail,
@@ -513,7 +533,9 @@ impl Service {
             });
             self.scheduler.remember(task.task.clone());
             self.log.append(&task, spool::LOST_EVENT);
-            let tail = runner::output_tail(&output_path(&self.config.log_dir, &task), 0);
+            let tail = output_path(&self.config.log_dir, &task)
+                .map(|path| runner::output_tail(&path, 0))
+                .unwrap_or_default();
             let lost = spool::lost_result(&entry, tail, jobz::now_ms());
             self.report(task, lost);
         }
@@ -762,19 +784,21 @@ fn param_env_name(name: &str) -> Option<String> {
     portable.then(|| format!("JOBZ_PARAM_{upper}"))
 }
 
-/// `<log-dir>/runs/<run_id>/<job>.<task_id>.<attempt>.log`; ids were validated.
-fn output_path(log_dir: &Path, task: &Task) -> PathBuf {
-    log_dir.join("runs").join(&task.run_id).join(format!(
-        "{}.{}.{}.log",
-        task.job, task.task.task_id, task.task.attempt
-    ))
+/// `<log-dir>/runs/<run_id>/<job>.<task_id>.<attempt>.log`, refused unless every part is a
+/// safe file name ([`runner::output_path`]).
+fn output_path(log_dir: &Path, task: &Task) -> Result<PathBuf, String> {
+    runner::output_path(
+        log_dir,
+        &task.run_id,
+        &task.job,
+        &task.task.task_id,
+        task.task.attempt,
+    )
 }
 
-/// `<spool>/work/<task_id>.<attempt>`; the id was validated.
-fn workdir_path(spool: &Path, task: &Task) -> PathBuf {
-    spool
-        .join("work")
-        .join(format!("{}.{}", task.task.task_id, task.task.attempt))
+/// `<spool>/work/<task_id>.<attempt>`, refused unless safe ([`runner::workdir_path`]).
+fn workdir_path(spool: &Path, task: &Task) -> Result<PathBuf, String> {
+    runner::workdir_path(spool, &task.task.task_id, task.task.attempt)
 }
 
 /// Working directories left by a worker that died mid-task are removed at start. Only
@@ -814,6 +838,7 @@ fn spooled_task(run_id: &str, step_id: &str, job: &str, task: &TaskRef) -> Task 
         params: Default::default(),
         command: String::new(),
         timeout: None,
+        run_as: None,
     }
 }
 
@@ -855,14 +880,15 @@ mod tests {
             params: Default::default(),
             command: String::new(),
             timeout: None,
+            run_as: None,
         };
         assert_eq!(
             output_path(Path::new("/var/log/jobz"), &task),
-            Path::new("/var/log/jobz/runs/r1/build.t1.2.log")
+            Ok(PathBuf::from("/var/log/jobz/runs/r1/build.t1.2.log"))
         );
         assert_eq!(
             workdir_path(Path::new("/var/lib/jobz/worker"), &task),
-            Path::new("/var/lib/jobz/worker/work/t1.2")
+            Ok(PathBuf::from("/var/lib/jobz/worker/work/t1.2"))
         );
     }
 

@@ -26,6 +26,7 @@ fn job(name: &str, delivery: Delivery, on_success: &[&str], on_failure: &[&str])
         retries: 0,
         retry_backoff_ms: 10,
         tags: vec![],
+        run_as: None,
     }
 }
 

@@ -420,7 +420,9 @@ fn a_worker_partitioned_mid_step_is_retried_elsewhere_and_its_late_result_is_onl
         "jobs:\n  - name: p\n    delivery: queue\n    retries: 2\n    retry_backoff: 100ms\n    command: '{LEDGER_LINE}; sleep 3'\n"
     );
     // `a-ns` sorts first, so the first attempt goes to the worker behind the veth.
+    // Sealed: the broker binds a non-loopback address, which needs keys.
     let mesh = Mesh::builder()
+        .sealed()
         .broker_host(&net.host_ip)
         .broker_args(&FAST_LEASES)
         .worker("a-ns", &jobs)

@@ -461,6 +461,10 @@ pub struct MeshBuilder {
     broker_host: Option<String>,
     /// Workers to run inside a network namespace: name → namespace.
     netns: Vec<(String, String)>,
+    /// Sealed frames: the broker gets a key directory, every node a key.
+    sealed: bool,
+    /// Workers whose keys are not pre-accepted (they wait as pending).
+    unenrolled: Vec<String>,
 }
 
 impl MeshBuilder {
@@ -491,6 +495,19 @@ impl MeshBuilder {
     /// execs: the PID the mesh kills is the worker's).
     pub fn worker_in_netns(mut self, name: &str, netns: &str) -> Self {
         self.netns.push((name.to_owned(), netns.to_owned()));
+        self
+    }
+
+    /// Sealed mode: the broker runs with `--keys`, and the frontend and workers with keys
+    /// that are pre-accepted (as Ansible would), except [`MeshBuilder::unenrolled`] ones.
+    pub fn sealed(mut self) -> Self {
+        self.sealed = true;
+        self
+    }
+
+    /// In sealed mode, the worker `name` starts with a key the broker has not accepted.
+    pub fn unenrolled(mut self, name: &str) -> Self {
+        self.unenrolled.push(name.to_owned());
         self
     }
 
@@ -534,17 +551,27 @@ impl MeshBuilder {
             "500ms".into(),
         ];
         broker_args.extend(self.broker_args.iter().map(OsString::from));
+        let mut frontend_args: Vec<OsString> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{frontend_port}").into(),
+            "--broker".into(),
+            broker_addr.clone().into(),
+        ];
+        if self.sealed {
+            let broker_key = jobz::keys::NodeKey::generate().expect("generating a key");
+            fs::create_dir_all(mesh.keys_dir()).expect("creating the key directory");
+            broker_key
+                .save_new(&mesh.keys_dir().join("broker.key"))
+                .expect("saving the broker key");
+            fs::write(mesh.broker_pub(), format!("{}\n", broker_key.public()))
+                .expect("writing the broker's public key");
+            broker_args.extend(["--keys".into(), mesh.keys_dir().into()]);
+            let key = mesh.enroll("frontend:e2e", &root.join("frontend.key"));
+            frontend_args.extend(["--name".into(), "e2e".into()]);
+            frontend_args.extend(mesh.key_args(&key));
+        }
         mesh.add("broker", bin("jobz-broker"), broker_args);
-        mesh.add(
-            "frontend",
-            bin("jobz-frontend"),
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{frontend_port}").into(),
-                "--broker".into(),
-                broker_addr.clone().into(),
-            ],
-        );
+        mesh.add("frontend", bin("jobz-frontend"), frontend_args);
         mesh.wait_healthy();
 
         for (name, yaml, extra) in self.workers {
@@ -571,6 +598,17 @@ impl MeshBuilder {
                 "--frontend".into(),
                 frontend_url.clone().into(),
             ];
+            if self.sealed {
+                let key = home.join("node.key");
+                if self.unenrolled.contains(&name) {
+                    jobz::keys::NodeKey::generate()
+                        .and_then(|k| k.save_new(&key))
+                        .expect("saving a worker key");
+                } else {
+                    mesh.enroll(&format!("worker:{name}"), &key);
+                }
+                args.extend(mesh.key_args(&key));
+            }
             args.extend(extra.iter().map(OsString::from));
             match self.netns.iter().find(|(w, _)| *w == name) {
                 Some((_, ns)) => {
@@ -683,6 +721,16 @@ impl Mesh {
             "--status-interval".into(),
             "200ms".into(),
         ];
+        let mut args = args;
+        if self.broker_pub().exists() {
+            // A sealed mesh: the semaphore gets a key, accepted as `semaphore:<name>`.
+            let key = home.join("node.key");
+            if !key.exists() {
+                self.enroll(&format!("semaphore:{name}"), &key);
+            }
+            args.extend(["--name".into(), name.into()]);
+            args.extend(self.key_args(&key));
+        }
         self.add(name, bin("jobz-semaphore"), args);
         self.wait_semaphore_ready(name, 1);
     }
@@ -939,4 +987,143 @@ fn percent_encoding_leaves_only_unreserved_bytes() {
         job_start_path("import", &[("date", "2026_11_23")]),
         "/job_start?job_name=import&date=2026_11_23"
     );
+}
+
+// ---- Keys (sealed meshes) ------------------------------------------------------------------
+
+impl Mesh {
+    /// The broker's key directory (sealed meshes).
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+
+    /// The file with the broker's public key, given to every node as `--broker-key`.
+    pub fn broker_pub(&self) -> PathBuf {
+        self.root.join("broker.pub")
+    }
+
+    /// Makes a node key at `path` and accepts it as `principal`, as Ansible pre-seeds keys.
+    pub fn enroll(&self, principal: &str, path: &Path) -> PathBuf {
+        let key = jobz::keys::NodeKey::generate().expect("generating a key");
+        key.save_new(path).expect("saving a node key");
+        let accepted = self.keys_dir().join("accepted");
+        fs::create_dir_all(&accepted).expect("creating accepted/");
+        fs::write(
+            accepted.join(format!("{principal}.pub")),
+            format!("{}\n", key.public()),
+        )
+        .expect("accepting a key");
+        path.to_owned()
+    }
+
+    /// `--key PATH --broker-key BROKER_PUB`.
+    pub fn key_args(&self, key: &Path) -> Vec<OsString> {
+        vec![
+            "--key".into(),
+            key.into(),
+            "--broker-key".into(),
+            self.broker_pub().into(),
+        ]
+    }
+
+    /// Runs `jobz-broker keys ARGS… --keys <dir>` and returns its standard output.
+    pub fn broker_keys(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("jobz-broker"))
+            .arg("keys")
+            .args(args)
+            .arg("--keys")
+            .arg(self.keys_dir())
+            .output()
+            .expect("running jobz-broker keys");
+        assert!(
+            out.status.success(),
+            "jobz-broker keys {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts one more process `name` (killed with the mesh), output in `<dir>/<name>.stderr`.
+    pub fn start_process(&mut self, name: &str, program: PathBuf, args: Vec<OsString>) {
+        self.add(name, program, args);
+    }
+}
+
+// ---- More frontends ---------------------------------------------------------------------
+
+impl Mesh {
+    /// Starts one more `jobz-frontend` named `name` on this mesh's broker, with `args` (its
+    /// `--listen` among them), its output in `<dir>/<name>.stderr`, killed with the mesh.
+    /// Does not wait for it to listen.
+    pub fn start_frontend(&mut self, name: &str, args: &[OsString]) {
+        let mut all: Vec<OsString> = vec![
+            "--broker".into(),
+            format!("127.0.0.1:{}", self.base_port).into(),
+        ];
+        all.extend(args.iter().cloned());
+        self.add(name, bin("jobz-frontend"), all);
+    }
+}
+
+// ---- Workers with another user or environment (hygiene tests) ----------------------------
+
+impl Mesh {
+    /// Starts process `name` again with the same flags, with `env` added to its
+    /// environment and, if `user` is given, as that `(uid, gid)` with no supplementary
+    /// groups (the test must be root for that). A later [`Mesh::restart`] drops both.
+    pub fn restart_with(&mut self, name: &str, user: Option<(u32, u32)>, env: &[(&str, &str)]) {
+        use std::os::unix::process::CommandExt;
+        let proc = self.proc(name);
+        proc.kill();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&proc.stderr)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", proc.stderr.display()));
+        let mut cmd = Command::new(&proc.bin);
+        cmd.args(&proc.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("cloning a file handle"))
+            .stderr(log)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("JOBZ_E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("JOBZ_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.envs(env.iter().copied());
+        if let Some((uid, gid)) = user {
+            // std clears the supplementary groups when a root parent sets a uid.
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", proc.bin.display()));
+        proc.child = Some(child);
+    }
+}
+
+/// Every path under `dir` (recursively, symlinks not followed), relative to it.
+pub fn list_tree(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(at) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&at) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path.clone());
+            }
+            if let Ok(relative) = path.strip_prefix(dir) {
+                found.insert(relative.to_owned());
+            }
+        }
+    }
+    found
 }

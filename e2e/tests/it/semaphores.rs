@@ -215,6 +215,17 @@ semaphores:
 
 #[test]
 fn two_keys_interleaved_each_fire_once_with_their_own_params() {
+    two_keys_interleaved(false);
+}
+
+/// The same through sealed frames: events reach the semaphore as broker-signed group
+/// frames, its triggers go as pair frames from an enrolled key.
+#[test]
+fn two_keys_interleaved_fire_once_on_a_sealed_mesh() {
+    two_keys_interleaved(true);
+}
+
+fn two_keys_interleaved(sealed: bool) {
     let jobs = r#"
 jobs:
   - name: k
@@ -226,10 +237,8 @@ jobs:
     params:
       date: { required: true }
 "#;
-    let mut mesh = Mesh::builder()
-        .worker("w1", jobs)
-        .worker("w2", jobs)
-        .start();
+    let builder = Mesh::builder().worker("w1", jobs).worker("w2", jobs);
+    let mut mesh = if sealed { builder.sealed() } else { builder }.start();
     mesh.start_semaphore(
         "sem",
         r#"

@@ -190,3 +190,124 @@ fn the_tail_is_the_last_4k_of_this_runs_output_at_a_char_boundary() {
     assert!(big.output_tail.len() <= OUTPUT_TAIL_BYTES);
     assert!(big.output_tail.ends_with("line999\n"));
 }
+
+#[test]
+fn output_beyond_the_limit_is_cut_marked_and_reported_without_stopping_the_writer() {
+    let f = Fixture::new();
+    let status = f.path("status");
+    let mut spec = f.spec(&format!(
+        "head -c 100000 /dev/zero | tr '\\0' x; echo $? > {}; exit 3",
+        status.display()
+    ));
+    spec.max_output = 1000;
+    let r = run_plain(&spec);
+    assert_eq!(r.exit_code, Some(3), "the exit status still decides");
+    assert_eq!(r.outcome, TaskOutcome::Failed);
+    assert_eq!(r.truncated, Some(1000));
+    assert_eq!(
+        r.reported_error().as_deref(),
+        Some("output truncated after 1000 bytes")
+    );
+    assert_eq!(std::fs::read_to_string(&status).unwrap().trim(), "0");
+    let out = f.output();
+    assert_eq!(
+        out,
+        format!(
+            "{}\n[jobz: output truncated after 1000 bytes]\n",
+            "x".repeat(1000)
+        )
+    );
+    assert!(r
+        .output_tail
+        .ends_with("[jobz: output truncated after 1000 bytes]\n"));
+}
+
+#[test]
+fn output_up_to_the_limit_is_not_reported_cut() {
+    let f = Fixture::new();
+    let mut spec = f.spec("printf 0123456789");
+    spec.max_output = 10;
+    let r = run_plain(&spec);
+    assert_eq!(r.truncated, None);
+    assert_eq!(r.reported_error(), None);
+    assert_eq!(f.output(), "0123456789");
+}
+
+#[test]
+fn output_left_in_the_pipe_when_the_shell_ends_is_kept() {
+    // The shell's last words are in the pipe when it exits; a background child that keeps
+    // the pipe open does not hold the step up (it is killed with the group).
+    let f = Fixture::new();
+    let r = run_plain(
+        &f.spec("sleep 30 & i=0; while [ $i -lt 2000 ]; do echo line$i; i=$((i+1)); done"),
+    );
+    assert_eq!(r.outcome, TaskOutcome::Succeeded);
+    assert!(r.elapsed < Duration::from_secs(10), "{:?}", r.elapsed);
+    assert!(f.output().ends_with("line1999\n"));
+}
+
+#[test]
+fn the_environment_is_only_the_allow_list_and_the_task_variables() {
+    let f = Fixture::new();
+    std::env::set_var("WORKER_TEST_SECRET", "s3cret");
+    std::env::set_var("WORKER_TEST_ALLOWED", "yes");
+    let mut spec = f.spec("env");
+    spec.env = vec![("JOBZ_RUN_ID".into(), "r1".into())];
+    spec.env_allow = vec!["WORKER_TEST_ALLOWED".into()];
+    run_plain(&spec);
+    let out = f.output();
+    assert!(!out.contains("s3cret"), "{out}");
+    assert!(out.contains("WORKER_TEST_ALLOWED=yes\n"), "{out}");
+    assert!(out.contains("JOBZ_RUN_ID=r1\n"), "{out}");
+    assert!(
+        out.contains(&format!("PATH={}\n", worker::runner::SAFE_PATH)),
+        "{out}"
+    );
+}
+
+#[test]
+fn run_as_an_unknown_user_fails_without_starting() {
+    let f = Fixture::new();
+    let mut spec = f.spec("touch ran");
+    spec.run_as = Some("no-such-user-jobz".into());
+    let mut called = false;
+    let (_keep, cancel) = bounded::<String>(1);
+    let r = run(&spec, &cancel, |_| called = true);
+    assert!(!called && !r.started);
+    assert!(r.error.unwrap().contains("no such user"));
+}
+
+#[test]
+fn run_as_switches_user_groups_and_home_when_the_worker_is_root() {
+    if std::fs::metadata("/proc/self")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        != Some(0)
+    {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let Ok(Some(nobody)) = worker::runner::lookup_user("nobody") else {
+        eprintln!("skipped: no user nobody");
+        return;
+    };
+    let f = Fixture::new();
+    let mut spec = f.spec("id -u; id -g; id -G; echo \"$HOME $USER\"; touch mine && echo ok");
+    spec.run_as = Some("nobody".into());
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::Succeeded, "{}", f.output());
+    let out = f.output();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], nobody.uid.to_string(), "{out}");
+    assert_eq!(lines[1], nobody.gid.to_string(), "{out}");
+    assert!(
+        !lines[2].split(' ').any(|g| g == "0"),
+        "root's group kept: {out}"
+    );
+    assert_eq!(
+        lines[3],
+        format!("{} nobody", nobody.home.display()),
+        "{out}"
+    );
+    assert_eq!(lines[4], "ok", "the working directory is the user's: {out}");
+}

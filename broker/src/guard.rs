@@ -1,0 +1,357 @@
+//! What stands between the sockets and the engine: frames in are opened, authenticated
+//! and matched to an enrolled key before the engine sees them; frames out are sealed.
+//!
+//! Two modes. **Plain** (no key directory): frames are not protected, so the broker binds
+//! loopback only unless the operator says `--insecure`. **Sealed**: every frame is a
+//! [`jobz::seal`] frame; a node's frames count only if its key is accepted in the key
+//! directory and the node id it claims belongs to that key's enrolment name.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use jobz::envelope::{self, DecodeError, Envelope};
+use jobz::keys::{principal_of, PublicKey};
+use jobz::seal::{self, BrokerOpener, BrokerSealer, MeshRing};
+use jobz::topic::Topic;
+use tracing::{error, info, warn};
+
+use crate::keys::{KeyDir, KeyState};
+
+/// How the broker protects its sockets.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// Plain frames: loopback only, unless `--insecure`.
+    Plain,
+    /// Sealed frames from enrolled keys.
+    Sealed(SealedConfig),
+}
+
+/// Settings of the sealed mode.
+#[derive(Debug, Clone)]
+pub struct SealedConfig {
+    /// The key directory.
+    pub keys: KeyDir,
+    /// Accept every new key at once (for labs; loudly logged).
+    pub auto_accept: bool,
+    /// Make a new mesh key this often.
+    pub mesh_key_lifetime: Duration,
+}
+
+/// Why a frame was dropped: a metric label and a description for the log.
+pub type Refusal = (&'static str, String);
+
+/// State shared by the receiving and the publishing side.
+#[derive(Clone)]
+struct Shared {
+    /// The key each node id authenticated with, to seal replies to it.
+    node_keys: Arc<Mutex<HashMap<String, PublicKey>>>,
+    ring: Arc<Mutex<MeshRing>>,
+}
+
+/// The receiving side.
+pub enum Inbound {
+    /// Plain frames.
+    Plain,
+    /// Sealed frames.
+    Sealed(Box<SealedInbound>),
+}
+
+/// The receiving side of the sealed mode.
+pub struct SealedInbound {
+    config: SealedConfig,
+    opener: BrokerOpener,
+    accepted: HashMap<PublicKey, String>,
+    keys_version: Option<Vec<(SystemTime, u64)>>,
+    next_check: Instant,
+    shared: Shared,
+}
+
+/// The publishing side.
+pub enum Outbound {
+    /// Plain frames.
+    Plain,
+    /// Sealed frames.
+    Sealed(Box<SealedOutbound>),
+}
+
+/// The publishing side of the sealed mode.
+pub struct SealedOutbound {
+    sealer: BrokerSealer,
+    shared: Shared,
+}
+
+/// How often the key directory is looked at for changes (a revocation takes effect
+/// within this, well inside one worker heartbeat).
+const KEYS_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Builds both sides for a security mode.
+pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbound)> {
+    let Security::Sealed(config) = security else {
+        return Ok((Inbound::Plain, Outbound::Plain));
+    };
+    let (key, created) = config.keys.broker_key()?;
+    info!(
+        keys = %config.keys.root().display(),
+        public_key = %key.public(),
+        fingerprint = %key.public().fingerprint(),
+        created,
+        "sealed mode: frames are authenticated and encrypted; only accepted keys are served"
+    );
+    if config.auto_accept {
+        warn!("--auto-accept is on: ANY node that connects is enrolled; use it only on a trusted lab network");
+    }
+    let shared = Shared {
+        node_keys: Arc::new(Mutex::new(HashMap::new())),
+        ring: Arc::new(Mutex::new(MeshRing::new(now_ms))),
+    };
+    let mut inbound = SealedInbound {
+        config: config.clone(),
+        opener: BrokerOpener::new(&key),
+        accepted: HashMap::new(),
+        keys_version: None,
+        next_check: Instant::now(),
+        shared: shared.clone(),
+    };
+    inbound.reload_keys(now_ms);
+    Ok((
+        Inbound::Sealed(Box::new(inbound)),
+        Outbound::Sealed(Box::new(SealedOutbound {
+            sealer: BrokerSealer::new(&key),
+            shared,
+        })),
+    ))
+}
+
+impl Inbound {
+    /// Opens and decodes one message from the PULL socket.
+    pub fn admit(&mut self, frames: &[Vec<u8>], now_ms: i64) -> Result<Envelope, Refusal> {
+        let [frame] = frames else {
+            return Err((
+                "multipart",
+                format!("{} frames in one message, expected 1", frames.len()),
+            ));
+        };
+        match self {
+            Inbound::Plain => {
+                if seal::is_sealed(frame) {
+                    return Err((
+                        "sealed_but_plain_broker",
+                        "a sealed frame, but this broker runs without keys (--keys)".into(),
+                    ));
+                }
+                decode(frame)
+            }
+            Inbound::Sealed(inbound) => inbound.admit(frame, now_ms),
+        }
+    }
+
+    /// Periodic duties: notices accepted and revoked keys, rotates the mesh key. Returns
+    /// the enrolment names whose keys were revoked since the last call.
+    pub fn tick(&mut self, now_ms: i64) -> Vec<String> {
+        match self {
+            Inbound::Plain => Vec::new(),
+            Inbound::Sealed(inbound) => inbound.tick(now_ms),
+        }
+    }
+}
+
+fn decode(frame: &[u8]) -> Result<Envelope, Refusal> {
+    envelope::decode(frame).map_err(|e| {
+        let kind = match e {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::BadMagic { .. } => "bad_magic",
+            DecodeError::UnsupportedVersion { .. } => "bad_version",
+            DecodeError::Malformed(_) => "malformed",
+        };
+        (kind, e.to_string())
+    })
+}
+
+impl SealedInbound {
+    fn admit(&mut self, frame: &[u8], now_ms: i64) -> Result<Envelope, Refusal> {
+        let accepted = &self.accepted;
+        let opened = self
+            .opener
+            .open(frame, now_ms, |k| accepted.contains_key(k))
+            .map_err(|e| (e.reason(), e.to_string()))?;
+        let env = decode(&opened.inner)?;
+        let claimed = principal_of(&env.sender);
+        let Some(enrolled) = self.accepted.get(&opened.sender) else {
+            return Err(self.unenrolled(claimed, &opened.sender));
+        };
+        if claimed != enrolled {
+            return Err((
+                "wrong_sender",
+                format!(
+                    "key of {enrolled} sent a message as {:?}: refused",
+                    env.sender.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        if let Ok(mut keys) = self.shared.node_keys.lock() {
+            if keys.get(&env.sender) != Some(&opened.sender) {
+                keys.insert(env.sender.clone(), opened.sender);
+            }
+        }
+        Ok(env)
+    }
+
+    /// A proven but unknown key: recorded as pending (or accepted, with --auto-accept).
+    fn unenrolled(&mut self, claimed: &str, key: &PublicKey) -> Refusal {
+        if !jobz::keys::is_valid_principal(claimed) {
+            return (
+                "unknown_key",
+                format!("unknown key {} with an invalid node id", key.fingerprint()),
+            );
+        }
+        let keys = &self.config.keys;
+        if self.config.auto_accept {
+            match keys.record_pending(claimed, key).and_then(|new| {
+                if new {
+                    keys.transition(claimed, &[KeyState::Pending], KeyState::Accepted)?;
+                }
+                Ok(new)
+            }) {
+                Ok(true) => {
+                    warn!(name = %claimed, fingerprint = %key.fingerprint(), "auto-accepted a new key")
+                }
+                Ok(false) => {}
+                Err(e) => error!(error = %format!("{e:#}"), "cannot auto-accept a key"),
+            }
+        } else {
+            match keys.record_pending(claimed, key) {
+                Ok(true) => warn!(
+                    name = %claimed,
+                    fingerprint = %key.fingerprint(),
+                    "a new key asks to join: accept it with `jobz-broker keys accept {claimed}`"
+                ),
+                Ok(false) => {}
+                Err(e) => error!(error = %format!("{e:#}"), "cannot record a pending key"),
+            }
+        }
+        (
+            "unknown_key",
+            format!("key {} ({claimed}) is not accepted", key.fingerprint()),
+        )
+    }
+
+    fn tick(&mut self, now_ms: i64) -> Vec<String> {
+        let mut revoked = Vec::new();
+        if Instant::now() >= self.next_check {
+            self.next_check = Instant::now() + KEYS_CHECK_EVERY;
+            let version = self.config.keys.version();
+            if version.is_none() || version != self.keys_version {
+                revoked = self.reload_keys(now_ms);
+            }
+        }
+        if let Ok(mut ring) = self.shared.ring.lock() {
+            let lifetime = self.config.mesh_key_lifetime.as_millis() as i64;
+            if !revoked.is_empty() {
+                let epoch = ring.rotate(now_ms);
+                info!(
+                    epoch,
+                    "mesh key rotation after a revocation: announced, in use in {} s",
+                    seal::MESH_KEY_ANNOUNCE_MS / 1000
+                );
+            } else if now_ms - ring.newest_from_ms() >= lifetime {
+                let epoch = ring.rotate(now_ms);
+                info!(
+                    epoch,
+                    "mesh key rotation: announced, in use in {} s",
+                    seal::MESH_KEY_ANNOUNCE_MS / 1000
+                );
+            }
+        }
+        revoked
+    }
+
+    /// Re-reads the accepted keys; returns the names that lost all their keys.
+    fn reload_keys(&mut self, _now_ms: i64) -> Vec<String> {
+        self.keys_version = self.config.keys.version();
+        let accepted = match self.config.keys.accepted() {
+            Ok(a) => a,
+            Err(e) => {
+                // Keep the last good set: a half-edited file must not lock the mesh out.
+                error!(error = %format!("{e:#}"), "cannot read the accepted keys; keeping the previous set");
+                return Vec::new();
+            }
+        };
+        // A name that lost one key but keeps another is rotating, not revoked.
+        let names: std::collections::BTreeSet<&String> = accepted.values().collect();
+        let mut revoked: Vec<String> = self
+            .accepted
+            .values()
+            .filter(|name| !names.contains(name))
+            .cloned()
+            .collect();
+        revoked.sort();
+        revoked.dedup();
+        if accepted.len() != self.accepted.len() || !revoked.is_empty() {
+            info!(accepted = accepted.len(), "accepted keys loaded");
+        }
+        for name in &revoked {
+            warn!(name = %name, "key revoked: the node's frames are refused from now on");
+        }
+        if let Ok(mut keys) = self.shared.node_keys.lock() {
+            keys.retain(|_, key| accepted.contains_key(key));
+        }
+        self.accepted = accepted;
+        revoked
+    }
+}
+
+impl Outbound {
+    /// The frame to publish on `topic` for a plain frame; `None` if it cannot be sealed
+    /// (a reply to a node whose key is not known).
+    pub fn seal(&mut self, topic: &Topic, frame: Vec<u8>) -> Option<Vec<u8>> {
+        match self {
+            Outbound::Plain => Some(frame),
+            Outbound::Sealed(out) => out.seal(topic, &frame),
+        }
+    }
+}
+
+impl SealedOutbound {
+    fn seal(&mut self, topic: &Topic, frame: &[u8]) -> Option<Vec<u8>> {
+        let now_ms = jobz::now_ms();
+        let topic_bytes = topic.to_bytes();
+        let result = match topic {
+            Topic::Node(node) => {
+                let key = self
+                    .shared
+                    .node_keys
+                    .lock()
+                    .ok()
+                    .and_then(|keys| keys.get(node).copied());
+                let Some(key) = key else {
+                    warn!(%topic, "no key known for this node: reply dropped");
+                    return None;
+                };
+                let mesh_keys = self
+                    .shared
+                    .ring
+                    .lock()
+                    .map(|mut r| r.distributable(now_ms))
+                    .unwrap_or_default();
+                self.sealer
+                    .seal_to(&key, &topic_bytes, frame, &mesh_keys, now_ms)
+            }
+            Topic::Job(_) | Topic::Events(_) => {
+                let mesh_key = match self.shared.ring.lock() {
+                    Ok(ring) => ring.current(now_ms).clone(),
+                    Err(_) => return None,
+                };
+                self.sealer
+                    .seal_group(&mesh_key, &topic_bytes, frame, now_ms)
+            }
+        };
+        match result {
+            Ok(sealed) => Some(sealed),
+            Err(e) => {
+                error!(%topic, error = %e, "cannot seal a publication");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! The frontend's HTTP security, through the real binaries: tokens and scopes, protected
+//! mode, the open health listener, TLS with client certificates (checked with the real
+//! `curl`), request limits and the connection cap.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
+};
+use serde_json::Value;
+
+use crate::harness::{
+    bin, free_ports, http_request, job_start_path, list_of, str_of, wait_for, HttpResponse, Mesh,
+    DEADLINE,
+};
+
+const JOBS: &str = r#"
+jobs:
+  - name: hello
+    command: 'echo hello'
+  - name: doomed
+    delivery: queue
+    retries: 1
+    retry_backoff: 100ms
+    command: 'test -e @DIR@/fixed'
+"#;
+
+/// `GET path` on 127.0.0.1:`port` with extra header lines (each ending in CRLF).
+fn get(port: u16, path: &str, headers: &str) -> HttpResponse {
+    let raw = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n"
+    );
+    http_request(port, raw.as_bytes(), DEADLINE).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+fn bearer(token: &str) -> String {
+    format!("Authorization: Bearer {token}\r\n")
+}
+
+fn json(r: &HttpResponse) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", r.text()))
+}
+
+/// `jobz-frontend token new NAME --scopes SCOPES`: the token (stdout) and the file line.
+fn new_token(name: &str, scopes: &str) -> (String, String) {
+    let out = Command::new(bin("jobz-frontend"))
+        .args(["token", "new", name, "--scopes", scopes])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "token new: {out:?}");
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no token-file line in {stderr:?}"))
+        .to_owned();
+    assert!(token.starts_with("jobz_"), "{token}");
+    (token, line)
+}
+
+/// Three tokens (read, trigger, admin) and a token file holding their hashes.
+struct Tokens {
+    read: String,
+    trigger: String,
+    admin: String,
+    file: PathBuf,
+}
+
+fn tokens_in(dir: &Path) -> Tokens {
+    let (read, read_line) = new_token("dashboard", "read");
+    let (trigger, trigger_line) = new_token("ci", "trigger");
+    let (admin, admin_line) = new_token("ops", "admin");
+    let file = dir.join("tokens");
+    fs::write(
+        &file,
+        format!("# jobz tokens\n{read_line}\n\n{trigger_line}\n{admin_line}\n"),
+    )
+    .unwrap();
+    Tokens {
+        read,
+        trigger,
+        admin,
+        file,
+    }
+}
+
+/// Waits until the frontend on `port` answers `/healthz` (open without a token) with 200.
+fn wait_listening(mesh: &Mesh, name: &str, port: u16) {
+    wait_for(DEADLINE, &format!("{name} on port {port}"), || {
+        let raw = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        match http_request(port, raw, DEADLINE) {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("{} {}", r.status, r.text())),
+            Err(e) => Err(format!("{e}; stderr: {}", mesh.stderr_of(name))),
+        }
+    });
+}
+
+fn args(list: &[&str]) -> Vec<OsString> {
+    list.iter().map(OsString::from).collect()
+}
+
+#[test]
+fn tokens_gate_every_endpoint_by_scope() {
+    let mut mesh = Mesh::builder().worker("w1", JOBS).start();
+    mesh.wait_workers_live(1);
+    let tokens = tokens_in(mesh.dir());
+
+    // The file holds only hashes: no token appears in it.
+    let text = fs::read_to_string(&tokens.file).unwrap();
+    for token in [&tokens.read, &tokens.trigger, &tokens.admin] {
+        assert!(!text.contains(token.as_str()), "plaintext token in {text}");
+    }
+    assert_eq!(text.matches("sha256:").count(), 3, "{text}");
+
+    let port = free_ports(1);
+    let health = free_ports(1);
+    mesh.start_frontend(
+        "secure",
+        &args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tokens",
+            &tokens.file.to_string_lossy(),
+            "--health-listen",
+            &format!("127.0.0.1:{health}"),
+        ]),
+    );
+    wait_listening(&mesh, "secure", port);
+    let stderr = mesh.stderr_of("secure");
+    assert!(stderr.contains("authenticated: tokens"), "{stderr}");
+
+    // No token, a wrong one, or a token in the query string: 401 asking for Basic.
+    let query = format!("/runs?token={}&access_token={}", tokens.admin, tokens.admin);
+    for (path, headers) in [
+        ("/runs", String::new()),
+        ("/", String::new()),
+        ("/metrics", String::new()),
+        ("/job_start?job_name=hello", String::new()),
+        ("/runs", bearer("jobz_not_a_token")),
+        ("/runs", "Authorization: Digest x\r\n".into()),
+        (query.as_str(), String::new()),
+    ] {
+        let r = get(port, path, &headers);
+        assert_eq!(r.status, 401, "{path} {headers:?}: {}", r.text());
+        assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"jobz\""));
+        assert!(!str_of(&json(&r), "error").is_empty(), "{}", r.text());
+    }
+
+    // read: every view, nothing that starts anything.
+    for path in [
+        "/",
+        "/runs",
+        "/jobs",
+        "/workers",
+        "/dead",
+        "/semaphores",
+        "/metrics",
+    ] {
+        let r = get(port, path, &bearer(&tokens.read));
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let r = get(port, &job_start_path("hello", &[]), &bearer(&tokens.read));
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        str_of(&json(&r), "error").contains("trigger"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.header("www-authenticate"), None);
+
+    // A browser: HTTP Basic with the token as the password.
+    let basic = base64_encode(format!("anyone:{}", tokens.read).as_bytes());
+    let r = get(port, "/", &format!("Authorization: Basic {basic}\r\n"));
+    assert_eq!(r.status, 200);
+
+    // trigger: starts runs, may not read them.
+    let r = get(
+        port,
+        &job_start_path("hello", &[]),
+        &bearer(&tokens.trigger),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let run_id = str_of(&json(&r), "run_id").to_owned();
+    assert_eq!(get(port, "/runs", &bearer(&tokens.trigger)).status, 403);
+    let run = wait_for(DEADLINE, "the triggered run to succeed", || {
+        let r = get(port, &format!("/runs/{run_id}"), &bearer(&tokens.read));
+        let run = json(&r);
+        match str_of(&run, "state") {
+            "succeeded" => Ok(run),
+            other => Err(format!("{} {other}", r.status)),
+        }
+    });
+    assert_eq!(str_of(&run, "job"), "hello");
+
+    // admin: re-runs a dead task; read and trigger may not.
+    let r = get(port, &job_start_path("doomed", &[]), &bearer(&tokens.admin));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let doomed = str_of(&json(&r), "run_id").to_owned();
+    let entry = wait_for(DEADLINE, "the doomed task in the dead list", || {
+        let dead = json(&get(port, "/dead", &bearer(&tokens.admin)));
+        list_of(&dead, "dead")
+            .into_iter()
+            .find(|d| d["run_id"] == doomed.as_str())
+            .ok_or_else(|| dead.to_string())
+    });
+    let retry = str_of(&entry, "retry_url").to_owned();
+    assert!(retry.ends_with("/retry"), "{entry}");
+    assert_eq!(get(port, &retry, &bearer(&tokens.read)).status, 403);
+    assert_eq!(get(port, &retry, &bearer(&tokens.trigger)).status, 403);
+    fs::write(mesh.dir().join("fixed"), "").unwrap();
+    let r = get(port, &retry, &bearer(&tokens.admin));
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    // /healthz stays open on the main listener (liveness probes).
+    assert_eq!(get(port, "/healthz", "").status, 200);
+    // The health listener: /healthz and /metrics without a token, nothing else.
+    assert_eq!(get(health, "/healthz", "").status, 200);
+    let r = get(health, "/metrics", "");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("jobz_"), "{}", r.text());
+    for path in ["/runs", "/", &job_start_path("hello", &[])] {
+        let r = get(health, path, &bearer(&tokens.admin));
+        assert_eq!(r.status, 404, "{path} on the health listener: {}", r.text());
+    }
+}
+
+/// Runs the frontend with `flags` and returns its exit status and output; it must exit.
+fn run_to_exit(flags: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(bin("jobz-frontend"))
+        .args(flags)
+        .env_remove("JOBZ_TOKENS")
+        .env_remove("JOBZ_LISTEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for(DEADLINE, "the frontend to refuse to start", || {
+        child
+            .try_wait()
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "still running".to_owned())
+    });
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status, out)
+}
+
+#[test]
+fn protected_mode_refuses_a_reachable_listener_without_authentication() {
+    // 0.0.0.0 is refused before anything is bound, so nothing outside can connect.
+    let (status, out) = run_to_exit(&["--listen", "0.0.0.0:0", "--broker", "127.0.0.1:1"]);
+    assert!(!status.success(), "{out}");
+    for flag in [
+        "--tokens",
+        "--tls-client-ca",
+        "--insecure",
+        "protected mode",
+    ] {
+        assert!(out.contains(flag), "{flag} not in {out:?}");
+    }
+
+    // A malformed token file stops the start with file:line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    fs::write(&file, "# ok\nci trigger sha256:00\n").unwrap();
+    let (status, out) = run_to_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--broker",
+        "127.0.0.1:1",
+        "--tokens",
+        &file.to_string_lossy(),
+    ]);
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains(&format!("{}:2:", file.display())),
+        "no file:line in {out:?}"
+    );
+}
+
+// ---- TLS --------------------------------------------------------------------------------
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    good_cert: PathBuf,
+    good_key: PathBuf,
+    foreign_cert: PathBuf,
+    foreign_key: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().unwrap();
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn leaf(
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+    issuer: &(rcgen::Certificate, KeyPair),
+) -> (String, String) {
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn pki(dir: &Path) -> Pki {
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    };
+    let mesh_ca = ca("jobz test CA");
+    let other_ca = ca("someone else's CA");
+    let (server_cert, server_key) = leaf(
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &mesh_ca,
+    );
+    let (good_cert, good_key) = leaf(&["client"], ExtendedKeyUsagePurpose::ClientAuth, &mesh_ca);
+    let (foreign_cert, foreign_key) = leaf(
+        &["intruder"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+        &other_ca,
+    );
+    Pki {
+        ca: write("ca.pem", &mesh_ca.0.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        good_cert: write("client.pem", &good_cert),
+        good_key: write("client.key", &good_key),
+        foreign_cert: write("foreign.pem", &foreign_cert),
+        foreign_key: write("foreign.key", &foreign_key),
+    }
+}
+
+/// `curl` over HTTPS: exit code, HTTP status (`000` when there was none) and stderr.
+fn curl(pki: &Pki, port: u16, path: &str, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+        ])
+        .arg("--cacert")
+        .arg(&pki.ca)
+        .args(extra)
+        .arg(format!("https://127.0.0.1:{port}{path}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tls_requires_a_client_certificate_from_the_configured_ca() {
+    let mut mesh = Mesh::builder().start();
+    let pki = pki(mesh.dir());
+    let tokens = tokens_in(mesh.dir());
+    let port = free_ports(1);
+    let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+    mesh.start_frontend(
+        "tls",
+        &args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+            &path(&pki.server_cert),
+            "--tls-key",
+            &path(&pki.server_key),
+            "--tls-client-ca",
+            &path(&pki.ca),
+            "--tokens",
+            &path(&tokens.file),
+        ]),
+    );
+    let good = [
+        "--cert",
+        &path(&pki.good_cert),
+        "--key",
+        &path(&pki.good_key),
+    ]
+    .map(str::to_owned);
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    wait_for(DEADLINE, "the TLS frontend to answer", || {
+        match curl(&pki, port, "/healthz", &good) {
+            (0, status, _) if status == "200" => Ok(()),
+            (code, status, err) => Err(format!(
+                "curl {code} {status} {err}; {}",
+                mesh.stderr_of("tls")
+            )),
+        }
+    });
+    let stderr = mesh.stderr_of("tls");
+    assert!(
+        stderr.contains("client certificates and tokens"),
+        "{stderr}"
+    );
+
+    // A good certificate gets HTTP; tokens still apply on top.
+    let (code, status, err) = curl(&pki, port, "/runs", &good);
+    assert_eq!((code, status.as_str()), (0, "401"), "{err}");
+    let auth = format!("Authorization: Bearer {}", tokens.read);
+    let mut with_token = good.clone();
+    with_token.extend(["-H", auth.as_str()]);
+    let (code, status, err) = curl(&pki, port, "/runs", &with_token);
+    assert_eq!((code, status.as_str()), (0, "200"), "{err}");
+
+    // A certificate from another CA, or none: refused in the handshake, no HTTP at all.
+    let foreign = [
+        "--cert".to_owned(),
+        path(&pki.foreign_cert),
+        "--key".to_owned(),
+        path(&pki.foreign_key),
+        "-H".to_owned(),
+        auth.clone(),
+    ];
+    let foreign: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    for (what, extra) in [
+        ("a foreign-CA certificate", foreign),
+        ("no certificate", vec!["-H", auth.as_str()]),
+    ] {
+        let (code, status, err) = curl(&pki, port, "/runs", &extra);
+        assert!(
+            [35, 56, 58].contains(&code),
+            "{what}: curl exit {code}, status {status}, {err}"
+        );
+        assert_eq!(status, "000", "{what}: an HTTP status came back: {err}");
+    }
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let raw = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if let Ok(r) = http_request(port, raw, Duration::from_secs(10)) {
+        panic!("plain HTTP on the TLS port answered {}", r.status);
+    }
+    assert!(mesh.is_running("tls"));
+}
+
+// ---- Limits -----------------------------------------------------------------------------
+
+#[test]
+fn oversized_heads_get_414_and_431_and_the_connection_cap_holds() {
+    let mut mesh = Mesh::builder().start();
+    let port = free_ports(1);
+    mesh.start_frontend(
+        "capped",
+        &args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--max-connections",
+            "2",
+        ]),
+    );
+    wait_listening(&mesh, "capped", port);
+
+    // The request line may hold the API's longest target (64 KiB), not a byte more.
+    let long = format!("/runs/{}", "a".repeat(65 * 1024));
+    let r = get(port, &long, "");
+    assert_eq!(r.status, 414, "{}", r.text());
+    assert!(
+        str_of(&json(&r), "error").contains("exceeds"),
+        "{}",
+        r.text()
+    );
+    let fits = format!("/runs/{}", "a".repeat(60 * 1024));
+    assert_eq!(get(port, &fits, "").status, 404, "a 60 KiB target is fine");
+    let endless = format!("GET /{}", "a".repeat(1024 * 1024));
+    let r = http_request(port, endless.as_bytes(), DEADLINE).unwrap();
+    assert_eq!(r.status, 414, "a 1 MiB line without an end");
+
+    let junk = format!("X-Junk: {}\r\n", "j".repeat(17 * 1024));
+    let r = get(port, "/healthz", &junk);
+    assert_eq!(r.status, 431, "{}", r.text());
+    let many: String = (0..1000)
+        .map(|i| format!("X-H{i}: 0123456789\r\n"))
+        .collect();
+    assert_eq!(get(port, "/healthz", &many).status, 431);
+
+    // Two idle keep-alive connections fill the cap; a third is closed without an answer.
+    let first = wait_for(DEADLINE, "a first kept-alive connection", || {
+        keep_alive(port)
+    });
+    let second = wait_for(DEADLINE, "a second kept-alive connection", || {
+        keep_alive(port)
+    });
+    let mut third = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match third.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the third connection was not closed: {other:?}"),
+    }
+    // Freeing a place lets the next client in.
+    drop(first);
+    wait_listening(&mesh, "capped", port);
+    drop(second);
+    assert!(mesh.is_running("capped"));
+}
+
+/// A connection that got an answer to `GET /healthz` and stays open (HTTP/1.1 keep-alive),
+/// so it holds one of the frontend's connection places.
+fn keep_alive(port: u16) -> Result<TcpStream, String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("closed after {:?}", String::from_utf8_lossy(&seen)));
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
+            if body.len() >= length {
+                return Ok(stream);
+            }
+        }
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

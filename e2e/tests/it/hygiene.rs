@@ -1,0 +1,383 @@
+//! Job-execution hygiene on a real mesh: what a step's environment holds, the cap on its
+//! output, `run_as`, and that hostile values never make the worker write outside its log
+//! and spool directories.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::{list_tree, steps_of, str_of, Mesh};
+
+/// `PATH` of every step unless `--env-allow PATH` (worker::runner::SAFE_PATH).
+const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The only step of a finished run.
+fn only_step(run: &serde_json::Value) -> serde_json::Value {
+    let steps = steps_of(run);
+    assert_eq!(steps.len(), 1, "{run:#}");
+    steps[0].clone()
+}
+
+/// The output files a worker kept for a run.
+fn output_files(mesh: &Mesh, worker: &str, run_id: &str) -> Vec<PathBuf> {
+    let dir = mesh.dir().join(worker).join("log/runs").join(run_id);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn running_as_root() -> bool {
+    // /proc/self belongs to the effective user of the process looking at it.
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid()) == Some(0)
+}
+
+/// (uid, gid) of `nobody`, if the host has it.
+fn nobody() -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, "nobody"]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Lets other users reach the mesh's directory (a temporary directory is 0700) and makes
+/// `<mesh>/out`, writable by anyone, for steps that run as another user.
+fn open_for_other_users(mesh: &Mesh) -> PathBuf {
+    std::fs::set_permissions(mesh.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = mesh.dir().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    out
+}
+
+#[test]
+fn steps_see_only_the_allow_listed_environment() {
+    let mut mesh = Mesh::builder()
+        .worker_with_args(
+            "w1",
+            r#"
+jobs:
+  - name: dump_env
+    command: "env > @DIR@/env.out"
+    params:
+      date: { required: true }
+"#,
+            &["--env-allow", "HYGIENE_FOO"],
+        )
+        .start();
+    // The worker's environment holds secrets and an allowed variable.
+    mesh.restart_with(
+        "w1",
+        None,
+        &[
+            ("HYGIENE_FOO", "passed"),
+            ("HYGIENE_SECRET", "s3cret"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cret"),
+            ("JOBZ_SECRET_TEST", "s3cret"),
+            ("PATH", "/s3cret/bin:/usr/bin:/bin"),
+        ],
+    );
+    mesh.wait_workers_live(1);
+
+    let run_id = mesh.start_run("dump_env", &[("date", "2026_01_02")]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+
+    let text = std::fs::read_to_string(mesh.dir().join("env.out")).unwrap();
+    assert!(!text.contains("s3cret"), "a secret leaked:\n{text}");
+    let env: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let allowed = [
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "HYGIENE_FOO",
+        "JOBZ_RUN_ID",
+        "JOBZ_STEP_ID",
+        "JOBZ_TASK_ID",
+        "JOBZ_JOB",
+        "JOBZ_WORKER",
+        "JOBZ_ATTEMPT",
+        "JOBZ_FRONTEND",
+        "JOBZ_PARAM_DATE",
+        // Set by /bin/sh itself.
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "_",
+    ];
+    for name in env.keys() {
+        assert!(allowed.contains(name), "{name} reached the step:\n{text}");
+    }
+    assert_eq!(env.get("HYGIENE_FOO"), Some(&"passed"), "{text}");
+    assert_eq!(env.get("PATH"), Some(&SAFE_PATH), "{text}");
+    assert_eq!(env.get("JOBZ_RUN_ID"), Some(&run_id.as_str()), "{text}");
+    assert_eq!(env.get("JOBZ_JOB"), Some(&"dump_env"), "{text}");
+    assert_eq!(env.get("JOBZ_WORKER"), Some(&"w1"), "{text}");
+    assert_eq!(env.get("JOBZ_PARAM_DATE"), Some(&"2026_01_02"), "{text}");
+    assert!(env.contains_key("JOBZ_FRONTEND"), "{text}");
+    for absent in ["RUST_LOG", "NO_COLOR", "HYGIENE_SECRET", "JOBZ_SECRET_TEST"] {
+        assert!(
+            !env.contains_key(absent),
+            "{absent} reached the step:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn output_beyond_the_cap_is_cut_marked_and_reported_while_the_step_runs_on() {
+    let mesh = Mesh::builder()
+        .worker_with_args(
+            "w1",
+            // 100,000 bytes, ten times the cap; then proof that the writer was not stopped.
+            r#"
+jobs:
+  - name: chatty
+    command: "head -c 100000 /dev/zero | tr '\\0' x; echo \"tr=$?\" > @DIR@/chatty.status"
+"#,
+            &["--max-step-output", "10000"],
+        )
+        .start();
+    mesh.wait_workers_live(1);
+
+    let run_id = mesh.start_run("chatty", &[]);
+    let run = mesh.wait_run_final(&run_id);
+    let marker = "[jobz: output truncated after 10000 bytes]\n";
+    // The exit status decides: the step succeeded, and says its output was cut.
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+    let step = only_step(&run);
+    assert_eq!(step["exit_code"], 0, "{step:#}");
+    assert_eq!(
+        str_of(&step, "error"),
+        "output truncated after 10000 bytes",
+        "{step:#}"
+    );
+    let status = std::fs::read_to_string(mesh.dir().join("chatty.status")).unwrap();
+    assert_eq!(
+        status.trim(),
+        "tr=0",
+        "the writer must neither block nor get SIGPIPE"
+    );
+
+    let files = output_files(&mesh, "w1", &run_id);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let kept = std::fs::read(&files[0]).unwrap();
+    assert!(
+        kept.len() <= 10_000 + 1 + marker.len(),
+        "{} bytes",
+        kept.len()
+    );
+    assert!(kept.ends_with(marker.as_bytes()), "no marker at the end");
+    assert!(kept[..10_000].iter().all(|&b| b == b'x'));
+
+    let finished: Vec<String> = mesh
+        .worker_log("w1", &run_id)
+        .into_iter()
+        .map(|l| l.event)
+        .filter(|e| e.starts_with("finished"))
+        .collect();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert!(
+        finished[0].ends_with("; output truncated after 10000 bytes"),
+        "{finished:?}"
+    );
+    // The run's log (from the result's tail) ends with the marker too.
+    let (code, log) = mesh.http_get(&format!("/runs/{run_id}/log"));
+    assert_eq!(code, 200, "{log}");
+    assert!(log.contains(marker.trim_end()), "{log}");
+}
+
+#[test]
+fn hostile_parameter_values_write_nothing_outside_the_log_and_spool_dirs() {
+    let mesh = Mesh::builder()
+        .worker(
+            "w1",
+            r#"
+jobs:
+  - name: hostile
+    command: "echo {date} {where}"
+"#,
+        )
+        .start();
+    mesh.wait_workers_live(1);
+    let root = mesh.dir().to_owned();
+    let parent = root.parent().unwrap().to_owned();
+    let escapes = [
+        parent.join("jobz-hygiene-escape"),
+        PathBuf::from("/tmp/jobz-hygiene-escape-abs"),
+        PathBuf::from("/etc/jobz-hygiene-escape"),
+    ];
+    for path in &escapes {
+        assert!(!path.exists(), "{} exists before the test", path.display());
+    }
+    let before = list_tree(&root);
+
+    // The default pattern lets `.`, `/` through: these values are legal parameters.
+    let run_id = mesh.start_run(
+        "hostile",
+        &[
+            ("date", "../../jobz-hygiene-escape"),
+            (
+                "where",
+                "/tmp/jobz-hygiene-escape-abs/../../etc/jobz-hygiene-escape",
+            ),
+        ],
+    );
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+    let step = only_step(&run);
+
+    let after = list_tree(&root);
+    let allowed = [
+        Path::new("w1/log"),
+        Path::new("w1/spool"),
+        Path::new("broker"),
+    ];
+    for new in after.difference(&before) {
+        assert!(
+            allowed.iter().any(|dir| new.starts_with(dir)),
+            "{} was written outside the worker's log and spool dirs",
+            new.display()
+        );
+    }
+    for path in &escapes {
+        assert!(!path.exists(), "{} was created", path.display());
+    }
+    // The output went where it belongs, under a name made of ids only.
+    let files = output_files(&mesh, "w1", &run_id);
+    let expected = format!("hostile.{}.1.log", str_of(&step, "task_id"));
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        files[0].file_name().unwrap().to_str(),
+        Some(expected.as_str())
+    );
+    let output = std::fs::read_to_string(&files[0]).unwrap();
+    assert_eq!(
+        output,
+        "../../jobz-hygiene-escape /tmp/jobz-hygiene-escape-abs/../../etc/jobz-hygiene-escape\n"
+    );
+}
+
+#[test]
+fn a_root_worker_runs_a_step_as_its_run_as_user_or_the_default() {
+    if !running_as_root() {
+        eprintln!("skipped: run_as needs the test to run as root");
+        return;
+    }
+    let Some((uid, gid)) = nobody() else {
+        eprintln!("skipped: this host has no user `nobody`");
+        return;
+    };
+    let mesh = Mesh::builder()
+        .worker_with_args(
+            "w1",
+            r#"
+jobs:
+  - name: as_nobody
+    command: "id -u > @DIR@/out/as_nobody; id -G >> @DIR@/out/as_nobody; echo \"$HOME $USER $LOGNAME\" >> @DIR@/out/as_nobody; touch ./mine && echo cwd-writable >> @DIR@/out/as_nobody"
+    run_as: nobody
+  - name: as_default
+    command: "id -u > @DIR@/out/as_default"
+  - name: as_root
+    command: "id -u > @DIR@/out/as_root"
+    run_as: root
+"#,
+            &["--default-run-as", "nobody"],
+        )
+        .start();
+    let out = open_for_other_users(&mesh);
+    mesh.wait_workers_live(1);
+
+    for job in ["as_nobody", "as_default", "as_root"] {
+        let run_id = mesh.start_run(job, &[]);
+        let run = mesh.wait_run_final(&run_id);
+        assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+    }
+    let as_nobody = std::fs::read_to_string(out.join("as_nobody")).unwrap();
+    let lines: Vec<&str> = as_nobody.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&uid.to_string().as_str()),
+        "{as_nobody}"
+    );
+    // Only nobody's own groups: none of root's are kept.
+    let groups: Vec<u32> = lines[1]
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect();
+    assert!(groups.contains(&gid) && !groups.contains(&0), "{as_nobody}");
+    assert!(lines[2].ends_with(" nobody nobody"), "{as_nobody}");
+    assert_eq!(lines.get(3), Some(&"cwd-writable"), "{as_nobody}");
+    let as_default = std::fs::read_to_string(out.join("as_default")).unwrap();
+    assert_eq!(
+        as_default.trim(),
+        uid.to_string(),
+        "--default-run-as applies"
+    );
+    let as_root = std::fs::read_to_string(out.join("as_root")).unwrap();
+    assert_eq!(as_root.trim(), "0", "run_as wins over --default-run-as");
+}
+
+#[test]
+fn a_worker_that_is_not_root_refuses_a_step_for_another_user() {
+    if !running_as_root() {
+        eprintln!("skipped: starting a worker as another user needs the test to run as root");
+        return;
+    }
+    let Some((uid, gid)) = nobody() else {
+        eprintln!("skipped: this host has no user `nobody`");
+        return;
+    };
+    let mut mesh = Mesh::builder()
+        .worker(
+            "w1",
+            r#"
+jobs:
+  - name: as_root
+    command: "touch @DIR@/out/ran"
+    run_as: root
+"#,
+        )
+        .start();
+    let out = open_for_other_users(&mesh);
+    // The same worker again, as nobody, owning its own directories.
+    mesh.kill9("w1");
+    let home = mesh.dir().join("w1");
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    mesh.restart_with("w1", Some((uid, gid)), &[]);
+    mesh.wait_workers_live(1);
+
+    let run_id = mesh.start_run("as_root", &[]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "failed", "{run:#}");
+    let step = only_step(&run);
+    let error = str_of(&step, "error");
+    assert!(
+        error.contains("not root") && error.contains("not run"),
+        "{step:#}"
+    );
+    assert!(
+        !out.join("ran").exists(),
+        "the step ran (as the worker's user)"
+    );
+    let failed: Vec<String> = mesh
+        .worker_log("w1", &run_id)
+        .into_iter()
+        .map(|l| l.event)
+        .filter(|e| e.starts_with("failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+}

@@ -1,0 +1,296 @@
+//! Who may reach the HTTP API: the settings, protected mode, and the per-request gate.
+//!
+//! Protected mode (as in Redis): a frontend with neither tokens nor a client CA answers
+//! anyone who can connect, so it only listens on a loopback address unless the operator
+//! says `--insecure`. On the main listener with tokens, every request but `/healthz` needs
+//! a token with the right scope (see [`crate::auth`]); the optional health listener serves
+//! `/healthz` and `/metrics` only, to anyone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::api::{HttpReply, HttpRequest, Method};
+use crate::auth::Tokens;
+use crate::tls::TlsFiles;
+
+/// Concurrent connections per listener when `--max-connections` is not given.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// HTTP security settings of a frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Security {
+    /// The token file; `None`: no tokens asked for.
+    pub tokens: Option<PathBuf>,
+    /// HTTPS; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// Allow a non-loopback listener without tokens or client certificates.
+    pub insecure: bool,
+    /// A second, open listener serving only `/healthz` and `/metrics`.
+    pub health_listen: Option<SocketAddr>,
+    /// Most connections open at once on each listener; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security {
+            tokens: None,
+            tls: None,
+            insecure: false,
+            health_listen: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl Security {
+    /// Loads the token file and TLS files and decides the [`Exposure`] of `listen`; any
+    /// problem is an error that stops the start.
+    pub fn prepare(&self, listen: SocketAddr) -> anyhow::Result<Prepared> {
+        let tokens = match &self.tokens {
+            None => None,
+            Some(path) => {
+                let tokens = Tokens::load(path)?;
+                if tokens.is_empty() {
+                    anyhow::bail!(
+                        "the token file {} holds no token: nobody could use the API",
+                        path.display()
+                    );
+                }
+                Some(Arc::new(tokens))
+            }
+        };
+        let tls = match &self.tls {
+            None => None,
+            Some(files) => Some(crate::tls::server_config(files).context("setting up TLS")?),
+        };
+        let client_certs = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        let exposure = Exposure::decide(listen, tokens.is_some(), client_certs, self.insecure)
+            .map_err(anyhow::Error::msg)?;
+        Ok(Prepared {
+            exposure,
+            tokens,
+            tls,
+            health_listen: self.health_listen,
+            max_connections: self.max_connections.max(1),
+        })
+    }
+}
+
+/// [`Security`] with its files loaded, ready for the listeners.
+#[derive(Clone)]
+pub struct Prepared {
+    /// How the main listener is protected.
+    pub exposure: Exposure,
+    /// The tokens, when required.
+    pub tokens: Option<Arc<Tokens>>,
+    /// The TLS configuration, when HTTPS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The open health listener's address.
+    pub health_listen: Option<SocketAddr>,
+    /// Connection cap per listener.
+    pub max_connections: usize,
+}
+
+/// How the main listener is protected; said at every start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    /// Tokens and/or client certificates are required.
+    Authenticated {
+        /// Requests need a token.
+        tokens: bool,
+        /// Connections need a client certificate.
+        client_certs: bool,
+    },
+    /// No authentication, on a loopback address: only this host can connect.
+    LoopbackOnly,
+    /// No authentication on a reachable address, because the operator said `--insecure`.
+    Insecure,
+}
+
+impl Exposure {
+    /// Decides the mode, or refuses to start (protected mode).
+    pub fn decide(
+        listen: SocketAddr,
+        tokens: bool,
+        client_certs: bool,
+        insecure: bool,
+    ) -> Result<Exposure, String> {
+        if tokens || client_certs {
+            return Ok(Exposure::Authenticated {
+                tokens,
+                client_certs,
+            });
+        }
+        if listen.ip().is_loopback() {
+            return Ok(Exposure::LoopbackOnly);
+        }
+        if insecure {
+            return Ok(Exposure::Insecure);
+        }
+        Err(format!(
+            "refusing to listen on {listen} without authentication (protected mode): anyone \
+             who can reach it could start jobs. Give --tokens FILE (see `jobz-frontend token \
+             new`) and/or --tls-cert, --tls-key and --tls-client-ca, listen on a loopback \
+             address (127.0.0.1:PORT), or pass --insecure if a firewall or proxy in front \
+             does the authentication"
+        ))
+    }
+
+    /// A short name for the start-up log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Exposure::Authenticated {
+                tokens: true,
+                client_certs: true,
+            } => "authenticated: client certificates and tokens",
+            Exposure::Authenticated {
+                tokens: true,
+                client_certs: false,
+            } => "authenticated: tokens",
+            Exposure::Authenticated { .. } => "authenticated: client certificates",
+            Exposure::LoopbackOnly => "protected: no authentication, loopback only",
+            Exposure::Insecure => "INSECURE: no authentication on a reachable address",
+        }
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The API, dashboard and metrics, behind tokens when configured.
+    Main,
+    /// `/healthz` and `/metrics` only, open.
+    Health,
+}
+
+/// Decides whether a request reaches the handlers: `Err` is the answer to send instead.
+pub fn gate(
+    listener: Listener,
+    tokens: Option<&Tokens>,
+    request: &HttpRequest,
+    authorization: Option<&str>,
+) -> Result<(), HttpReply> {
+    match listener {
+        Listener::Health => {
+            let path = request.target.split('?').next().unwrap_or("");
+            let open = matches!(path, "/healthz" | "/metrics")
+                && matches!(request.method, Method::Get | Method::Head);
+            if open {
+                Ok(())
+            } else {
+                Err(HttpReply::error(
+                    404,
+                    "this listener serves only /healthz and /metrics",
+                    &[("path", json!(path.chars().take(200).collect::<String>()))],
+                ))
+            }
+        }
+        Listener::Main => {
+            let Some(tokens) = tokens else {
+                return Ok(());
+            };
+            match tokens.check(&request.method, &request.target, authorization) {
+                Ok(_) => Ok(()),
+                Err(denied) => {
+                    let mut reply = HttpReply::error(denied.status(), &denied.message(), &[]);
+                    if denied.status() == 401 {
+                        reply
+                            .headers
+                            .push(("WWW-Authenticate", "Basic realm=\"jobz\"".to_owned()));
+                    }
+                    Err(reply)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::auth::{file_line, new_token, Scopes};
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn protected_mode_refuses_reachable_addresses_without_authentication() {
+        let any = addr("0.0.0.0:6769");
+        let e = Exposure::decide(any, false, false, false).unwrap_err();
+        for flag in ["--tokens", "--tls-client-ca", "--insecure"] {
+            assert!(e.contains(flag), "{e}");
+        }
+        assert_eq!(
+            Exposure::decide(any, false, false, true),
+            Ok(Exposure::Insecure)
+        );
+        assert!(Exposure::decide(addr("[::]:1"), false, false, false).is_err());
+        assert!(Exposure::decide(addr("10.1.2.3:1"), false, false, false).is_err());
+        assert_eq!(
+            Exposure::decide(addr("127.0.0.1:6769"), false, false, false),
+            Ok(Exposure::LoopbackOnly)
+        );
+        assert_eq!(
+            Exposure::decide(addr("[::1]:6769"), false, false, false),
+            Ok(Exposure::LoopbackOnly)
+        );
+        assert!(matches!(
+            Exposure::decide(any, true, false, false),
+            Ok(Exposure::Authenticated { tokens: true, .. })
+        ));
+        assert!(matches!(
+            Exposure::decide(any, false, true, false),
+            Ok(Exposure::Authenticated {
+                client_certs: true,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_gate_asks_for_basic_auth_and_the_health_listener_is_narrow() {
+        let token = new_token().unwrap();
+        let tokens = Tokens::parse(
+            &file_line("r", Scopes::parse("read").unwrap(), &token),
+            Path::new("t"),
+        )
+        .unwrap();
+        let get = |target: &str| HttpRequest {
+            method: Method::Get,
+            target: target.into(),
+        };
+        let reply = gate(Listener::Main, Some(&tokens), &get("/runs"), None).unwrap_err();
+        assert_eq!(reply.status, 401);
+        assert!(reply
+            .headers
+            .contains(&("WWW-Authenticate", "Basic realm=\"jobz\"".to_owned())));
+        let bearer = format!("Bearer {token}");
+        assert!(gate(Listener::Main, Some(&tokens), &get("/runs"), Some(&bearer)).is_ok());
+        let reply = gate(
+            Listener::Main,
+            Some(&tokens),
+            &get("/job_start?job_name=x"),
+            Some(&bearer),
+        )
+        .unwrap_err();
+        assert_eq!(reply.status, 403);
+        assert!(reply.headers.is_empty());
+        assert!(gate(Listener::Main, Some(&tokens), &get("/healthz"), None).is_ok());
+        assert!(gate(Listener::Main, None, &get("/job_start?job_name=x"), None).is_ok());
+
+        assert!(gate(Listener::Health, None, &get("/healthz"), None).is_ok());
+        assert!(gate(Listener::Health, None, &get("/metrics"), None).is_ok());
+        for target in ["/runs", "/job_start?job_name=x", "/", "/metrics/x"] {
+            let reply = gate(Listener::Health, Some(&tokens), &get(target), Some(&bearer));
+            assert_eq!(reply.unwrap_err().status, 404, "{target}");
+        }
+    }
+}

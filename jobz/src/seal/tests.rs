@@ -1,0 +1,247 @@
+use super::*;
+use crate::keys::NodeKey;
+
+const NOW: i64 = 1_800_000_000_000;
+
+struct Mesh {
+    broker_key: NodeKey,
+    opener: BrokerOpener,
+    sealer: BrokerSealer,
+    ring: MeshRing,
+    node: NodeSeal,
+}
+
+fn mesh() -> Mesh {
+    let broker_key = NodeKey::generate().unwrap();
+    let node = NodeSeal::new(NodeIdentity {
+        key: NodeKey::generate().unwrap(),
+        brokers: vec![broker_key.public()],
+    });
+    Mesh {
+        opener: BrokerOpener::new(&broker_key),
+        sealer: BrokerSealer::new(&broker_key),
+        ring: MeshRing::new(NOW),
+        broker_key,
+        node,
+    }
+}
+
+fn welcome(m: &mut Mesh, now: i64) {
+    let keys = m.ring.distributable(now);
+    let frame = m
+        .sealer
+        .seal_to(&m.node.public(), b"n me\0", b"welcome", &keys, now)
+        .unwrap();
+    assert_eq!(m.node.open(b"n me\0", &frame, now).unwrap(), b"welcome");
+}
+
+#[test]
+fn node_to_broker_round_trip_names_the_sender() {
+    let mut m = mesh();
+    let frame = m.node.seal(b"JZ\0\x01hello", NOW).unwrap();
+    let opened = m.opener.open(&frame, NOW, |_| true).unwrap();
+    assert_eq!(opened.inner, b"JZ\0\x01hello");
+    assert_eq!(opened.sender, m.node.public());
+}
+
+#[test]
+fn a_replayed_frame_is_refused_within_the_window_and_stale_after() {
+    let mut m = mesh();
+    let frame = m.node.seal(b"trigger", NOW).unwrap();
+    m.opener.open(&frame, NOW, |_| true).unwrap();
+    assert_eq!(
+        m.opener.open(&frame, NOW + 5, |_| true).unwrap_err(),
+        OpenError::Replay
+    );
+    assert!(matches!(
+        m.opener.open(&frame, NOW + MAX_CLOCK_SKEW_MS + 1, |_| true),
+        Err(OpenError::Stale { .. })
+    ));
+}
+
+#[test]
+fn frames_of_strangers_do_not_fill_the_replay_memory() {
+    let mut m = mesh();
+    let frame = m.node.seal(b"x", NOW).unwrap();
+    // Not enrolled: opened (to learn who asks), nonce not remembered.
+    m.opener.open(&frame, NOW, |_| false).unwrap();
+    assert!(m.opener.replay.seen.is_empty());
+}
+
+#[test]
+fn every_flipped_bit_is_refused() {
+    let mut m = mesh();
+    let frame = m.node.seal(b"params: secret", NOW).unwrap();
+    for i in 0..frame.len() {
+        for bit in [0x01u8, 0x80] {
+            let mut bad = frame.clone();
+            bad[i] ^= bit;
+            assert!(
+                m.opener.open(&bad, NOW, |_| true).is_err(),
+                "flip at byte {i} accepted"
+            );
+        }
+    }
+    welcome(&mut m, NOW);
+    let group = m
+        .sealer
+        .seal_group(m.ring.current(NOW), b"j job\0", b"work", NOW)
+        .unwrap();
+    for i in 0..group.len() {
+        let mut bad = group.clone();
+        bad[i] ^= 0x04;
+        assert!(m.node.open(b"j job\0", &bad, NOW).is_err(), "byte {i}");
+    }
+    assert_eq!(m.node.open(b"j job\0", &group, NOW).unwrap(), b"work");
+}
+
+#[test]
+fn a_frame_moved_to_another_topic_is_refused() {
+    let mut m = mesh();
+    welcome(&mut m, NOW);
+    let group = m
+        .sealer
+        .seal_group(m.ring.current(NOW), b"j a\0", b"work", NOW)
+        .unwrap();
+    assert_eq!(
+        m.node.open(b"j b\0", &group, NOW).unwrap_err(),
+        OpenError::Tampered
+    );
+}
+
+#[test]
+fn plaintext_is_not_in_the_frame() {
+    let mut m = mesh();
+    welcome(&mut m, NOW);
+    let secret = b"date=2026_11_23-very-secret-parameter";
+    let up = m.node.seal(secret, NOW).unwrap();
+    let down = m
+        .sealer
+        .seal_group(m.ring.current(NOW), b"j a\0", secret, NOW)
+        .unwrap();
+    for frame in [up, down] {
+        assert!(!frame.windows(8).any(|w| secret.windows(8).any(|s| s == w)));
+    }
+}
+
+#[test]
+fn group_frames_need_the_mesh_key_and_the_broker_signature() {
+    let mut m = mesh();
+    let group = m
+        .sealer
+        .seal_group(m.ring.current(NOW), b"j a\0", b"work", NOW)
+        .unwrap();
+    // Before any welcome the node holds no mesh key.
+    assert!(matches!(
+        m.node.open(b"j a\0", &group, NOW),
+        Err(OpenError::UnknownEpoch(_))
+    ));
+    welcome(&mut m, NOW);
+    assert_eq!(m.node.open(b"j a\0", &group, NOW).unwrap(), b"work");
+
+    // Another holder of the mesh key (say, an enrolled worker) cannot forge the broker.
+    let mut forger = BrokerSealer::new(&NodeKey::generate().unwrap());
+    let forged = forger
+        .seal_group(m.ring.current(NOW), b"j a\0", b"evil", NOW)
+        .unwrap();
+    assert!(matches!(
+        m.node.open(b"j a\0", &forged, NOW),
+        Err(OpenError::UntrustedSender(_))
+    ));
+}
+
+#[test]
+fn a_frame_for_another_node_or_broker_is_refused() {
+    let mut m = mesh();
+    let other = NodeKey::generate().unwrap();
+    let frame = m
+        .sealer
+        .seal_to(&other.public(), b"n x\0", b"hi", &[], NOW)
+        .unwrap();
+    assert_eq!(
+        m.node.open(b"n x\0", &frame, NOW).unwrap_err(),
+        OpenError::NotForMe
+    );
+    let mut elsewhere = BrokerOpener::new(&NodeKey::generate().unwrap());
+    let up = m.node.seal(b"x", NOW).unwrap();
+    assert_eq!(
+        elsewhere.open(&up, NOW, |_| true).unwrap_err(),
+        OpenError::NotForMe
+    );
+    let _ = &m.broker_key;
+}
+
+#[test]
+fn rotation_is_announced_before_use_and_old_keys_expire() {
+    let mut m = mesh();
+    welcome(&mut m, NOW);
+    let first = m.ring.current(NOW).epoch;
+    let next = m.ring.rotate(NOW);
+    assert!(next > first);
+    // Still the old key in use while the new one is announced.
+    assert_eq!(m.ring.current(NOW + 1).epoch, first);
+    welcome(&mut m, NOW + 1); // the node's periodic hello brings the new key
+    let later = NOW + MESH_KEY_ANNOUNCE_MS;
+    assert_eq!(m.ring.current(later).epoch, next);
+    let group = m
+        .sealer
+        .seal_group(m.ring.current(later), b"j a\0", b"w", later)
+        .unwrap();
+    assert_eq!(m.node.open(b"j a\0", &group, later).unwrap(), b"w");
+    // The superseded key is dropped after its retention.
+    let much_later = later + MESH_KEY_RETAIN_MS + 1;
+    let keys: Vec<u32> = m
+        .ring
+        .distributable(much_later)
+        .iter()
+        .map(|k| k.epoch)
+        .collect();
+    assert_eq!(keys, vec![next]);
+}
+
+#[test]
+fn rotating_again_withdraws_an_announced_key() {
+    let mut ring = MeshRing::new(NOW);
+    let announced = ring.rotate(NOW);
+    let replacement = ring.rotate(NOW + 1);
+    let epochs: Vec<u32> = ring
+        .distributable(NOW + 2)
+        .iter()
+        .map(|k| k.epoch)
+        .collect();
+    assert!(!epochs.contains(&announced), "{epochs:?}");
+    assert!(epochs.contains(&replacement));
+}
+
+#[test]
+fn unsealed_and_garbage_frames_are_errors_not_panics() {
+    let mut m = mesh();
+    assert_eq!(
+        m.opener.open(b"JZ\0\x01xx", NOW, |_| true).unwrap_err(),
+        OpenError::Unsealed
+    );
+    let frame = m.node.seal(b"abc", NOW).unwrap();
+    for cut in 0..frame.len() {
+        assert!(m.opener.open(&frame[..cut], NOW, |_| true).is_err());
+        assert!(m.node.open(b"", &frame[..cut], NOW).is_err());
+    }
+}
+
+#[test]
+fn a_node_switches_to_the_next_trusted_broker_key() {
+    let old = NodeKey::generate().unwrap();
+    let new = NodeKey::generate().unwrap();
+    let mut node = NodeSeal::new(NodeIdentity {
+        key: NodeKey::generate().unwrap(),
+        brokers: vec![old.public(), new.public()],
+    });
+    let mut new_broker = BrokerOpener::new(&new);
+    let frame = node.seal(b"hello", NOW).unwrap();
+    assert_eq!(
+        new_broker.open(&frame, NOW, |_| true).unwrap_err(),
+        OpenError::NotForMe
+    );
+    node.try_next_broker_key();
+    let frame = node.seal(b"hello", NOW).unwrap();
+    assert!(new_broker.open(&frame, NOW, |_| true).is_ok());
+}
