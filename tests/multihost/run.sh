@@ -14,7 +14,13 @@
 #   sem  10.251.77.14  semaphore              w2  10.251.77.13  worker
 #   client namespace 10.251.77.20: where the test's HTTP requests come from
 #
-# Checks: deploy; systemd units verify; a second run changes nothing; a chain across both
+# The mesh is deployed secured, as in production: the broker with --keys (sealed frames,
+# every node key made on its host and enrolled by the playbook), the frontend with API
+# tokens made by `jobz-frontend token new` (the inventory holds their hashes only).
+#
+# Checks: deploy; systemd units verify; a second run changes nothing; every node key is
+# enrolled (and none pending), keys are 0600 and owned by jobz, the broker runs sealed;
+# HTTP without a token is 401, a read token on /job_start is 403; a chain across both
 # workers completes and each worker host's log has it; trigger.yml and logs.yml; a worker
 # whose link was down during a broadcast runs its step once back; a broken job file never
 # reaches a host (nor a good one changed in the same run); a changed job file changes only
@@ -25,6 +31,7 @@
 # Environment:
 #   JOBZ_TEST_SEMAPHORE=1    also check that the semaphore fires exactly once
 #   JOBZ_MH_BIN_DIR=DIR      use these binaries instead of building the debug ones
+#   CARGO_TARGET_DIR=DIR     build the debug binaries there (and take them from DIR/debug)
 #   JOBZ_MH_HOLD=1           after the first deploy, keep the mesh up until interrupted
 #                            (. WORKDIR/env.sh to run ansible-playbook against it)
 #   JOBZ_MH_SUBNET=A.B.C     the /24 to use (default 10.251.77)
@@ -57,6 +64,8 @@ FAILURES=()
 declare -A UNSHARE_PID=()
 WORK=""
 HOLD_PID=""
+TOKEN=""      # scopes read,trigger: every API call of the test and of the playbooks
+READ_TOKEN="" # scope read only
 CHILD_PID=""
 T0=$SECONDS
 
@@ -207,6 +216,26 @@ stage_binaries() {
     BIN=$WORK/bin
 }
 
+# Two API tokens made by the real `jobz-frontend token new`: the token on stdout, the
+# token file line (NAME SCOPES sha256:HEX) on stderr, whose hash goes to the inventory.
+make_tokens() {
+    local name scopes out line hashes=""
+    for name in mh-ops mh-read; do
+        scopes=read,trigger
+        [[ $name == mh-read ]] && scopes=read
+        out=$("$BIN/jobz-frontend" token new "$name" --scopes "$scopes" 2>"$WORK/token-line")
+        line=$(grep -v '^#' "$WORK/token-line" | tail -1)
+        [[ $out == jobz_* && $line =~ ^$name\ $scopes\ sha256:([0-9a-f]{64})$ ]] || {
+            echo "jobz-frontend token new did not give a token and its line: '$line'" >&2
+            exit 1
+        }
+        hashes+="  - {name: $name, scopes: [${scopes//,/, }], sha256: ${BASH_REMATCH[1]}}"$'\n'
+        if [[ $name == mh-ops ]]; then TOKEN=$out; else READ_TOKEN=$out; fi
+    done
+    rm -f "$WORK/token-line"
+    TOKEN_HASHES=$hashes
+}
+
 make_network() {
     local h ns
     # Leftovers of an earlier run that was killed before its teardown.
@@ -334,6 +363,10 @@ EOF
 jobz_worker_slots: 2
 jobz_worker_drain_timeout: 10
 EOF
+    # The hashes of the test's tokens, never the tokens.
+    printf -- '---\njobz_frontend_tokens:\n%s' "$TOKEN_HASHES" >"$WORK/inventory/group_vars/frontend.yml"
+    # The token trigger.yml and rolling_restart.yml send, from a file as an operator would.
+    (umask 077 && printf -- '---\njobz_api_token: %s\n' "$TOKEN" >"$WORK/token.yml")
     cat >"$WORK/ansible.cfg" <<EOF
 [defaults]
 inventory = $WORK/inventory/hosts.ini
@@ -364,7 +397,7 @@ EOF
     export ANSIBLE_NOCOLOR=1
     export XDG_CACHE_HOME=$WORK/xdg-cache
     # The test hosts log in as root and have no sudo: the playbooks' `become` is a no-op.
-    PLAYBOOK_ARGS=(-e "jobz_bin_dir=$BIN" -e ansible_become=false)
+    PLAYBOOK_ARGS=(-e "jobz_bin_dir=$BIN" -e ansible_become=false -e "@$WORK/token.yml")
 }
 
 # background LOG COMMAND...: runs COMMAND with output to LOG and waits for it; in the
@@ -400,7 +433,10 @@ show_log_tail() {
 
 # --- HTTP from the client namespace -----------------------------------------------------
 
-http() { ip netns exec "$CLIENT" curl -sS --max-time "${HTTP_TIMEOUT:-70}" "$@"; }
+# http ARGS...: curl from the client namespace with the read,trigger token.
+http() { ip netns exec "$CLIENT" curl -sS --max-time "${HTTP_TIMEOUT:-70}" -H "Authorization: Bearer $TOKEN" "$@"; }
+# http_status [CURL ARGS...] URL: the HTTP status only, without the test's token.
+http_status() { ip netns exec "$CLIENT" curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "$@"; }
 
 # json EXPR: evaluates a Python expression over the JSON on stdin (bound to `d`).
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); r=($1); print(r if isinstance(r,str) else json.dumps(r))"; }
@@ -415,7 +451,7 @@ wait_until() {
     done
 }
 
-healthy() { http -f -o /dev/null "$FRONTEND/healthz" 2>/dev/null; }
+healthy() { [[ $(http_status "$FRONTEND/healthz" 2>/dev/null) == 200 ]]; }
 
 workers_live() {
     local live
@@ -495,6 +531,50 @@ check_idempotent() {
         pass "a second run of site.yml reports changed=0 on every host"
     else
         fail "a second run of site.yml reports changed=0" "$bad" "$(grep -B1 '^changed:' "$WORK/deploy-2.log" | head -20 | tr '\n' ' ')"
+    fi
+}
+
+# Every node of the inventory is enrolled by the playbook alone: accepted, nothing
+# pending; each node key is the jobz user's, mode 0600; the broker runs sealed.
+check_keys() {
+    say "keys: every node enrolled, none pending; node keys 0600 and jobz's; the broker sealed"
+    local listed accepted pending bad="" h role mode
+    listed=$(on_host core jobz-broker keys list --keys /etc/jobz/broker-keys 2>&1) || bad+="keys list failed; "
+    accepted=$(awk '/^accepted:/{s=1;next} /^[a-z]+:$/{s=0} s{print $1}' <<<"$listed" | sort | tr '\n' ' ')
+    pending=$(awk '/^pending:/{s=1;next} /^[a-z]+:$/{s=0} s{print $1}' <<<"$listed" | tr '\n' ' ')
+    [[ $accepted == "frontend:core semaphore:sem worker:w1 worker:w2 " ]] || bad+="accepted: '$accepted'; "
+    [[ -z $pending ]] || bad+="pending: '$pending'; "
+    for h in core w1 w2 sem; do
+        case $h in core) role=frontend ;; sem) role=semaphore ;; *) role=worker ;; esac
+        mode=$(on_host "$h" stat -c '%U %a' "/etc/jobz/keys/$role.key" 2>&1)
+        [[ $mode == "jobz 600" ]] || bad+="$h $role.key: $mode; "
+    done
+    mode=$(on_host core stat -c '%U %a' /etc/jobz/broker-keys/broker.key 2>&1)
+    [[ $mode == "jobz 600" ]] || bad+="broker.key: $mode; "
+    on_host core grep -q 'sealed mode: frames are authenticated and encrypted' /var/log/jobz/broker.out ||
+        bad+="the broker's log does not say sealed mode; "
+    if [[ -z $bad ]]; then
+        pass "jobz-broker keys list: frontend:core, semaphore:sem, worker:w1, worker:w2 accepted, none pending; keys 0600 jobz; broker log: sealed mode"
+    else
+        fail "the playbook enrols every node key and the broker runs sealed" "$bad" "keys list: ${listed:0:600}"
+    fi
+}
+
+# The frontend listens on the network with tokens: no token is 401, a token without the
+# trigger scope is 403 on /job_start; /healthz stays open.
+check_http_auth() {
+    say "HTTP from the client namespace: no token 401, read token on /job_start 403"
+    local none wrong read_trigger read_views health
+    none=$(http_status "$FRONTEND/runs")
+    wrong=$(http_status -H "Authorization: Bearer jobz_not-a-token" "$FRONTEND/job_start?job_name=mh_bcast&tag=auth1")
+    read_trigger=$(http_status -H "Authorization: Bearer $READ_TOKEN" "$FRONTEND/job_start?job_name=mh_bcast&tag=auth1")
+    read_views=$(http_status -H "Authorization: Bearer $READ_TOKEN" "$FRONTEND/runs")
+    health=$(http_status "$FRONTEND/healthz")
+    if [[ $none == 401 && $wrong == 401 && $read_trigger == 403 && $read_views == 200 && $health == 200 ]]; then
+        pass "no token: 401; unknown token: 401; read token: /job_start 403, /runs 200; /healthz open (200)"
+    else
+        fail "the frontend requires tokens with the right scope" \
+            "no token $none (want 401), unknown $wrong (401), read on /job_start $read_trigger (403), read on /runs $read_views (200), /healthz $health (200)"
     fi
 }
 
@@ -744,6 +824,7 @@ hold() {
             ANSIBLE_SSH_CONTROL_PATH_DIR "$ANSIBLE_SSH_CONTROL_PATH_DIR" ANSIBLE_BECOME False \
             ANSIBLE_NOCOLOR 1 XDG_CACHE_HOME "$XDG_CACHE_HOME" PATH "$PATH"
         printf 'JOBZ_MH_PLAYBOOK_ARGS=(%s)\n' "$(printf '%q ' "${PLAYBOOK_ARGS[@]}")"
+        printf 'JOBZ_MH_TOKEN=%q # curl -H "Authorization: Bearer $JOBZ_MH_TOKEN" ...\n' "$TOKEN"
         for h in "${HOSTS[@]}"; do printf 'JOBZ_MH_HOST_PID_%s=%s\n' "$h" "$(host_pid "$h")"; done
     } >"$WORK/env.sh"
     say "holding the mesh (JOBZ_MH_HOLD=1): . $WORK/env.sh; interrupt this script to tear down"
@@ -767,6 +848,7 @@ WORK=$(mktemp -d /tmp/jobz-multihost.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/ssh" "$WORK/hosts"
 stage_binaries
+make_tokens
 ssh-keygen -q -t ed25519 -N '' -C jobz-multihost -f "$WORK/ssh/id_ed25519"
 cp "$WORK/ssh/id_ed25519.pub" "$WORK/ssh/authorized_keys"
 : >"$WORK/ssh/known_hosts"
@@ -786,6 +868,8 @@ if check_deploy; then
     check_units
     check_idempotent
     if check_mesh_up; then
+        check_keys
+        check_http_auth
         check_chain
         check_worker_logs
         check_semaphore
