@@ -30,6 +30,25 @@ cargo build --workspace --bins
 step "cargo test --workspace --no-fail-fast"
 cargo test --workspace --no-fail-fast
 
+# ---- Fuzzing and dependency audit (issue 6; README "Fuzzing and audit") ----
+# A short run of every fuzz target (scripts/fuzz.sh installs cargo-fuzz if missing).
+step "fuzzing (scripts/fuzz.sh ${JOBZ_FUZZ_SECONDS:-20}: every target, seconds each)"
+if [[ ${JOBZ_SKIP_FUZZ:-0} == 1 ]]; then
+    echo "skipped (JOBZ_SKIP_FUZZ=1)"
+else
+    bash scripts/fuzz.sh "${JOBZ_FUZZ_SECONDS:-20}"
+fi
+
+# cargo deny: licences, bans, sources; advisories when the database can be had. The first
+# run installs cargo-deny from crates.io (~7 min on 2 cores; cached in ~/.cargo/bin after).
+step "dependency audit (scripts/audit.sh: cargo deny)"
+if [[ ${JOBZ_SKIP_AUDIT:-0} == 1 ]]; then
+    echo "skipped (JOBZ_SKIP_AUDIT=1)"
+else
+    bash scripts/audit.sh
+fi
+# ---- end of fuzzing and dependency audit ----
+
 # The Ansible deployment, proven on four hosts made of network namespaces with their own
 # sshd (it installs openssh-server and friends with apt, Ansible into a venv with pip).
 step "multi-host deployment test (tests/multihost/run.sh: Ansible over SSH to 4 namespace hosts)"
