@@ -53,7 +53,7 @@ struct Args {
     tls_client_ca: Option<PathBuf>,
     /// Allow a non-loopback --listen with neither --tokens nor --tls-client-ca (protected
     /// mode otherwise refuses to start). Only behind a firewall or authenticating proxy.
-    #[arg(long)]
+    #[arg(long, env = "JOBZ_INSECURE")]
     insecure: bool,
     /// Also serve /healthz and /metrics, and nothing else, without authentication here.
     #[arg(
