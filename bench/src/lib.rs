@@ -1,14 +1,19 @@
 //! The jobz benchmark: starts real binaries on loopback (a broker with its state in a
-//! temporary directory, a frontend, N workers), runs five bounded scenarios, and prints
-//! one table with the target each figure is held to. Speed and memory targets live here,
-//! never in timed tests. Run it with `bench/run.sh` (or `cargo run --release -p bench`);
-//! `bench/README.md` has the targets and the figures measured.
+//! temporary directory, a frontend, N workers), runs five bounded scenarios, runs the
+//! throughput ones again on a sealed mesh (every frame authenticated and encrypted), times
+//! the sealing code in process, and prints one table with the target each figure is held
+//! to. Speed and memory targets live here, never in timed tests. Run it with
+//! `bench/run.sh` (or `cargo run --release -p bench`); `bench/README.md` has the targets
+//! and the figures measured.
 //!
 //! # Layout
 //! - [`run`] is the whole bench, in order; start reading there.
 //! - `scenario`: the scenarios (trigger burst, end to end, broadcast, idle cost, broker
 //!   restart) as methods of `Bench`, and the pure summaries of what they measured.
-//! - `mesh`: the processes, each killed by PID on drop or on SIGINT/SIGTERM.
+//! - `sealed`: scenario 6, the sealed mesh's figures against the plain one's.
+//! - `seal_cost`: scenario 7, sealing and opening frames in process.
+//! - `mesh`: the processes (plain or sealed), each killed by PID on drop or on
+//!   SIGINT/SIGTERM.
 //! - `http`: a minimal HTTP/1.1 client over `TcpStream`.
 //! - `procfs`: resident memory and CPU time from `/proc`.
 //! - `stats`: percentiles, rates, API times.
@@ -22,18 +27,20 @@ pub mod mesh;
 pub mod procfs;
 pub mod report;
 pub mod scenario;
+pub mod seal_cost;
+pub mod sealed;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
 use crate::machine::Machine;
 use crate::mesh::{Mesh, MeshConfig};
 use crate::report::Row;
-use crate::scenario::Bench;
+use crate::scenario::{Bench, Figures};
 
 /// What we aim for, on a 2-CPU machine with everything on loopback (times in seconds,
 /// memory in KiB). `bench/README.md` shows the same table.
@@ -66,6 +73,9 @@ pub mod targets {
     pub const IDLE_CPU_PER_10S: f64 = 0.10;
     /// Scenario 5: broker start → `/healthz` 200, with the finished runs in the store.
     pub const RESTART_HEALTHY: f64 = 1.0;
+    /// Scenario 6: a sealed mesh's throughput (accepted/s, runs/s, broadcast tasks/s) as a
+    /// share of the plain mesh's, measured in the same bench run.
+    pub const SEALED_THROUGHPUT_SHARE: f64 = 0.80;
 }
 
 /// The bench's settings.
@@ -97,6 +107,13 @@ pub struct Config {
     pub scenario_timeout: Duration,
     /// Keep the mesh's temporary directory.
     pub keep: bool,
+    /// Run every scenario on a sealed mesh instead of a plain one (and no scenario 6).
+    pub sealed: bool,
+    /// After the plain mesh, run scenarios 2, 1+2, 3 and 5 on a sealed mesh and compare
+    /// (scenario 6).
+    pub sealed_pass: bool,
+    /// Scenario 7: time spent on each of its four figures.
+    pub seal_cost_budget: Duration,
 }
 
 /// The workspace root (where `Cargo.toml` and `.git` are).
@@ -135,9 +152,99 @@ pub fn build_binaries() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The whole bench: the header, the mesh, scenarios 4 (fresh), 2 (idle mesh), 1+2, 3,
-/// 4 (after load) and 5, then the table. A scenario that fails leaves a `FAILED` row and
-/// the others still run.
+/// A step of the bench: its scenario (for a `FAILED` row), what it is, and the work.
+type Step = (
+    &'static str,
+    &'static str,
+    fn(&mut Bench) -> anyhow::Result<()>,
+);
+
+/// Every scenario on one mesh: 4 (fresh), 2 (idle mesh), 1+2, 3, 4 (after load), 5.
+const ALL_STEPS: [Step; 6] = [
+    ("4 idle cost", "4: idle, fresh", |b| {
+        b.rss_rows(
+            "idle, fresh",
+            [
+                targets::RSS_IDLE_BROKER_KIB,
+                targets::RSS_IDLE_FRONTEND_KIB,
+                targets::RSS_IDLE_WORKER_KIB,
+            ],
+        )?;
+        b.idle_cpu_rows("fresh")
+    }),
+    (
+        "2 end-to-end",
+        "2: sequential runs",
+        Bench::unloaded_latency,
+    ),
+    ("1 trigger", "1+2: queue burst", Bench::queue_burst),
+    ("3 broadcast", "3: broadcast", Bench::broadcast),
+    ("4 idle cost", "4: idle after load", |b| {
+        std::thread::sleep(Duration::from_secs(1));
+        b.idle_cpu_rows("after scenarios 1-3")
+    }),
+    ("5 restart", "5: broker restart", Bench::restart),
+];
+
+/// What the sealed mesh of scenario 6 runs: the figures it is compared on (no idle
+/// windows, which would make the bench half as long again).
+const SEALED_PASS_STEPS: [Step; 4] = [
+    (
+        "2 end-to-end",
+        "sealed 2: sequential runs",
+        Bench::unloaded_latency,
+    ),
+    ("1 trigger", "sealed 1+2: queue burst", Bench::queue_burst),
+    ("3 broadcast", "sealed 3: broadcast", Bench::broadcast),
+    ("5 restart", "sealed 5: broker restart", Bench::restart),
+];
+
+/// Starts a mesh (plain or sealed), runs `steps` on it and stops it; the rows and the
+/// figures measured. A step that fails leaves a `FAILED` row and the others still run.
+fn run_mesh(config: &Config, sealed: bool, steps: &[Step]) -> anyhow::Result<(Vec<Row>, Figures)> {
+    let kind = if sealed { "sealed" } else { "plain" };
+    eprintln!("bench: starting the {kind} mesh");
+    let mesh = Mesh::start(&MeshConfig {
+        bin_dir: config.bin_dir.clone(),
+        workers: config.workers,
+        slots: config.slots,
+        heartbeat: config.heartbeat.clone(),
+        jobs_yaml: scenario::jobs_yaml(),
+        keep: config.keep,
+        sealed,
+    })
+    .with_context(|| format!("starting the {kind} mesh"))?;
+    if config.keep {
+        println!("{kind} mesh directory (kept): {}", mesh.root().display());
+    }
+    let mut bench = Bench {
+        mesh,
+        config: config.clone(),
+        rows: Vec::new(),
+        hz: procfs::ticks_per_second(),
+        finished_runs: 0,
+        figures: Figures::default(),
+    };
+    // Let start-up work (first heartbeats, job catalog) settle before measuring.
+    std::thread::sleep(Duration::from_secs(1));
+    for (scenario, what, step) in steps {
+        eprintln!("bench: {what}");
+        if let Err(e) = step(&mut bench) {
+            eprintln!(
+                "bench: {what} FAILED: {e:#}\n{}",
+                bench.mesh.diagnostics(20)
+            );
+            bench.rows.push(Row::failed(scenario, &e));
+        }
+    }
+    // Dropping the bench kills the mesh, so the next one has the CPUs to itself.
+    Ok((std::mem::take(&mut bench.rows), bench.figures))
+}
+
+/// The whole bench: the header; every scenario on a plain mesh (or, with
+/// [`Config::sealed`], on a sealed one); the sealed pass and its comparison (scenario 6);
+/// the seal cost in process (scenario 7); then the table. A scenario that fails leaves a
+/// `FAILED` row and the others still run.
 pub fn run(config: Config) -> anyhow::Result<()> {
     mesh::install_cleanup()?;
     let machine = Machine::describe(&workspace_root());
@@ -161,7 +268,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         build_binaries()?;
     }
     println!(
-        "mesh: broker + frontend + {} workers (--slots {}, --heartbeat {}), binaries in {}",
+        "mesh: {}broker + frontend + {} workers (--slots {}, --heartbeat {}), binaries in {}",
+        if config.sealed {
+            "SEALED (every frame sealed) "
+        } else {
+            ""
+        },
         config.workers,
         config.slots,
         config.heartbeat,
@@ -171,67 +283,39 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "counts: {} queue runs from {} clients, {} sequential runs, {} broadcast runs, idle window {:?}",
         config.runs, config.clients, config.sequential_runs, config.broadcast_runs, config.idle
     );
-
-    eprintln!("bench: starting the mesh");
-    let mesh = Mesh::start(&MeshConfig {
-        bin_dir: config.bin_dir.clone(),
-        workers: config.workers,
-        slots: config.slots,
-        heartbeat: config.heartbeat.clone(),
-        jobs_yaml: scenario::jobs_yaml(),
-        keep: config.keep,
-    })?;
-    if config.keep {
-        println!("mesh directory (kept): {}", mesh.root().display());
+    if config.sealed_pass && !config.sealed {
+        println!("then a sealed mesh: scenarios 2, 1+2, 3 and 5 again, compared in 6");
     }
-    let mut bench = Bench {
-        mesh,
-        config,
-        rows: Vec::new(),
-        hz: procfs::ticks_per_second(),
-        finished_runs: 0,
-    };
-    // Let start-up work (first heartbeats, job catalog) settle before measuring idling.
-    std::thread::sleep(Duration::from_secs(1));
 
-    type Step = fn(&mut Bench) -> anyhow::Result<()>;
-    let steps: [(&str, &str, Step); 6] = [
-        ("4 idle cost", "4: idle, fresh", |b| {
-            b.rss_rows(
-                "idle, fresh",
-                [
-                    targets::RSS_IDLE_BROKER_KIB,
-                    targets::RSS_IDLE_FRONTEND_KIB,
-                    targets::RSS_IDLE_WORKER_KIB,
-                ],
-            )?;
-            b.idle_cpu_rows("fresh")
-        }),
-        (
-            "2 end-to-end",
-            "2: sequential runs",
-            Bench::unloaded_latency,
-        ),
-        ("1 trigger", "1+2: queue burst", Bench::queue_burst),
-        ("3 broadcast", "3: broadcast", Bench::broadcast),
-        ("4 idle cost", "4: idle after load", |b| {
-            std::thread::sleep(Duration::from_secs(1));
-            b.idle_cpu_rows("after scenarios 1-3")
-        }),
-        ("5 restart", "5: broker restart", Bench::restart),
-    ];
-    for (scenario, what, step) in steps {
-        eprintln!("bench: {what}");
-        if let Err(e) = step(&mut bench) {
-            eprintln!(
-                "bench: {what} FAILED: {e:#}\n{}",
-                bench.mesh.diagnostics(20)
-            );
-            bench.rows.push(Row::failed(scenario, &e));
+    let started = Instant::now();
+    let (mut rows, plain) = run_mesh(&config, config.sealed, &ALL_STEPS)?;
+    let mut took = format!("first mesh {:.0} s", started.elapsed().as_secs_f64());
+    if config.sealed_pass && !config.sealed {
+        let started = Instant::now();
+        let sealed = run_mesh(&config, true, &SEALED_PASS_STEPS);
+        took.push_str(&format!(
+            ", sealed pass {:.0} s",
+            started.elapsed().as_secs_f64()
+        ));
+        match sealed {
+            Ok((sealed_rows, figures)) => {
+                let misses = sealed::new_misses(&rows, sealed_rows);
+                rows.extend(sealed::rows(&plain, &figures, misses));
+            }
+            Err(e) => {
+                eprintln!("bench: the sealed mesh FAILED: {e:#}");
+                rows.push(Row::failed(sealed::SCENARIO, &e));
+            }
         }
     }
+    eprintln!("bench: 7: seal cost in process");
+    let started = Instant::now();
+    rows.extend(seal_cost::rows(config.seal_cost_budget));
+    took.push_str(&format!(
+        ", seal cost {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
 
-    let mut rows = std::mem::take(&mut bench.rows);
     // Grouped by scenario, in the order measured within each.
     rows.sort_by(|a, b| a.scenario.cmp(&b.scenario));
     println!();
@@ -240,6 +324,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     println!("load average at end: {}", machine::load_average());
     let misses = rows.iter().filter(|r| r.met == Some(false)).count();
     println!("{misses} figure(s) missed their target");
-    drop(bench);
+    println!("took: {took}");
     Ok(())
 }

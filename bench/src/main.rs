@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// The jobz benchmark: real binaries on loopback, five bounded scenarios, one table.
+/// The jobz benchmark: real binaries on loopback, plain and sealed, bounded scenarios, one
+/// table.
 #[derive(Debug, Parser)]
 #[command(name = "bench", version, about)]
 struct Args {
@@ -43,6 +44,13 @@ struct Args {
     /// Keep the mesh's temporary directory (logs, state) and print where it is.
     #[arg(long, env = "JOBZ_BENCH_KEEP")]
     keep: bool,
+    /// Run every scenario on a sealed mesh (broker --keys, nodes with pre-accepted keys)
+    /// instead of the plain one, with no comparison.
+    #[arg(long, env = "JOBZ_BENCH_SEALED", conflicts_with = "plain")]
+    sealed: bool,
+    /// Plain mesh only: skip the sealed mesh of scenario 6.
+    #[arg(long, env = "JOBZ_BENCH_PLAIN")]
+    plain: bool,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +86,9 @@ fn main() -> ExitCode {
             .unwrap_or(Duration::from_secs(if quick { 3 } else { 10 })),
         scenario_timeout: args.scenario_timeout,
         keep: args.keep,
+        sealed: args.sealed,
+        sealed_pass: !args.sealed && !args.plain,
+        seal_cost_budget: Duration::from_millis(if quick { 100 } else { 300 }),
     };
     match bench::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,7 @@
 //! A jobz mesh of real processes on loopback for the bench: a broker (state in a temporary
-//! directory), a frontend and N workers, each with its own log file.
+//! directory), a frontend and N workers, each with its own log file. A sealed mesh
+//! ([`MeshConfig::sealed`]) gives the broker `--keys` and every node a key the broker has
+//! already accepted, the way Ansible pre-seeds them.
 //!
 //! Every child is killed by PID (SIGKILL) when the [`Mesh`] is dropped, and also when the
 //! bench itself gets SIGINT, SIGTERM or SIGHUP ([`install_cleanup`]): the PIDs of running
@@ -85,6 +87,8 @@ pub struct MeshConfig {
     pub jobs_yaml: String,
     /// Keep the temporary directory.
     pub keep: bool,
+    /// Seal every frame: broker `--keys`, frontend and workers with pre-accepted keys.
+    pub sealed: bool,
 }
 
 struct Proc {
@@ -215,25 +219,35 @@ impl Mesh {
         }
         let broker_addr = format!("127.0.0.1:{base_port}");
         let frontend_url = format!("http://127.0.0.1:{frontend_port}");
-        mesh.add(
-            "broker",
-            config.bin_dir.join("jobz-broker"),
-            vec![
-                "--bind".into(),
-                broker_addr.clone().into(),
-                "--state".into(),
-                root.join("broker").into(),
-            ],
-        )?;
+        let keys = if config.sealed {
+            Some(Keys::create(&root)?)
+        } else {
+            None
+        };
+        let mut broker_args: Vec<OsString> = vec![
+            "--bind".into(),
+            broker_addr.clone().into(),
+            "--state".into(),
+            root.join("broker").into(),
+        ];
+        let mut frontend_args: Vec<OsString> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{frontend_port}").into(),
+            "--broker".into(),
+            broker_addr.clone().into(),
+            "--name".into(),
+            "bench".into(),
+        ];
+        if let Some(keys) = &keys {
+            broker_args.extend(["--keys".into(), keys.dir.clone().into()]);
+            let key = keys.enroll("frontend:bench", &root.join("frontend.key"))?;
+            frontend_args.extend(keys.node_args(key));
+        }
+        mesh.add("broker", config.bin_dir.join("jobz-broker"), broker_args)?;
         mesh.add(
             "frontend",
             config.bin_dir.join("jobz-frontend"),
-            vec![
-                "--listen".into(),
-                format!("127.0.0.1:{frontend_port}").into(),
-                "--broker".into(),
-                broker_addr.clone().into(),
-            ],
+            frontend_args,
         )?;
         mesh.wait_healthy(Duration::from_secs(30))?;
         for i in 1..=config.workers {
@@ -244,7 +258,7 @@ impl Mesh {
                 .with_context(|| format!("creating {}", jobs_dir.display()))?;
             fs::write(jobs_dir.join("bench.yaml"), &config.jobs_yaml)
                 .context("writing the job file")?;
-            let args: Vec<OsString> = vec![
+            let mut args: Vec<OsString> = vec![
                 "--broker".into(),
                 broker_addr.clone().into(),
                 "--name".into(),
@@ -262,6 +276,10 @@ impl Mesh {
                 "--frontend".into(),
                 frontend_url.clone().into(),
             ];
+            if let Some(keys) = &keys {
+                let key = keys.enroll(&format!("worker:{name}"), &home.join("node.key"))?;
+                args.extend(keys.node_args(key));
+            }
             mesh.add(&name, config.bin_dir.join("jobz-worker"), args)?;
             mesh.worker_names.push(name);
         }
@@ -393,6 +411,51 @@ impl Mesh {
             }
         }
         out
+    }
+}
+
+/// The keys of a sealed mesh: the broker's key directory (`broker.key`, `accepted/`) and the
+/// file with its public key that every node trusts.
+struct Keys {
+    /// The broker's `--keys` directory.
+    dir: PathBuf,
+    /// The broker's public key, given to every node as `--broker-key`.
+    broker_pub: PathBuf,
+}
+
+impl Keys {
+    /// Makes the broker's key in `root/keys/broker.key` (its public half goes beside it).
+    fn create(root: &Path) -> anyhow::Result<Keys> {
+        let dir = root.join("keys");
+        fs::create_dir_all(dir.join("accepted"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        let broker_key = dir.join("broker.key");
+        jobz::keys::NodeKey::generate()?.save_new(&broker_key)?;
+        Ok(Keys {
+            broker_pub: jobz::keys::public_path_for(&broker_key),
+            dir,
+        })
+    }
+
+    /// Makes a node key at `path` and accepts it as `principal` (`worker:w1`), as Ansible
+    /// pre-seeds keys: the node is enrolled before it first says hello.
+    fn enroll(&self, principal: &str, path: &Path) -> anyhow::Result<PathBuf> {
+        let key = jobz::keys::NodeKey::generate()?;
+        key.save_new(path)?;
+        let accepted = self.dir.join("accepted").join(format!("{principal}.pub"));
+        fs::write(&accepted, format!("{}\n", key.public()))
+            .with_context(|| format!("writing {}", accepted.display()))?;
+        Ok(path.to_owned())
+    }
+
+    /// `--key KEY --broker-key BROKER_PUB`.
+    fn node_args(&self, key: PathBuf) -> [OsString; 4] {
+        [
+            "--key".into(),
+            key.into(),
+            "--broker-key".into(),
+            self.broker_pub.clone().into(),
+        ]
     }
 }
 

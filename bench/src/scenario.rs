@@ -305,6 +305,27 @@ fn by_role<T: Copy>(figures: &[(String, T)]) -> (Option<T>, Option<T>, Vec<T>) {
     (find("broker"), find("frontend"), workers)
 }
 
+/// The figures a plain and a sealed mesh are compared on (scenario 6), as numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Figures {
+    /// Scenario 1: `202`s per second.
+    pub accepted_per_sec: Option<f64>,
+    /// Scenario 2: runs ended per second under the burst.
+    pub runs_per_sec: Option<f64>,
+    /// Scenario 2: runs succeeded of runs accepted.
+    pub runs_succeeded: Option<(usize, usize)>,
+    /// Scenario 2: trigger→succeeded p50 of one run at a time on the idle mesh.
+    pub single_run_p50: Option<Duration>,
+    /// Scenario 2: CPU milliseconds per run: broker, frontend, workers, workers' children.
+    pub cpu_ms_per_run: Option<[f64; 4]>,
+    /// Scenario 3: broadcast tasks ended per second.
+    pub broadcast_tasks_per_sec: Option<f64>,
+    /// Scenario 3: runs succeeded of runs asked.
+    pub broadcast_succeeded: Option<(usize, usize)>,
+    /// Scenario 5: broker start → `/healthz` 200.
+    pub restart_healthy: Option<Duration>,
+}
+
 /// The bench: a mesh, the settings, and the rows measured so far.
 pub struct Bench {
     /// The mesh under test.
@@ -317,6 +338,8 @@ pub struct Bench {
     pub hz: u64,
     /// Finished runs stored by the broker so far.
     pub finished_runs: usize,
+    /// The figures of scenario 6's comparison, as measured.
+    pub figures: Figures,
 }
 
 impl Bench {
@@ -496,6 +519,7 @@ impl Bench {
         self.finished_runs += count;
         let s = "2 end-to-end";
         if let Some(l) = stats::summarize(&latencies) {
+            self.figures.single_run_p50 = Some(l.p50);
             let metric = format!("idle mesh, 1 run at a time ({count}): trigger->succeeded p50");
             self.rows.push(Row::time(
                 s,
@@ -536,6 +560,7 @@ impl Bench {
             ..Row::info(s, "202 Accepted", burst.outcome(count))
         });
         let rate = stats::rate(burst.run_ids.len(), burst.wall);
+        self.figures.accepted_per_sec = Some(rate);
         self.rows.push(Row::figure(
             s,
             "accepted/s",
@@ -596,6 +621,8 @@ impl Bench {
             ..Row::info(s, "runs succeeded", text)
         });
         let rate = stats::rate(o.succeeded, o.span);
+        self.figures.runs_per_sec = Some(rate);
+        self.figures.runs_succeeded = Some((o.succeeded, burst.run_ids.len()));
         self.rows.push(Row::figure(
             s,
             "runs/s (first trigger -> last end, broker clock)",
@@ -639,6 +666,20 @@ impl Bench {
         let delta = cpu_delta(&cpu_before, &cpu_after);
         let (broker, frontend, workers) = by_role(&delta);
         let hz = self.hz;
+        let ms_per_run = |ticks: u64| {
+            procfs::ticks_to_duration(ticks, hz).as_secs_f64() * 1e3 / o.succeeded.max(1) as f64
+        };
+        let own: u64 = workers.iter().map(|t| t.own).sum();
+        let system: u64 = workers.iter().map(|t| t.system).sum();
+        let children: u64 = workers.iter().map(|t| t.children).sum();
+        if let (Some(b), Some(f)) = (broker, frontend) {
+            self.figures.cpu_ms_per_run = Some([
+                ms_per_run(b.own),
+                ms_per_run(f.own),
+                ms_per_run(own),
+                ms_per_run(children),
+            ]);
+        }
         let per_run = |ticks: u64, system: Option<u64>| {
             let secs = procfs::ticks_to_duration(ticks, hz).as_secs_f64();
             let mut text = format!(
@@ -661,9 +702,6 @@ impl Bench {
             self.rows
                 .push(Row::info(s, "CPU used by the frontend", text));
         }
-        let own: u64 = workers.iter().map(|t| t.own).sum();
-        let system: u64 = workers.iter().map(|t| t.system).sum();
-        let children: u64 = workers.iter().map(|t| t.children).sum();
         let text = per_run(own, Some(system));
         self.rows
             .push(Row::info(s, "CPU used by the workers themselves", text));
@@ -719,6 +757,8 @@ impl Bench {
             )
         });
         let rate = stats::rate(o.tasks, o.span);
+        self.figures.broadcast_tasks_per_sec = Some(rate);
+        self.figures.broadcast_succeeded = Some((o.succeeded, count));
         self.rows.push(Row::figure(
             s,
             "tasks/s (first trigger -> last end, broker clock)",
@@ -776,6 +816,7 @@ impl Bench {
             .mesh
             .wait_healthy(Duration::from_secs(30))
             .map(|_| started.elapsed())?;
+        self.figures.restart_healthy = Some(healthy);
         self.rows.push(Row::time(
             s,
             "start -> `broker started` logged (store loaded, bound)",
