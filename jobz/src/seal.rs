@@ -490,6 +490,9 @@ fn split_pair_plaintext(plain: &[u8]) -> Result<(Vec<MeshKey>, Vec<u8>), OpenErr
 pub struct NodeSeal {
     identity: NodeKey,
     brokers: Vec<PublicKey>,
+    /// The brokers' verifying keys, decompressed once (not per frame: it costs as much as
+    /// the rest of opening a small frame).
+    broker_verifying: Vec<Option<ed25519_dalek::VerifyingKey>>,
     /// The broker key frames are sealed to (the one that last answered).
     current_broker: usize,
     pair: PairKeys,
@@ -502,6 +505,11 @@ impl NodeSeal {
     pub fn new(identity: NodeIdentity) -> NodeSeal {
         NodeSeal {
             pair: PairKeys::new(&identity.key),
+            broker_verifying: identity
+                .brokers
+                .iter()
+                .map(PublicKey::verifying_key)
+                .collect(),
             identity: identity.key,
             brokers: identity.brokers,
             current_broker: 0,
@@ -564,8 +572,11 @@ impl NodeSeal {
                 inner
             }
             Route::Group { epoch } => {
-                let verifying = sender
-                    .verifying_key()
+                let verifying = self
+                    .broker_verifying
+                    .get(broker_index)
+                    .copied()
+                    .flatten()
                     .ok_or(OpenError::UntrustedSender(sender))?;
                 let signature = parsed
                     .signature
