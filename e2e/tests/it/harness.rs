@@ -407,6 +407,12 @@ struct Proc {
 
 impl Proc {
     fn spawn(&mut self) {
+        self.spawn_with(|_| {});
+    }
+
+    /// Starts the process, its output appended to its stderr file, after `adjust` has had
+    /// its say on the command (extra environment, another user).
+    fn spawn_with(&mut self, adjust: impl FnOnce(&mut Command)) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -428,6 +434,7 @@ impl Proc {
                 cmd.env_remove(key);
             }
         }
+        adjust(&mut cmd);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
@@ -1075,35 +1082,13 @@ impl Mesh {
         use std::os::unix::process::CommandExt;
         let proc = self.proc(name);
         proc.kill();
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&proc.stderr)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", proc.stderr.display()));
-        let mut cmd = Command::new(&proc.bin);
-        cmd.args(&proc.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("cloning a file handle"))
-            .stderr(log)
-            .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("JOBZ_E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("JOBZ_") {
-                cmd.env_remove(key);
+        proc.spawn_with(|cmd| {
+            cmd.envs(env.iter().copied());
+            if let Some((uid, gid)) = user {
+                // std clears the supplementary groups when a root parent sets a uid.
+                cmd.uid(uid).gid(gid);
             }
-        }
-        cmd.envs(env.iter().copied());
-        if let Some((uid, gid)) = user {
-            // std clears the supplementary groups when a root parent sets a uid.
-            cmd.uid(uid).gid(gid);
-        }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", proc.bin.display()));
-        proc.child = Some(child);
+        });
     }
 }
 
