@@ -38,6 +38,13 @@ impl PublicKey {
         Some(PublicKey(bytes))
     }
 
+    /// The key as a frame names it, not yet checked: compared with trusted keys or looked
+    /// up in a cache of derived keys, which only hold checked ones. Checking (a point
+    /// decompression) on every frame would cost as much as opening a small frame.
+    pub(crate) fn from_raw(bytes: [u8; 32]) -> PublicKey {
+        PublicKey(bytes)
+    }
+
     /// The raw bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
