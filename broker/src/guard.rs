@@ -113,7 +113,7 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         next_check: Instant::now(),
         shared: shared.clone(),
     };
-    inbound.reload_keys(now_ms);
+    inbound.reload_keys();
     Ok((
         Inbound::Sealed(Box::new(inbound)),
         Outbound::Sealed(Box::new(SealedOutbound {
@@ -242,22 +242,17 @@ impl SealedInbound {
             self.next_check = Instant::now() + KEYS_CHECK_EVERY;
             let version = self.config.keys.version();
             if version.is_none() || version != self.keys_version {
-                revoked = self.reload_keys(now_ms);
+                revoked = self.reload_keys();
             }
         }
         if let Ok(mut ring) = self.shared.ring.lock() {
             let lifetime = self.config.mesh_key_lifetime.as_millis() as i64;
-            if !revoked.is_empty() {
+            let after_revocation = !revoked.is_empty();
+            if after_revocation || now_ms - ring.newest_from_ms() >= lifetime {
                 let epoch = ring.rotate(now_ms);
                 info!(
                     epoch,
-                    "mesh key rotation after a revocation: announced, in use in {} s",
-                    seal::MESH_KEY_ANNOUNCE_MS / 1000
-                );
-            } else if now_ms - ring.newest_from_ms() >= lifetime {
-                let epoch = ring.rotate(now_ms);
-                info!(
-                    epoch,
+                    after_revocation,
                     "mesh key rotation: announced, in use in {} s",
                     seal::MESH_KEY_ANNOUNCE_MS / 1000
                 );
@@ -267,7 +262,7 @@ impl SealedInbound {
     }
 
     /// Re-reads the accepted keys; returns the names that lost all their keys.
-    fn reload_keys(&mut self, _now_ms: i64) -> Vec<String> {
+    fn reload_keys(&mut self) -> Vec<String> {
         self.keys_version = self.config.keys.version();
         let accepted = match self.config.keys.accepted() {
             Ok(a) => a,
