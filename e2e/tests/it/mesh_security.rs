@@ -136,15 +136,17 @@ fn enrolled_client(mesh: &Mesh, principal: &str, broker: BrokerAddr) -> Client {
     client
 }
 
+/// A trigger of `echo` with `msg`.
+fn echo_trigger(msg: &str) -> Message {
+    Message::Trigger(TriggerRequest {
+        job: "echo".into(),
+        params: BTreeMap::from([("msg".to_owned(), msg.to_owned())]),
+        parent_runs: vec![],
+    })
+}
+
 fn trigger(client: &Client, msg: &str) -> Result<ReplyBody, jobz::client::ClientError> {
-    client.request(
-        Message::Trigger(TriggerRequest {
-            job: "echo".into(),
-            params: BTreeMap::from([("msg".to_owned(), msg.to_owned())]),
-            parent_runs: vec![],
-        }),
-        Duration::from_secs(5),
-    )
+    client.request(echo_trigger(msg), Duration::from_secs(5))
 }
 
 fn accepted(answer: Result<ReplyBody, jobz::client::ClientError>) -> String {
@@ -247,14 +249,7 @@ fn an_unenrolled_node_can_trigger_nothing() {
     );
     config.identity = Some(identity);
     let intruder = Client::start(config).unwrap();
-    let answer = intruder.request(
-        Message::Trigger(TriggerRequest {
-            job: "echo".into(),
-            params: BTreeMap::from([("msg".to_owned(), "intruder".to_owned())]),
-            parent_runs: vec![],
-        }),
-        Duration::from_secs(2),
-    );
+    let answer = intruder.request(echo_trigger("intruder"), Duration::from_secs(2));
     assert!(
         answer.is_err(),
         "an unenrolled node got an answer: {answer:?}"
@@ -270,14 +265,7 @@ fn an_unenrolled_node_can_trigger_nothing() {
     let push = ctx.socket(zmq::PUSH).unwrap();
     push.connect(&format!("tcp://127.0.0.1:{}", mesh.base_port + 1))
         .unwrap();
-    let env = jobz::envelope::Envelope::new(
-        "frontend:plain/1",
-        Message::Trigger(TriggerRequest {
-            job: "echo".into(),
-            params: BTreeMap::from([("msg".to_owned(), "plain".to_owned())]),
-            parent_runs: vec![],
-        }),
-    );
+    let env = jobz::envelope::Envelope::new("frontend:plain/1", echo_trigger("plain"));
     push.send(jobz::envelope::encode(&env).unwrap(), 0).unwrap();
     wait_until(Duration::from_secs(5), "the plain frame is refused", || {
         broker_counter(&mesh, "frames_dropped_unsealed") > 0
