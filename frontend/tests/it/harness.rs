@@ -28,12 +28,22 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 }
 
 /// A free TCP port on loopback (free when asked; good enough for tests).
+/// A free port on 127.0.0.1 that no other test of this process was given: the kernel
+/// may hand a just-released port to the next `bind(0)`, and tests run in parallel.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A base port whose next port is free too.
@@ -161,12 +171,14 @@ impl Frontend {
             .spawn()
             .unwrap();
         let frontend = Frontend { port, child };
+        // A connection whose two ends are the same address is TCP's self-connect (the port
+        // is from the ephemeral range), not the frontend listening: CI once saw the
+        // request after such a "ready" refused.
         assert!(
-            wait_until(Duration::from_secs(10), || TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
+            wait_until(Duration::from_secs(10), || {
+                TcpStream::connect(("127.0.0.1", port))
+                    .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+            }),
             "frontend did not start listening"
         );
         frontend
