@@ -17,6 +17,7 @@ use jobz::message::{
 use jobz::topic::Topic;
 use tracing::{debug, info, warn};
 
+use crate::authority::Principal;
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 
@@ -241,7 +242,9 @@ impl Engine {
         *self.counters.entry(name.to_owned()).or_default() += 1;
     }
 
-    /// Counts a frame that could not be decoded (the server decodes, the engine counts).
+    /// Counts a frame that was refused before it reached the engine (it did not decode,
+    /// authenticate or pass [`crate::authority::authorize`]): the server refuses, the engine
+    /// counts.
     pub fn count_dropped_frame(&mut self, reason: &str) {
         self.count("frames_dropped");
         self.count(&format!("frames_dropped_{reason}"));
@@ -277,14 +280,10 @@ impl Engine {
         }
     }
 
-    /// Handles one decoded message.
-    pub fn on_envelope(&mut self, env: Envelope, now: i64) -> Effects {
+    /// Handles one message that [`crate::authority::authorize`] let through for `from`: its
+    /// sender may send it and every name in it is the sender's own.
+    pub fn on_envelope(&mut self, env: Envelope, _from: &Principal, now: i64) -> Effects {
         let mut fx = Effects::default();
-        if !is_valid_node_id(&env.sender) {
-            self.count_dropped_frame("bad_sender");
-            warn!(sender = ?truncate(&env.sender, 80), "dropping a message with an invalid sender id");
-            return fx;
-        }
         self.count("frames_received");
         match env.body.clone() {
             Message::Hello { role } => {
@@ -307,6 +306,7 @@ impl Engine {
             Message::SemaphoreStatus { barriers } => {
                 self.semaphores.insert(env.sender.clone(), (barriers, now));
             }
+            // `authorize` lets none of these through; dropped all the same should it change.
             Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
                 warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
@@ -1454,17 +1454,13 @@ fn reply(fx: &mut Effects, env: &Envelope, body: ReplyBody) {
     });
 }
 
-/// Node ids become topics: printable ASCII without spaces, bounded.
-fn is_valid_node_id(id: &str) -> bool {
-    (1..=200).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
 /// Ids the broker made (UUIDs); anything else is refused where an id is expected.
 pub fn is_valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn truncate(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, on a character boundary (for logs and stored text).
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -8,9 +8,11 @@
 //! - [`store`]: the narrow durable-state interface and its SQLite implementation.
 //! - [`journal`]: the thread that group-commits effects before they are published.
 //! - [`guard`]: sealed frames in and out: authentication, enrolment, mesh keys.
+//! - [`authority`]: which role may send which message, names bound to their sender.
 //! - [`keys`]: the key directory (`jobz-broker keys …`).
 //! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
 
+pub mod authority;
 pub mod engine;
 pub mod guard;
 pub mod journal;

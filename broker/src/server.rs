@@ -13,8 +13,9 @@ use jobz::envelope::{self, Envelope};
 use jobz::socket::{self, BrokerAddr};
 use tracing::{error, info, warn};
 
+use crate::authority::{self, Principal};
 use crate::engine::{Effects, Engine, EngineConfig, Publish};
-use crate::guard::{self, Inbound, Outbound, Security};
+use crate::guard::{self, Inbound, Outbound, Refusal, Security};
 use crate::journal;
 use crate::store::{SqliteStore, Store};
 
@@ -148,8 +149,8 @@ fn serve(
                     Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => break,
                     Err(e) => return Err(e).context("receiving from PULL"),
                 };
-                match inbound.admit(&frames, jobz::now_ms()) {
-                    Ok(env) => send(engine.on_envelope(env, jobz::now_ms()))?,
+                match admit(inbound, &frames) {
+                    Ok((env, from)) => send(engine.on_envelope(env, &from, jobz::now_ms()))?,
                     Err((kind, reason)) => {
                         engine.count_dropped_frame(kind);
                         drops.note(kind, &reason);
@@ -167,6 +168,16 @@ fn serve(
             send(engine.tick(now))?;
             next_tick = Instant::now() + TICK;
         }
+    }
+}
+
+/// One message off PULL as the engine may see it: opened and authenticated by the guard,
+/// then allowed for its sender by the authority.
+fn admit(inbound: &mut Inbound, frames: &[Vec<u8>]) -> Result<(Envelope, Principal), Refusal> {
+    let env = inbound.admit(frames, jobz::now_ms())?;
+    match authority::authorize(&env) {
+        Ok(from) => Ok((env, from)),
+        Err(refusal) => Err((refusal.reason(), refusal.to_string())),
     }
 }
 

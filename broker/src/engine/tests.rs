@@ -56,7 +56,19 @@ impl Harness {
             sent_at_ms: self.now,
             body,
         };
-        self.engine.on_envelope(env, self.now)
+        self.deliver(env)
+    }
+
+    /// What the server does with a message: authorize it, then hand it to the engine (or
+    /// count the refusal).
+    fn deliver(&mut self, env: Envelope) -> Effects {
+        match crate::authority::authorize(&env) {
+            Ok(from) => self.engine.on_envelope(env, &from, self.now),
+            Err(refusal) => {
+                self.engine.count_dropped_frame(refusal.reason());
+                Effects::default()
+            }
+        }
     }
 
     fn heartbeat(&mut self, worker: &str, instance: &str) -> Effects {
@@ -89,7 +101,13 @@ impl Harness {
     }
 
     fn finish(&mut self, a: &Assignment, outcome: TaskOutcome) -> Effects {
-        let f = TaskFinished {
+        let f = self.report(a, outcome);
+        self.send(&format!("worker:{}", a.worker), Message::TaskFinished(f))
+    }
+
+    /// The report the worker of `a` sends when its command ends with `outcome`.
+    fn report(&self, a: &Assignment, outcome: TaskOutcome) -> TaskFinished {
+        TaskFinished {
             task: a.task.clone(),
             worker: a.worker.clone(),
             outcome,
@@ -102,8 +120,7 @@ impl Harness {
             started_at_ms: self.now,
             finished_at_ms: self.now,
             output_tail: String::new(),
-        };
-        self.send(&format!("worker:{}", a.worker), Message::TaskFinished(f))
+        }
     }
 
     fn run_state(&self, run_id: &str) -> Option<RunState> {
@@ -262,8 +279,8 @@ fn resent_trigger_is_ingested_once() {
             parent_runs: vec![],
         }),
     };
-    let first = h.engine.on_envelope(env.clone(), h.now);
-    let second = h.engine.on_envelope(env, h.now);
+    let first = h.deliver(env.clone());
+    let second = h.deliver(env);
     assert_eq!(replies(&first)[0], replies(&second)[0]);
     assert!(second.writes.is_empty() && works(&second).is_empty());
 }
@@ -712,4 +729,96 @@ fn queue_steps_waiting_for_a_slot_are_served_first_come_first_served() {
     // A new trigger does not jump the queue while others wait.
     let (fx, _) = h.trigger("a");
     assert!(works(&fx).is_empty());
+}
+
+// ---- Principals: names bound to their sender (issue 10) -----------------------------------
+
+/// A registration as a forger would send it: any name, instance and jobs.
+fn worker_status(name: &str, instance: &str, jobs: Vec<JobSpec>) -> WorkerStatus {
+    WorkerStatus {
+        name: name.into(),
+        instance: instance.into(),
+        jobs,
+        capabilities: vec![],
+        slots: 4,
+        running: vec![],
+        version: "t".into(),
+    }
+}
+
+/// A broker with `a` running on w1.
+fn running_on_w1() -> (Harness, Assignment) {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
+    let (fx, _) = h.trigger("a");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &a);
+    (h, a)
+}
+
+#[test]
+fn a_semaphore_cannot_finish_a_workers_task() {
+    let (mut h, a) = running_on_w1();
+    let forged = h.report(&a, TaskOutcome::Succeeded);
+    let fx = h.send("semaphore:s1/x", Message::TaskFinished(forged));
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(h.engine.tasks[&a.task.task_id].state, TaskState::Running);
+    assert_eq!(
+        h.engine.health().counters.get("frames_dropped_wrong_role"),
+        Some(&1)
+    );
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
+}
+
+#[test]
+fn a_heartbeat_in_another_workers_name_is_refused() {
+    let (mut h, a) = running_on_w1();
+    let forged = worker_status("w1", "forged", vec![]);
+    let fx = h.send("worker:mallory", Message::Heartbeat(forged));
+    assert!(fx.is_empty(), "{fx:?}");
+    let task = &h.engine.tasks[&a.task.task_id];
+    assert_eq!((task.state, task.attempt), (TaskState::Running, 1));
+    assert!(h.engine.registry.worker("mallory").is_none());
+    assert_eq!(
+        h.engine
+            .health()
+            .counters
+            .get("frames_dropped_name_mismatch"),
+        Some(&1)
+    );
+}
+
+/// The workers a new run of `job` is placed on.
+fn placed_on_trigger(h: &mut Harness, job: &str) -> Vec<String> {
+    let (fx, _) = h.trigger(job);
+    works(&fx)
+        .into_iter()
+        .flat_map(|w| w.assignments)
+        .map(|a| a.worker)
+        .collect()
+}
+
+#[test]
+fn a_non_worker_cannot_register_and_get_work() {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
+    for sender in ["frontend:f1/x", "semaphore:s1/x", "client:c1"] {
+        let name = jobz::keys::principal_of(sender).split_once(':').unwrap().1;
+        let forged = worker_status(name, "forged", h.jobs.clone());
+        assert!(h.send(sender, Message::Heartbeat(forged)).is_empty());
+    }
+    assert_eq!(placed_on_trigger(&mut h, "a"), ["w1"]);
+}
+
+#[test]
+fn a_revoked_worker_is_not_revived_by_another_workers_heartbeat() {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1", "w2"]);
+    let _ = h.engine.revoke_worker("w2", h.now);
+    let forged = worker_status("w2", "i1", h.jobs.clone());
+    h.send("worker:w1", Message::Heartbeat(forged));
+    assert!(!h.engine.registry.worker("w2").unwrap().live);
+    assert_eq!(
+        placed_on_trigger(&mut h, "a"),
+        ["w1"],
+        "the revoked w2 got new work"
+    );
 }

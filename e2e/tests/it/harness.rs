@@ -1112,3 +1112,27 @@ pub fn list_tree(dir: &Path) -> BTreeSet<PathBuf> {
     }
     found
 }
+
+// ---- Broker counters and worker liveness ---------------------------------------------------
+
+impl Mesh {
+    /// A broker counter as the frontend's `/metrics` shows it (0 if absent).
+    pub fn broker_counter(&self, name: &str) -> u64 {
+        let (status, text) = self.http_get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let metric = format!("jobz_broker_{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&metric))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether `/workers` shows the worker `name` live; `None` if it is not listed.
+    pub fn worker_live(&self, name: &str) -> Option<bool> {
+        let (_, workers) = self.get_json("/workers");
+        list_of(&workers, "workers")
+            .iter()
+            .find(|w| str_of(w, "name") == name)
+            .map(|w| w["live"].as_bool() == Some(true))
+    }
+}

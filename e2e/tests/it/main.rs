@@ -14,4 +14,5 @@ mod hygiene;
 mod jobfiles;
 mod mesh_security;
 mod pipeline;
+mod principals;
 mod semaphores;
