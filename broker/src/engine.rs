@@ -10,9 +10,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use jobz::envelope::{Envelope, MessageId};
 use jobz::jobfile::{is_valid_name, Delivery};
 use jobz::message::{
-    Assignment, BarrierView, Event, HealthView, Message, Query, Reply, ReplyBody, RunFilter,
-    RunState, TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work,
-    WorkerStatus,
+    Assignment, Event, HealthView, Message, Query, Reply, ReplyBody, RunFilter, RunState,
+    TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
 };
 use jobz::topic::Topic;
 use tracing::{debug, info, warn};
@@ -20,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::authority::Principal;
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
+use crate::semaphore_reports::SemaphoreReports;
 
 /// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
 pub const MAX_STEPS_PER_RUN: usize = 1000;
@@ -156,8 +156,8 @@ pub struct Engine {
     avoid: HashMap<String, String>,
     dead: BTreeMap<String, Dead>,
     dead_order: VecDeque<String>,
-    /// The barriers each semaphore process last reported, and when.
-    semaphores: HashMap<String, (Vec<BarrierView>, i64)>,
+    /// The barriers the semaphores last reported, bounded per principal.
+    semaphores: SemaphoreReports,
     requests: HashMap<MessageId, String>,
     request_order: VecDeque<MessageId>,
     counters: BTreeMap<String, u64>,
@@ -180,7 +180,7 @@ impl Engine {
             avoid: HashMap::new(),
             dead: BTreeMap::new(),
             dead_order: VecDeque::new(),
-            semaphores: HashMap::new(),
+            semaphores: SemaphoreReports::default(),
             requests: HashMap::new(),
             request_order: VecDeque::new(),
             counters: BTreeMap::new(),
@@ -239,7 +239,13 @@ impl Engine {
     }
 
     fn count(&mut self, name: &str) {
-        *self.counters.entry(name.to_owned()).or_default() += 1;
+        self.count_by(name, 1);
+    }
+
+    fn count_by(&mut self, name: &str, n: u64) {
+        if n > 0 {
+            *self.counters.entry(name.to_owned()).or_default() += n;
+        }
     }
 
     /// Counts a frame that was refused before it reached the engine (it did not decode,
@@ -282,7 +288,7 @@ impl Engine {
 
     /// Handles one message that [`crate::authority::authorize`] let through for `from`: its
     /// sender may send it and every name in it is the sender's own.
-    pub fn on_envelope(&mut self, env: Envelope, _from: &Principal, now: i64) -> Effects {
+    pub fn on_envelope(&mut self, env: Envelope, from: &Principal, now: i64) -> Effects {
         let mut fx = Effects::default();
         self.count("frames_received");
         match env.body.clone() {
@@ -304,7 +310,12 @@ impl Engine {
             Message::Query(query) => self.on_query(&mut fx, &env, query, now),
             Message::RetryDead { task_id } => self.on_retry_dead(&mut fx, &env, &task_id, now),
             Message::SemaphoreStatus { barriers } => {
-                self.semaphores.insert(env.sender.clone(), (barriers, now));
+                let principal = from.to_string();
+                let recorded = self
+                    .semaphores
+                    .record(&principal, &env.sender, barriers, now);
+                self.count_by("semaphore_views_trimmed", recorded.trimmed as u64);
+                self.count_by("semaphore_reports_evicted", recorded.evicted as u64);
             }
             // `authorize` lets none of these through; dropped all the same should it change.
             Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
@@ -654,7 +665,7 @@ impl Engine {
                 fx.reads.push(read(query));
             }
             Query::Semaphores => {
-                let barriers = self.barriers(now);
+                let barriers = self.semaphores.views(now);
                 reply(fx, env, ReplyBody::Semaphores(barriers));
             }
             Query::Dead { limit } => {
@@ -670,28 +681,6 @@ impl Engine {
                 reply(fx, env, ReplyBody::Dead(views));
             }
         }
-    }
-
-    /// Barriers as the semaphores reported them; a key two processes track appears once,
-    /// as the one that got furthest. Reports older than ten minutes are ignored.
-    fn barriers(&self, now: i64) -> Vec<BarrierView> {
-        let rank = |b: &BarrierView| (b.state != "waiting", b.runs.len());
-        let mut merged: BTreeMap<(String, String), BarrierView> = BTreeMap::new();
-        for (views, at) in self.semaphores.values() {
-            if now - at > 10 * 60 * 1000 {
-                continue;
-            }
-            for view in views {
-                let key = (view.semaphore.clone(), view.key.clone());
-                match merged.get(&key) {
-                    Some(existing) if rank(existing) >= rank(view) => {}
-                    _ => {
-                        merged.insert(key, view.clone());
-                    }
-                }
-            }
-        }
-        merged.into_values().collect()
     }
 
     pub fn health(&self) -> HealthView {
@@ -721,6 +710,7 @@ impl Engine {
         self.redeliver(&mut fx, now);
         self.place_retries(&mut fx, now);
         self.dispatch_waiting(&mut fx, now);
+        self.semaphores.prune(now);
         fx
     }
 

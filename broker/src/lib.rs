@@ -9,6 +9,7 @@
 //! - [`journal`]: the thread that group-commits effects before they are published.
 //! - [`guard`]: sealed frames in and out: authentication, enrolment, mesh keys.
 //! - [`authority`]: which role may send which message, names bound to their sender.
+//! - [`semaphore_reports`]: the semaphores' barrier reports, bounded per principal.
 //! - [`keys`]: the key directory (`jobz-broker keys …`).
 //! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
 
@@ -19,6 +20,7 @@ pub mod journal;
 pub mod keys;
 pub mod model;
 pub mod registry;
+pub mod semaphore_reports;
 pub mod server;
 pub mod store;
 

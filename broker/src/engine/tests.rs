@@ -733,6 +733,20 @@ fn queue_steps_waiting_for_a_slot_are_served_first_come_first_served() {
 
 // ---- Principals: names bound to their sender (issue 10) -----------------------------------
 
+fn barrier_view(reporter: &str, key: &str) -> jobz::message::BarrierView {
+    jobz::message::BarrierView {
+        semaphore: "nightly".into(),
+        key: key.into(),
+        params: Params::new(),
+        conditions: vec![],
+        state: "waiting".into(),
+        runs: vec!["r1".into()],
+        started_run: None,
+        opened_at_ms: 0,
+        reporter: reporter.into(),
+    }
+}
+
 /// A registration as a forger would send it: any name, instance and jobs.
 fn worker_status(name: &str, instance: &str, jobs: Vec<JobSpec>) -> WorkerStatus {
     WorkerStatus {
@@ -744,6 +758,62 @@ fn worker_status(name: &str, instance: &str, jobs: Vec<JobSpec>) -> WorkerStatus
         running: vec![],
         version: "t".into(),
     }
+}
+
+fn shown_barriers(h: &mut Harness) -> Vec<jobz::message::BarrierView> {
+    let fx = h.send("frontend:x", Message::Query(Query::Semaphores));
+    match replies(&fx).remove(0) {
+        ReplyBody::Semaphores(views) => views,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn semaphore_reports_under_many_sender_ids_of_one_principal_stay_bounded() {
+    // Regression: reports were kept per sender id, and one principal may use any number
+    // (`semaphore:s1/<anything>`): 150 frames took the broker from 24 MB to 211 MB.
+    let mut h = Harness::new(vec![], &[]);
+    for i in 0..1000 {
+        let sender = format!("semaphore:s1/{i:08x}");
+        let barriers = (0..3)
+            .map(|j| barrier_view(&sender, &format!("k{i}-{j}")))
+            .collect();
+        h.send(&sender, Message::SemaphoreStatus { barriers });
+    }
+    let shown = shown_barriers(&mut h);
+    assert!(
+        shown.len() <= crate::semaphore_reports::MAX_REPORTERS_PER_PRINCIPAL * 3,
+        "{} barriers held for one principal",
+        shown.len()
+    );
+    let held = h.engine.semaphores.bytes();
+    assert!(
+        held < 8_000,
+        "{held} bytes held for one principal's four small reports"
+    );
+    // Stale reports go at a tick.
+    h.now += crate::semaphore_reports::REPORT_TTL_MS + 1;
+    let _ = h.engine.tick(h.now);
+    assert_eq!(h.engine.semaphores.bytes(), 0);
+}
+
+#[test]
+fn an_oversized_semaphore_status_is_trimmed_and_counted() {
+    let mut h = Harness::new(vec![], &[]);
+    let sender = "semaphore:s1/a";
+    let barriers = (0..2_000)
+        .map(|i| barrier_view(sender, &format!("k{i}")))
+        .collect();
+    h.send(sender, Message::SemaphoreStatus { barriers });
+    assert_eq!(
+        shown_barriers(&mut h).len(),
+        crate::semaphore_reports::MAX_VIEWS_PER_REPORT
+    );
+    let trimmed = h.engine.health().counters["semaphore_views_trimmed"];
+    assert_eq!(
+        trimmed as usize,
+        2_000 - crate::semaphore_reports::MAX_VIEWS_PER_REPORT
+    );
 }
 
 /// A broker with `a` running on w1.
