@@ -584,7 +584,7 @@ impl Engine {
             worker: Some(finished.worker.clone()),
             state,
             exit_code: finished.exit_code,
-            error: finished.error.clone(),
+            error: bounded_text(finished.error.as_deref()),
             started_at_ms: Some(finished.started_at_ms),
             finished_at_ms: finished.finished_at_ms,
             late: true,
@@ -604,6 +604,15 @@ impl Engine {
         if task.attempt != finished.task.attempt
             || task.worker.as_deref() != Some(finished.worker.as_str())
         {
+            if finished.task.attempt >= task.attempt {
+                // Not a superseded attempt but one this worker was never given (the current
+                // one is another worker's, or the number was never issued): nothing to keep.
+                self.count("foreign_results");
+                debug!(task_id = %task.task_id, worker = %finished.worker, attempt = finished.task.attempt,
+                    current = task.attempt, "result for an attempt the worker was not given");
+                reply(fx, env, ReplyBody::Ack);
+                return;
+            }
             // A superseded attempt: recorded as history, never applied over the newer one.
             self.count("late_results");
             warn!(run_id = %task.run_id, task_id = %task.task_id, worker = %finished.worker,
@@ -617,8 +626,8 @@ impl Engine {
         if let Some(task) = self.tasks.get_mut(&task_id) {
             task.started_at_ms = task.started_at_ms.or(Some(finished.started_at_ms));
             task.exit_code = finished.exit_code;
-            task.error = finished.error;
-            task.output_tail = truncate(&finished.output_tail, 8192).to_owned();
+            task.error = bounded_text(finished.error.as_deref());
+            task.output_tail = truncate(&finished.output_tail, MAX_REPORTED_TEXT).to_owned();
             task.finished_at_ms = Some(finished.finished_at_ms);
         }
         self.mark_run_running(fx, &run_id);
@@ -1442,6 +1451,13 @@ fn reply(fx: &mut Effects, env: &Envelope, body: ReplyBody) {
             body,
         }),
     });
+}
+
+/// Longest output tail or error text kept of a worker's report.
+const MAX_REPORTED_TEXT: usize = 8192;
+
+fn bounded_text(text: Option<&str>) -> Option<String> {
+    text.map(|t| truncate(t, MAX_REPORTED_TEXT).to_owned())
 }
 
 /// Ids the broker made (UUIDs); anything else is refused where an id is expected.

@@ -282,7 +282,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 "INSERT OR IGNORE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
                                                  started_at, finished_at, late)
                  SELECT ?1, run_id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1 FROM tasks
-                 WHERE task_id = ?1 AND (attempt != ?2 OR worker IS NOT ?3)",
+                 WHERE task_id = ?1 AND ?2 <= attempt AND (attempt != ?2 OR worker IS NOT ?3)",
                 params![a.task_id, a.attempt, a.worker, a.state.as_str(), a.exit_code, a.error,
                         a.started_at_ms, a.finished_at_ms],
             )
@@ -810,6 +810,13 @@ mod tests {
                 ..result(1, "w1")
             })])
             .unwrap();
+        // An attempt that was never made is not history: a worker cannot fill the table
+        // with made-up attempt numbers.
+        for attempt in [3, 4, u32::MAX] {
+            store
+                .apply(&[Write::ResultAfterRunEnd(result(attempt, "w3"))])
+                .unwrap();
+        }
         let view = store.run("r1").unwrap().unwrap();
         assert_eq!(view.attempts.len(), 1, "{:?}", view.attempts);
         assert_eq!((view.attempts[0].attempt, view.attempts[0].late), (1, true));

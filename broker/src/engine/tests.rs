@@ -892,3 +892,46 @@ fn a_revoked_worker_is_not_revived_by_another_workers_heartbeat() {
         "the revoked w2 got new work"
     );
 }
+
+#[test]
+fn a_result_for_an_attempt_never_given_to_the_worker_is_not_recorded() {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1", "w2"]);
+    let (fx, _) = h.trigger("a");
+    let work = works(&fx).remove(0);
+    let a = work.assignments.iter().find(|a| a.worker == "w1").unwrap();
+    for attempt in [1, 2, u32::MAX] {
+        let forged = Assignment {
+            worker: "w2".into(),
+            task: TaskRef {
+                task_id: a.task.task_id.clone(),
+                attempt,
+            },
+        };
+        let fx = h.finish(&forged, TaskOutcome::Failed);
+        assert!(fx.writes.is_empty(), "attempt {attempt}: {:?}", fx.writes);
+        assert_eq!(replies(&fx), vec![ReplyBody::Ack]);
+    }
+    assert_eq!(h.engine.health().counters["foreign_results"], 3);
+    assert_eq!(h.engine.tasks[&a.task.task_id].state, TaskState::Pending);
+}
+
+#[test]
+fn a_reports_error_text_is_bounded() {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
+    let (fx, _) = h.trigger("a");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    let mut report = h.report(&a, TaskOutcome::Failed);
+    report.error = Some("e".repeat(500_000));
+    report.output_tail = "o".repeat(500_000);
+    let fx = h.send("worker:w1", Message::TaskFinished(report));
+    let task = fx
+        .writes
+        .iter()
+        .find_map(|w| match w {
+            Write::Task(t) => Some(t.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(task.error.unwrap().len() <= 2 * MAX_REPORTED_TEXT);
+    assert!(task.output_tail.len() <= MAX_REPORTED_TEXT);
+}
