@@ -62,8 +62,15 @@ const GROUP_HEADER_LEN: usize = PREFIX_LEN + 4 + 8 + NONCE_LEN;
 pub const SEAL_OVERHEAD: usize = 1024;
 /// Most mesh keys a pair frame carries.
 const MAX_MESH_KEYS: usize = 4;
-/// Nonces remembered at most; beyond it the oldest are forgotten first.
-const MAX_REMEMBERED_NONCES: usize = 1_000_000;
+/// Nonces the broker remembers per node key at most: about 1,000 frames a second over the
+/// whole replay window. A key sending faster has its frames dropped; its unexpired nonces
+/// are never forgotten early (that would let its older frames be replayed).
+const BROKER_NONCES_PER_KEY: usize = 250_000;
+/// Nonces the broker remembers in all before it holds every key to a fair share (see
+/// [`ReplayGuard::admit`]); the memory stays under twice this.
+const BROKER_NONCES: usize = 500_000;
+/// Nonces a node remembers: all from its broker, so one quota.
+const NODE_NONCES: usize = 1_000_000;
 /// Pair keys cached at most (one per peer).
 const MAX_CACHED_PAIR_KEYS: usize = 100_000;
 
@@ -97,6 +104,10 @@ pub enum OpenError {
     /// A group frame under a mesh key this node does not hold (yet).
     #[error("frame uses mesh key epoch {0}, which this node does not hold")]
     UnknownEpoch(u32),
+    /// The sender sent more frames within the clock window than the replay memory holds
+    /// for one key: dropped rather than forgetting nonces that still matter.
+    #[error("the sender is over its share of the replay memory (a flood): frame dropped")]
+    OverQuota,
 }
 
 impl OpenError {
@@ -111,6 +122,7 @@ impl OpenError {
             OpenError::Replay => "replay",
             OpenError::Tampered => "tampered",
             OpenError::UnknownEpoch(_) => "unknown_epoch",
+            OpenError::OverQuota => "nonce_quota",
         }
     }
 }
@@ -378,30 +390,70 @@ impl MeshRing {
 
 // ---- Replays ------------------------------------------------------------------------------
 
-/// Nonces accepted within the clock window; a second frame with one of them is a replay.
-#[derive(Default)]
+/// Nonces accepted within the clock window, with the key that sent each; a second frame
+/// with one of them is a replay. Bounded per sender and overall by refusing frames, never
+/// by forgetting a nonce whose frame could still pass the clock check.
 struct ReplayGuard {
     seen: HashSet<[u8; NONCE_LEN]>,
-    order: VecDeque<(i64, [u8; NONCE_LEN])>,
+    order: VecDeque<(i64, PublicKey, [u8; NONCE_LEN])>,
+    per_sender: HashMap<PublicKey, usize>,
+    /// Most nonces one sender may hold.
+    quota: usize,
+    /// Nonces held in all beyond which only senders under their fair share are admitted.
+    capacity: usize,
 }
 
 impl ReplayGuard {
+    fn new(quota: usize, capacity: usize) -> ReplayGuard {
+        ReplayGuard {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            per_sender: HashMap::new(),
+            quota,
+            capacity,
+        }
+    }
+
     fn is_replay(&self, nonce: &[u8; NONCE_LEN]) -> bool {
         self.seen.contains(nonce)
     }
 
-    /// Records an authenticated frame's nonce and forgets those too old to matter: a frame
-    /// older than the clock window is refused as stale before its nonce is looked at.
-    fn remember(&mut self, nonce: [u8; NONCE_LEN], now_ms: i64) {
+    /// Records an authenticated frame's nonce, or refuses the frame if its sender holds
+    /// its quota, or more than its fair share of a full memory (so one flooding key cannot
+    /// crowd the others out). Nonces too old to matter are forgotten first: a frame older
+    /// than the clock window is refused as stale before its nonce is looked at.
+    fn admit(
+        &mut self,
+        sender: PublicKey,
+        nonce: [u8; NONCE_LEN],
+        now_ms: i64,
+    ) -> Result<(), OpenError> {
+        self.expire(now_ms);
+        let held = self.per_sender.get(&sender).copied().unwrap_or(0);
+        let senders = self.per_sender.len() + usize::from(held == 0);
+        let fair_share = self.capacity / senders.max(1);
+        if held >= self.quota || (self.seen.len() >= self.capacity && held >= fair_share) {
+            return Err(OpenError::OverQuota);
+        }
         self.seen.insert(nonce);
-        self.order.push_back((now_ms, nonce));
-        while let Some(&(at, old)) = self.order.front() {
-            let expired = now_ms - at > 2 * MAX_CLOCK_SKEW_MS + 1000;
-            if !expired && self.order.len() <= MAX_REMEMBERED_NONCES {
+        self.order.push_back((now_ms, sender, nonce));
+        *self.per_sender.entry(sender).or_default() += 1;
+        Ok(())
+    }
+
+    fn expire(&mut self, now_ms: i64) {
+        while let Some(&(at, sender, old)) = self.order.front() {
+            if now_ms - at <= 2 * MAX_CLOCK_SKEW_MS + 1000 {
                 break;
             }
             self.order.pop_front();
             self.seen.remove(&old);
+            if let Some(held) = self.per_sender.get_mut(&sender) {
+                *held -= 1;
+                if *held == 0 {
+                    self.per_sender.remove(&sender);
+                }
+            }
         }
     }
 }
@@ -515,7 +567,7 @@ impl NodeSeal {
             brokers: identity.brokers,
             current_broker: 0,
             mesh: BTreeMap::new(),
-            replay: ReplayGuard::default(),
+            replay: ReplayGuard::new(NODE_NONCES, NODE_NONCES),
         }
     }
 
@@ -597,8 +649,8 @@ impl NodeSeal {
         if self.replay.is_replay(&parsed.nonce) {
             return Err(OpenError::Replay);
         }
+        self.replay.admit(sender, parsed.nonce, now_ms)?;
         self.current_broker = broker_index;
-        self.replay.remember(parsed.nonce, now_ms);
         Ok(inner)
     }
 }
@@ -610,6 +662,8 @@ impl NodeSeal {
 pub struct Opened {
     /// The sender's key, proven by the pair key.
     pub sender: PublicKey,
+    /// When the sender sealed it (its clock, Unix ms; authenticated).
+    pub sent_at_ms: i64,
     /// The plain frame.
     pub inner: Vec<u8>,
 }
@@ -625,14 +679,15 @@ impl BrokerOpener {
     pub fn new(key: &NodeKey) -> BrokerOpener {
         BrokerOpener {
             pair: PairKeys::new(key),
-            replay: ReplayGuard::default(),
+            replay: ReplayGuard::new(BROKER_NONCES_PER_KEY, BROKER_NONCES),
         }
     }
 
     /// Opens a frame a node sent. Proves the sender holds the key named in the frame; the
     /// caller decides whether that key is enrolled. A frame from a key that is not
     /// (`enrolled` returns false) is opened but its nonce is not remembered, so strangers
-    /// cannot fill the replay memory; it must be dropped.
+    /// cannot fill the replay memory; it must be dropped. An enrolled key over its share of
+    /// the replay memory has its frames refused ([`OpenError::OverQuota`]).
     pub fn open(
         &mut self,
         frame: &[u8],
@@ -657,9 +712,13 @@ impl BrokerOpener {
         }
         let (_, inner) = split_pair_plaintext(&plain)?;
         if enrolled(&sender) {
-            self.replay.remember(parsed.nonce, now_ms);
+            self.replay.admit(sender, parsed.nonce, now_ms)?;
         }
-        Ok(Opened { sender, inner })
+        Ok(Opened {
+            sender,
+            sent_at_ms: parsed.sent_at_ms,
+            inner,
+        })
     }
 }
 

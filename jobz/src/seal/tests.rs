@@ -245,3 +245,86 @@ fn a_node_switches_to_the_next_trusted_broker_key() {
     let frame = node.seal(b"hello", NOW).unwrap();
     assert!(new_broker.open(&frame, NOW, |_| true).is_ok());
 }
+
+fn nonce(i: u32) -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    n[..4].copy_from_slice(&i.to_be_bytes());
+    n
+}
+
+#[test]
+fn a_full_nonce_memory_does_not_forget_unexpired_nonces() {
+    let flooder = NodeKey::generate().unwrap().public();
+    let mut guard = ReplayGuard::new(100, 1_000);
+    for i in 0..100 {
+        guard.admit(flooder, nonce(i), NOW).unwrap();
+    }
+    // Over its quota: the flooding key's frame is refused, its old nonces kept.
+    assert_eq!(
+        guard.admit(flooder, nonce(100), NOW + 1),
+        Err(OpenError::OverQuota)
+    );
+    assert!(
+        guard.is_replay(&nonce(0)),
+        "the first nonce was forgotten while still inside the clock window"
+    );
+    // Once the window has passed, its quota is free again.
+    let later = NOW + 2 * MAX_CLOCK_SKEW_MS + 1001;
+    guard.admit(flooder, nonce(100), later).unwrap();
+    assert!(!guard.is_replay(&nonce(0)));
+}
+
+#[test]
+fn a_flooding_key_cannot_crowd_the_others_out_of_a_full_nonce_memory() {
+    let keys: Vec<PublicKey> = (0..3)
+        .map(|_| NodeKey::generate().unwrap().public())
+        .collect();
+    let mut guard = ReplayGuard::new(1_000, 1_000);
+    let mut next = 0u32;
+    let mut send = |guard: &mut ReplayGuard, key: PublicKey| {
+        next += 1;
+        guard.admit(key, nonce(next), NOW)
+    };
+    // Two keys fill the memory between them.
+    while send(&mut guard, keys[0]).is_ok() {}
+    for _ in 0..10 {
+        send(&mut guard, keys[1]).unwrap();
+    }
+    assert_eq!(send(&mut guard, keys[0]), Err(OpenError::OverQuota));
+    // A quiet key still gets its fair share; the flooder stays refused.
+    for _ in 0..300 {
+        send(&mut guard, keys[2]).unwrap();
+    }
+    assert_eq!(send(&mut guard, keys[0]), Err(OpenError::OverQuota));
+    assert!(guard.seen.len() <= 2 * 1_000);
+    assert!(
+        guard.is_replay(&nonce(1)),
+        "no unexpired nonce was forgotten"
+    );
+}
+
+#[test]
+fn the_broker_drops_the_frames_of_a_key_over_its_nonce_quota() {
+    let mut m = mesh();
+    m.opener.replay = ReplayGuard::new(3, 100);
+    for i in 0..3 {
+        let frame = m.node.seal(b"heartbeat", NOW + i).unwrap();
+        m.opener.open(&frame, NOW + i, |_| true).unwrap();
+    }
+    let frame = m.node.seal(b"heartbeat", NOW + 3).unwrap();
+    assert_eq!(
+        m.opener.open(&frame, NOW + 3, |_| true).unwrap_err(),
+        OpenError::OverQuota
+    );
+    assert_eq!(OpenError::OverQuota.reason(), "nonce_quota");
+}
+
+#[test]
+fn an_opened_frame_tells_when_it_was_sealed() {
+    let mut m = mesh();
+    let frame = m.node.seal(b"x", NOW - 5_000).unwrap();
+    assert_eq!(
+        m.opener.open(&frame, NOW, |_| true).unwrap().sent_at_ms,
+        NOW - 5_000
+    );
+}
