@@ -45,7 +45,7 @@ pub type Refusal = (&'static str, String);
 #[derive(Clone)]
 struct Shared {
     /// The key each node id authenticated with, to seal replies to it.
-    node_keys: Arc<Mutex<HashMap<String, PublicKey>>>,
+    reply_keys: Arc<Mutex<ReplyKeys>>,
     ring: Arc<Mutex<MeshRing>>,
 }
 
@@ -85,6 +85,14 @@ pub struct SealedOutbound {
 /// within this, well inside one worker heartbeat).
 const KEYS_CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// Sender ids remembered per enrolment name for replies. A worker uses one
+/// (`worker:NAME`); a frontend or semaphore one per run of the process
+/// (`frontend:NAME/INSTANCE`), so a few restarts overlap; the least recently heard goes.
+const MAX_SENDER_IDS_PER_PRINCIPAL: usize = 8;
+
+/// Longest sender id remembered: the engine refuses longer node ids (they become topics).
+const MAX_SENDER_ID_BYTES: usize = 200;
+
 /// Builds both sides for a security mode.
 pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbound)> {
     let Security::Sealed(config) = security else {
@@ -102,7 +110,7 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         warn!("--auto-accept is on: ANY node that connects is enrolled; use it only on a trusted lab network");
     }
     let shared = Shared {
-        node_keys: Arc::new(Mutex::new(HashMap::new())),
+        reply_keys: Arc::new(Mutex::new(ReplyKeys::default())),
         ring: Arc::new(Mutex::new(MeshRing::new(now_ms))),
     };
     let mut inbound = SealedInbound {
@@ -189,10 +197,8 @@ impl SealedInbound {
                 ),
             ));
         }
-        if let Ok(mut keys) = self.shared.node_keys.lock() {
-            if keys.get(&env.sender) != Some(&opened.sender) {
-                keys.insert(env.sender.clone(), opened.sender);
-            }
+        if let Ok(mut keys) = self.shared.reply_keys.lock() {
+            keys.note(&env.sender, opened.sender);
         }
         Ok(env)
     }
@@ -288,11 +294,77 @@ impl SealedInbound {
         for name in &revoked {
             warn!(name = %name, "key revoked: the node's frames are refused from now on");
         }
-        if let Ok(mut keys) = self.shared.node_keys.lock() {
-            keys.retain(|_, key| accepted.contains_key(key));
+        if let Ok(mut keys) = self.shared.reply_keys.lock() {
+            keys.retain_keys(|key| accepted.contains_key(key));
         }
         self.accepted = accepted;
         revoked
+    }
+}
+
+/// The key each node id authenticated with, to seal replies to it; at most
+/// [`MAX_SENDER_IDS_PER_PRINCIPAL`] ids per enrolment name, so one key cannot grow it by
+/// inventing ids (`frontend:f1/<anything>`).
+#[derive(Debug, Default)]
+struct ReplyKeys {
+    by_principal: HashMap<String, Vec<ReplyKey>>,
+    /// Counts frames, to tell which id was heard least recently.
+    heard: u64,
+}
+
+#[derive(Debug)]
+struct ReplyKey {
+    sender: String,
+    key: PublicKey,
+    heard: u64,
+}
+
+impl ReplyKeys {
+    fn note(&mut self, sender: &str, key: PublicKey) {
+        if sender.len() > MAX_SENDER_ID_BYTES {
+            return;
+        }
+        self.heard += 1;
+        let principal = principal_of(sender);
+        let ids = match self.by_principal.get_mut(principal) {
+            Some(ids) => ids,
+            None => self.by_principal.entry(principal.to_owned()).or_default(),
+        };
+        if let Some(known) = ids.iter_mut().find(|id| id.sender == sender) {
+            known.key = key;
+            known.heard = self.heard;
+            return;
+        }
+        if ids.len() >= MAX_SENDER_IDS_PER_PRINCIPAL {
+            if let Some(oldest) = (0..ids.len()).min_by_key(|&i| ids[i].heard) {
+                ids.swap_remove(oldest);
+            }
+        }
+        ids.push(ReplyKey {
+            sender: sender.to_owned(),
+            key,
+            heard: self.heard,
+        });
+    }
+
+    fn get(&self, sender: &str) -> Option<PublicKey> {
+        self.by_principal
+            .get(principal_of(sender))?
+            .iter()
+            .find(|id| id.sender == sender)
+            .map(|id| id.key)
+    }
+
+    fn retain_keys(&mut self, keep: impl Fn(&PublicKey) -> bool) {
+        for ids in self.by_principal.values_mut() {
+            ids.retain(|id| keep(&id.key));
+        }
+        self.by_principal.retain(|_, ids| !ids.is_empty());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_principal.values().map(Vec::len).sum()
     }
 }
 
@@ -315,10 +387,10 @@ impl SealedOutbound {
             Topic::Node(node) => {
                 let key = self
                     .shared
-                    .node_keys
+                    .reply_keys
                     .lock()
                     .ok()
-                    .and_then(|keys| keys.get(node).copied());
+                    .and_then(|keys| keys.get(node));
                 let Some(key) = key else {
                     warn!(%topic, "no key known for this node: reply dropped");
                     return None;
@@ -350,3 +422,6 @@ impl SealedOutbound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
