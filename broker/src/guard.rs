@@ -4,19 +4,21 @@
 //! Two modes. **Plain** (no key directory): frames are not protected, so the broker binds
 //! loopback only unless the operator says `--insecure`. **Sealed**: every frame is a
 //! [`jobz::seal`] frame; a node's frames count only if its key is accepted in the key
-//! directory and the node id it claims belongs to that key's enrolment name.
+//! directory and the node id it claims belongs to that key's enrolment name. A proven key
+//! that is not accepted is filed as pending ([`PendingBook`]) and its frame dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use jobz::envelope::{self, DecodeError, Envelope};
-use jobz::keys::{principal_of, PublicKey};
+use jobz::keys::{is_valid_principal, principal_of, PublicKey};
 use jobz::seal::{self, BrokerOpener, BrokerSealer, MeshRing};
 use jobz::topic::Topic;
 use tracing::{error, info, warn};
 
-use crate::keys::{KeyDir, KeyState};
+use crate::keys::pending::PendingBook;
+use crate::keys::KeyDir;
 
 /// How the broker protects its sockets.
 #[derive(Debug, Clone)]
@@ -62,9 +64,18 @@ pub struct SealedInbound {
     config: SealedConfig,
     opener: BrokerOpener,
     accepted: HashMap<PublicKey, String>,
+    accepted_names: HashSet<String>,
+    rejected: HashSet<PublicKey>,
+    /// Keys that asked to join, mirrored to `pending/`.
+    pending: PendingBook,
     keys_version: Option<Vec<(SystemTime, u64)>>,
     next_check: Instant,
     shared: Shared,
+    /// Enrolment log lines, throttled: new keys, conflicts, evictions, write failures.
+    log_new: LogThrottle,
+    log_conflict: LogThrottle,
+    log_evicted: LogThrottle,
+    log_write: LogThrottle,
 }
 
 /// The publishing side.
@@ -93,6 +104,10 @@ const MAX_SENDER_IDS_PER_PRINCIPAL: usize = 8;
 /// Longest sender id remembered: the engine refuses longer node ids (they become topics).
 const MAX_SENDER_ID_BYTES: usize = 200;
 
+/// `pending/` files written per tick at most, so a flood of new keys costs the receiving
+/// thread a bounded time; the rest wait for the next tick.
+const PENDING_WRITES_PER_TICK: usize = 64;
+
 /// Builds both sides for a security mode.
 pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbound)> {
     let Security::Sealed(config) = security else {
@@ -117,11 +132,24 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         config: config.clone(),
         opener: BrokerOpener::new(&key),
         accepted: HashMap::new(),
+        accepted_names: HashSet::new(),
+        rejected: HashSet::new(),
+        pending: PendingBook::load(load_pending(&config.keys), now_ms),
         keys_version: None,
         next_check: Instant::now(),
         shared: shared.clone(),
+        log_new: LogThrottle::default(),
+        log_conflict: LogThrottle::default(),
+        log_evicted: LogThrottle::default(),
+        log_write: LogThrottle::default(),
     };
     inbound.reload_keys();
+    if !inbound.pending.is_empty() {
+        info!(
+            pending = inbound.pending.len(),
+            "keys waiting for an operator (`jobz-broker keys list`)"
+        );
+    }
     Ok((
         Inbound::Sealed(Box::new(inbound)),
         Outbound::Sealed(Box::new(SealedOutbound {
@@ -129,6 +157,26 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
             shared,
         })),
     ))
+}
+
+/// What `pending/` holds; a file that cannot be read is logged and left out (it is
+/// rewritten from what the broker sees next under that name).
+fn load_pending(keys: &KeyDir) -> Vec<crate::keys::PendingKey> {
+    let names = match keys.pending_names() {
+        Ok(names) => names,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "cannot list the pending keys");
+            return Vec::new();
+        }
+    };
+    let mut found = Vec::new();
+    for name in names {
+        match keys.pending_of(&name) {
+            Ok(of_name) => found.extend(of_name),
+            Err(e) => error!(error = %format!("{e:#}"), "cannot read a pending key file; skipped"),
+        }
+    }
+    found
 }
 
 impl Inbound {
@@ -154,8 +202,9 @@ impl Inbound {
         }
     }
 
-    /// Periodic duties: notices accepted and revoked keys, rotates the mesh key. Returns
-    /// the enrolment names whose keys were revoked since the last call.
+    /// Periodic duties: notices accepted and revoked keys, rotates the mesh key, expires
+    /// and writes pending keys. Returns the enrolment names whose keys were revoked since
+    /// the last call.
     pub fn tick(&mut self, now_ms: i64) -> Vec<String> {
         match self {
             Inbound::Plain => Vec::new(),
@@ -186,7 +235,7 @@ impl SealedInbound {
         let env = decode(&opened.inner)?;
         let claimed = principal_of(&env.sender);
         let Some(enrolled) = self.accepted.get(&opened.sender) else {
-            return Err(self.unenrolled(claimed, &opened.sender));
+            return Err(self.unenrolled(claimed, &opened.sender, now_ms));
         };
         if claimed != enrolled {
             return Err((
@@ -203,43 +252,83 @@ impl SealedInbound {
         Ok(env)
     }
 
-    /// A proven but unknown key: recorded as pending (or accepted, with --auto-accept).
-    fn unenrolled(&mut self, claimed: &str, key: &PublicKey) -> Refusal {
-        if !jobz::keys::is_valid_principal(claimed) {
+    /// A proven but unaccepted key: filed as pending (or accepted, with --auto-accept).
+    fn unenrolled(&mut self, claimed: &str, key: &PublicKey, now_ms: i64) -> Refusal {
+        let fingerprint = key.fingerprint();
+        if !is_valid_principal(claimed) {
             return (
                 "unknown_key",
-                format!("unknown key {} with an invalid node id", key.fingerprint()),
+                format!("unknown key {fingerprint} with an invalid node id"),
             );
         }
-        let keys = &self.config.keys;
-        if self.config.auto_accept {
-            match keys.record_pending(claimed, key).and_then(|new| {
-                if new {
-                    keys.transition(claimed, &[KeyState::Pending], KeyState::Accepted)?;
-                }
-                Ok(new)
-            }) {
+        if self.rejected.contains(key) {
+            return (
+                "unknown_key",
+                format!("key {fingerprint} ({claimed}) was rejected"),
+            );
+        }
+        let refusal = (
+            "unknown_key",
+            format!("key {fingerprint} ({claimed}) is not accepted"),
+        );
+        let name_accepted = self.accepted_names.contains(claimed);
+        if self.config.auto_accept && !name_accepted {
+            match self.config.keys.accept_new(claimed, key) {
                 Ok(true) => {
-                    warn!(name = %claimed, fingerprint = %key.fingerprint(), "auto-accepted a new key")
+                    warn!(name = %claimed, %fingerprint, "auto-accepted a new key");
+                    self.accepted.insert(*key, claimed.to_owned());
+                    self.accepted_names.insert(claimed.to_owned());
                 }
-                Ok(false) => {}
+                Ok(false) => {} // accepted for another key meanwhile: seen at the next reload
                 Err(e) => error!(error = %format!("{e:#}"), "cannot auto-accept a key"),
             }
-        } else {
-            match keys.record_pending(claimed, key) {
-                Ok(true) => warn!(
+            return refusal;
+        }
+        let sighted = self.pending.sight(claimed, key, now_ms, name_accepted);
+        if sighted.new {
+            if let Some(suppressed) = self.log_new.allow(now_ms) {
+                warn!(
                     name = %claimed,
-                    fingerprint = %key.fingerprint(),
-                    "a new key asks to join: accept it with `jobz-broker keys accept {claimed}`"
-                ),
-                Ok(false) => {}
-                Err(e) => error!(error = %format!("{e:#}"), "cannot record a pending key"),
+                    %fingerprint,
+                    suppressed,
+                    "a new key asks to join: compare its fingerprint with the node's (`--print-public-key` on its host), \
+                     then `jobz-broker keys accept {claimed} --fingerprint {fingerprint}`"
+                );
             }
         }
-        (
-            "unknown_key",
-            format!("key {} ({claimed}) is not accepted", key.fingerprint()),
-        )
+        if let Some(conflict) = sighted.conflict {
+            if let Some(suppressed) = self.log_conflict.allow(now_ms) {
+                if conflict.name_accepted {
+                    warn!(
+                        name = %claimed,
+                        %fingerprint,
+                        suppressed,
+                        "a key that is not the accepted one asks to join under an enrolled name: \
+                         the node's key changed, or someone poses as the node"
+                    );
+                } else {
+                    warn!(
+                        name = %claimed,
+                        %fingerprint,
+                        other_keys = conflict.other_pending,
+                        suppressed,
+                        "another key asks to join under a name that has a pending key: \
+                         someone may pose as the node; compare fingerprints before accepting (`jobz-broker keys list`)"
+                    );
+                }
+            }
+        }
+        if let Some((name, evicted)) = sighted.evicted.first() {
+            if let Some(suppressed) = self.log_evicted.allow(now_ms) {
+                warn!(
+                    %name,
+                    fingerprint = %evicted.fingerprint(),
+                    suppressed,
+                    "pending keys at their bound: the least recently seen was dropped (a flood of new keys?)"
+                );
+            }
+        }
+        refusal
     }
 
     fn tick(&mut self, now_ms: i64) -> Vec<String> {
@@ -250,7 +339,12 @@ impl SealedInbound {
             if version.is_none() || version != self.keys_version {
                 revoked = self.reload_keys();
             }
+            let expired = self.pending.expire(now_ms);
+            if expired > 0 {
+                info!(expired, "pending keys not seen for a day dropped");
+            }
         }
+        self.write_pending(now_ms);
         if let Ok(mut ring) = self.shared.ring.lock() {
             let lifetime = self.config.mesh_key_lifetime.as_millis() as i64;
             let after_revocation = !revoked.is_empty();
@@ -267,11 +361,28 @@ impl SealedInbound {
         revoked
     }
 
-    /// Re-reads the accepted keys; returns the names that lost all their keys.
+    /// Mirrors a bounded number of changed pending entries to `pending/`.
+    fn write_pending(&mut self, now_ms: i64) {
+        for (name, entries) in self.pending.take_dirty(PENDING_WRITES_PER_TICK) {
+            if let Err(e) = self.config.keys.write_pending(&name, &entries) {
+                if let Some(suppressed) = self.log_write.allow(now_ms) {
+                    error!(error = %format!("{e:#}"), suppressed, "cannot write a pending key file; will try again");
+                }
+                self.pending.mark_dirty(&name);
+            }
+        }
+    }
+
+    /// Re-reads the accepted and rejected keys; returns the names that lost all their keys.
     fn reload_keys(&mut self) -> Vec<String> {
         self.keys_version = self.config.keys.version();
-        let accepted = match self.config.keys.accepted() {
-            Ok(a) => a,
+        let (accepted, rejected) = match self
+            .config
+            .keys
+            .accepted()
+            .and_then(|a| Ok((a, self.config.keys.rejected()?)))
+        {
+            Ok(both) => both,
             Err(e) => {
                 // Keep the last good set: a half-edited file must not lock the mesh out.
                 error!(error = %format!("{e:#}"), "cannot read the accepted keys; keeping the previous set");
@@ -279,7 +390,7 @@ impl SealedInbound {
             }
         };
         // A name that lost one key but keeps another is rotating, not revoked.
-        let names: std::collections::BTreeSet<&String> = accepted.values().collect();
+        let names: BTreeSet<&String> = accepted.values().collect();
         let mut revoked: Vec<String> = self
             .accepted
             .values()
@@ -297,7 +408,11 @@ impl SealedInbound {
         if let Ok(mut keys) = self.shared.reply_keys.lock() {
             keys.retain_keys(|key| accepted.contains_key(key));
         }
+        self.pending
+            .forget_keys(|key| accepted.contains_key(key) || rejected.contains(key));
+        self.accepted_names = accepted.values().cloned().collect();
         self.accepted = accepted;
+        self.rejected = rejected;
         revoked
     }
 }
@@ -365,6 +480,25 @@ impl ReplyKeys {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.by_principal.values().map(Vec::len).sum()
+    }
+}
+
+/// At most one log line a second of one kind: a flood of new keys must not flood the log.
+#[derive(Debug, Default)]
+struct LogThrottle {
+    next_ms: i64,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// Whether to log now; if so, how many lines were suppressed since the last one.
+    fn allow(&mut self, now_ms: i64) -> Option<u64> {
+        if now_ms < self.next_ms {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next_ms = now_ms + 1000;
+        Some(std::mem::take(&mut self.suppressed))
     }
 }
 

@@ -5,19 +5,28 @@
 //! DIR/broker.key                 the broker's secret key (0600), made at first start
 //! DIR/broker.key.pub             its public key: give it to every node (--broker-key)
 //! DIR/accepted/ROLE:NAME.pub     keys that may use the mesh
-//! DIR/pending/ROLE:NAME.pub      keys that asked and wait for an operator
+//! DIR/pending/ROLE:NAME.pub      keys that asked under that name, one a line, with when
+//!                                they were first and last seen; they wait for an operator
 //! DIR/rejected/ROLE:NAME.pub     keys refused or revoked
 //! ```
 //!
 //! Every change is a rename inside DIR, so the running broker (which re-reads the
 //! directory when it changes) never sees half a file, and an operator or Ansible can
 //! pre-seed `accepted/` with plain files. A `.pub` file may hold two keys while a node's
-//! key is being rotated.
+//! key is being rotated. A key in `rejected/` is never served, whatever `accepted/` says.
+//!
+//! Only the broker adds to `pending/` ([`pending::PendingBook`] decides what it keeps);
+//! the `keys` commands move keys out of it. A name with two pending keys is ambiguous:
+//! `keys accept` then needs the fingerprint, so a key that said hello first under a name
+//! does not win it.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod pending;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use jobz::keys::{self, is_valid_principal, NodeKey, PublicKey};
@@ -45,19 +54,48 @@ impl KeyState {
     const ALL: [KeyState; 3] = [KeyState::Accepted, KeyState::Pending, KeyState::Rejected];
 }
 
-/// One entry of `keys list`.
+/// The keys of one name in `accepted/` or `rejected/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEntry {
     /// Enrolment name, `ROLE:NAME`.
     pub name: String,
-    /// Where it is.
-    pub state: KeyState,
     /// The keys in its file.
     pub keys: Vec<PublicKey>,
 }
 
-/// Most pending requests kept: a flood of new keys cannot fill the disk.
-const MAX_PENDING: usize = 1000;
+/// One key waiting under one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingKey {
+    /// The name it asked for, `ROLE:NAME`.
+    pub name: String,
+    /// The key.
+    pub key: PublicKey,
+    /// When the broker first saw it ask (Unix ms).
+    pub first_seen_ms: i64,
+    /// When it last asked (Unix ms; written at most every few minutes).
+    pub last_seen_ms: i64,
+}
+
+/// Everything in a key directory, for `keys list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Accepted keys by name.
+    pub accepted: Vec<KeyEntry>,
+    /// Pending keys, by name then first sighting; keys also accepted or rejected are left
+    /// out (the broker removes them from `pending/` shortly).
+    pub pending: Vec<PendingKey>,
+    /// Rejected keys by name.
+    pub rejected: Vec<KeyEntry>,
+}
+
+/// What a `keys` command acted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chosen {
+    /// The enrolment name.
+    pub name: String,
+    /// The keys moved.
+    pub keys: Vec<PublicKey>,
+}
 
 /// A broker key directory.
 #[derive(Debug, Clone)]
@@ -66,7 +104,8 @@ pub struct KeyDir {
 }
 
 impl KeyDir {
-    /// Opens (creating if needed) a key directory; the broker key is made on first use.
+    /// Opens a key directory, creating it if needed (the broker at start, `keys show`);
+    /// the broker key is made on first use.
     pub fn open(root: &Path) -> anyhow::Result<KeyDir> {
         for state in KeyState::ALL {
             let dir = root.join(state.dir_name());
@@ -75,6 +114,24 @@ impl KeyDir {
         Ok(KeyDir {
             root: root.to_owned(),
         })
+    }
+
+    /// Opens a key directory that must exist already (the `keys` commands): a mistyped
+    /// `--keys` is an error, not a new empty directory.
+    pub fn existing(root: &Path) -> anyhow::Result<KeyDir> {
+        let kd = KeyDir {
+            root: root.to_owned(),
+        };
+        let is_key_dir =
+            root.join(KeyState::Accepted.dir_name()).is_dir() || kd.broker_key_path().is_file();
+        if !is_key_dir {
+            bail!(
+                "no key directory at {}: it holds neither broker.key nor accepted/ (is --keys right? \
+                 The broker makes one at its first start with --keys, or `jobz-broker keys show`)",
+                root.display()
+            );
+        }
+        Ok(kd)
     }
 
     /// The directory.
@@ -96,44 +153,81 @@ impl KeyDir {
         self.root.join(state.dir_name()).join(format!("{name}.pub"))
     }
 
-    /// Every key, by state and name.
-    pub fn list(&self) -> anyhow::Result<Vec<KeyEntry>> {
-        let mut entries = Vec::new();
-        for state in KeyState::ALL {
-            let dir = self.root.join(state.dir_name());
-            let listing =
-                fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
-            let mut names = Vec::new();
-            for item in listing {
-                let item = item.with_context(|| format!("listing {}", dir.display()))?;
-                let file_name = item.file_name();
-                let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".pub")) else {
-                    continue; // temporary files, editor backups
-                };
-                if is_valid_principal(name) {
-                    names.push(name.to_owned());
-                }
+    /// The valid names with a file in `state`, sorted (a missing directory holds none).
+    fn names(&self, state: KeyState) -> anyhow::Result<Vec<String>> {
+        let dir = self.root.join(state.dir_name());
+        let listing = match fs::read_dir(&dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        let mut names = Vec::new();
+        for item in listing {
+            let item = item.with_context(|| format!("listing {}", dir.display()))?;
+            let file_name = item.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".pub")) else {
+                continue; // temporary files, editor backups
+            };
+            if is_valid_principal(name) {
+                names.push(name.to_owned());
             }
-            names.sort();
-            for name in names {
-                let path = self.file(state, &name);
-                let keys = keys::read_public_keys(&path)?;
-                entries.push(KeyEntry { name, state, keys });
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// The keys of `name` in `state` (none if it has no file).
+    fn keys_of(&self, state: KeyState, name: &str) -> anyhow::Result<Vec<PublicKey>> {
+        let path = self.file(state, name);
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                keys::parse_public_keys(&text).with_context(|| format!("in {}", path.display()))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn entries(&self, state: KeyState) -> anyhow::Result<Vec<KeyEntry>> {
+        let mut entries = Vec::new();
+        for name in self.names(state)? {
+            let keys = self.keys_of(state, &name)?;
+            if !keys.is_empty() {
+                entries.push(KeyEntry { name, keys });
             }
         }
         Ok(entries)
     }
 
+    /// Every key, by state and name.
+    pub fn list(&self) -> anyhow::Result<Listing> {
+        let accepted = self.entries(KeyState::Accepted)?;
+        let rejected = self.entries(KeyState::Rejected)?;
+        let settled: HashSet<PublicKey> = accepted
+            .iter()
+            .chain(&rejected)
+            .flat_map(|e| e.keys.iter().copied())
+            .collect();
+        let mut pending = self.pending()?;
+        pending.retain(|p| !settled.contains(&p.key));
+        Ok(Listing {
+            accepted,
+            pending,
+            rejected,
+        })
+    }
+
     /// The accepted keys and whose they are. A key accepted under two names is refused
-    /// for both: which node it is would be ambiguous.
+    /// for both: which node it is would be ambiguous. A key also in `rejected/` is left out.
     pub fn accepted(&self) -> anyhow::Result<HashMap<PublicKey, String>> {
+        let rejected = self.rejected()?;
         let mut by_key: HashMap<PublicKey, String> = HashMap::new();
         let mut ambiguous = Vec::new();
-        for entry in self.list()? {
-            if entry.state != KeyState::Accepted {
-                continue;
-            }
+        for entry in self.entries(KeyState::Accepted)? {
             for key in entry.keys {
+                if rejected.contains(&key) {
+                    continue;
+                }
                 if let Some(other) = by_key.insert(key, entry.name.clone()) {
                     if other != entry.name {
                         ambiguous.push(key);
@@ -146,6 +240,22 @@ impl KeyDir {
             by_key.remove(&key);
         }
         Ok(by_key)
+    }
+
+    /// Every rejected key.
+    pub fn rejected(&self) -> anyhow::Result<HashSet<PublicKey>> {
+        Ok(self
+            .entries(KeyState::Rejected)?
+            .into_iter()
+            .flat_map(|e| e.keys)
+            .collect())
+    }
+
+    /// When `name`'s accepted file was last written: when its newest key was accepted.
+    pub fn accepted_at(&self, name: &str) -> Option<SystemTime> {
+        fs::metadata(self.file(KeyState::Accepted, name))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// A fingerprint of the accepted and rejected directories' state: it changes whenever
@@ -164,71 +274,190 @@ impl KeyDir {
         Some(version)
     }
 
-    /// Records a key that asked to join. Does nothing for a key already known in any state
-    /// under this name (a changed key of an accepted node must be handled by an operator,
-    /// as with ssh host keys), or when too many requests are pending.
-    pub fn record_pending(&self, name: &str, key: &PublicKey) -> anyhow::Result<bool> {
+    /// The pending keys of one name.
+    pub fn pending_of(&self, name: &str) -> anyhow::Result<Vec<PendingKey>> {
+        let path = self.file(KeyState::Pending, name);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        // Files written before the times were recorded: the file's time stands in.
+        let modified = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map(unix_ms)
+            .unwrap_or(0);
+        let mut found = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let key = PublicKey::parse(words.next().unwrap_or_default())
+                .with_context(|| format!("{} line {}", path.display(), n + 1))?;
+            let (mut first_seen_ms, mut last_seen_ms) = (modified, modified);
+            for word in words {
+                let time = |prefix: &str| {
+                    word.strip_prefix(prefix)
+                        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                        .map(unix_ms)
+                };
+                if let Some(t) = time("first-seen=") {
+                    first_seen_ms = t;
+                } else if let Some(t) = time("last-seen=") {
+                    last_seen_ms = t;
+                }
+            }
+            found.push(PendingKey {
+                name: name.to_owned(),
+                key,
+                first_seen_ms,
+                last_seen_ms: last_seen_ms.max(first_seen_ms),
+            });
+        }
+        Ok(found)
+    }
+
+    /// The names with a file in `pending/`.
+    pub fn pending_names(&self) -> anyhow::Result<Vec<String>> {
+        self.names(KeyState::Pending)
+    }
+
+    /// Every pending key, by name then first sighting.
+    pub fn pending(&self) -> anyhow::Result<Vec<PendingKey>> {
+        let mut all = Vec::new();
+        for name in self.names(KeyState::Pending)? {
+            let mut of_name = self.pending_of(&name)?;
+            of_name.sort_by_key(|p| (p.first_seen_ms, p.key));
+            all.extend(of_name);
+        }
+        Ok(all)
+    }
+
+    /// Makes `pending/NAME.pub` hold exactly `entries` (removed when empty). Not synced to
+    /// disk: a pending record lost in a crash is made again at the node's next hello, and
+    /// the broker writes these on its receiving thread.
+    pub fn write_pending(&self, name: &str, entries: &[PendingKey]) -> anyhow::Result<()> {
         if !is_valid_principal(name) {
             bail!("{name:?} is not a valid key name (ROLE:NAME)");
         }
-        for state in KeyState::ALL {
-            if self.file(state, name).exists() {
-                return Ok(false);
-            }
+        let path = self.file(KeyState::Pending, name);
+        if entries.is_empty() {
+            return remove_if_present(&path);
         }
-        let pending = self.root.join(KeyState::Pending.dir_name());
-        let count = fs::read_dir(&pending)
-            .with_context(|| format!("listing {}", pending.display()))?
-            .count();
-        if count >= MAX_PENDING {
+        let text: String = entries
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {name} first-seen={} last-seen={}\n",
+                    p.key,
+                    rfc3339(p.first_seen_ms),
+                    rfc3339(p.last_seen_ms)
+                )
+            })
+            .collect();
+        replace_unsynced(&path, text.as_bytes())
+    }
+
+    /// Accepts a new key for a name that has none (`--auto-accept`). Returns false, doing
+    /// nothing, if the name has an accepted key already.
+    pub fn accept_new(&self, name: &str, key: &PublicKey) -> anyhow::Result<bool> {
+        if !self.keys_of(KeyState::Accepted, name)?.is_empty() {
             return Ok(false);
         }
-        let path = self.file(KeyState::Pending, name);
-        keys::write_atomically(&path, format!("{key} {name}\n").as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        self.add(name, &[*key])?;
         Ok(true)
     }
 
-    /// Resolves a name as typed: exact `ROLE:NAME`, or a bare `NAME` that matches one entry.
-    pub fn resolve(&self, typed: &str, state: KeyState) -> anyhow::Result<String> {
-        if is_valid_principal(typed) {
-            return Ok(typed.to_owned());
-        }
-        let matches: Vec<String> = self
-            .list()?
-            .into_iter()
-            .filter(|e| e.state == state && e.name.split_once(':').map(|(_, n)| n) == Some(typed))
-            .map(|e| e.name)
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok(one.clone()),
-            [] => bail!(
-                "no {} key named {typed:?} (see `jobz-broker keys list`)",
-                state.dir_name()
-            ),
-            _ => bail!(
-                "{typed:?} is ambiguous: {}; give ROLE:NAME",
-                matches.join(", ")
-            ),
-        }
-    }
-
-    /// Moves a key from one state to another.
-    pub fn transition(&self, name: &str, from: &[KeyState], to: KeyState) -> anyhow::Result<()> {
-        for state in from {
-            let src = self.file(*state, name);
-            if src.exists() {
-                let dst = self.file(to, name);
-                fs::rename(&src, &dst)
-                    .with_context(|| format!("moving {} to {}", src.display(), dst.display()))?;
-                return Ok(());
+    /// `keys accept`: a pending key (or, given in full as ROLE:NAME, a rejected one) becomes
+    /// the name's accepted key. `fingerprint` (as `keys list` shows it, or the whole public
+    /// key) picks one of several; without it a name with two candidate keys is refused as
+    /// ambiguous. A name that has an accepted key already is refused: its key is replaced
+    /// only after `keys revoke`, or by editing the accepted file for a rotation.
+    pub fn accept(&self, typed: &str, fingerprint: Option<&str>) -> anyhow::Result<Chosen> {
+        let listing = self.list()?;
+        let pending_names: Vec<&str> = listing.pending.iter().map(|p| p.name.as_str()).collect();
+        let (name, candidates) = match resolve(typed, &pending_names) {
+            Ok(name) => {
+                let keys = self.pending_keys(&listing, &name);
+                if keys.is_empty() {
+                    // A full name with nothing pending: perhaps a rejected key to take back.
+                    let rejected = self.keys_of(KeyState::Rejected, &name)?;
+                    if rejected.is_empty() {
+                        bail!("no pending key named {name:?} (see `jobz-broker keys list`)");
+                    }
+                    (name, rejected)
+                } else {
+                    (name, keys)
+                }
             }
+            Err(e) => return Err(e),
+        };
+        let key = pick_one(&name, &candidates, fingerprint, &listing, "accept")?;
+        let current = self.keys_of(KeyState::Accepted, &name)?;
+        if !current.is_empty() {
+            bail!(
+                "{name} already has an accepted key ({}). If {} is its new key, run \
+                 `jobz-broker keys revoke {name}` first; to let both work during a rotation, \
+                 add it as a second line of {}",
+                fingerprints(&current, ", "),
+                key.fingerprint(),
+                self.file(KeyState::Accepted, &name).display()
+            );
         }
-        let states: Vec<&str> = from.iter().map(|s| s.dir_name()).collect();
-        bail!("no key named {name:?} in {}", states.join(" or "))
+        if let Some(other) = listing.accepted.iter().find(|e| e.keys.contains(&key)) {
+            bail!(
+                "key {} is already accepted as {}",
+                key.fingerprint(),
+                other.name
+            );
+        }
+        self.add(&name, &[key])?;
+        Ok(Chosen {
+            name,
+            keys: vec![key],
+        })
     }
 
-    /// Accepts a key given directly (pre-seeding): writes `accepted/NAME.pub`.
+    /// `keys reject`: a pending key moves to `rejected/`; several pending under the name
+    /// need `fingerprint`, as for [`KeyDir::accept`].
+    pub fn reject(&self, typed: &str, fingerprint: Option<&str>) -> anyhow::Result<Chosen> {
+        let listing = self.list()?;
+        let pending_names: Vec<&str> = listing.pending.iter().map(|p| p.name.as_str()).collect();
+        let name = resolve(typed, &pending_names)?;
+        let candidates = self.pending_keys(&listing, &name);
+        if candidates.is_empty() {
+            bail!("no pending key named {name:?} (see `jobz-broker keys list`)");
+        }
+        let key = pick_one(&name, &candidates, fingerprint, &listing, "reject")?;
+        self.move_keys(&name, &[key], KeyState::Pending, KeyState::Rejected)?;
+        Ok(Chosen {
+            name,
+            keys: vec![key],
+        })
+    }
+
+    /// `keys revoke`: every accepted key of the name (or only the one `fingerprint` names)
+    /// moves to `rejected/`.
+    pub fn revoke(&self, typed: &str, fingerprint: Option<&str>) -> anyhow::Result<Chosen> {
+        let names = self.names(KeyState::Accepted)?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let name = resolve(typed, &names)?;
+        let current = self.keys_of(KeyState::Accepted, &name)?;
+        if current.is_empty() {
+            bail!("no accepted key named {name:?} (see `jobz-broker keys list`)");
+        }
+        let keys = match fingerprint {
+            None => current,
+            Some(fp) => vec![matching(&name, &current, fp)?],
+        };
+        self.move_keys(&name, &keys, KeyState::Accepted, KeyState::Rejected)?;
+        Ok(Chosen { name, keys })
+    }
+
+    /// Accepts keys given directly (pre-seeding): `accepted/NAME.pub` holds them, and they
+    /// leave `pending/` and `rejected/`.
     pub fn add(&self, name: &str, keys: &[PublicKey]) -> anyhow::Result<()> {
         if !is_valid_principal(name) {
             bail!("{name:?} is not a valid key name: ROLE:NAME with ROLE worker, frontend or semaphore");
@@ -236,105 +465,241 @@ impl KeyDir {
         if keys.is_empty() {
             bail!("no public key given");
         }
-        let text: String = keys.iter().map(|k| format!("{k} {name}\n")).collect();
-        let path = self.file(KeyState::Accepted, name);
-        keys::write_atomically(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        for state in [KeyState::Pending, KeyState::Rejected] {
-            let _ = fs::remove_file(self.file(state, name));
+        self.write_keys(KeyState::Accepted, name, keys)?;
+        self.drop_keys(KeyState::Pending, name, keys)?;
+        self.drop_keys(KeyState::Rejected, name, keys)
+    }
+
+    fn pending_keys(&self, listing: &Listing, name: &str) -> Vec<PublicKey> {
+        listing
+            .pending
+            .iter()
+            .filter(|p| p.name == name)
+            .map(|p| p.key)
+            .collect()
+    }
+
+    /// Moves keys of `name` from one state to another: added to the destination file
+    /// first, so a crash in between leaves the key in both (and `rejected/` wins).
+    fn move_keys(
+        &self,
+        name: &str,
+        keys: &[PublicKey],
+        from: KeyState,
+        to: KeyState,
+    ) -> anyhow::Result<()> {
+        let mut merged = self.keys_of(to, name)?;
+        for key in keys {
+            if !merged.contains(key) {
+                merged.push(*key);
+            }
         }
-        Ok(())
+        self.write_keys(to, name, &merged)?;
+        self.drop_keys(from, name, keys)
+    }
+
+    fn write_keys(&self, state: KeyState, name: &str, keys: &[PublicKey]) -> anyhow::Result<()> {
+        let dir = self.root.join(state.dir_name());
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let text: String = keys.iter().map(|k| format!("{k} {name}\n")).collect();
+        let path = self.file(state, name);
+        keys::write_atomically(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Removes `keys` from `name`'s file in `state` (the file goes when none is left).
+    fn drop_keys(&self, state: KeyState, name: &str, keys: &[PublicKey]) -> anyhow::Result<()> {
+        if state == KeyState::Pending {
+            let mut left = self.pending_of(name)?;
+            left.retain(|p| !keys.contains(&p.key));
+            return self.write_pending(name, &left);
+        }
+        let mut left = self.keys_of(state, name)?;
+        let before = left.len();
+        left.retain(|k| !keys.contains(k));
+        if left.len() == before {
+            return Ok(());
+        }
+        if left.is_empty() {
+            return remove_if_present(&self.file(state, name));
+        }
+        self.write_keys(state, name, &left)
     }
 }
 
-/// Renders `keys list`.
-pub fn render_list(entries: &[KeyEntry]) -> String {
-    let mut by_state: BTreeMap<KeyState, Vec<&KeyEntry>> = BTreeMap::new();
-    for e in entries {
-        by_state.entry(e.state).or_default().push(e);
+/// Resolves a name as typed: exact `ROLE:NAME`, or a bare `NAME` that matches one of
+/// `names`.
+fn resolve(typed: &str, names: &[&str]) -> anyhow::Result<String> {
+    if is_valid_principal(typed) {
+        return Ok(typed.to_owned());
     }
-    let mut out = String::new();
-    for state in KeyState::ALL {
-        out.push_str(&format!("{}:\n", state.dir_name()));
-        for e in by_state.get(&state).into_iter().flatten() {
-            let prints: Vec<String> = e.keys.iter().map(|k| k.fingerprint()).collect();
-            out.push_str(&format!("  {:<40} {}\n", e.name, prints.join(" ")));
+    let mut matches: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| n.split_once(':').map(|(_, n)| n) == Some(typed))
+        .collect();
+    matches.sort_unstable();
+    matches.dedup();
+    match matches.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        [] => bail!("no key named {typed:?} (see `jobz-broker keys list`)"),
+        _ => bail!(
+            "{typed:?} is ambiguous: {}; give ROLE:NAME",
+            matches.join(", ")
+        ),
+    }
+}
+
+/// The one candidate key: the only one, or the one `fingerprint` names.
+fn pick_one(
+    name: &str,
+    candidates: &[PublicKey],
+    fingerprint: Option<&str>,
+    listing: &Listing,
+    verb: &str,
+) -> anyhow::Result<PublicKey> {
+    if let Some(fp) = fingerprint {
+        return matching(name, candidates, fp);
+    }
+    match candidates {
+        [one] => Ok(*one),
+        _ => {
+            let described: Vec<String> = candidates
+                .iter()
+                .map(|k| {
+                    let seen = listing
+                        .pending
+                        .iter()
+                        .find(|p| p.name == name && p.key == *k)
+                        .map(|p| format!(" (first seen {})", rfc3339(p.first_seen_ms)))
+                        .unwrap_or_default();
+                    format!("  {}{seen}", k.fingerprint())
+                })
+                .collect();
+            bail!(
+                "{name} is ambiguous: {} keys ask for it; someone may be posing as the node. \
+                 Compare with the node's own key (`--print-public-key` on its host), then \
+                 `jobz-broker keys {verb} {name} --fingerprint FINGERPRINT`:\n{}",
+                candidates.len(),
+                described.join("\n")
+            )
         }
+    }
+}
+
+/// The key of `candidates` a fingerprint (`SHA256:…`, the `SHA256:` optional) or a whole
+/// public key (`jobz1:…`) names.
+fn matching(name: &str, candidates: &[PublicKey], given: &str) -> anyhow::Result<PublicKey> {
+    let given = given.trim();
+    let wanted = |k: &PublicKey| {
+        if given.starts_with("jobz1:") {
+            return PublicKey::parse(given).is_ok_and(|g| g == *k);
+        }
+        let print = k.fingerprint();
+        let hex = print.trim_start_matches("SHA256:");
+        given.eq_ignore_ascii_case(&print) || given.eq_ignore_ascii_case(hex)
+    };
+    let found: Vec<PublicKey> = candidates.iter().copied().filter(wanted).collect();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!(
+            "no key of {name} has the fingerprint {given:?}; its keys: {}",
+            fingerprints(candidates, ", ")
+        ),
+        _ => bail!(
+            "{given:?} names {} keys of {name}: give the whole public key",
+            found.len()
+        ),
+    }
+}
+
+fn fingerprints(keys: &[PublicKey], separator: &str) -> String {
+    keys.iter()
+        .map(PublicKey::fingerprint)
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
+/// Renders `keys list` at `now_ms`: one line per accepted or rejected name, one per
+/// pending key, with a warning where a name is claimed twice.
+pub fn render_list(listing: &Listing, now_ms: i64) -> String {
+    let mut out = String::from("accepted:\n");
+    for e in &listing.accepted {
+        out.push_str(&format!(
+            "  {:<40} {}\n",
+            e.name,
+            fingerprints(&e.keys, " ")
+        ));
+    }
+    out.push_str("pending:\n");
+    let accepted_names: HashSet<&str> = listing.accepted.iter().map(|e| e.name.as_str()).collect();
+    let mut per_name: BTreeMap<&str, usize> = BTreeMap::new();
+    for p in &listing.pending {
+        *per_name.entry(&p.name).or_default() += 1;
+    }
+    for p in &listing.pending {
+        let age = Duration::from_secs((now_ms - p.last_seen_ms).max(0) as u64 / 1000);
+        let mut line = format!(
+            "  {:<40} {}  seen {} ago",
+            p.name,
+            p.key.fingerprint(),
+            humantime::format_duration(age)
+        );
+        if accepted_names.contains(p.name.as_str()) {
+            line.push_str("  ! the name already has an accepted key");
+        }
+        let keys = per_name.get(p.name.as_str()).copied().unwrap_or(0);
+        if keys > 1 {
+            line.push_str(&format!(
+                "  ! {keys} keys ask for this name: accept with --fingerprint"
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str("rejected:\n");
+    for e in &listing.rejected {
+        out.push_str(&format!(
+            "  {:<40} {}\n",
+            e.name,
+            fingerprints(&e.keys, " ")
+        ));
     }
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
+}
 
-    fn key() -> PublicKey {
-        NodeKey::generate().unwrap().public()
-    }
+fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
 
-    #[test]
-    fn pending_accept_revoke_cycle() {
-        let dir = tempfile::tempdir().unwrap();
-        let kd = KeyDir::open(dir.path()).unwrap();
-        let k = key();
-        assert!(kd.record_pending("worker:web1", &k).unwrap());
-        assert!(
-            !kd.record_pending("worker:web1", &key()).unwrap(),
-            "replaced a pending key"
-        );
-        assert!(kd.accepted().unwrap().is_empty());
-
-        let v0 = kd.version();
-        let name = kd.resolve("web1", KeyState::Pending).unwrap();
-        assert_eq!(name, "worker:web1");
-        kd.transition(&name, &[KeyState::Pending], KeyState::Accepted)
-            .unwrap();
-        assert_ne!(kd.version(), v0);
-        assert_eq!(
-            kd.accepted().unwrap().get(&k).map(String::as_str),
-            Some("worker:web1")
-        );
-        // A known name never gets a second pending entry (a changed key needs an operator).
-        assert!(!kd.record_pending("worker:web1", &key()).unwrap());
-
-        kd.transition(&name, &[KeyState::Accepted], KeyState::Rejected)
-            .unwrap();
-        assert!(kd.accepted().unwrap().is_empty());
-        let listed = render_list(&kd.list().unwrap());
-        assert!(listed.contains("rejected:\n  worker:web1"), "{listed}");
-    }
-
-    #[test]
-    fn add_preseeds_and_bad_names_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let kd = KeyDir::open(dir.path()).unwrap();
-        let (a, b) = (key(), key());
-        kd.add("frontend:front1", &[a, b]).unwrap();
-        let accepted = kd.accepted().unwrap();
-        assert_eq!(accepted.len(), 2, "both keys of a rotation are accepted");
-        for bad in ["../x", "worker:../../etc", "web1", "worker:a/b"] {
-            assert!(kd.add(bad, &[a]).is_err(), "{bad}");
-            assert!(kd.record_pending(bad, &a).is_err(), "{bad}");
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
         }
-    }
-
-    #[test]
-    fn a_key_accepted_under_two_names_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let kd = KeyDir::open(dir.path()).unwrap();
-        let k = key();
-        kd.add("worker:a", &[k]).unwrap();
-        kd.add("worker:b", &[k]).unwrap();
-        assert!(kd.accepted().unwrap().is_empty());
-    }
-
-    #[test]
-    fn ambiguous_short_names_need_the_role() {
-        let dir = tempfile::tempdir().unwrap();
-        let kd = KeyDir::open(dir.path()).unwrap();
-        kd.record_pending("worker:h1", &key()).unwrap();
-        kd.record_pending("frontend:h1", &key()).unwrap();
-        let err = kd.resolve("h1", KeyState::Pending).unwrap_err().to_string();
-        assert!(err.contains("ambiguous"), "{err}");
+        _ => Ok(()),
     }
 }
+
+/// Replaces a file by renaming a temporary sibling over it, without syncing.
+fn replace_unsynced(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(contents))
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests;

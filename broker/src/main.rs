@@ -8,7 +8,7 @@ use jobz::logging::LogArgs;
 use jobz::socket::BrokerAddr;
 
 use broker::guard::{SealedConfig, Security};
-use broker::keys::{render_list, KeyDir, KeyState};
+use broker::keys::{render_list, KeyDir};
 
 /// The jobz broker: receives triggers and step results, keeps durable state, publishes work.
 #[derive(Debug, Parser)]
@@ -82,43 +82,62 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum KeysAction {
-    /// Lists accepted, pending and rejected keys with their fingerprints.
+    /// Lists accepted, pending and rejected keys with their fingerprints: each pending key
+    /// on its own line, flagged when two keys ask for one name or the name is enrolled.
     List,
-    /// Accepts a pending key (NAME is ROLE:NAME, or NAME alone if unambiguous).
-    Accept { name: String },
-    /// Rejects a pending key.
-    Reject { name: String },
-    /// Revokes an accepted key: the node is refused within a second.
-    Revoke { name: String },
+    /// Accepts a pending key. NAME is ROLE:NAME, or NAME alone if unambiguous; when more
+    /// than one key asks for the name, --fingerprint says which.
+    Accept {
+        name: String,
+        #[command(flatten)]
+        which: WhichKey,
+    },
+    /// Rejects a pending key (--fingerprint as for accept).
+    Reject {
+        name: String,
+        #[command(flatten)]
+        which: WhichKey,
+    },
+    /// Revokes an accepted key: the node is refused within a second. Every key of the
+    /// name, or only the one --fingerprint names (the old key after a rotation).
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        which: WhichKey,
+    },
     /// Accepts a key given directly, e.g. pre-seeded by Ansible: ROLE:NAME and the key
     /// text (`jobz1:…`) or a file holding it.
     Add { name: String, key: String },
-    /// Prints the broker's public key (made if missing), for the nodes' --broker-key.
+    /// Prints the broker's public key (made if missing, with the directory), for the
+    /// nodes' --broker-key.
     Show,
 }
 
+#[derive(Debug, clap::Args)]
+struct WhichKey {
+    /// The key meant: its fingerprint as `keys list` shows it (`SHA256:…`), or the whole
+    /// public key as `--print-public-key` prints it on the node (`jobz1:…`).
+    #[arg(long, value_name = "FINGERPRINT")]
+    fingerprint: Option<String>,
+}
+
 fn run_keys(dir: &std::path::Path, action: KeysAction) -> anyhow::Result<()> {
-    let kd = KeyDir::open(dir)?;
+    // Only `show` may make the directory (it makes the broker key): a mistyped --keys
+    // must fail, not list an empty new directory.
+    let existing = || KeyDir::existing(dir);
     match action {
-        KeysAction::List => print!("{}", render_list(&kd.list()?)),
-        KeysAction::Accept { name } => {
-            let name = kd.resolve(&name, KeyState::Pending)?;
-            kd.transition(
-                &name,
-                &[KeyState::Pending, KeyState::Rejected],
-                KeyState::Accepted,
-            )?;
-            println!("accepted {name}");
+        KeysAction::List => print!("{}", render_list(&existing()?.list()?, jobz::now_ms())),
+        KeysAction::Accept { name, which } => {
+            let chosen = existing()?.accept(&name, which.fingerprint.as_deref())?;
+            println!("accepted {}", chosen.name);
         }
-        KeysAction::Reject { name } => {
-            let name = kd.resolve(&name, KeyState::Pending)?;
-            kd.transition(&name, &[KeyState::Pending], KeyState::Rejected)?;
-            println!("rejected {name}");
+        KeysAction::Reject { name, which } => {
+            let chosen = existing()?.reject(&name, which.fingerprint.as_deref())?;
+            println!("rejected {}", chosen.name);
         }
-        KeysAction::Revoke { name } => {
-            let name = kd.resolve(&name, KeyState::Accepted)?;
-            kd.transition(&name, &[KeyState::Accepted], KeyState::Rejected)?;
-            println!("revoked {name}");
+        KeysAction::Revoke { name, which } => {
+            let chosen = existing()?.revoke(&name, which.fingerprint.as_deref())?;
+            println!("revoked {}", chosen.name);
         }
         KeysAction::Add { name, key } => {
             let keys = if key.starts_with("jobz1:") {
@@ -126,11 +145,11 @@ fn run_keys(dir: &std::path::Path, action: KeysAction) -> anyhow::Result<()> {
             } else {
                 jobz::keys::read_public_keys(std::path::Path::new(&key))?
             };
-            kd.add(&name, &keys)?;
+            existing()?.add(&name, &keys)?;
             println!("accepted {name}");
         }
         KeysAction::Show => {
-            let (key, _) = kd.broker_key()?;
+            let (key, _) = KeyDir::open(dir)?.broker_key()?;
             println!("{}", key.public());
         }
     }

@@ -56,6 +56,13 @@ impl Lab {
         self.inner().reload_keys();
     }
 
+    /// Writes what the guard holds pending to `pending/`, as its ticks do.
+    fn flush_pending(&mut self) {
+        while self.inner().pending.has_dirty() {
+            self.inner().write_pending(NOW);
+        }
+    }
+
     fn admit(&mut self, frame: Vec<u8>, at: i64) -> Result<Envelope, Refusal> {
         self.inbound.admit(&[frame], at)
     }
@@ -114,6 +121,97 @@ fn one_key_cannot_grow_the_reply_keys_with_endless_sender_ids() {
     let long = format!("frontend:f1/{}", "x".repeat(300));
     let _ = lab.admit(hello(&mut node, &long, NOW), NOW);
     assert!(!lab.replies_to(&long));
+}
+
+#[test]
+fn two_keys_asking_for_one_name_are_both_filed_as_pending() {
+    let mut lab = lab();
+    let (mut squatter, mut real) = (lab.node(), lab.node());
+    for _ in 0..3 {
+        assert!(lab
+            .admit(hello(&mut squatter, "worker:w3", NOW), NOW)
+            .is_err());
+        assert!(lab
+            .admit(hello(&mut real, "worker:w3", NOW + 1), NOW + 1)
+            .is_err());
+    }
+    lab.flush_pending();
+    let pending = lab.keys.pending().unwrap();
+    let keys: Vec<PublicKey> = pending.iter().map(|p| p.key).collect();
+    assert_eq!(keys.len(), 2, "{pending:?}");
+    assert!(keys.contains(&squatter.public()) && keys.contains(&real.public()));
+    assert!(pending.iter().all(|p| p.name == "worker:w3"));
+
+    // Accepting one takes it out of the guard's pending set; the other stays.
+    lab.keys
+        .accept("w3", Some(&real.public().fingerprint()))
+        .unwrap();
+    lab.reload();
+    lab.flush_pending();
+    let left: Vec<PublicKey> = lab.keys.pending().unwrap().iter().map(|p| p.key).collect();
+    assert_eq!(left, vec![squatter.public()]);
+    lab.admit(hello(&mut real, "worker:w3", NOW + 2), NOW + 2)
+        .unwrap();
+    assert_eq!(
+        lab.admit(hello(&mut squatter, "worker:w3", NOW + 2), NOW + 2)
+            .unwrap_err()
+            .0,
+        "unknown_key"
+    );
+}
+
+#[test]
+fn a_rejected_key_is_not_filed_again() {
+    let mut lab = lab();
+    let mut node = lab.node();
+    assert!(lab.admit(hello(&mut node, "worker:x", NOW), NOW).is_err());
+    lab.flush_pending();
+    lab.keys.reject("worker:x", None).unwrap();
+    lab.reload();
+    lab.flush_pending();
+    assert!(lab
+        .admit(hello(&mut node, "worker:x", NOW + 1), NOW + 1)
+        .is_err());
+    assert!(lab
+        .admit(hello(&mut node, "worker:y", NOW + 2), NOW + 2)
+        .is_err());
+    lab.flush_pending();
+    assert!(lab.keys.pending().unwrap().is_empty());
+}
+
+#[test]
+fn a_flood_of_new_keys_is_written_a_bounded_number_of_files_per_tick() {
+    let mut lab = lab();
+    for i in 0..200 {
+        let frame = hello(&mut lab.node(), &format!("worker:junk{i}"), NOW);
+        assert!(lab.admit(frame, NOW).is_err());
+    }
+    lab.inner().write_pending(NOW);
+    assert_eq!(lab.keys.pending().unwrap().len(), PENDING_WRITES_PER_TICK);
+    lab.flush_pending();
+    assert_eq!(lab.keys.pending().unwrap().len(), 200);
+}
+
+#[test]
+fn auto_accept_takes_the_first_key_of_a_name_and_files_a_second_as_pending() {
+    let mut lab = lab_with(true);
+    let (mut first, mut second) = (lab.node(), lab.node());
+    let early = hello(&mut first, "worker:lab1", NOW);
+    assert!(lab.admit(early, NOW).is_err(), "the first frame is refused");
+    lab.admit(hello(&mut first, "worker:lab1", NOW + 1), NOW + 1)
+        .unwrap();
+
+    assert!(lab
+        .admit(hello(&mut second, "worker:lab1", NOW + 3), NOW + 3)
+        .is_err());
+    lab.reload();
+    lab.flush_pending();
+    let accepted = lab.keys.accepted().unwrap();
+    assert_eq!(accepted.len(), 1);
+    assert!(accepted.contains_key(&first.public()));
+    let pending = lab.keys.pending().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].key, second.public());
 }
 
 #[test]

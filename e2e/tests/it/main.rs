@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod delivery;
+mod enrolment;
 mod faults;
 mod harness;
 mod hostile;

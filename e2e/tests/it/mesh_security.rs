@@ -24,7 +24,7 @@ jobs:
 "#;
 
 /// A broker counter from the frontend's `/metrics` (0 if absent).
-fn broker_counter(mesh: &Mesh, name: &str) -> u64 {
+pub(crate) fn broker_counter(mesh: &Mesh, name: &str) -> u64 {
     let (status, text) = mesh.http_get("/metrics");
     assert_eq!(status, 200, "{text}");
     let metric = format!("jobz_broker_{name} ");
