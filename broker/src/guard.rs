@@ -4,16 +4,17 @@
 //! Two modes. **Plain** (no key directory): frames are not protected, so the broker binds
 //! loopback only unless the operator says `--insecure`. **Sealed**: every frame is a
 //! [`jobz::seal`] frame; a node's frames count only if its key is accepted in the key
-//! directory and the node id it claims belongs to that key's enrolment name. A proven key
-//! that is not accepted is filed as pending ([`PendingBook`]) and its frame dropped.
+//! directory, the node id it claims belongs to that key's enrolment name, and it was
+//! sealed after the key was accepted. A proven key that is not accepted is filed as
+//! pending ([`PendingBook`]) and its frame dropped.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jobz::envelope::{self, DecodeError, Envelope};
 use jobz::keys::{is_valid_principal, principal_of, PublicKey};
-use jobz::seal::{self, BrokerOpener, BrokerSealer, MeshRing};
+use jobz::seal::{self, BrokerOpener, BrokerSealer, MeshRing, MAX_CLOCK_SKEW_MS};
 use jobz::topic::Topic;
 use tracing::{error, info, warn};
 
@@ -68,7 +69,12 @@ pub struct SealedInbound {
     rejected: HashSet<PublicKey>,
     /// Keys that asked to join, mirrored to `pending/`.
     pending: PendingBook,
+    /// Recently accepted keys, whose frames sealed before their acceptance are refused.
+    cutoffs: AcceptanceCutoffs,
     keys_version: Option<Vec<(SystemTime, u64)>>,
+    /// Whether the key directory was read once (keys found at start were not accepted
+    /// "now").
+    loaded: bool,
     next_check: Instant,
     shared: Shared,
     /// Enrolment log lines, throttled: new keys, conflicts, evictions, write failures.
@@ -108,6 +114,13 @@ const MAX_SENDER_ID_BYTES: usize = 200;
 /// thread a bounded time; the rest wait for the next tick.
 const PENDING_WRITES_PER_TICK: usize = 64;
 
+/// How long an acceptance cutoff matters: past it, a frame sealed before the acceptance
+/// is refused as stale anyway.
+const CUTOFF_KEPT_MS: i64 = 2 * MAX_CLOCK_SKEW_MS + 1000;
+
+/// Unaccepted keys whose latest frame time is remembered (see [`AcceptanceCutoffs`]).
+const MAX_WATERMARKS: usize = 10_000;
+
 /// Builds both sides for a security mode.
 pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbound)> {
     let Security::Sealed(config) = security else {
@@ -135,7 +148,9 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         accepted_names: HashSet::new(),
         rejected: HashSet::new(),
         pending: PendingBook::load(load_pending(&config.keys), now_ms),
+        cutoffs: AcceptanceCutoffs::default(),
         keys_version: None,
+        loaded: false,
         next_check: Instant::now(),
         shared: shared.clone(),
         log_new: LogThrottle::default(),
@@ -143,7 +158,7 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         log_evicted: LogThrottle::default(),
         log_write: LogThrottle::default(),
     };
-    inbound.reload_keys();
+    inbound.reload_keys(now_ms);
     if !inbound.pending.is_empty() {
         info!(
             pending = inbound.pending.len(),
@@ -235,6 +250,8 @@ impl SealedInbound {
         let env = decode(&opened.inner)?;
         let claimed = principal_of(&env.sender);
         let Some(enrolled) = self.accepted.get(&opened.sender) else {
+            self.cutoffs
+                .note_unaccepted(opened.sender, opened.sent_at_ms);
             return Err(self.unenrolled(claimed, &opened.sender, now_ms));
         };
         if claimed != enrolled {
@@ -243,6 +260,16 @@ impl SealedInbound {
                 format!(
                     "key of {enrolled} sent a message as {:?}: refused",
                     env.sender.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        if let Some(not_before) = self.cutoffs.refuses(&opened.sender, opened.sent_at_ms) {
+            return Err((
+                "before_acceptance",
+                format!(
+                    "frame of {enrolled} sealed at {} ms, before its key was accepted ({not_before} ms): \
+                     a replay of a frame sent while it was pending, or the node's clock is behind",
+                    opened.sent_at_ms
                 ),
             ));
         }
@@ -278,6 +305,7 @@ impl SealedInbound {
                     warn!(name = %claimed, %fingerprint, "auto-accepted a new key");
                     self.accepted.insert(*key, claimed.to_owned());
                     self.accepted_names.insert(claimed.to_owned());
+                    self.cutoffs.accepted(*key, now_ms, now_ms);
                 }
                 Ok(false) => {} // accepted for another key meanwhile: seen at the next reload
                 Err(e) => error!(error = %format!("{e:#}"), "cannot auto-accept a key"),
@@ -337,12 +365,13 @@ impl SealedInbound {
             self.next_check = Instant::now() + KEYS_CHECK_EVERY;
             let version = self.config.keys.version();
             if version.is_none() || version != self.keys_version {
-                revoked = self.reload_keys();
+                revoked = self.reload_keys(now_ms);
             }
             let expired = self.pending.expire(now_ms);
             if expired > 0 {
                 info!(expired, "pending keys not seen for a day dropped");
             }
+            self.cutoffs.prune(now_ms);
         }
         self.write_pending(now_ms);
         if let Ok(mut ring) = self.shared.ring.lock() {
@@ -374,7 +403,7 @@ impl SealedInbound {
     }
 
     /// Re-reads the accepted and rejected keys; returns the names that lost all their keys.
-    fn reload_keys(&mut self) -> Vec<String> {
+    fn reload_keys(&mut self, now_ms: i64) -> Vec<String> {
         self.keys_version = self.config.keys.version();
         let (accepted, rejected) = match self
             .config
@@ -389,6 +418,23 @@ impl SealedInbound {
                 return Vec::new();
             }
         };
+        for (key, name) in &accepted {
+            if self.accepted.contains_key(key) {
+                continue;
+            }
+            // Keys found at start were accepted when their file was written; a key
+            // accepted while running, when the operator wrote it (the keys commands run on
+            // this host, on this clock), or now.
+            let fallback = if self.loaded { now_ms } else { 0 };
+            let accepted_at = self
+                .config
+                .keys
+                .accepted_at(name)
+                .map_or(fallback, unix_ms)
+                .min(now_ms);
+            self.cutoffs.accepted(*key, accepted_at, now_ms);
+        }
+        self.loaded = true;
         // A name that lost one key but keeps another is rotating, not revoked.
         let names: BTreeSet<&String> = accepted.values().collect();
         let mut revoked: Vec<String> = self
@@ -414,6 +460,69 @@ impl SealedInbound {
         self.accepted = accepted;
         self.rejected = rejected;
         revoked
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
+}
+
+/// Refuses frames of a newly accepted key that were sealed before it was accepted: a
+/// frame a node sent while pending was dropped and its nonce not remembered (strangers
+/// must not fill the replay memory), so without this it could be replayed, and run,
+/// once the key is accepted.
+///
+/// The line is the later of two times: when the key was accepted (by the broker's clock),
+/// and just after the newest frame the broker saw from the key while it was not accepted
+/// (by the node's clock, so a node whose clock runs ahead is covered too). A node's own
+/// frames after acceptance are newer than both, unless its clock is behind the broker's;
+/// then they are refused for as long as it is behind (clocks must agree within 2 minutes
+/// anyway). Nothing is kept past the clock window: older frames are stale.
+#[derive(Debug, Default)]
+struct AcceptanceCutoffs {
+    /// Newest `sent_at_ms` seen from each unaccepted key (bounded; see `MAX_WATERMARKS`).
+    watermarks: HashMap<PublicKey, i64>,
+    /// The first `sent_at_ms` each recently accepted key's frames must have.
+    not_before: HashMap<PublicKey, i64>,
+}
+
+impl AcceptanceCutoffs {
+    /// A frame of a key that is not accepted was opened.
+    /// Full of fresh entries (a flood of keys), a new key is not noted: its line falls
+    /// back to its acceptance time. Stale entries are pruned every tick.
+    fn note_unaccepted(&mut self, key: PublicKey, sent_at_ms: i64) {
+        if let Some(seen) = self.watermarks.get_mut(&key) {
+            *seen = (*seen).max(sent_at_ms);
+        } else if self.watermarks.len() < MAX_WATERMARKS {
+            self.watermarks.insert(key, sent_at_ms);
+        }
+    }
+
+    /// `key` was accepted at `accepted_at_ms`.
+    fn accepted(&mut self, key: PublicKey, accepted_at_ms: i64, now_ms: i64) {
+        let after_seen = self
+            .watermarks
+            .remove(&key)
+            .map_or(i64::MIN, |t| t.saturating_add(1));
+        let not_before = accepted_at_ms.max(after_seen);
+        if now_ms - not_before < CUTOFF_KEPT_MS {
+            self.not_before.insert(key, not_before);
+        }
+    }
+
+    /// The line a frame of `key` sealed at `sent_at_ms` falls short of, if it does.
+    fn refuses(&self, key: &PublicKey, sent_at_ms: i64) -> Option<i64> {
+        self.not_before
+            .get(key)
+            .copied()
+            .filter(|not_before| sent_at_ms < *not_before)
+    }
+
+    /// Forgets what the clock window has made irrelevant.
+    fn prune(&mut self, now_ms: i64) {
+        self.not_before.retain(|_, t| now_ms - *t < CUTOFF_KEPT_MS);
+        self.watermarks.retain(|_, t| now_ms - *t < CUTOFF_KEPT_MS);
     }
 }
 

@@ -53,7 +53,7 @@ impl Lab {
 
     /// Makes the guard read the key directory now, as its tick does when it changed.
     fn reload(&mut self) {
-        self.inner().reload_keys();
+        self.inner().reload_keys(NOW);
     }
 
     /// Writes what the guard holds pending to `pending/`, as its ticks do.
@@ -121,6 +121,47 @@ fn one_key_cannot_grow_the_reply_keys_with_endless_sender_ids() {
     let long = format!("frontend:f1/{}", "x".repeat(300));
     let _ = lab.admit(hello(&mut node, &long, NOW), NOW);
     assert!(!lab.replies_to(&long));
+}
+
+#[test]
+fn a_frame_sealed_while_the_key_was_pending_is_refused_after_acceptance() {
+    let mut lab = lab();
+    let mut node = lab.node();
+    let trigger = hello(&mut node, "frontend:late/1", NOW);
+    let (kind, _) = lab.admit(trigger.clone(), NOW).unwrap_err();
+    assert_eq!(kind, "unknown_key");
+
+    lab.keys.add("frontend:late", &[node.public()]).unwrap();
+    lab.reload();
+    let replayed = lab.admit(trigger, NOW + 1_000);
+    assert!(
+        replayed.is_err(),
+        "a frame sent while pending was accepted when replayed after `keys accept`"
+    );
+    assert_eq!(replayed.unwrap_err().0, "before_acceptance");
+    // The node's own frames after acceptance pass.
+    let fresh = hello(&mut node, "frontend:late/1", NOW + 1_001);
+    lab.admit(fresh, NOW + 1_001).unwrap();
+}
+
+#[test]
+fn a_pending_frame_from_a_node_whose_clock_runs_ahead_is_refused_after_acceptance() {
+    let mut lab = lab();
+    let mut node = lab.node();
+    // Sealed a minute ahead of the broker's clock, received while pending.
+    let ahead = hello(&mut node, "frontend:fast/1", NOW + 60_000);
+    assert!(lab.admit(ahead.clone(), NOW).is_err());
+    lab.keys.add("frontend:fast", &[node.public()]).unwrap();
+    lab.reload();
+    assert_eq!(
+        lab.admit(ahead, NOW + 500).unwrap_err().0,
+        "before_acceptance"
+    );
+    let fresh = hello(&mut node, "frontend:fast/1", NOW + 60_501);
+    lab.admit(fresh, NOW + 501).unwrap();
+    // Once the clock window has passed, the cutoff is forgotten.
+    lab.inner().cutoffs.prune(NOW + 60_001 + CUTOFF_KEPT_MS);
+    assert!(lab.inner().cutoffs.not_before.is_empty());
 }
 
 #[test]
@@ -197,9 +238,16 @@ fn auto_accept_takes_the_first_key_of_a_name_and_files_a_second_as_pending() {
     let mut lab = lab_with(true);
     let (mut first, mut second) = (lab.node(), lab.node());
     let early = hello(&mut first, "worker:lab1", NOW);
-    assert!(lab.admit(early, NOW).is_err(), "the first frame is refused");
+    assert!(
+        lab.admit(early.clone(), NOW).is_err(),
+        "the first frame predates acceptance"
+    );
     lab.admit(hello(&mut first, "worker:lab1", NOW + 1), NOW + 1)
         .unwrap();
+    assert_eq!(
+        lab.admit(early, NOW + 2).unwrap_err().0,
+        "before_acceptance"
+    );
 
     assert!(lab
         .admit(hello(&mut second, "worker:lab1", NOW + 3), NOW + 3)

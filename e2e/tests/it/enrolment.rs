@@ -14,7 +14,7 @@ use jobz::message::{Message, Role};
 use jobz::seal::NodeSeal;
 
 use crate::harness::*;
-use crate::mesh_security::broker_counter;
+use crate::mesh_security::{broker_counter, echo_trigger, ledger, ECHO_JOB};
 
 /// Runs `jobz-broker keys ARGS… --keys <dir>` whatever its exit status.
 fn keys_command(mesh: &Mesh, args: &[&str]) -> Output {
@@ -220,6 +220,57 @@ fn a_thousand_junk_hellos_do_not_lock_out_a_real_new_host() {
         "the accepted host was not welcomed"
     );
     host.shutdown();
+}
+
+#[test]
+fn a_trigger_sent_while_pending_and_replayed_after_acceptance_is_refused() {
+    let mesh = Mesh::builder().sealed().worker("w1", ECHO_JOB).start();
+    mesh.wait_workers_live(1);
+    let ctx = zmq::Context::new();
+    let push = pull_socket(&mesh, &ctx);
+    let key = NodeKey::generate().unwrap();
+    let mut node = NodeSeal::new(identity(&mesh, key.clone()));
+
+    // Sent while the key is unknown: dropped, and the key is filed as pending.
+    let trigger = sealed(&mut node, "frontend:late/1", echo_trigger("pending"));
+    let refused_before = broker_counter(&mesh, "frames_dropped_unknown_key");
+    push.send(&trigger, 0).unwrap();
+    wait_until(Duration::from_secs(10), "the trigger is refused", || {
+        broker_counter(&mesh, "frames_dropped_unknown_key") > refused_before
+    });
+    wait_until(Duration::from_secs(10), "the key is pending", || {
+        listed(&mesh, "pending")
+            .iter()
+            .any(|l| l.starts_with("frontend:late "))
+    });
+    assert_eq!(
+        mesh.broker_keys(&["accept", "frontend:late"]).trim(),
+        "accepted frontend:late"
+    );
+
+    // The broker knows the key now: a second link with the same key is welcomed.
+    let client = node_client(&mesh, "frontend:late/2", Role::Frontend, key);
+    assert!(
+        client.wait_connected(Duration::from_secs(10)),
+        "the accepted key was not welcomed"
+    );
+    // …then the captured trigger is played again.
+    let dropped_before = broker_counter(&mesh, "frames_dropped");
+    push.send(&trigger, 0).unwrap();
+    wait_until(Duration::from_secs(10), "the replay is handled", || {
+        broker_counter(&mesh, "frames_dropped") > dropped_before || {
+            let (_, runs) = mesh.get_json("/runs");
+            !list_of(&runs, "runs").is_empty()
+        }
+    });
+    let (_, runs) = mesh.get_json("/runs");
+    assert!(
+        list_of(&runs, "runs").is_empty(),
+        "a trigger sealed while its key was pending ran after `keys accept`: {runs:#}"
+    );
+    assert!(broker_counter(&mesh, "frames_dropped_before_acceptance") > 0);
+    assert_eq!(ledger(&mesh), "");
+    client.shutdown();
 }
 
 #[test]

@@ -15,7 +15,7 @@ use jobz::socket::BrokerAddr;
 
 use crate::harness::*;
 
-const ECHO_JOB: &str = r#"
+pub(crate) const ECHO_JOB: &str = r#"
 jobs:
   - name: echo
     params:
@@ -34,7 +34,7 @@ pub(crate) fn broker_counter(mesh: &Mesh, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn ledger(mesh: &Mesh) -> String {
+pub(crate) fn ledger(mesh: &Mesh) -> String {
     std::fs::read_to_string(mesh.dir().join("ledger")).unwrap_or_default()
 }
 
@@ -137,7 +137,7 @@ fn enrolled_client(mesh: &Mesh, principal: &str, broker: BrokerAddr) -> Client {
 }
 
 /// A trigger of `echo` with `msg`.
-fn echo_trigger(msg: &str) -> Message {
+pub(crate) fn echo_trigger(msg: &str) -> Message {
     Message::Trigger(TriggerRequest {
         job: "echo".into(),
         params: BTreeMap::from([("msg".to_owned(), msg.to_owned())]),
