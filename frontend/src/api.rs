@@ -1,6 +1,6 @@
-//! Routing and handlers of the HTTP API: a parsed request in, an [`Outcome`] out.
+//! Handlers of the HTTP API: a parsed request ([`crate::route`]) in, an [`Outcome`] out.
 //!
-//! Nothing here touches a socket. The broker is reached through the [`Broker`] trait and
+//! Nothing here touches a socket or reads a raw request target. The broker is reached through the [`Broker`] trait and
 //! the answer is a plain [`HttpReply`]; the server shell turns it into an HTTP response.
 //! Two requests outlive their handler: `job_start?wait=` ([`Outcome::Wait`], answered by
 //! the waiter thread when the run ends) and `runs/{id}/log?follow=1` ([`Outcome::Follow`],
@@ -14,13 +14,12 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use jobz::client::ClientError;
-use jobz::message::{
-    Message, Params, Query, ReplyBody, RunFilter, RunState, RunView, TriggerRequest,
-};
+use jobz::message::{Message, Query, ReplyBody, RunFilter, RunState, RunView, TriggerRequest};
 
 use crate::broker::Broker;
 use crate::metrics::{self, Stats};
-use crate::query::{parse_target, QueryParams, TargetError, MAX_TARGET_BYTES};
+pub use crate::route::Method;
+use crate::route::{Invalid, JobStart, Route, RunsQuery};
 use crate::views;
 
 /// The dashboard page, served at `/`.
@@ -28,15 +27,6 @@ pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// How long `/healthz` and `/metrics` wait for the broker.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Longest `wait=` accepted, in seconds.
-pub const MAX_WAIT_SECS: f64 = 3600.0;
-
-/// Runs listed when `limit` is not given.
-pub const DEFAULT_RUN_LIMIT: u32 = 50;
-
-/// Most runs one list may hold.
-pub const MAX_RUN_LIMIT: u32 = 1000;
 
 /// Most jobs a `tag=` filter may match (one broker query each).
 pub const MAX_TAGGED_JOBS: usize = 100;
@@ -57,26 +47,6 @@ const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
 
 /// Characters escaped in a run id placed in a URL path.
 const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.');
-
-/// The request method.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Method {
-    /// `GET`.
-    Get,
-    /// `HEAD`: answered like `GET`; the server drops the body.
-    Head,
-    /// Anything else: refused with 405.
-    Other(String),
-}
-
-/// What a handler sees of an HTTP request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpRequest {
-    /// The method.
-    pub method: Method,
-    /// The raw request target (`/path?query`).
-    pub target: String,
-}
 
 /// A complete answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,99 +139,27 @@ impl Api {
         }
     }
 
-    /// Routes and answers one request.
-    pub fn handle(&self, request: &HttpRequest) -> Outcome {
-        self.route(request).unwrap_or_else(Outcome::Reply)
-    }
-
-    fn route(&self, request: &HttpRequest) -> Handled {
-        if request.target.len() > MAX_TARGET_BYTES {
-            let e = TargetError::TooLong {
-                len: request.target.len(),
-            };
-            return Err(HttpReply::error(e.status(), &e.to_string(), &[]));
-        }
-        if let Method::Other(method) = &request.method {
-            return Err(method_not_allowed(method, "GET, HEAD"));
-        }
-        let target = parse_target(&request.target)
-            .map_err(|e| HttpReply::error(e.status(), &e.to_string(), &[]))?;
-        let mut query = target.query;
-        let segments: Vec<&str> = target.segments.iter().map(String::as_str).collect();
-        match segments.as_slice() {
-            [] => Ok(dashboard()),
-            ["job_start"] => {
-                // HEAD must not start anything (link checkers and proxies send it freely).
-                if request.method == Method::Head {
-                    return Err(method_not_allowed("HEAD", "GET"));
-                }
-                self.job_start(query)
-            }
-            ["runs"] => self.list_runs(query),
-            ["runs", run_id] => {
-                only(&query, &[])?;
-                self.get_run(run_id)
-            }
-            ["runs", run_id, "log"] => {
-                only(&query, &["follow"])?;
-                let follow = match query.remove("follow").as_deref() {
-                    None | Some("0") | Some("false") | Some("no") => false,
-                    Some("1") | Some("true") | Some("yes") | Some("") => true,
-                    Some(other) => {
-                        return Err(HttpReply::error(
-                            400,
-                            "follow must be 1 or 0",
-                            &[("follow", json!(other))],
-                        ))
-                    }
-                };
-                self.run_log(run_id, follow && request.method == Method::Get)
-            }
-            ["jobs"] => {
-                only(&query, &[])?;
-                self.list_jobs()
-            }
-            ["workers"] => {
-                only(&query, &[])?;
-                self.list_workers()
-            }
-            ["dead"] => {
-                only(&query, &["limit"])?;
-                let limit = match query.remove("limit") {
-                    None => 50,
-                    Some(raw) => raw
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|l| (1..=1000).contains(l))
-                        .ok_or_else(|| {
-                            HttpReply::error(
-                                400,
-                                "limit must be a whole number from 1 to 1000",
-                                &[("limit", json!(raw))],
-                            )
-                        })?,
-                };
-                self.list_dead(limit)
-            }
-            ["dead", task_id, "retry"] => {
-                if request.method == Method::Head {
-                    return Err(method_not_allowed("HEAD", "GET"));
-                }
-                only(&query, &[])?;
-                self.retry_dead(task_id)
-            }
-            ["semaphores"] => {
-                only(&query, &[])?;
-                self.list_semaphores()
-            }
-            ["healthz"] => Ok(self.healthz()),
-            ["metrics"] => Ok(self.metrics()),
-            _ => Err(HttpReply::error(
-                404,
-                "no such endpoint",
-                &[("path", json!(format!("/{}", target.segments.join("/"))))],
-            )),
-        }
+    /// Answers one parsed request (see [`crate::route::parse`]).
+    pub fn handle(&self, route: Result<Route, Invalid>) -> Outcome {
+        let route = match route {
+            Ok(route) => route,
+            Err(invalid) => return Outcome::Reply(refusal(&invalid)),
+        };
+        let handled = match route {
+            Route::Dashboard => Ok(dashboard()),
+            Route::JobStart(request) => self.job_start(request),
+            Route::Runs(query) => self.list_runs(query),
+            Route::Run { run_id } => self.get_run(&run_id),
+            Route::RunLog { run_id, follow } => self.run_log(&run_id, follow),
+            Route::Jobs => self.list_jobs(),
+            Route::Workers => self.list_workers(),
+            Route::Dead { limit } => self.list_dead(limit),
+            Route::RetryDead { task_id } => self.retry_dead(&task_id),
+            Route::Semaphores => self.list_semaphores(),
+            Route::Healthz => Ok(self.healthz()),
+            Route::Metrics => Ok(self.metrics()),
+        };
+        handled.unwrap_or_else(Outcome::Reply)
     }
 
     /// Asks the broker, mapping a missing answer to 503 and a foreign one to 502.
@@ -271,17 +169,8 @@ impl Api {
             .map_err(|e| broker_error(&e))
     }
 
-    fn job_start(&self, mut query: QueryParams) -> Handled {
-        let job = match query.remove("job_name") {
-            Some(job) if !job.is_empty() => job,
-            Some(_) => return Err(HttpReply::error(400, "job_name is empty", &[])),
-            None => return Err(HttpReply::error(400, "missing job_name", &[])),
-        };
-        let wait = match query.remove("wait") {
-            None => None,
-            Some(raw) => parse_wait(&raw)?,
-        };
-        let params: Params = query;
+    fn job_start(&self, request: JobStart) -> Handled {
+        let JobStart { job, params, wait } = request;
         let param_count = params.len();
         // A PUSH socket queues messages before its connection exists, so a trigger sent to
         // a broker that was never reached could be delivered (and run) long after this
@@ -315,13 +204,13 @@ impl Api {
                 )
                 .with_header("Location", status_url);
                 Ok(match wait {
-                    Some(wait) if !wait.is_zero() => Outcome::Wait(WaitRequest {
+                    Some(wait) => Outcome::Wait(WaitRequest {
                         run_id,
                         job,
                         wait,
                         accepted,
                     }),
-                    _ => Outcome::Reply(accepted),
+                    None => Outcome::Reply(accepted),
                 })
             }
             Ok(ReplyBody::Rejected { status, error }) => {
@@ -380,34 +269,14 @@ impl Api {
         }
     }
 
-    fn list_runs(&self, mut query: QueryParams) -> Handled {
-        only(&query, &["job", "state", "tag", "limit"])?;
-        let limit = match query.remove("limit") {
-            None => DEFAULT_RUN_LIMIT,
-            Some(raw) => raw
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_RUN_LIMIT).contains(n))
-                .ok_or_else(|| {
-                    HttpReply::error(
-                        400,
-                        &format!("limit must be a whole number from 1 to {MAX_RUN_LIMIT}"),
-                        &[("limit", json!(raw))],
-                    )
-                })?,
-        };
-        let state = match query.remove("state").filter(|s| !s.is_empty()) {
-            None => None,
-            Some(raw) => Some(raw.parse::<RunState>().map_err(|_| {
-                HttpReply::error(
-                    400,
-                    "state must be one of pending, running, succeeded, failed, cancelled",
-                    &[("state", json!(raw))],
-                )
-            })?),
-        };
-        let job = query.remove("job").filter(|j| !j.is_empty());
-        let runs = match query.remove("tag").filter(|t| !t.is_empty()) {
+    fn list_runs(&self, query: RunsQuery) -> Handled {
+        let RunsQuery {
+            job,
+            state,
+            tag,
+            limit,
+        } = query;
+        let runs = match tag {
             None => self.runs(RunFilter { job, state, limit })?,
             Some(tag) => self.runs_with_tag(&tag, job, state, limit)?,
         };
@@ -592,42 +461,14 @@ fn dashboard() -> Outcome {
     )
 }
 
-/// `wait=SECONDS`: a number from 0 to [`MAX_WAIT_SECS`], fractions allowed.
-pub fn parse_wait(raw: &str) -> Result<Option<Duration>, HttpReply> {
-    raw.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && (0.0..=MAX_WAIT_SECS).contains(s))
-        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
-        .map(Some)
-        .ok_or_else(|| {
-            HttpReply::error(
-                400,
-                &format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}"),
-                &[("wait", json!(raw))],
-            )
-        })
-}
-
-/// Refuses parameters other than `allowed`: a typo (`stat=failed`) must not silently
-/// widen a query.
-fn only(query: &QueryParams, allowed: &[&str]) -> Result<(), HttpReply> {
-    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
-        None => Ok(()),
-        Some(key) => Err(HttpReply::error(
-            400,
-            &format!("unknown parameter {key:?}"),
-            &[("allowed", json!(allowed))],
-        )),
+/// The answer to a request that cannot be served.
+fn refusal(invalid: &Invalid) -> HttpReply {
+    let error = &invalid.error;
+    let reply = HttpReply::error(error.status(), &error.to_string(), &error.details());
+    match error.allow() {
+        Some(allow) => reply.with_header("Allow", allow.to_owned()),
+        None => reply,
     }
-}
-
-fn method_not_allowed(method: &str, allow: &'static str) -> HttpReply {
-    HttpReply::error(
-        405,
-        &format!("method {method} is not allowed here"),
-        &[("allow", json!(allow))],
-    )
-    .with_header("Allow", allow.to_owned())
 }
 
 fn unknown_run(run_id: &str) -> HttpReply {
@@ -687,7 +528,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use jobz::jobfile::{Delivery, JobSpec};
-    use jobz::message::{HealthView, JobView, StepView, TaskState, WorkerView};
+    use jobz::message::{HealthView, JobView, Params, StepView, TaskState, WorkerView};
 
     use super::*;
     use crate::broker::fake::FakeBroker;
@@ -698,10 +539,11 @@ mod tests {
     }
 
     fn get(api: &Api, target: &str) -> Outcome {
-        api.handle(&HttpRequest {
-            method: Method::Get,
-            target: target.into(),
-        })
+        send(api, Method::Get, target)
+    }
+
+    fn send(api: &Api, method: Method, target: &str) -> Outcome {
+        api.handle(crate::route::parse(&method, target).route)
     }
 
     fn reply(outcome: Outcome) -> HttpReply {
@@ -816,24 +658,14 @@ mod tests {
         assert_eq!(t.params["e"], long);
     }
 
+    /// The whole table of bad queries is in `route`'s tests; here, that a few of them
+    /// are answered as JSON and never reach the broker.
     #[test]
     fn bad_queries_are_refused_before_reaching_the_broker() {
         let (api, broker) = new_api(accepting());
         for (target, status, needle) in [
-            ("/job_start", 400, "missing job_name"),
-            ("/job_start?date=1", 400, "missing job_name"),
-            ("/job_start?job_name=", 400, "job_name is empty"),
-            ("/job_start?job_name=a&job_name=b", 400, "more than once"),
             ("/job_start?job_name=a&x=1&x=1", 400, "more than once"),
-            ("/job_start?job_name=a&=1", 400, "empty parameter name"),
-            ("/job_start?job_name=a&date=%ff%fe", 400, "not valid UTF-8"),
             ("/job_start?job_name=%ff", 400, "not valid UTF-8"),
-            ("/job_start?job_name=a&date=%zz", 400, "bad percent-escape"),
-            ("/job_start?job_name=a&wait=abc", 400, "wait must be"),
-            ("/job_start?job_name=a&wait=3601", 400, "wait must be"),
-            ("/job_start?job_name=a&wait=-1", 400, "wait must be"),
-            ("/job_start?job_name=a&wait=NaN", 400, "wait must be"),
-            ("/job_start?job_name=a&wait=inf", 400, "wait must be"),
             ("/job_start?job_name=a&wait=", 400, "wait must be"),
         ] {
             let r = reply(get(&api, target));
@@ -848,7 +680,10 @@ mod tests {
     #[test]
     fn overlong_target_is_414() {
         let (api, broker) = new_api(accepting());
-        let target = format!("/job_start?job_name=a&v={}", "x".repeat(MAX_TARGET_BYTES));
+        let target = format!(
+            "/job_start?job_name=a&v={}",
+            "x".repeat(crate::query::MAX_TARGET_BYTES)
+        );
         let r = reply(get(&api, &target));
         assert_eq!(r.status, 414);
         assert!(body(&r)["error"].as_str().unwrap().contains("exceeds"));
@@ -932,42 +767,30 @@ mod tests {
     #[test]
     fn only_get_and_head_are_allowed_and_head_never_triggers() {
         let (api, broker) = new_api(accepting());
-        let post = api.handle(&HttpRequest {
-            method: Method::Other("POST".into()),
-            target: "/job_start?job_name=a".into(),
-        });
+        let post = send(&api, Method::Other("POST".into()), "/job_start?job_name=a");
         let r = reply(post);
         assert_eq!(r.status, 405);
         assert!(r.headers.contains(&("Allow", "GET, HEAD".into())));
-        let head = api.handle(&HttpRequest {
-            method: Method::Head,
-            target: "/job_start?job_name=a".into(),
-        });
+        let head = send(&api, Method::Head, "/job_start?job_name=a");
         let r = reply(head);
         assert_eq!(r.status, 405);
         assert!(r.headers.contains(&("Allow", "GET".into())));
         assert!(broker.seen().is_empty());
-        let head = api.handle(&HttpRequest {
-            method: Method::Head,
-            target: "/".into(),
-        });
+        let head = send(&api, Method::Head, "/");
         assert_eq!(reply(head).status, 200);
     }
 
     #[test]
     fn unknown_paths_are_404_json() {
         let (api, _) = new_api(accepting());
-        for target in [
-            "/nope",
-            "/runs/a/b",
-            "/runs/a/log/x",
-            "/job_start/x",
-            "/%2e%2e/etc",
-        ] {
+        for target in ["/nope", "/runs/a/b", "/runs/a/log/x", "/job_start/x"] {
             let r = reply(get(&api, target));
             assert_eq!(r.status, 404, "{target}");
             assert_eq!(body(&r)["error"], "no such endpoint");
         }
+        let r = reply(get(&api, "/%2e%2e/etc"));
+        assert_eq!(r.status, 400);
+        assert!(body(&r)["error"].as_str().unwrap().contains("'..'"));
     }
 
     #[test]
@@ -1012,7 +835,7 @@ mod tests {
                 Message::Query(Query::Runs(RunFilter {
                     job: None,
                     state: None,
-                    limit: DEFAULT_RUN_LIMIT
+                    limit: crate::route::DEFAULT_RUN_LIMIT
                 })),
                 Message::Query(Query::Runs(RunFilter {
                     job: Some("build".into()),
@@ -1092,10 +915,7 @@ mod tests {
             Outcome::Reply(_)
         ));
         // HEAD never streams.
-        let head = api.handle(&HttpRequest {
-            method: Method::Head,
-            target: "/runs/run-1/log?follow=1".into(),
-        });
+        let head = send(&api, Method::Head, "/runs/run-1/log?follow=1");
         assert!(matches!(head, Outcome::Reply(_)));
         assert_eq!(reply(get(&api, "/runs/run-1/log?follow=maybe")).status, 400);
         assert_eq!(reply(get(&api, "/runs/nope/log")).status, 404);

@@ -1,4 +1,5 @@
-//! Bearer tokens: the token file, scopes, and which scope each request needs.
+//! Bearer tokens: the token file, scopes, and the check of a presented token against the
+//! scope a request needs (which [`crate::route`] decides).
 //!
 //! A token is `jobz_` followed by 32 random bytes in base64url. The file keeps only each
 //! token's SHA-256, one token per line:
@@ -25,8 +26,6 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use sha2::{Digest, Sha256};
-
-use crate::api::Method;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -233,15 +232,14 @@ impl Tokens {
         self.by_hash.get(&hash_token(token))
     }
 
-    /// Decides a request: `Ok` to serve it, `Err` with the reason otherwise.
-    /// `authorization` is the `Authorization` header, if any.
+    /// Decides a request that needs `needed` (`None`: open): `Ok` to serve it, `Err` with
+    /// the reason otherwise. `authorization` is the `Authorization` header, if any.
     pub fn check(
         &self,
-        method: &Method,
-        target: &str,
+        needed: Option<Scope>,
         authorization: Option<&str>,
     ) -> Result<Option<&Holder>, Denied> {
-        let Some(needed) = required_scope(method, target) else {
+        let Some(needed) = needed else {
             return Ok(None);
         };
         let token = match authorization {
@@ -299,24 +297,6 @@ impl Denied {
             Denied::UnknownToken => "invalid token".into(),
             Denied::Scope { needed, .. } => format!("this token lacks the {needed} scope"),
         }
-    }
-}
-
-/// The scope a request needs, or `None` for the open `/healthz`. Decided on the path alone
-/// (the query string never grants anything), before any handler runs.
-pub fn required_scope(method: &Method, target: &str) -> Option<Scope> {
-    let path = target.split(['?', '#']).next().unwrap_or("");
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match segments.as_slice() {
-        ["healthz"] if matches!(method, Method::Get | Method::Head) => None,
-        ["job_start"] => Some(Scope::Trigger),
-        ["dead", _, "retry"] => Some(Scope::Admin),
-        _ => match method {
-            Method::Get | Method::Head => Some(Scope::Read),
-            // Nothing but GET and HEAD is served; make sure a refusal says nothing
-            // to a caller without a token.
-            Method::Other(_) => Some(Scope::Read),
-        },
     }
 }
 
@@ -477,46 +457,6 @@ mod tests {
     }
 
     #[test]
-    fn scopes_map_to_endpoints() {
-        let get = Method::Get;
-        let head = Method::Head;
-        assert_eq!(required_scope(&get, "/healthz"), None);
-        assert_eq!(required_scope(&head, "/healthz?x=1"), None);
-        for target in [
-            "/",
-            "/runs",
-            "/runs/r1",
-            "/runs/r1/log?follow=1",
-            "/jobs",
-            "/workers",
-            "/dead",
-            "/semaphores",
-            "/metrics",
-            "/no/such",
-        ] {
-            assert_eq!(required_scope(&get, target), Some(Scope::Read), "{target}");
-        }
-        assert_eq!(
-            required_scope(&get, "/job_start?job_name=x"),
-            Some(Scope::Trigger)
-        );
-        assert_eq!(
-            required_scope(&get, "//job_start/?job_name=x"),
-            Some(Scope::Trigger)
-        );
-        assert_eq!(required_scope(&get, "/dead/t1/retry"), Some(Scope::Admin));
-        // The query string cannot make a path look like /healthz.
-        assert_eq!(
-            required_scope(&get, "/job_start?/healthz"),
-            Some(Scope::Trigger)
-        );
-        assert_eq!(
-            required_scope(&Method::Other("POST".into()), "/healthz"),
-            Some(Scope::Read)
-        );
-    }
-
-    #[test]
     fn checks_give_401_without_a_valid_token_and_403_without_the_scope() {
         let read = new_token().unwrap();
         let trigger = new_token().unwrap();
@@ -528,61 +468,50 @@ mod tests {
         ]
         .join("\n");
         let t = tokens(&file).unwrap();
-        let get = Method::Get;
+        let (read_scope, trigger_scope, admin_scope) =
+            (Some(Scope::Read), Some(Scope::Trigger), Some(Scope::Admin));
         let bearer = |tok: &str| format!("Bearer {tok}");
-        assert_eq!(t.check(&get, "/healthz", None), Ok(None));
-        assert_eq!(t.check(&get, "/runs", None), Err(Denied::NoToken));
+        assert_eq!(t.check(None, None), Ok(None));
+        assert_eq!(t.check(read_scope, None), Err(Denied::NoToken));
         assert_eq!(
-            t.check(&get, "/runs", Some("Bearer nope")),
+            t.check(read_scope, Some("Bearer nope")),
             Err(Denied::UnknownToken)
         );
+        assert_eq!(t.check(read_scope, Some("Digest x")), Err(Denied::Unusable));
         assert_eq!(
-            t.check(&get, "/runs", Some("Digest x")),
-            Err(Denied::Unusable)
-        );
-        assert_eq!(
-            t.check(&get, "/runs", Some(&bearer(&read)))
+            t.check(read_scope, Some(&bearer(&read)))
                 .unwrap()
                 .unwrap()
                 .name,
             "r"
         );
-        let denied = t
-            .check(&get, "/job_start?job_name=x", Some(&bearer(&read)))
-            .unwrap_err();
+        let denied = t.check(trigger_scope, Some(&bearer(&read))).unwrap_err();
         assert_eq!(denied.status(), 403);
         assert_eq!(Denied::NoToken.status(), 401);
-        assert!(t
-            .check(&get, "/job_start?job_name=x", Some(&bearer(&trigger)))
-            .is_ok());
+        assert!(t.check(trigger_scope, Some(&bearer(&trigger))).is_ok());
         assert_eq!(
-            t.check(&get, "/runs", Some(&bearer(&trigger)))
+            t.check(read_scope, Some(&bearer(&trigger)))
                 .unwrap_err()
                 .status(),
             403
         );
         assert_eq!(
-            t.check(&get, "/dead/t/retry", Some(&bearer(&trigger)))
+            t.check(admin_scope, Some(&bearer(&trigger)))
                 .unwrap_err()
                 .status(),
             403
         );
-        for target in [
-            "/dead/t/retry",
-            "/job_start?job_name=x",
-            "/runs",
-            "/metrics",
-        ] {
-            assert!(
-                t.check(&get, target, Some(&bearer(&admin))).is_ok(),
-                "{target}"
-            );
+        for needed in [admin_scope, trigger_scope, read_scope] {
+            assert!(t.check(needed, Some(&bearer(&admin))).is_ok(), "{needed:?}");
         }
         // Basic with the token as the password; any user name.
         let basic = format!("Basic {}", STANDARD.encode(format!("me:{read}")));
-        assert!(t.check(&get, "/", Some(&basic)).is_ok());
+        assert!(t.check(read_scope, Some(&basic)).is_ok());
         let basic_user = format!("Basic {}", STANDARD.encode(format!("{read}:")));
-        assert_eq!(t.check(&get, "/", Some(&basic_user)), Err(Denied::Unusable));
+        assert_eq!(
+            t.check(read_scope, Some(&basic_user)),
+            Err(Denied::Unusable)
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! the broker only through the shared crate's `Client`.
 //!
 //! # Layout
-//! - [`api`]: routing and handlers, a parsed request in, an `Outcome` out; start reading here.
-//! - [`query`]: strict request-target parsing (percent-decoding, repeated keys, limits).
+//! - [`route`]: the one parse of a request: method and target to a typed `Route` and the
+//!   scope it needs; start reading here.
+//! - [`api`]: the handlers, a `Route` in, an `Outcome` out.
+//! - [`query`]: strict percent-decoding and query strings (repeated keys, limits).
 //! - [`views`]: the broker's views as API JSON and the plain-text run log.
 //! - [`broker`]: the `Broker` trait the handlers use (the real one is `jobz::client::Client`).
 //! - [`waiter`]: `job_start?wait=`: requests held open on one thread until their run ends.
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod metrics;
 pub mod query;
 pub mod relay;
+pub mod route;
 pub mod security;
 pub mod server;
 pub mod tls;

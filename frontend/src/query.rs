@@ -1,4 +1,5 @@
-//! Strict parsing of HTTP request targets: the path and the query string.
+//! Strict percent-decoding of request-target components and of the query string; the
+//! target as a whole is read by [`crate::route`], which uses these.
 //!
 //! Parameter values end up in shell commands (shell-quoted by the worker, validated by the
 //! broker), so nothing here is lenient. The rules:
@@ -10,7 +11,7 @@
 //!   replaced by U+FFFD);
 //! - an empty key and a repeated key are errors.
 //!
-//! Path segments are decoded the same way except that `+` stays a `+`.
+//! Path segments are decoded the same way except that `+` stays a `+` ([`decode`]).
 
 use std::collections::BTreeMap;
 
@@ -33,7 +34,7 @@ pub enum TargetError {
         len: usize,
     },
     /// Neither `/path` nor `http://host/path`.
-    #[error("request target must start with '/'")]
+    #[error("request target must be /path or http(s)://host/path")]
     NotOriginForm,
     /// A `%` not followed by two hex digits.
     #[error("bad percent-escape {escape:?} in {what} (a '%' must be followed by two hex digits)")]
@@ -67,48 +68,6 @@ impl TargetError {
     }
 }
 
-/// A parsed request target.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Decoded path segments: `/runs/abc/log` is `["runs", "abc", "log"]`, `/` is `[]`.
-    pub segments: Vec<String>,
-    /// Decoded query parameters.
-    pub query: QueryParams,
-}
-
-/// Parses a request target as sent on the request line.
-pub fn parse_target(target: &str) -> Result<Target, TargetError> {
-    if target.len() > MAX_TARGET_BYTES {
-        return Err(TargetError::TooLong { len: target.len() });
-    }
-    // Absolute form (`GET http://host/path`), which proxies send: keep the path onwards.
-    let target = match target
-        .strip_prefix("http://")
-        .or_else(|| target.strip_prefix("https://"))
-    {
-        Some(rest) => match rest.find('/') {
-            Some(i) => &rest[i..],
-            None => "/",
-        },
-        None => target,
-    };
-    if !target.starts_with('/') {
-        return Err(TargetError::NotOriginForm);
-    }
-    // A fragment is never sent by a browser; drop one if a script sends it.
-    let target = target.split_once('#').map_or(target, |(t, _)| t);
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let segments = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| decode(s, false, "the path"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Target {
-        segments,
-        query: parse_query(query)?,
-    })
-}
-
 /// Parses a query string (without the `?`) by the rules in the module documentation.
 pub fn parse_query(raw: &str) -> Result<QueryParams, TargetError> {
     let mut params = QueryParams::new();
@@ -131,7 +90,8 @@ pub fn parse_query(raw: &str) -> Result<QueryParams, TargetError> {
 }
 
 /// Decodes one component strictly: bad escapes and non-UTF-8 results are errors.
-fn decode(raw: &str, plus_is_space: bool, what: &str) -> Result<String, TargetError> {
+/// `what` names the component in the error (`the path`, `a parameter name`).
+pub(crate) fn decode(raw: &str, plus_is_space: bool, what: &str) -> Result<String, TargetError> {
     let bytes = raw.as_bytes();
     let mut i = 0;
     while let Some(offset) = bytes[i..].iter().position(|&b| b == b'%') {
@@ -272,42 +232,5 @@ mod tests {
             q("a=1&%61=2").unwrap_err(),
             TargetError::Repeated("a".into())
         );
-    }
-
-    #[test]
-    fn parses_paths_and_queries() {
-        let t = parse_target("/runs/abc/log?follow=1").unwrap();
-        assert_eq!(t.segments, ["runs", "abc", "log"]);
-        assert_eq!(t.query["follow"], "1");
-        assert!(parse_target("/").unwrap().segments.is_empty());
-        assert_eq!(parse_target("/runs/").unwrap().segments, ["runs"]);
-        assert_eq!(parse_target("/a%20b+c").unwrap().segments, ["a b+c"]);
-        assert_eq!(parse_target("/a%2Fb").unwrap().segments, ["a/b"]);
-        assert_eq!(
-            parse_target("http://example:6769/jobs?x=1")
-                .unwrap()
-                .segments,
-            ["jobs"]
-        );
-        assert_eq!(parse_target("/jobs#frag").unwrap().segments, ["jobs"]);
-    }
-
-    #[test]
-    fn refuses_bad_targets() {
-        assert_eq!(parse_target("*").unwrap_err(), TargetError::NotOriginForm);
-        assert!(matches!(
-            parse_target("/runs/%zz"),
-            Err(TargetError::BadEscape { .. })
-        ));
-        assert!(matches!(
-            parse_target("/runs/%ff"),
-            Err(TargetError::NotUtf8 { .. })
-        ));
-        let long = format!("/job_start?job_name=x&v={}", "a".repeat(MAX_TARGET_BYTES));
-        let err = parse_target(&long).unwrap_err();
-        assert_eq!(err.status(), 414);
-        let exact = format!("/?v={}", "a".repeat(MAX_TARGET_BYTES - 4));
-        assert_eq!(exact.len(), MAX_TARGET_BYTES);
-        assert!(parse_target(&exact).is_ok());
     }
 }

@@ -3,8 +3,8 @@
 //! Protected mode (as in Redis): a frontend with neither tokens nor a client CA answers
 //! anyone who can connect, so it only listens on a loopback address unless the operator
 //! says `--insecure`. On the main listener with tokens, every request but `/healthz` needs
-//! a token with the right scope (see [`crate::auth`]); the optional health listener serves
-//! `/healthz` and `/metrics` only, to anyone.
+//! a token with the scope of its route (see [`crate::route`] and [`crate::auth`]); the
+//! optional health listener serves `/healthz` and `/metrics` only, to anyone.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,8 +13,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::api::{HttpReply, HttpRequest, Method};
+use crate::api::HttpReply;
 use crate::auth::Tokens;
+use crate::route::Parsed;
 use crate::tls::TlsFiles;
 
 /// Concurrent connections per listener when `--max-connections` is not given.
@@ -169,24 +170,22 @@ pub enum Listener {
 }
 
 /// Decides whether a request reaches the handlers: `Err` is the answer to send instead.
+/// Both listeners judge the request by its [`Parsed`] route, the value the handlers take.
 pub fn gate(
     listener: Listener,
     tokens: Option<&Tokens>,
-    request: &HttpRequest,
+    request: &Parsed,
     authorization: Option<&str>,
 ) -> Result<(), HttpReply> {
     match listener {
         Listener::Health => {
-            let path = request.target.split('?').next().unwrap_or("");
-            let open = matches!(path, "/healthz" | "/metrics")
-                && matches!(request.method, Method::Get | Method::Head);
-            if open {
+            if request.endpoint().is_some_and(|e| e.is_health()) {
                 Ok(())
             } else {
                 Err(HttpReply::error(
                     404,
                     "this listener serves only /healthz and /metrics",
-                    &[("path", json!(path.chars().take(200).collect::<String>()))],
+                    &[("path", json!(request.log_path))],
                 ))
             }
         }
@@ -194,7 +193,7 @@ pub fn gate(
             let Some(tokens) = tokens else {
                 return Ok(());
             };
-            match tokens.check(&request.method, &request.target, authorization) {
+            match tokens.check(request.scope(), authorization) {
                 Ok(_) => Ok(()),
                 Err(denied) => {
                     let mut reply = HttpReply::error(denied.status(), &denied.message(), &[]);
@@ -263,10 +262,7 @@ mod tests {
             Path::new("t"),
         )
         .unwrap();
-        let get = |target: &str| HttpRequest {
-            method: Method::Get,
-            target: target.into(),
-        };
+        let get = |target: &str| crate::route::parse(&crate::route::Method::Get, target);
         let reply = gate(Listener::Main, Some(&tokens), &get("/runs"), None).unwrap_err();
         assert_eq!(reply.status, 401);
         assert!(reply
@@ -287,8 +283,17 @@ mod tests {
         assert!(gate(Listener::Main, None, &get("/job_start?job_name=x"), None).is_ok());
 
         assert!(gate(Listener::Health, None, &get("/healthz"), None).is_ok());
+        assert!(gate(Listener::Health, None, &get("http://x/%68ealthz/"), None).is_ok());
         assert!(gate(Listener::Health, None, &get("/metrics"), None).is_ok());
-        for target in ["/runs", "/job_start?job_name=x", "/", "/metrics/x"] {
+        for target in [
+            "/runs",
+            "/job_start?job_name=x",
+            "/",
+            "/metrics/x",
+            "/metrics/../job_start?job_name=x",
+            "/healthz%2F..%2Fjob_start",
+            "http://x/dead/t/retry",
+        ] {
             let reply = gate(Listener::Health, Some(&tokens), &get(target), Some(&bearer));
             assert_eq!(reply.unwrap_err().status, 404, "{target}");
         }

@@ -20,12 +20,13 @@ use jobz::client::{Client, ClientConfig};
 use jobz::message::{Role, RunView};
 use jobz::socket::BrokerAddr;
 
-use crate::api::{Api, HttpReply, HttpRequest, Method, Outcome, WaitRequest};
+use crate::api::{Api, HttpReply, Outcome, WaitRequest};
 use crate::auth::Tokens;
 use crate::broker::Broker;
 use crate::follow;
 use crate::metrics::Stats;
 use crate::relay::{OpenCount, Relay};
+use crate::route::{self, Method};
 use crate::security::{self, Exposure, Listener, Prepared, Security};
 use crate::waiter::{self, Responder};
 
@@ -317,14 +318,13 @@ impl Shell {
 
     fn on_request(&self, request: tiny_http::Request) {
         let started = Instant::now();
-        let http = HttpRequest {
-            method: match request.method() {
-                tiny_http::Method::Get => Method::Get,
-                tiny_http::Method::Head => Method::Head,
-                other => Method::Other(other.as_str().to_owned()),
-            },
-            target: request.url().to_owned(),
+        let method = match request.method() {
+            tiny_http::Method::Get => Method::Get,
+            tiny_http::Method::Head => Method::Head,
+            other => Method::Other(other.as_str().to_owned()),
         };
+        // The one reading of the target: the gate and the handlers both take this.
+        let parsed = route::parse(&method, request.url());
         let authorization = request
             .headers()
             .iter()
@@ -334,27 +334,21 @@ impl Shell {
             request,
             stats: self.api.stats.clone(),
             started,
+            method,
+            path: parsed.log_path.clone(),
         };
         let admitted = security::gate(
             self.listener,
             self.tokens.as_deref(),
-            &http,
+            &parsed,
             authorization.as_deref(),
         );
         if let Err(reply) = admitted {
-            let path: String = http
-                .target
-                .split('?')
-                .next()
-                .unwrap_or("")
-                .chars()
-                .take(200)
-                .collect();
-            info!(status = reply.status, %path, "request not authorised");
+            info!(status = reply.status, path = %parsed.log_path, "request not authorised");
             pending.respond(reply);
             return;
         }
-        match self.api.handle(&http) {
+        match self.api.handle(parsed.route) {
             Outcome::Reply(reply) => pending.respond(reply),
             Outcome::Wait(wait) => {
                 if let Err(e) = self.waits.send((pending, wait)) {
@@ -429,23 +423,23 @@ struct Pending {
     request: tiny_http::Request,
     stats: Arc<Stats>,
     started: Instant,
+    /// For the log line.
+    method: Method,
+    /// For the log line: the path without the query (which can be 64 KiB of parameters).
+    path: String,
 }
 
 impl Responder for Pending {
     fn respond(self, reply: HttpReply) {
         let status = reply.status;
         self.stats.record(status);
-        let method = self.request.method().as_str().to_owned();
-        // Targets can be 64 KiB of parameters; the log needs the path only.
-        let path = self
-            .request
-            .url()
-            .split('?')
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(200)
-            .collect::<String>();
+        let method = match &self.method {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Other(other) => other.as_str(),
+        }
+        .to_owned();
+        let path = self.path;
         let elapsed_ms = self.started.elapsed().as_millis() as u64;
         if let Err(e) = self.request.respond(to_response(reply)) {
             debug!(error = %e, %path, "the client went away before the answer");

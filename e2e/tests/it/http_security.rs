@@ -108,6 +108,19 @@ fn args(list: &[&str]) -> Vec<OsString> {
     list.iter().map(OsString::from).collect()
 }
 
+/// Starts frontend `secure` on a free port with the token file and `extra` flags, and
+/// waits until it answers; returns its port.
+fn start_with_tokens(mesh: &mut Mesh, tokens: &Tokens, extra: &[&str]) -> u16 {
+    let port = free_ports(1);
+    let listen = format!("127.0.0.1:{port}");
+    let file = tokens.file.to_string_lossy().into_owned();
+    let mut flags = vec!["--listen", &listen, "--tokens", &file];
+    flags.extend_from_slice(extra);
+    mesh.start_frontend("secure", &args(&flags));
+    wait_listening(mesh, "secure", port);
+    port
+}
+
 #[test]
 fn tokens_gate_every_endpoint_by_scope() {
     let mut mesh = Mesh::builder().worker("w1", JOBS).start();
@@ -121,20 +134,9 @@ fn tokens_gate_every_endpoint_by_scope() {
     }
     assert_eq!(text.matches("sha256:").count(), 3, "{text}");
 
-    let port = free_ports(1);
     let health = free_ports(1);
-    mesh.start_frontend(
-        "secure",
-        &args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--tokens",
-            &tokens.file.to_string_lossy(),
-            "--health-listen",
-            &format!("127.0.0.1:{health}"),
-        ]),
-    );
-    wait_listening(&mesh, "secure", port);
+    let health_listen = format!("127.0.0.1:{health}");
+    let port = start_with_tokens(&mut mesh, &tokens, &["--health-listen", &health_listen]);
     let stderr = mesh.stderr_of("secure");
     assert!(stderr.contains("authenticated: tokens"), "{stderr}");
 
@@ -202,16 +204,7 @@ fn tokens_gate_every_endpoint_by_scope() {
     assert_eq!(str_of(&run, "job"), "hello");
 
     // admin: re-runs a dead task; read and trigger may not.
-    let r = get(port, &job_start_path("doomed", &[]), &bearer(&tokens.admin));
-    assert_eq!(r.status, 202, "{}", r.text());
-    let doomed = str_of(&json(&r), "run_id").to_owned();
-    let entry = wait_for(DEADLINE, "the doomed task in the dead list", || {
-        let dead = json(&get(port, "/dead", &bearer(&tokens.admin)));
-        list_of(&dead, "dead")
-            .into_iter()
-            .find(|d| d["run_id"] == doomed.as_str())
-            .ok_or_else(|| dead.to_string())
-    });
+    let entry = dead_task(port, &tokens.admin);
     let retry = str_of(&entry, "retry_url").to_owned();
     assert!(retry.ends_with("/retry"), "{entry}");
     assert_eq!(get(port, &retry, &bearer(&tokens.read)).status, 403);
@@ -231,6 +224,20 @@ fn tokens_gate_every_endpoint_by_scope() {
         let r = get(health, path, &bearer(&tokens.admin));
         assert_eq!(r.status, 404, "{path} on the health listener: {}", r.text());
     }
+}
+
+/// Runs job `doomed` (with the admin token) and waits for its task in the dead list.
+fn dead_task(port: u16, admin: &str) -> Value {
+    let r = get(port, &job_start_path("doomed", &[]), &bearer(admin));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let doomed = str_of(&json(&r), "run_id").to_owned();
+    wait_for(DEADLINE, "the doomed task in the dead list", || {
+        let dead = json(&get(port, "/dead", &bearer(admin)));
+        list_of(&dead, "dead")
+            .into_iter()
+            .find(|d| d["run_id"] == doomed.as_str())
+            .ok_or_else(|| dead.to_string())
+    })
 }
 
 /// Runs the frontend with `flags` and returns its exit status and output; it must exit.
@@ -597,4 +604,93 @@ fn base64_encode(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+// ---- One parse decides the route and its scope -------------------------------------------
+
+/// `GET target` with a read token, as raw bytes: the target goes on the wire exactly as
+/// written (absolute-form, encoded letters, dot segments).
+fn read_get(port: u16, target: &str, token: &str) -> HttpResponse {
+    get(port, target, &bearer(token))
+}
+
+#[test]
+fn a_read_token_cannot_trigger_or_retry_through_a_disguised_target() {
+    let mut mesh = Mesh::builder().worker("w1", JOBS).start();
+    mesh.wait_workers_live(1);
+    let tokens = tokens_in(mesh.dir());
+    let port = start_with_tokens(&mut mesh, &tokens, &[]);
+
+    // A dead task to aim the retries at.
+    let entry = dead_task(port, &tokens.admin);
+    let task = str_of(&entry, "task_id").to_owned();
+
+    // Each names /job_start to a router that percent-decodes and takes absolute-form
+    // targets: the scope must be judged on the same reading (403), or the target refused.
+    let q = "?job_name=hello";
+    let triggers: Vec<(String, u16)> = vec![
+        (format!("/job%5Fstart{q}"), 403),
+        (format!("/%6Aob_start{q}"), 403),
+        (format!("/job_star%74{q}"), 403),
+        (format!("/%6a%6f%62%5f%73%74%61%72%74{q}"), 403),
+        (format!("http://x/job_start{q}"), 403),
+        (format!("HTTP://x/job_start{q}"), 403),
+        (format!("https://x:1/job%5Fstart{q}"), 403),
+        (format!("http://x/job_start/{q}"), 403),
+        (format!("/job_start/{q}"), 403),
+        (format!("//job_start{q}"), 400),
+        (format!("/./job_start{q}"), 400),
+        (format!("/runs/../job_start{q}"), 400),
+        (format!("/healthz/%2e%2e/job_start{q}"), 400),
+        (format!("/x%2F..%2Fjob_start{q}"), 400),
+        ("/job_start%3Fjob_name=hello".to_owned(), 404),
+        (format!("/job_start#/healthz{q}"), 400),
+        (format!("http://x{q}/job_start"), 200),
+    ];
+    // The same for /dead/{task}/retry, which needs admin.
+    let retries: Vec<(String, u16)> = vec![
+        (format!("/dead/{task}/%72etry"), 403),
+        (format!("/dead/{task}/retr%79"), 403),
+        (format!("/%64ead/{task}/retry"), 403),
+        (format!("/dead/{task}/retry/"), 403),
+        (format!("http://x/dead/{task}/retry"), 403),
+        (format!("http://x/dead/{task}/%52etry"), 404),
+        (format!("/dead/{task}/./retry"), 400),
+        (format!("/dead/{task}/x/../retry"), 400),
+        (format!("/dead/{task}%2Fretry"), 400),
+        (format!("/dead//{task}/retry"), 400),
+    ];
+    let mut wrong = Vec::new();
+    for (target, expected) in triggers.iter().chain(&retries) {
+        let r = read_get(port, target, &tokens.read);
+        if r.status != *expected {
+            wrong.push(format!("{target}: {} {}", r.status, r.text()));
+        }
+    }
+    // Nothing ran and nothing was retried, whatever the answers said.
+    let runs = json(&get(port, "/runs?job=hello", &bearer(&tokens.admin)));
+    let hello_runs = list_of(&runs, "runs");
+    let runs = json(&get(port, "/runs?job=doomed", &bearer(&tokens.admin)));
+    let doomed_runs = list_of(&runs, "runs");
+    let dead = json(&get(port, "/dead", &bearer(&tokens.admin)));
+    let still_dead = list_of(&dead, "dead")
+        .into_iter()
+        .find(|d| d["task_id"] == task.as_str());
+    assert!(
+        wrong.is_empty() && hello_runs.is_empty() && doomed_runs.len() == 1,
+        "disguised targets got through a read token: {wrong:#?}\nruns of hello: \
+         {hello_runs:?}\nruns of doomed: {doomed_runs:?}"
+    );
+    let still_dead = still_dead.expect("the dead task is still listed");
+    assert!(still_dead["retried_as"].is_null(), "{still_dead}");
+
+    // The real thing still works for the tokens that hold the scope.
+    let r = get(port, &format!("/job%5Fstart{q}"), &bearer(&tokens.trigger));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let r = get(
+        port,
+        &format!("/dead/{task}/%72etry"),
+        &bearer(&tokens.admin),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
 }

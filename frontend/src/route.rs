@@ -1,0 +1,945 @@
+//! What a request asks for, decided once: the method and the raw request target become a
+//! typed [`Route`] (or an [`Invalid`] request), and everything after this reads that value.
+//!
+//! The gate takes the scope from [`Parsed::scope`] and the handlers take the [`Route`], so
+//! the two can never disagree about which endpoint a target names: no other code reads the
+//! raw target. (They once did: the gate read `/job%5Fstart` as a read-only path while the
+//! router decoded it to `/job_start` and started the job.)
+//!
+//! The rules for the target:
+//! - at most [`MAX_TARGET_BYTES`] (414);
+//! - origin-form `/path?query`, or absolute-form `http://authority/path?query` (scheme in
+//!   any case; RFC 9112 §3.2.2 makes servers accept it), whose authority is dropped: it
+//!   must be non-empty and hold no `@` (user info). Anything else is 400;
+//! - no `#`: a fragment never belongs in a request target (400);
+//! - path segments are percent-decoded strictly (see [`crate::query`]), so `/job%5Fstart`
+//!   *is* `/job_start`, for the scope as for the handler;
+//! - refused with 400: an empty segment (`//`, except one trailing `/`), a `.` or `..`
+//!   segment (encoded or not), a segment holding `/` or `\` after decoding (`%2F`, `%5C`),
+//!   and control characters;
+//! - the query is parsed strictly ([`crate::query::parse_query`]) and each endpoint takes
+//!   only its own parameters.
+
+use std::time::Duration;
+
+use jobz::message::{Params, RunState};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::auth::Scope;
+use crate::query::{decode, parse_query, QueryParams, TargetError, MAX_TARGET_BYTES};
+
+/// Longest `wait=` accepted, in seconds.
+pub const MAX_WAIT_SECS: f64 = 3600.0;
+
+/// Runs listed when `limit` is not given.
+pub const DEFAULT_RUN_LIMIT: u32 = 50;
+
+/// Most runs one list may hold.
+pub const MAX_RUN_LIMIT: u32 = 1000;
+
+/// Dead tasks listed when `limit` is not given.
+pub const DEFAULT_DEAD_LIMIT: u32 = 50;
+
+/// Most dead tasks one list may hold.
+pub const MAX_DEAD_LIMIT: u32 = 1000;
+
+/// How much of a path goes into a log line.
+const LOG_PATH_CHARS: usize = 200;
+
+/// The request method.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `HEAD`: answered like `GET`; the server drops the body. Never starts anything.
+    Head,
+    /// Anything else: refused with 405.
+    Other(String),
+}
+
+/// The endpoints, without their arguments: what decides the scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/`.
+    Dashboard,
+    /// `/job_start`.
+    JobStart,
+    /// `/runs`.
+    Runs,
+    /// `/runs/{id}`.
+    Run,
+    /// `/runs/{id}/log`.
+    RunLog,
+    /// `/jobs`.
+    Jobs,
+    /// `/workers`.
+    Workers,
+    /// `/dead`.
+    Dead,
+    /// `/dead/{task}/retry`.
+    RetryDead,
+    /// `/semaphores`.
+    Semaphores,
+    /// `/healthz`.
+    Healthz,
+    /// `/metrics`.
+    Metrics,
+}
+
+impl Endpoint {
+    /// The scope a token needs here; `None` for the open `/healthz`.
+    pub fn scope(self) -> Option<Scope> {
+        match self {
+            Endpoint::Healthz => None,
+            Endpoint::JobStart => Some(Scope::Trigger),
+            Endpoint::RetryDead => Some(Scope::Admin),
+            Endpoint::Dashboard
+            | Endpoint::Runs
+            | Endpoint::Run
+            | Endpoint::RunLog
+            | Endpoint::Jobs
+            | Endpoint::Workers
+            | Endpoint::Dead
+            | Endpoint::Semaphores
+            | Endpoint::Metrics => Some(Scope::Read),
+        }
+    }
+
+    /// True for what the open health listener serves.
+    pub fn is_health(self) -> bool {
+        matches!(self, Endpoint::Healthz | Endpoint::Metrics)
+    }
+}
+
+/// `GET /job_start?job_name=J&k=v…`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStart {
+    /// The job.
+    pub job: String,
+    /// Every other parameter but `wait`, for the job.
+    pub params: Params,
+    /// `wait=SECONDS`, when given and not zero.
+    pub wait: Option<Duration>,
+}
+
+/// `GET /runs?job=&state=&tag=&limit=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunsQuery {
+    /// Only runs of this job.
+    pub job: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// Only runs of jobs with this tag.
+    pub tag: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// A request the handlers serve, with its arguments parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// The dashboard page.
+    Dashboard,
+    /// Start a run.
+    JobStart(JobStart),
+    /// List runs.
+    Runs(RunsQuery),
+    /// One run.
+    Run {
+        /// Its id.
+        run_id: String,
+    },
+    /// One run's log.
+    RunLog {
+        /// Its id.
+        run_id: String,
+        /// Stream it until the run ends (never for `HEAD`).
+        follow: bool,
+    },
+    /// Known jobs.
+    Jobs,
+    /// Known workers.
+    Workers,
+    /// Tasks that failed for good.
+    Dead {
+        /// At most this many.
+        limit: u32,
+    },
+    /// Run a dead task's job again.
+    RetryDead {
+        /// The dead task.
+        task_id: String,
+    },
+    /// Barrier keys.
+    Semaphores,
+    /// Liveness.
+    Healthz,
+    /// Prometheus metrics.
+    Metrics,
+}
+
+impl Route {
+    /// The endpoint, without arguments.
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            Route::Dashboard => Endpoint::Dashboard,
+            Route::JobStart(_) => Endpoint::JobStart,
+            Route::Runs(_) => Endpoint::Runs,
+            Route::Run { .. } => Endpoint::Run,
+            Route::RunLog { .. } => Endpoint::RunLog,
+            Route::Jobs => Endpoint::Jobs,
+            Route::Workers => Endpoint::Workers,
+            Route::Dead { .. } => Endpoint::Dead,
+            Route::RetryDead { .. } => Endpoint::RetryDead,
+            Route::Semaphores => Endpoint::Semaphores,
+            Route::Healthz => Endpoint::Healthz,
+            Route::Metrics => Endpoint::Metrics,
+        }
+    }
+
+    /// The scope a token needs for this route; `None` for the open `/healthz`.
+    pub fn scope(&self) -> Option<Scope> {
+        self.endpoint().scope()
+    }
+}
+
+/// Why a request cannot be served. Every variant is a 4xx answer.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum RouteError {
+    /// Too long, not origin- or absolute-form, a bad escape, not UTF-8, a bad query.
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// Absolute-form with an empty authority or user info.
+    #[error("the authority of an absolute-form target must be a host[:port]")]
+    BadAuthority,
+    /// A `#` in the target.
+    #[error("a request target may not hold a fragment ('#')")]
+    Fragment,
+    /// `//` inside the path.
+    #[error("empty path segment ('//') in the request target")]
+    EmptySegment,
+    /// A `.` or `..` segment.
+    #[error("'.' and '..' path segments are not accepted")]
+    DotSegment,
+    /// `%2F` or `%5C` (or a raw `\`) inside a segment.
+    #[error("a path segment may not hold '/' or '\\' (encoded or not)")]
+    EncodedSeparator,
+    /// A control character in a decoded segment.
+    #[error("control character in the request path")]
+    ControlCharacter,
+    /// No endpoint has this path.
+    #[error("no such endpoint")]
+    NotFound {
+        /// The decoded path, for the answer.
+        path: String,
+    },
+    /// A method the endpoint does not take.
+    #[error("method {method} is not allowed here")]
+    Method {
+        /// The method sent.
+        method: String,
+        /// What is allowed (the `Allow` header).
+        allow: &'static str,
+    },
+    /// A parameter the endpoint does not take.
+    #[error("unknown parameter {key:?}")]
+    UnknownParameter {
+        /// The parameter.
+        key: String,
+        /// What the endpoint takes.
+        allowed: &'static [&'static str],
+    },
+    /// A parameter whose value is wrong.
+    #[error("{message}")]
+    BadValue {
+        /// The parameter.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// `/job_start` without `job_name`.
+    #[error("missing job_name")]
+    MissingJobName,
+    /// `job_name=`.
+    #[error("job_name is empty")]
+    EmptyJobName,
+}
+
+impl RouteError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::Target(e) => e.status(),
+            RouteError::NotFound { .. } => 404,
+            RouteError::Method { .. } => 405,
+            _ => 400,
+        }
+    }
+
+    /// Fields added to the JSON error beside `error`.
+    pub fn details(&self) -> Vec<(&'static str, Value)> {
+        match self {
+            RouteError::NotFound { path } => vec![("path", json!(path))],
+            RouteError::Method { allow, .. } => vec![("allow", json!(allow))],
+            RouteError::UnknownParameter { allowed, .. } => vec![("allowed", json!(allowed))],
+            RouteError::BadValue { name, value, .. } => vec![(*name, json!(value))],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `Allow` header of a 405.
+    pub fn allow(&self) -> Option<&'static str> {
+        match self {
+            RouteError::Method { allow, .. } => Some(allow),
+            _ => None,
+        }
+    }
+}
+
+/// A request that cannot be served, and the endpoint it was aimed at when that is known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    /// The endpoint the path names, if it names one.
+    pub endpoint: Option<Endpoint>,
+    /// Why it cannot be served.
+    pub error: RouteError,
+}
+
+impl Invalid {
+    /// The scope needed to be told why: the endpoint's (so a `trigger` token learns what is
+    /// wrong with its `/job_start`), else `read`, so that nobody without a token learns
+    /// anything from a refusal, not even on the open `/healthz`.
+    pub fn scope(&self) -> Option<Scope> {
+        Some(
+            self.endpoint
+                .and_then(Endpoint::scope)
+                .unwrap_or(Scope::Read),
+        )
+    }
+}
+
+/// A parsed request: the route or why there is none, and its path for log lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    /// What the request asks for.
+    pub route: Result<Route, Invalid>,
+    /// The path (without the query) for logs, at most 200 characters.
+    pub log_path: String,
+}
+
+impl Parsed {
+    /// The scope a token needs for this request; `None`: open.
+    pub fn scope(&self) -> Option<Scope> {
+        match &self.route {
+            Ok(route) => route.scope(),
+            Err(invalid) => invalid.scope(),
+        }
+    }
+
+    /// The endpoint the request names, if any.
+    pub fn endpoint(&self) -> Option<Endpoint> {
+        match &self.route {
+            Ok(route) => Some(route.endpoint()),
+            Err(invalid) => invalid.endpoint,
+        }
+    }
+}
+
+/// Parses a request: the one place that reads the raw target.
+pub fn parse(method: &Method, target: &str) -> Parsed {
+    let log_path = target
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(LOG_PATH_CHARS)
+        .collect();
+    Parsed {
+        route: route(method, target),
+        log_path,
+    }
+}
+
+fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
+    let unaimed = |error: RouteError| Invalid {
+        endpoint: None,
+        error,
+    };
+    let (path, query) = split_target(target).map_err(unaimed)?;
+    let segments = segments(path).map_err(unaimed)?;
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let endpoint = match segments.as_slice() {
+        [] => Some(Endpoint::Dashboard),
+        ["job_start"] => Some(Endpoint::JobStart),
+        ["runs"] => Some(Endpoint::Runs),
+        ["runs", _] => Some(Endpoint::Run),
+        ["runs", _, "log"] => Some(Endpoint::RunLog),
+        ["jobs"] => Some(Endpoint::Jobs),
+        ["workers"] => Some(Endpoint::Workers),
+        ["dead"] => Some(Endpoint::Dead),
+        ["dead", _, "retry"] => Some(Endpoint::RetryDead),
+        ["semaphores"] => Some(Endpoint::Semaphores),
+        ["healthz"] => Some(Endpoint::Healthz),
+        ["metrics"] => Some(Endpoint::Metrics),
+        _ => None,
+    };
+    let aimed = |error: RouteError| Invalid { endpoint, error };
+    match method {
+        Method::Get => {}
+        Method::Other(other) => {
+            return Err(aimed(RouteError::Method {
+                method: other.chars().take(32).collect(),
+                allow: "GET, HEAD",
+            }))
+        }
+        // HEAD must not start anything (link checkers and proxies send it freely).
+        Method::Head => {
+            if matches!(endpoint, Some(Endpoint::JobStart | Endpoint::RetryDead)) {
+                return Err(aimed(RouteError::Method {
+                    method: "HEAD".into(),
+                    allow: "GET",
+                }));
+            }
+        }
+    }
+    let Some(endpoint) = endpoint else {
+        return Err(unaimed(RouteError::NotFound {
+            path: format!("/{}", segments.join("/")),
+        }));
+    };
+    let query = parse_query(query).map_err(|e| aimed(e.into()))?;
+    let head = *method == Method::Head;
+    arguments(endpoint, &segments, query, head).map_err(aimed)
+}
+
+/// The endpoint's arguments from its path segments and query.
+fn arguments(
+    endpoint: Endpoint,
+    segments: &[&str],
+    mut query: QueryParams,
+    head: bool,
+) -> Result<Route, RouteError> {
+    let second = || {
+        segments
+            .get(1)
+            .map_or_else(String::new, |s| (*s).to_owned())
+    };
+    Ok(match endpoint {
+        // The dashboard and the probes ignore their query (cache busters and the like).
+        Endpoint::Dashboard => Route::Dashboard,
+        Endpoint::Healthz => Route::Healthz,
+        Endpoint::Metrics => Route::Metrics,
+        Endpoint::JobStart => Route::JobStart(job_start(query)?),
+        Endpoint::Runs => Route::Runs(runs_query(query)?),
+        Endpoint::Run => {
+            only(&query, &[])?;
+            Route::Run { run_id: second() }
+        }
+        Endpoint::RunLog => {
+            only(&query, &["follow"])?;
+            let follow = match query.remove("follow").as_deref() {
+                None | Some("0") | Some("false") | Some("no") => false,
+                Some("1") | Some("true") | Some("yes") | Some("") => true,
+                Some(other) => {
+                    return Err(bad_value("follow", other, "follow must be 1 or 0".into()))
+                }
+            };
+            Route::RunLog {
+                run_id: second(),
+                follow: follow && !head,
+            }
+        }
+        Endpoint::Jobs => {
+            only(&query, &[])?;
+            Route::Jobs
+        }
+        Endpoint::Workers => {
+            only(&query, &[])?;
+            Route::Workers
+        }
+        Endpoint::Semaphores => {
+            only(&query, &[])?;
+            Route::Semaphores
+        }
+        Endpoint::Dead => {
+            only(&query, &["limit"])?;
+            let limit = limit(&mut query, DEFAULT_DEAD_LIMIT, MAX_DEAD_LIMIT)?;
+            Route::Dead { limit }
+        }
+        Endpoint::RetryDead => {
+            only(&query, &[])?;
+            Route::RetryDead { task_id: second() }
+        }
+    })
+}
+
+fn job_start(mut query: QueryParams) -> Result<JobStart, RouteError> {
+    let job = match query.remove("job_name") {
+        Some(job) if !job.is_empty() => job,
+        Some(_) => return Err(RouteError::EmptyJobName),
+        None => return Err(RouteError::MissingJobName),
+    };
+    let wait = match query.remove("wait") {
+        None => None,
+        Some(raw) => Some(parse_wait(&raw)?).filter(|w| !w.is_zero()),
+    };
+    Ok(JobStart {
+        job,
+        params: query,
+        wait,
+    })
+}
+
+fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
+    only(&query, &["job", "state", "tag", "limit"])?;
+    let limit = limit(&mut query, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?;
+    let state = match query.remove("state").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(raw) => Some(raw.parse::<RunState>().map_err(|_| {
+            bad_value(
+                "state",
+                &raw,
+                "state must be one of pending, running, succeeded, failed, cancelled".into(),
+            )
+        })?),
+    };
+    Ok(RunsQuery {
+        job: query.remove("job").filter(|j| !j.is_empty()),
+        state,
+        tag: query.remove("tag").filter(|t| !t.is_empty()),
+        limit,
+    })
+}
+
+/// `limit=N`, from 1 to `max`.
+fn limit(query: &mut QueryParams, default: u32, max: u32) -> Result<u32, RouteError> {
+    match query.remove("limit") {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                bad_value(
+                    "limit",
+                    &raw,
+                    format!("limit must be a whole number from 1 to {max}"),
+                )
+            }),
+    }
+}
+
+/// `wait=SECONDS`: a number from 0 to [`MAX_WAIT_SECS`], fractions allowed.
+pub fn parse_wait(raw: &str) -> Result<Duration, RouteError> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && (0.0..=MAX_WAIT_SECS).contains(s))
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+        .ok_or_else(|| {
+            bad_value(
+                "wait",
+                raw,
+                format!("wait must be a number of seconds from 0 to {MAX_WAIT_SECS}"),
+            )
+        })
+}
+
+fn bad_value(name: &'static str, value: &str, message: String) -> RouteError {
+    RouteError::BadValue {
+        name,
+        value: value.to_owned(),
+        message,
+    }
+}
+
+/// Refuses parameters other than `allowed`: a typo (`stat=failed`) must not silently
+/// widen a query.
+fn only(query: &QueryParams, allowed: &'static [&'static str]) -> Result<(), RouteError> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(key) => Err(RouteError::UnknownParameter {
+            key: key.clone(),
+            allowed,
+        }),
+    }
+}
+
+/// Splits a target into its path (starting with `/`) and its query (without the `?`).
+fn split_target(target: &str) -> Result<(&str, &str), RouteError> {
+    if target.len() > MAX_TARGET_BYTES {
+        return Err(TargetError::TooLong { len: target.len() }.into());
+    }
+    if target.contains('#') {
+        return Err(RouteError::Fragment);
+    }
+    let rest = if target.starts_with('/') {
+        target
+    } else {
+        let after_scheme = strip_scheme(target).ok_or(TargetError::NotOriginForm)?;
+        let end = after_scheme.find(['/', '?']).unwrap_or(after_scheme.len());
+        let authority = &after_scheme[..end];
+        let acceptable = |c: char| !(c == '@' || c.is_whitespace() || c.is_control());
+        if authority.is_empty() || !authority.chars().all(acceptable) {
+            return Err(RouteError::BadAuthority);
+        }
+        &after_scheme[end..]
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // `http://host` and `http://host?q` name the root.
+    Ok((if path.is_empty() { "/" } else { path }, query))
+}
+
+/// `http://` or `https://` in any case, and what follows it.
+fn strip_scheme(target: &str) -> Option<&str> {
+    ["http://", "https://"].into_iter().find_map(|scheme| {
+        let head = target.get(..scheme.len())?;
+        head.eq_ignore_ascii_case(scheme)
+            .then(|| &target[scheme.len()..])
+    })
+}
+
+/// The decoded segments of a path that starts with `/`; one trailing `/` is dropped.
+fn segments(path: &str) -> Result<Vec<String>, RouteError> {
+    let inner = &path[1..];
+    let inner = inner.strip_suffix('/').unwrap_or(inner);
+    if inner.is_empty() {
+        return Ok(Vec::new());
+    }
+    inner
+        .split('/')
+        .map(|raw| {
+            if raw.is_empty() {
+                return Err(RouteError::EmptySegment);
+            }
+            let segment = decode(raw, false, "the path")?;
+            if segment.contains(['/', '\\']) {
+                return Err(RouteError::EncodedSeparator);
+            }
+            if segment == "." || segment == ".." {
+                return Err(RouteError::DotSegment);
+            }
+            if segment.chars().any(char::is_control) {
+                return Err(RouteError::ControlCharacter);
+            }
+            Ok(segment)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(target: &str) -> Result<Route, Invalid> {
+        parse(&Method::Get, target).route
+    }
+
+    fn scope(method: &Method, target: &str) -> Option<Scope> {
+        parse(method, target).scope()
+    }
+
+    fn status(target: &str) -> u16 {
+        match get(target) {
+            Ok(route) => panic!("{target} parsed as {route:?}"),
+            Err(invalid) => invalid.error.status(),
+        }
+    }
+
+    /// Every way of writing one segment with letters percent-encoded: each letter alone,
+    /// all of them, in upper and lower case hex.
+    fn encodings(segment: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, c) in segment.char_indices() {
+            for hex in [format!("%{:02X}", c as u8), format!("%{:02x}", c as u8)] {
+                out.push(format!("{}{hex}{}", &segment[..i], &segment[i + 1..]));
+            }
+        }
+        out.push(segment.bytes().map(|b| format!("%{b:02X}")).collect());
+        out
+    }
+
+    #[test]
+    fn routes_and_their_arguments() {
+        assert_eq!(get("/"), Ok(Route::Dashboard));
+        assert_eq!(get("/?anything=1"), Ok(Route::Dashboard));
+        assert_eq!(
+            get("/job_start?job_name=build&date=2026_01_02&wait=2.5"),
+            Ok(Route::JobStart(JobStart {
+                job: "build".into(),
+                params: Params::from([("date".into(), "2026_01_02".into())]),
+                wait: Some(Duration::from_millis(2500)),
+            }))
+        );
+        assert!(matches!(
+            get("/job_start?job_name=a&wait=0"),
+            Ok(Route::JobStart(JobStart { wait: None, .. }))
+        ));
+        assert_eq!(
+            get("/runs?job=build&state=failed&limit=1000&tag="),
+            Ok(Route::Runs(RunsQuery {
+                job: Some("build".into()),
+                state: Some(RunState::Failed),
+                tag: None,
+                limit: 1000,
+            }))
+        );
+        // Path segments are decoded, but `+` stays a `+` there.
+        assert_eq!(
+            get("/runs/r%201+2"),
+            Ok(Route::Run {
+                run_id: "r 1+2".into()
+            })
+        );
+        assert_eq!(
+            get("/runs/r1/log?follow=1"),
+            Ok(Route::RunLog {
+                run_id: "r1".into(),
+                follow: true
+            })
+        );
+        assert_eq!(
+            parse(&Method::Head, "/runs/r1/log?follow=1").route,
+            Ok(Route::RunLog {
+                run_id: "r1".into(),
+                follow: false
+            }),
+            "HEAD never streams"
+        );
+        assert_eq!(get("/dead"), Ok(Route::Dead { limit: 50 }));
+        assert_eq!(
+            get("/dead/t1/retry"),
+            Ok(Route::RetryDead {
+                task_id: "t1".into()
+            })
+        );
+        for (target, route) in [
+            ("/jobs", Route::Jobs),
+            ("/workers", Route::Workers),
+            ("/semaphores", Route::Semaphores),
+            ("/healthz?probe=1", Route::Healthz),
+            ("/metrics", Route::Metrics),
+            (
+                "/runs/",
+                Route::Runs(runs_query(QueryParams::new()).unwrap()),
+            ),
+        ] {
+            assert_eq!(get(target), Ok(route), "{target}");
+        }
+    }
+
+    #[test]
+    fn scopes_map_to_endpoints() {
+        let get = Method::Get;
+        assert_eq!(scope(&get, "/healthz"), None);
+        assert_eq!(scope(&Method::Head, "/healthz?x=1"), None);
+        for target in [
+            "/",
+            "/runs",
+            "/runs/r1",
+            "/runs/r1/log?follow=1",
+            "/jobs",
+            "/workers",
+            "/dead",
+            "/semaphores",
+            "/metrics",
+            "/no/such",
+        ] {
+            assert_eq!(scope(&get, target), Some(Scope::Read), "{target}");
+        }
+        assert_eq!(scope(&get, "/job_start?job_name=x"), Some(Scope::Trigger));
+        assert_eq!(scope(&get, "/dead/t1/retry"), Some(Scope::Admin));
+        // The query string cannot make a path look like /healthz.
+        assert_eq!(scope(&get, "/job_start?/healthz"), Some(Scope::Trigger));
+        // Refusals say nothing to a caller without a token, even on /healthz.
+        let post = Method::Other("POST".into());
+        assert_eq!(scope(&post, "/healthz"), Some(Scope::Read));
+        assert_eq!(scope(&get, "/healthz?%zz"), Some(Scope::Read));
+        assert_eq!(scope(&post, "/nowhere"), Some(Scope::Read));
+        // …but a trigger token is told what is wrong with its /job_start.
+        assert_eq!(scope(&post, "/job_start?job_name=x"), Some(Scope::Trigger));
+        assert_eq!(
+            scope(&get, "/job_start?job_name=x&d=%zz"),
+            Some(Scope::Trigger)
+        );
+        assert_eq!(scope(&Method::Head, "/dead/t/retry"), Some(Scope::Admin));
+    }
+
+    #[test]
+    fn encoded_letters_in_any_segment_of_a_privileged_path_keep_its_scope() {
+        let mut checked = 0;
+        type IsRoute = fn(&Route) -> bool;
+        let privileged: [(Vec<&str>, &str, Scope, IsRoute); 2] = [
+            (
+                vec!["job_start"],
+                "?job_name=j",
+                Scope::Trigger,
+                |r| matches!(r, Route::JobStart(j) if j.job == "j"),
+            ),
+            (
+                vec!["dead", "t1", "retry"],
+                "",
+                Scope::Admin,
+                |r| matches!(r, Route::RetryDead { task_id } if task_id == "t1"),
+            ),
+        ];
+        for (segments, q, scope_needed, is_route) in privileged {
+            for (i, segment) in segments.iter().enumerate() {
+                for encoded in encodings(segment) {
+                    let mut path = segments.clone();
+                    path[i] = &encoded;
+                    let path = path.join("/");
+                    for target in [
+                        format!("/{path}{q}"),
+                        format!("/{path}/{q}"),
+                        format!("http://x/{path}{q}"),
+                        format!("HTTPS://x:1/{path}{q}"),
+                    ] {
+                        let parsed = parse(&Method::Get, &target);
+                        assert_eq!(parsed.scope(), Some(scope_needed), "{target}");
+                        let route = parsed.route.unwrap_or_else(|e| panic!("{target}: {e:?}"));
+                        assert!(is_route(&route), "{target}: {route:?}");
+                        // The same target as HEAD or POST keeps the scope and is refused.
+                        for method in [Method::Head, Method::Other("POST".into())] {
+                            let parsed = parse(&method, &target);
+                            assert_eq!(parsed.scope(), Some(scope_needed), "{method:?} {target}");
+                            let error = parsed.route.unwrap_err().error;
+                            assert_eq!(error.status(), 405, "{method:?} {target}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 100, "{checked}");
+    }
+
+    #[test]
+    fn hostile_targets_are_refused_or_keep_their_scope() {
+        let get = Method::Get;
+        // Each is refused (400), whatever it names.
+        for target in [
+            "//job_start?job_name=j",
+            "/job_start//?job_name=j",
+            "/./job_start",
+            "/runs/../job_start?job_name=j",
+            "/runs/%2e%2e/job_start",
+            "/runs/%2E./job_start",
+            "/healthz/..",
+            "/dead/t/./retry",
+            "/dead/t/x/../retry",
+            "/dead//t/retry",
+            "/dead/t%2Fretry",
+            "/dead%2ft/retry",
+            "/job%5Cstart",
+            "/job\\start",
+            "/runs/a%00b",
+            "/runs/a%0Ab",
+            "/job_start#?job_name=j",
+            "/healthz#/job_start",
+            "/%zz",
+            "/%ff",
+            "http:///job_start?job_name=j",
+            "http://user@x/job_start?job_name=j",
+            "http://x y/job_start",
+            "ftp://x/job_start?job_name=j",
+            "job_start?job_name=j",
+            "*",
+            "x:1",
+            "",
+        ] {
+            let parsed = parse(&get, target);
+            let Err(invalid) = &parsed.route else {
+                panic!("{target:?} parsed as {:?}", parsed.route);
+            };
+            assert_eq!(
+                invalid.error.status(),
+                400,
+                "{target:?}: {:?}",
+                invalid.error
+            );
+            assert_eq!(parsed.scope(), Some(Scope::Read), "{target:?}");
+        }
+        // The query and the authority never decide the path.
+        assert_eq!(get_route("http://x?a=/job_start"), Route::Dashboard);
+        assert_eq!(get_route("http://x"), Route::Dashboard);
+        assert_eq!(get_route("/healthz?/job_start"), Route::Healthz);
+        assert_eq!(
+            scope(&get, "/job_start%3Fjob_name=j"),
+            Some(Scope::Read),
+            "an encoded '?' is part of the segment"
+        );
+        assert_eq!(status("/job_start%3Fjob_name=j"), 404);
+        assert_eq!(status("/Job_start?job_name=j"), 404);
+        assert_eq!(status("/job_start/x?job_name=j"), 404);
+        assert_eq!(status("/dead/t/Retry"), 404);
+        assert_eq!(status("/dead/t/retry/x"), 404);
+    }
+
+    fn get_route(target: &str) -> Route {
+        get(target).unwrap_or_else(|e| panic!("{target}: {e:?}"))
+    }
+
+    #[test]
+    fn bad_queries_are_refused_naming_the_problem() {
+        for (target, status, needle) in [
+            ("/job_start", 400, "missing job_name"),
+            ("/job_start?date=1", 400, "missing job_name"),
+            ("/job_start?job_name=", 400, "job_name is empty"),
+            ("/job_start?job_name=a&job_name=b", 400, "more than once"),
+            ("/job_start?job_name=a&=1", 400, "empty parameter name"),
+            ("/job_start?job_name=a&date=%ff%fe", 400, "not valid UTF-8"),
+            ("/job_start?job_name=a&date=%zz", 400, "bad percent-escape"),
+            ("/job_start?job_name=a&wait=abc", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=3601", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=-1", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=NaN", 400, "wait must be"),
+            ("/job_start?job_name=a&wait=inf", 400, "wait must be"),
+            ("/runs?state=bogus", 400, "state must be"),
+            ("/runs?limit=0", 400, "limit must be"),
+            ("/runs?limit=1001", 400, "limit must be"),
+            ("/runs?stat=failed", 400, "unknown parameter"),
+            ("/runs/r1?x=1", 400, "unknown parameter"),
+            ("/runs/r1/log?follow=maybe", 400, "follow must be"),
+            ("/dead?limit=ten", 400, "limit must be"),
+            ("/dead/t/retry?now=1", 400, "unknown parameter"),
+            ("/jobs?x", 400, "unknown parameter"),
+        ] {
+            let error = get(target).unwrap_err().error;
+            assert_eq!(error.status(), status, "{target}");
+            assert!(error.to_string().contains(needle), "{target}: {error}");
+        }
+        let long = format!("/job_start?job_name=a&v={}", "x".repeat(MAX_TARGET_BYTES));
+        assert_eq!(status(&long), 414);
+        let exact = format!("/?v={}", "a".repeat(MAX_TARGET_BYTES - 4));
+        assert_eq!(get(&exact), Ok(Route::Dashboard));
+    }
+
+    #[test]
+    fn only_get_and_head_are_allowed_and_head_never_starts_anything() {
+        let post = Method::Other("POST".into());
+        let error = parse(&post, "/runs").route.unwrap_err().error;
+        assert_eq!((error.status(), error.allow()), (405, Some("GET, HEAD")));
+        let error = parse(&post, "/nowhere").route.unwrap_err().error;
+        assert_eq!(error.status(), 405);
+        for target in ["/job_start?job_name=a", "/dead/t/retry"] {
+            let error = parse(&Method::Head, target).route.unwrap_err().error;
+            assert_eq!(
+                (error.status(), error.allow()),
+                (405, Some("GET")),
+                "{target}"
+            );
+        }
+        assert_eq!(parse(&Method::Head, "/").route, Ok(Route::Dashboard));
+    }
+
+    #[test]
+    fn log_paths_are_short_and_leave_out_the_query() {
+        let parsed = parse(&Method::Get, "/job_start?job_name=secret");
+        assert_eq!(parsed.log_path, "/job_start");
+        let long = format!("/{}", "a".repeat(1000));
+        assert_eq!(parse(&Method::Get, &long).log_path.len(), 200);
+    }
+}
