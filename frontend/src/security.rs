@@ -2,9 +2,10 @@
 //!
 //! Protected mode (as in Redis): a frontend with neither tokens nor a client CA answers
 //! anyone who can connect, so it only listens on a loopback address unless the operator
-//! says `--insecure`. On the main listener with tokens, every request but `/healthz` needs
-//! a token with the scope of its route (see [`crate::route`] and [`crate::auth`]); the
-//! optional health listener serves `/healthz` and `/metrics` only, to anyone.
+//! says `--insecure`; the same goes for the optional health listener, which serves `/healthz`
+//! and `/metrics` only, to anyone. On the main listener with tokens, every request but
+//! `/healthz` needs a token with the scope of its route (see [`crate::route`] and
+//! [`crate::auth`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -72,6 +73,11 @@ impl Security {
         let client_certs = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         let exposure = Exposure::decide(listen, tokens.is_some(), client_certs, self.insecure)
             .map_err(anyhow::Error::msg)?;
+        if let Some(health) = self.health_listen {
+            // Open by design, so only where protected mode would allow an open listener.
+            Exposure::decide(health, tokens.is_some(), client_certs, self.insecure)
+                .map_err(|e| anyhow::anyhow!("--health-listen: {e}"))?;
+        }
         Ok(Prepared {
             exposure,
             tokens,
@@ -252,6 +258,32 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_reachable_health_listener_needs_authentication_or_insecure() {
+        let loopback = addr("127.0.0.1:0");
+        let open_health = |health: &str, insecure: bool| Security {
+            health_listen: Some(addr(health)),
+            insecure,
+            ..Security::default()
+        };
+        let e = match open_health("0.0.0.0:0", false).prepare(loopback) {
+            Ok(_) => panic!("a reachable open health listener in protected mode started"),
+            Err(e) => format!("{e:#}"),
+        };
+        for needle in [
+            "--health-listen",
+            "protected mode",
+            "--tokens",
+            "--insecure",
+        ] {
+            assert!(e.contains(needle), "{needle} not in {e}");
+        }
+        assert!(open_health("[::]:0", false).prepare(loopback).is_err());
+        assert!(open_health("0.0.0.0:0", true).prepare(loopback).is_ok());
+        assert!(open_health("127.0.0.1:0", false).prepare(loopback).is_ok());
+        assert!(open_health("[::1]:0", false).prepare(loopback).is_ok());
     }
 
     #[test]

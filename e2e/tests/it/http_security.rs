@@ -240,23 +240,32 @@ fn dead_task(port: u16, admin: &str) -> Value {
     })
 }
 
-/// Runs the frontend with `flags` and returns its exit status and output; it must exit.
+/// Runs the frontend with `flags` and returns its exit status and output; it must exit
+/// (refuse to start) within seconds, or it is killed and the test fails.
 fn run_to_exit(flags: &[&str]) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(bin("jobz-frontend"))
         .args(flags)
         .env_remove("JOBZ_TOKENS")
         .env_remove("JOBZ_LISTEN")
+        .env_remove("JOBZ_HEALTH_LISTEN")
+        .env_remove("JOBZ_INSECURE")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let status = wait_for(DEADLINE, "the frontend to refuse to start", || {
-        child
-            .try_wait()
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "still running".to_owned())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("jobz-frontend {flags:?} started instead of refusing to");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let mut out = String::new();
     child
         .stdout
@@ -285,6 +294,25 @@ fn protected_mode_refuses_a_reachable_listener_without_authentication() {
         "protected mode",
     ] {
         assert!(out.contains(flag), "{flag} not in {out:?}");
+    }
+
+    // The open health listener obeys protected mode too.
+    let (status, out) = run_to_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--health-listen",
+        "0.0.0.0:0",
+        "--broker",
+        "127.0.0.1:1",
+    ]);
+    assert!(!status.success(), "{out}");
+    for needle in [
+        "--health-listen",
+        "protected mode",
+        "--tokens",
+        "--insecure",
+    ] {
+        assert!(out.contains(needle), "{needle} not in {out:?}");
     }
 
     // A malformed token file stops the start with file:line.
