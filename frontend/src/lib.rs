@@ -15,10 +15,12 @@
 //! - [`server`]: the thin `tiny_http` shell and [`run`].
 //! - [`security`]: protected mode and the per-request gate; [`auth`]: tokens and scopes.
 //! - [`relay`]: the public listener in front of `tiny_http`: TLS ([`tls`]), request limits
-//!   ([`limits`]) and the connection cap.
+//!   ([`limits`]), the connection policy ([`admission`]: caps and the reserve for
+//!   authenticated clients) and the keep-alive idle timeout ([`responses`]).
 //!
 //! The dashboard (`src/dashboard.html`) is one self-contained page compiled into the binary.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod broker;
@@ -27,6 +29,7 @@ pub mod limits;
 pub mod metrics;
 pub mod query;
 pub mod relay;
+pub mod responses;
 pub mod route;
 pub mod security;
 pub mod server;

@@ -3,16 +3,20 @@
 //! `tiny_http` 0.12 reads a request line and headers into memory with no bound at all, so
 //! the guard sits where bytes enter: the relay in front of it (see [`crate::relay`]) feeds
 //! every byte from the client to a [`RequestGuard`], which holds each request head back
-//! until it is complete and within the limits, then lets the head and its body through.
+//! until it is complete and within the limits, parses it with `httparse` (hyper's parser),
+//! shows the relay what it needs of it ([`Head`]: the method, the `Authorization` header),
+//! then lets the head and its body through.
 //!
 //! - a request line longer than [`MAX_REQUEST_LINE`] bytes (64 KiB and a little): 414;
-//! - header lines totalling more than [`MAX_HEADER_BYTES`]: 431;
+//! - header lines totalling more than [`MAX_HEADER_BYTES`], or more than [`MAX_HEADERS`]
+//!   fields: 431;
+//! - a head that `httparse` cannot parse, or a line ending in a bare LF: 400;
 //! - a body longer than [`MAX_BODY_BYTES`] or a malformed `Content-Length`: 413 / 400;
 //! - `Transfer-Encoding` on a request: 400 (the API takes no request bodies, and a chunked
 //!   body could not be bounded without decoding it).
 //!
-//! Lines end at CRLF only, exactly as `tiny_http` splits them, so the guard and the server
-//! never disagree about where a head ends.
+//! Lines end at CRLF only, exactly as `tiny_http` splits them (a bare LF is refused), so
+//! the guard and the server never disagree about where a head ends.
 
 use serde_json::json;
 
@@ -39,7 +43,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: u16, message: String) -> Self {
+    /// A refusal with this status and message.
+    pub fn new(status: u16, message: String) -> Self {
         Refusal { status, message }
     }
 
@@ -52,6 +57,7 @@ impl Refusal {
             413 => "Content Too Large",
             414 => "URI Too Long",
             431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
             _ => "Error",
         };
         format!(
@@ -62,6 +68,18 @@ impl Refusal {
         )
         .into_bytes()
     }
+}
+
+/// Most header fields in one request head (hyper's default too); more: 431.
+pub const MAX_HEADERS: usize = 100;
+
+/// What the relay learns of a complete request head before it is passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// The method is `HEAD` (its answer has no body).
+    pub is_head: bool,
+    /// The first `Authorization` header, if any.
+    pub authorization: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +96,8 @@ pub struct RequestGuard {
     state: State,
     /// The head read so far.
     head: Vec<u8>,
-    /// Where the current line starts in `head`.
-    line_start: usize,
     /// Length of the request line once it is complete.
     request_line: Option<usize>,
-    content_length: Option<u64>,
 }
 
 impl Default for RequestGuard {
@@ -90,9 +105,7 @@ impl Default for RequestGuard {
         RequestGuard {
             state: State::Head,
             head: Vec::new(),
-            line_start: 0,
             request_line: None,
-            content_length: None,
         }
     }
 }
@@ -103,10 +116,15 @@ impl RequestGuard {
         self.state == State::Head && !self.head.is_empty()
     }
 
-    /// Takes bytes from the client and appends to `out` what may be passed on now. On a
-    /// refusal, `out` holds everything before the refused request; nothing after it may be
-    /// passed on.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> Result<(), Refusal> {
+    /// Takes bytes from the client and appends to `out` what may be passed on now. Each
+    /// complete head is shown to `admit` first, which may refuse it. On a refusal, `out`
+    /// holds everything before the refused request; nothing after it may be passed on.
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        out: &mut Vec<u8>,
+        admit: &mut dyn FnMut(&Head) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
         while !input.is_empty() {
             match self.state {
                 State::Body(left) => {
@@ -124,12 +142,8 @@ impl RequestGuard {
                     let byte = input[0];
                     input = &input[1..];
                     self.head.push(byte);
-                    let line_end = byte == b'\n' && self.head.len() >= 2 && {
-                        let n = self.head.len();
-                        self.head[n - 2] == b'\r'
-                    };
-                    if line_end {
-                        self.end_of_line(out)?;
+                    if byte == b'\n' {
+                        self.end_of_line(out, admit)?;
                     } else {
                         self.check_sizes()?;
                     }
@@ -174,22 +188,32 @@ impl RequestGuard {
         Ok(())
     }
 
-    fn end_of_line(&mut self, out: &mut Vec<u8>) -> Result<(), Refusal> {
+    /// A LF arrived. Lines end at CRLF only, as `tiny_http` splits them: a bare LF is
+    /// refused, so that the guard and the server never disagree about where a head ends.
+    fn end_of_line(
+        &mut self,
+        out: &mut Vec<u8>,
+        admit: &mut dyn FnMut(&Head) -> Result<(), Refusal>,
+    ) -> Result<(), Refusal> {
+        let n = self.head.len();
+        if n < 2 || self.head[n - 2] != b'\r' {
+            return Err(Refusal::new(
+                400,
+                "a line of the request head ends in a bare LF; lines end in CRLF".into(),
+            ));
+        }
         self.check_sizes()?;
-        let line = &self.head[self.line_start..self.head.len() - 2];
         if self.request_line.is_none() {
-            self.request_line = Some(line.len());
-            self.line_start = self.head.len();
+            self.request_line = Some(n - 2);
             return Ok(());
         }
-        if !line.is_empty() {
-            self.header_line(line.to_vec())?;
-            self.line_start = self.head.len();
+        if !self.head.ends_with(b"\r\n\r\n") {
             return Ok(());
         }
         // The blank line: the head is complete.
+        let (head, body) = self.read_head()?;
+        admit(&head)?;
         out.append(&mut self.head);
-        let body = self.content_length.take().unwrap_or(0);
         *self = RequestGuard::default();
         if body > 0 {
             self.state = State::Body(body);
@@ -197,30 +221,40 @@ impl RequestGuard {
         Ok(())
     }
 
-    fn header_line(&mut self, line: Vec<u8>) -> Result<(), Refusal> {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Ok(()); // tiny_http answers a malformed header itself
-        };
-        let name = String::from_utf8_lossy(&line[..colon])
-            .trim()
-            .to_ascii_lowercase();
-        let value = String::from_utf8_lossy(&line[colon + 1..])
-            .trim()
-            .to_owned();
-        match name.as_str() {
-            "transfer-encoding" => Err(Refusal::new(
-                400,
-                "Transfer-Encoding on a request is not supported: this API takes no request \
-                 bodies"
-                    .into(),
-            )),
-            "content-length" => {
+    /// Parses the complete head: what the relay needs, and the length of the body.
+    fn read_head(&self) -> Result<(Head, u64), Refusal> {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut fields);
+        match request.parse(&self.head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Refusal::new(
+                    431,
+                    format!("more than {MAX_HEADERS} header fields"),
+                ))
+            }
+            Ok(httparse::Status::Partial) | Err(_) => {
+                return Err(Refusal::new(400, "malformed request head".into()))
+            }
+        }
+        let mut content_length = None;
+        let mut authorization = None;
+        for field in request.headers.iter() {
+            let value = String::from_utf8_lossy(field.value).trim().to_owned();
+            if field.name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(Refusal::new(
+                    400,
+                    "Transfer-Encoding on a request is not supported: this API takes no \
+                     request bodies"
+                        .into(),
+                ));
+            } else if field.name.eq_ignore_ascii_case("content-length") {
                 let length = value
                     .parse::<u64>()
                     .ok()
-                    .filter(|_| value.bytes().all(|b| b.is_ascii_digit()))
+                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
                     .ok_or_else(|| Refusal::new(400, format!("bad Content-Length {value:?}")))?;
-                if self.content_length.is_some() {
+                if content_length.is_some() {
                     return Err(Refusal::new(400, "Content-Length given twice".into()));
                 }
                 if length > MAX_BODY_BYTES {
@@ -231,11 +265,16 @@ impl RequestGuard {
                         ),
                     ));
                 }
-                self.content_length = Some(length);
-                Ok(())
+                content_length = Some(length);
+            } else if field.name.eq_ignore_ascii_case("authorization") && authorization.is_none() {
+                authorization = Some(value);
             }
-            _ => Ok(()),
         }
+        let head = Head {
+            is_head: request.method == Some("HEAD"),
+            authorization,
+        };
+        Ok((head, content_length.unwrap_or(0)))
     }
 }
 
@@ -243,11 +282,15 @@ impl RequestGuard {
 mod tests {
     use super::*;
 
+    fn pass(_: &Head) -> Result<(), Refusal> {
+        Ok(())
+    }
+
     fn run(chunks: &[&[u8]]) -> (Vec<u8>, Result<(), Refusal>) {
         let mut guard = RequestGuard::default();
         let mut out = Vec::new();
         for chunk in chunks {
-            if let Err(e) = guard.feed(chunk, &mut out) {
+            if let Err(e) = guard.feed(chunk, &mut out, &mut pass) {
                 return (out, Err(e));
             }
         }
@@ -259,10 +302,10 @@ mod tests {
         let req = b"GET /runs HTTP/1.1\r\nHost: x\r\n\r\n";
         let mut guard = RequestGuard::default();
         let mut out = Vec::new();
-        guard.feed(&req[..10], &mut out).unwrap();
+        guard.feed(&req[..10], &mut out, &mut pass).unwrap();
         assert!(out.is_empty());
         assert!(guard.head_in_progress());
-        guard.feed(&req[10..], &mut out).unwrap();
+        guard.feed(&req[10..], &mut out, &mut pass).unwrap();
         assert_eq!(out, req);
         assert!(!guard.head_in_progress());
         // Pipelined requests, byte by byte.
@@ -350,5 +393,61 @@ mod tests {
         let text = String::from_utf8(response).unwrap();
         assert!(text.starts_with("HTTP/1.1 414 URI Too Long\r\n"));
         assert!(text.ends_with("\r\n\r\n{\"error\":\"x\"}"));
+    }
+
+    #[test]
+    fn bare_lf_and_unparseable_heads_are_400_and_too_many_fields_431() {
+        for raw in [
+            &b"GET / HTTP/1.1\nHost: x\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET / HTTP/1.1\r\n\n",
+            b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\n\r\n",
+            b"\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+        ] {
+            let (out, result) = run(&[raw]);
+            assert!(out.is_empty(), "{raw:?}");
+            assert_eq!(result.unwrap_err().status, 400, "{raw:?}");
+        }
+        let fields: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        assert_eq!(run(&[raw.as_bytes()]).1.unwrap_err().status, 431);
+    }
+
+    #[test]
+    fn each_head_is_shown_to_the_relay_which_may_refuse_it() {
+        let first = b"HEAD /runs HTTP/1.1\r\nauthorization: Bearer t1\r\nAuthorization: x\r\n\r\n";
+        let second = b"GET / HTTP/1.1\r\n\r\n";
+        let mut seen = Vec::new();
+        let mut guard = RequestGuard::default();
+        let mut out = Vec::new();
+        let mut admit = |head: &Head| {
+            seen.push(head.clone());
+            if seen.len() == 2 {
+                Err(Refusal::new(503, "busy".into()))
+            } else {
+                Ok(())
+            }
+        };
+        let input = [&first[..], &second[..]].concat();
+        let refusal = guard.feed(&input, &mut out, &mut admit).unwrap_err();
+        assert_eq!(refusal.status, 503);
+        assert_eq!(out, first, "the refused head is not passed on");
+        assert_eq!(
+            seen,
+            [
+                Head {
+                    is_head: true,
+                    authorization: Some("Bearer t1".into())
+                },
+                Head {
+                    is_head: false,
+                    authorization: None
+                }
+            ]
+        );
     }
 }

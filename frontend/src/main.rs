@@ -72,6 +72,46 @@ struct Args {
         value_parser = clap::value_parser!(u32).range(1..=65536)
     )]
     max_connections: u32,
+    /// Most HTTP connections open at once from one IP address, per listener (raise it for
+    /// clients behind a proxy or NAT that share one address).
+    #[arg(
+        long,
+        env = "JOBZ_MAX_CONNECTIONS_PER_ADDRESS",
+        value_name = "N",
+        default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..=65536)
+    )]
+    max_connections_per_address: u32,
+    /// Connections of --max-connections that only clients with a valid token (or client
+    /// certificate) may hold; others get 503 there. Default: a quarter of
+    /// --max-connections when --tokens or --tls-client-ca is given, else none.
+    #[arg(
+        long,
+        env = "JOBZ_RESERVED_CONNECTIONS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(0..=65535)
+    )]
+    reserved_connections: Option<u32>,
+    /// Close a keep-alive connection that sends no new request for this long after its
+    /// last answer (also the time a new connection has for its first request).
+    #[arg(
+        long,
+        env = "JOBZ_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_timeout
+    )]
+    idle_timeout: Duration,
+    /// A TLS handshake, or a request head once begun, must be complete within this
+    /// (slow or partial heads are closed).
+    #[arg(
+        long,
+        env = "JOBZ_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_timeout
+    )]
+    header_timeout: Duration,
     /// How long a request may wait for the broker before the answer is 503 (e.g. 5s, 500ms).
     #[arg(
         long,
@@ -210,6 +250,10 @@ fn main() -> ExitCode {
             insecure: args.insecure,
             health_listen: args.health_listen,
             max_connections: args.max_connections as usize,
+            max_connections_per_address: args.max_connections_per_address as usize,
+            reserved_connections: args.reserved_connections.map(|n| n as usize),
+            idle_timeout: args.idle_timeout,
+            header_timeout: args.header_timeout,
         },
     };
     match frontend::run(config, shutdown) {

@@ -18,6 +18,8 @@ pub struct Stats {
     pub waiting: AtomicU64,
     /// `/runs/{id}/log?follow=1` streams open right now.
     pub following: AtomicU64,
+    /// Connections the relay refused or closed, by reason.
+    connections_closed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Stats {
@@ -31,6 +33,14 @@ impl Stats {
     /// Answers sent so far, by status.
     pub fn responses(&self) -> BTreeMap<u16, u64> {
         self.responses.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Counts one connection refused or closed by the relay's policy (`full`,
+    /// `per_address`, `reserved`, `idle`, `header_timeout`).
+    pub fn connection_closed(&self, reason: &'static str) {
+        if let Ok(mut map) = self.connections_closed.lock() {
+            *map.entry(reason).or_default() += 1;
+        }
     }
 }
 
@@ -47,6 +57,8 @@ pub struct Snapshot {
     pub waiting: u64,
     /// Log streams open.
     pub following: u64,
+    /// Connections refused or closed by policy, by reason.
+    pub connections_closed: BTreeMap<&'static str, u64>,
 }
 
 /// Replaces every character that a Prometheus metric name may not hold with `_`.
@@ -178,6 +190,20 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Run logs being followed.",
     );
     let _ = writeln!(out, "jobz_frontend_log_streams {}", snapshot.following);
+    if !snapshot.connections_closed.is_empty() {
+        family(
+            &mut out,
+            "jobz_frontend_connections_closed_total",
+            "counter",
+            "HTTP connections refused or closed by the connection policy, by reason.",
+        );
+    }
+    for (reason, count) in &snapshot.connections_closed {
+        let _ = writeln!(
+            out,
+            "jobz_frontend_connections_closed_total{{reason=\"{reason}\"}} {count}"
+        );
+    }
     out
 }
 
@@ -188,6 +214,11 @@ impl Stats {
             responses: self.responses(),
             waiting: self.waiting.load(Ordering::Relaxed),
             following: self.following.load(Ordering::Relaxed),
+            connections_closed: self
+                .connections_closed
+                .lock()
+                .map(|m| m.clone())
+                .unwrap_or_default(),
             ..Snapshot::default()
         }
     }
@@ -211,6 +242,9 @@ mod tests {
         stats.record(202);
         stats.record(202);
         stats.record(404);
+        stats.connection_closed("idle");
+        stats.connection_closed("idle");
+        stats.connection_closed("per_address");
         let mut snapshot = stats.snapshot();
         snapshot.broker = Some(HealthView {
             version: "0.0.0".into(),
@@ -239,6 +273,8 @@ mod tests {
             "jobz_broker_live_workers 5",
             "jobz_frontend_broker_connected 1",
             "jobz_frontend_http_requests_total{code=\"202\"} 2",
+            "jobz_frontend_connections_closed_total{reason=\"idle\"} 2",
+            "jobz_frontend_connections_closed_total{reason=\"per_address\"} 1",
             "jobz_frontend_http_requests_total{code=\"404\"} 1",
             "jobz_frontend_waiting_requests 0",
         ] {

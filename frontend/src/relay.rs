@@ -1,24 +1,36 @@
-//! Where HTTP bytes enter: the public TCP listener, TLS, limits, and a connection cap, in
-//! front of `tiny_http`.
+//! Where HTTP bytes enter: the public TCP listener, TLS, limits, and the connection
+//! policy, in front of `tiny_http`.
 //!
-//! `tiny_http` 0.12 cannot verify client certificates and reads request heads without a
-//! bound, so it does not face the network. It listens on a Unix socket in a private
-//! (mode 0700) directory, and a [`Relay`] owns the public address: an acceptor thread takes
-//! each connection, refuses it when [`Relay`]'s cap is reached, and otherwise gives it a
-//! thread that does the TLS handshake (when configured), then relays both directions with
-//! poll(2), passing the client's bytes through a [`RequestGuard`].
+//! `tiny_http` 0.12 cannot verify client certificates, reads request heads without a
+//! bound and keeps idle connections for ever, so it does not face the network. It listens
+//! on a Unix socket in a private (mode 0700) directory, and a [`Relay`] owns the public
+//! address: an acceptor thread takes each connection, asks the listener's [`Admission`]
+//! for a place (cap, per-address cap, places reserved for authenticated clients) and
+//! otherwise closes it at once; an admitted connection gets a thread that does the TLS
+//! handshake (when configured), then relays both directions with poll(2), passing the
+//! client's bytes through a [`RequestGuard`] and watching the server's answers with a
+//! [`ResponseTracker`].
 //!
-//! Timeouts: a TLS handshake must finish, the first request must arrive, and every request
-//! head must arrive whole, within [`HEAD_TIMEOUT`]; a connection with no traffic either way
-//! for [`IDLE_TIMEOUT`] is closed.
+//! Timeouts ([`ConnectionPolicy`]): the TLS handshake and every request head, once its
+//! first byte is in, must arrive whole within `header_timeout`; a connection whose answers
+//! are all out and that starts no new request within `idle_timeout` is closed (a new
+//! connection gets the same time for its first request). A connection waiting for its
+//! answer (`job_start?wait=`, a followed log) is not idle; it is closed only after
+//! [`MAX_SILENCE`] without traffic either way.
+//!
+//! Why not a maintained HTTP server here (hyper, axum)? The frontend is synchronous, one
+//! thread per connection, with `tiny_http` behind; moving it onto an async stack would
+//! rewrite the server, the waiter and the log streams for no gain in what the relay
+//! decides. What was hand-written and risky, the request-head parser, is `httparse`
+//! (hyper's own parser) now; the relay keeps the policy: caps, timeouts, TLS.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,14 +38,22 @@ use anyhow::Context;
 use rustls::{ServerConfig, ServerConnection};
 use tracing::{debug, warn};
 
-use crate::limits::RequestGuard;
+use crate::admission::{Admission, Class, Limits, Ticket};
+use crate::auth::{presented_token, Tokens};
+use crate::limits::{Head, Refusal, RequestGuard};
+use crate::metrics::Stats;
+use crate::responses::ResponseTracker;
 
-/// How long a TLS handshake, or one request head, may take.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no traffic either way for this long is closed, even while it waits
+/// for an answer. It must outlast the longest `job_start?wait=` and the longest followed
+/// log, which are silent while they wait.
+pub const MAX_SILENCE: Duration = Duration::from_secs(3660);
 
-/// A connection with no traffic either way for this long is closed. It must outlast the
-/// longest `job_start?wait=` and the longest followed log, which are silent while they wait.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3660);
+/// Keep-alive idle timeout when `--idle-timeout` is not given.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Request-head (and TLS handshake) timeout when `--header-timeout` is not given.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a write to either side may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,12 +69,45 @@ const TICK: Duration = Duration::from_millis(200);
 /// Connections open through one relay, shared with the server for its drain.
 pub type OpenCount = Arc<AtomicUsize>;
 
+/// How one listener treats its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionPolicy {
+    /// The caps and the reserve (see [`crate::admission`]).
+    pub limits: Limits,
+    /// An idle keep-alive connection (or a new one without a request) is closed after this.
+    pub idle_timeout: Duration,
+    /// A TLS handshake, or a request head once begun, must be complete within this.
+    pub header_timeout: Duration,
+}
+
+/// What makes a connection authenticated in the relay's eyes: a request with a token from
+/// the file, or a TLS handshake that verified a client certificate.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The token file's tokens, if any.
+    pub tokens: Option<Arc<Tokens>>,
+    /// The TLS handshake verifies client certificates.
+    pub client_certs: bool,
+}
+
+impl Credentials {
+    fn token_is_valid(&self, authorization: Option<&str>) -> bool {
+        let (Some(tokens), Some(header)) = (&self.tokens, authorization) else {
+            return false;
+        };
+        presented_token(header).is_some_and(|token| tokens.holder(&token).is_some())
+    }
+}
+
 /// A public listener relaying to a `tiny_http` server on a Unix socket.
 pub struct Relay {
     listener: TcpListener,
     tls: Option<Arc<ServerConfig>>,
     backend: PathBuf,
-    max_connections: usize,
+    policy: ConnectionPolicy,
+    credentials: Credentials,
+    admission: Arc<Mutex<Admission>>,
+    stats: Arc<Stats>,
     open: OpenCount,
 }
 
@@ -64,7 +117,9 @@ impl Relay {
         listen: SocketAddr,
         tls: Option<Arc<ServerConfig>>,
         backend: PathBuf,
-        max_connections: usize,
+        policy: ConnectionPolicy,
+        credentials: Credentials,
+        stats: Arc<Stats>,
     ) -> anyhow::Result<Relay> {
         let listener =
             TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
@@ -75,7 +130,10 @@ impl Relay {
             listener,
             tls,
             backend,
-            max_connections: max_connections.max(1),
+            policy,
+            credentials,
+            admission: Arc::new(Mutex::new(Admission::new(policy.limits))),
+            stats,
             open: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -124,18 +182,24 @@ impl Relay {
     }
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr, shutdown: &Arc<AtomicBool>) {
-        let admitted = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_connections).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            debug!(%peer, max = self.max_connections, "connection refused: too many open");
-            drop(stream);
-            return;
-        }
+        let ticket = match Ticket::take(&self.admission, peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(refused) => {
+                debug!(%peer, reason = refused.reason(), "connection refused");
+                self.stats.connection_closed(refused.reason());
+                drop(stream);
+                return;
+            }
+        };
+        self.open.fetch_add(1, Ordering::AcqRel);
         let slot = Slot(self.open.clone());
+        let mut session = Session {
+            peer: peer.ip(),
+            policy: self.policy,
+            credentials: self.credentials.clone(),
+            ticket,
+            stats: self.stats.clone(),
+        };
         let tls = self.tls.clone();
         let backend = self.backend.clone();
         let shutdown = shutdown.clone();
@@ -143,14 +207,49 @@ impl Relay {
             .name("http-conn".into())
             .spawn(move || {
                 let _slot = slot;
-                if let Err(e) = connection(stream, tls, &backend, &shutdown) {
+                if let Err(e) = connection(stream, tls, &backend, &shutdown, &mut session) {
                     debug!(%peer, error = %e, "connection ended");
                 }
             });
         if let Err(e) = spawned {
-            // The closure (and with it the slot and the stream) is dropped.
+            // The closure (and with it the slot, the ticket and the stream) is dropped.
             warn!(error = %e, "cannot start a connection thread");
         }
+    }
+}
+
+/// One connection's place and what its thread needs to apply the policy.
+struct Session {
+    peer: IpAddr,
+    policy: ConnectionPolicy,
+    credentials: Credentials,
+    ticket: Ticket,
+    stats: Arc<Stats>,
+}
+
+impl Session {
+    /// Decides a complete request head before it is passed on: a valid token makes the
+    /// connection authenticated; a connection still on probation is refused.
+    fn admit(&mut self, head: &Head, responses: &mut ResponseTracker) -> Result<(), Refusal> {
+        if self.ticket.class() != Class::Authenticated
+            && self
+                .credentials
+                .token_is_valid(head.authorization.as_deref())
+        {
+            self.ticket.authenticate();
+        }
+        if self.ticket.class() == Class::Probation {
+            debug!(peer = %self.peer, "request on a reserved place without a valid token");
+            self.stats.connection_closed("reserved");
+            return Err(Refusal::new(
+                503,
+                "the server is busy: its remaining connections are held for clients with a \
+                 valid token; retry later"
+                    .into(),
+            ));
+        }
+        responses.request_passed(head.is_head);
+        Ok(())
     }
 }
 
@@ -293,11 +392,15 @@ fn flush_tls(conn: &mut ServerConnection, s: &mut TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Completes the TLS handshake within [`HEAD_TIMEOUT`].
-fn handshake(config: Arc<ServerConfig>, mut stream: TcpStream) -> io::Result<Front> {
+/// Completes the TLS handshake within `timeout`.
+fn handshake(
+    config: Arc<ServerConfig>,
+    mut stream: TcpStream,
+    timeout: Duration,
+) -> io::Result<Front> {
     let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    stream.set_read_timeout(Some(HEAD_TIMEOUT))?;
-    let deadline = Instant::now() + HEAD_TIMEOUT;
+    stream.set_read_timeout(Some(timeout))?;
+    let deadline = Instant::now() + timeout;
     while conn.is_handshaking() {
         if Instant::now() > deadline {
             return Err(io::Error::new(
@@ -330,16 +433,24 @@ fn connection(
     tls: Option<Arc<ServerConfig>>,
     backend: &std::path::Path,
     shutdown: &AtomicBool,
+    session: &mut Session,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut front = match tls {
         None => Front::Plain(stream),
-        Some(config) => handshake(config, stream)?,
+        Some(config) => {
+            let front = handshake(config, stream, session.policy.header_timeout)?;
+            // The verifier refuses in the handshake any client without a good certificate.
+            if session.credentials.client_certs {
+                session.ticket.authenticate();
+            }
+            front
+        }
     };
     let mut back = UnixStream::connect(backend)?;
     back.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let result = relay(&mut front, &mut back, shutdown);
+    let result = relay(&mut front, &mut back, shutdown, session);
     let _ = back.shutdown(Shutdown::Both);
     if let Ok(true) = result {
         front.linger();
@@ -349,27 +460,33 @@ fn connection(
 }
 
 /// Relays until either side is done; `Ok(true)` if a request was refused (and answered).
-fn relay(front: &mut Front, back: &mut UnixStream, shutdown: &AtomicBool) -> io::Result<bool> {
+fn relay(
+    front: &mut Front,
+    back: &mut UnixStream,
+    shutdown: &AtomicBool,
+    session: &mut Session,
+) -> io::Result<bool> {
+    let policy = session.policy;
     let mut guard = RequestGuard::default();
+    let mut responses = ResponseTracker::default();
     let mut buf = vec![0u8; 16 * 1024];
     let mut plain = Vec::new();
     // Set once no more client bytes go to the backend: the client's stream ended, a request
     // was refused (answered after the backend's answers to earlier ones), or shutdown.
     let mut client_done = false;
     let mut refusal: Option<Vec<u8>> = None;
-    let opened = Instant::now();
     let mut last_traffic = Instant::now();
     let mut head_started: Option<Instant> = None;
-    let mut requested = false;
     // A TLS client's first request may have arrived with the end of the handshake.
     front.buffered(&mut buf, &mut plain)?;
     loop {
-        if !plain.is_empty() {
+        if !plain.is_empty() && !client_done {
             let mut pass = Vec::new();
-            let verdict = guard.feed(&plain, &mut pass);
+            let verdict = guard.feed(&plain, &mut pass, &mut |head| {
+                session.admit(head, &mut responses)
+            });
             plain.clear();
             if !pass.is_empty() {
-                requested = true;
                 back.write_all(&pass)?;
             }
             if let Err(refused) = verdict {
@@ -386,7 +503,8 @@ fn relay(front: &mut Front, back: &mut UnixStream, shutdown: &AtomicBool) -> io:
         let now = Instant::now();
         if guard.head_in_progress() {
             let started = *head_started.get_or_insert(now);
-            if !client_done && now.duration_since(started) > HEAD_TIMEOUT {
+            if !client_done && now.duration_since(started) > policy.header_timeout {
+                session.stats.connection_closed("header_timeout");
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "request head too slow",
@@ -394,12 +512,14 @@ fn relay(front: &mut Front, back: &mut UnixStream, shutdown: &AtomicBool) -> io:
             }
         } else {
             head_started = None;
+            if responses.idle() && now.duration_since(last_traffic) > policy.idle_timeout {
+                session.stats.connection_closed("idle");
+                debug!(peer = %session.peer, "idle connection closed");
+                return Ok(false);
+            }
         }
-        if !requested && !client_done && now.duration_since(opened) > HEAD_TIMEOUT {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no request"));
-        }
-        if now.duration_since(last_traffic) > IDLE_TIMEOUT {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "idle"));
+        if now.duration_since(last_traffic) > MAX_SILENCE {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "silent"));
         }
 
         let mut fds = [pollfd(front.fd()), pollfd(back.as_raw_fd())];
@@ -416,7 +536,10 @@ fn relay(front: &mut Front, back: &mut UnixStream, shutdown: &AtomicBool) -> io:
                 client_done = true;
                 // Pass on what came with the end of the stream, then let the server finish.
                 let mut pass = Vec::new();
-                if guard.feed(&plain, &mut pass).is_ok() && !pass.is_empty() {
+                let verdict = guard.feed(&plain, &mut pass, &mut |head| {
+                    session.admit(head, &mut responses)
+                });
+                if verdict.is_ok() && !pass.is_empty() {
                     back.write_all(&pass)?;
                 }
                 plain.clear();
@@ -438,6 +561,7 @@ fn relay(front: &mut Front, back: &mut UnixStream, shutdown: &AtomicBool) -> io:
                 }
                 return Ok(false);
             }
+            responses.feed(&buf[..n]);
             front.write_all(&buf[..n])?;
         }
     }

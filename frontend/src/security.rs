@@ -10,17 +10,24 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::json;
 
+use crate::admission::Limits;
 use crate::api::HttpReply;
 use crate::auth::Tokens;
+use crate::relay::{ConnectionPolicy, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 use crate::route::Parsed;
 use crate::tls::TlsFiles;
 
 /// Concurrent connections per listener when `--max-connections` is not given.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// Concurrent connections from one IP address when `--max-connections-per-address` is
+/// not given.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
 
 /// HTTP security settings of a frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +42,15 @@ pub struct Security {
     pub health_listen: Option<SocketAddr>,
     /// Most connections open at once on each listener; more are closed at once.
     pub max_connections: usize,
+    /// Most connections open at once from one IP address, on each listener.
+    pub max_connections_per_address: usize,
+    /// Places of the main listener held for authenticated connections; `None`: a quarter
+    /// of `max_connections`. Only when tokens or client certificates are configured.
+    pub reserved_connections: Option<usize>,
+    /// An idle keep-alive connection is closed after this.
+    pub idle_timeout: Duration,
+    /// A TLS handshake or a request head must be complete within this.
+    pub header_timeout: Duration,
 }
 
 impl Default for Security {
@@ -45,6 +61,10 @@ impl Default for Security {
             insecure: false,
             health_listen: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            reserved_connections: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -78,12 +98,46 @@ impl Security {
             Exposure::decide(health, tokens.is_some(), client_certs, self.insecure)
                 .map_err(|e| anyhow::anyhow!("--health-listen: {e}"))?;
         }
+        let authenticated = tokens.is_some() || client_certs;
+        let policy = self.connection_policy(authenticated)?;
+        let health_policy = ConnectionPolicy {
+            limits: Limits {
+                reserved: 0,
+                ..policy.limits
+            },
+            ..policy
+        };
         Ok(Prepared {
             exposure,
             tokens,
             tls,
             health_listen: self.health_listen,
-            max_connections: self.max_connections.max(1),
+            policy,
+            health_policy,
+        })
+    }
+
+    /// The main listener's connection policy; the reserve only when something can
+    /// authenticate a connection.
+    fn connection_policy(&self, authenticated: bool) -> anyhow::Result<ConnectionPolicy> {
+        let max = self.max_connections.max(1);
+        let reserved = match (authenticated, self.reserved_connections) {
+            (false, _) => 0,
+            (true, None) => max / 4,
+            (true, Some(n)) if n < max => n,
+            (true, Some(n)) => anyhow::bail!(
+                "--reserved-connections {n} must be less than --max-connections {max}: \
+                 clients without a token (health probes) need a place too"
+            ),
+        };
+        Ok(ConnectionPolicy {
+            limits: Limits {
+                max,
+                per_address: self.max_connections_per_address.max(1),
+                reserved,
+            },
+            idle_timeout: self.idle_timeout,
+            header_timeout: self.header_timeout,
         })
     }
 }
@@ -99,8 +153,10 @@ pub struct Prepared {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The open health listener's address.
     pub health_listen: Option<SocketAddr>,
-    /// Connection cap per listener.
-    pub max_connections: usize,
+    /// How the main listener treats connections.
+    pub policy: ConnectionPolicy,
+    /// How the health listener treats connections (no reserve: nothing authenticates).
+    pub health_policy: ConnectionPolicy,
 }
 
 /// How the main listener is protected; said at every start.
@@ -284,6 +340,37 @@ mod tests {
         assert!(open_health("0.0.0.0:0", true).prepare(loopback).is_ok());
         assert!(open_health("127.0.0.1:0", false).prepare(loopback).is_ok());
         assert!(open_health("[::1]:0", false).prepare(loopback).is_ok());
+    }
+
+    #[test]
+    fn the_reserve_exists_only_where_connections_can_authenticate() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        let token = new_token().unwrap();
+        std::fs::write(
+            &file,
+            file_line("r", Scopes::parse("read").unwrap(), &token),
+        )
+        .unwrap();
+        let loopback = addr("127.0.0.1:0");
+        let open = Security::default().prepare(loopback).unwrap();
+        assert_eq!(open.policy.limits.reserved, 0);
+        assert_eq!(open.policy.limits.max, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(open.policy.idle_timeout, Duration::from_secs(10));
+        let with_tokens = Security {
+            tokens: Some(file.clone()),
+            ..Security::default()
+        };
+        let prepared = with_tokens.prepare(loopback).unwrap();
+        assert_eq!(prepared.policy.limits.reserved, DEFAULT_MAX_CONNECTIONS / 4);
+        assert_eq!(prepared.health_policy.limits.reserved, 0);
+        let too_many = Security {
+            max_connections: 8,
+            reserved_connections: Some(8),
+            ..with_tokens
+        };
+        let e = too_many.prepare(loopback).err().unwrap().to_string();
+        assert!(e.contains("--reserved-connections 8 must be less"), "{e}");
     }
 
     #[test]

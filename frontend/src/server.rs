@@ -25,7 +25,7 @@ use crate::auth::Tokens;
 use crate::broker::Broker;
 use crate::follow;
 use crate::metrics::Stats;
-use crate::relay::{OpenCount, Relay};
+use crate::relay::{ConnectionPolicy, Credentials, OpenCount, Relay};
 use crate::route::{self, Method};
 use crate::security::{self, Exposure, Listener, Prepared, Security};
 use crate::waiter::{self, Responder};
@@ -93,12 +93,14 @@ fn bind(
     dir: &std::path::Path,
     name: &str,
     tls: Option<Arc<rustls::ServerConfig>>,
-    max_connections: usize,
+    policy: ConnectionPolicy,
+    credentials: Credentials,
+    stats: Arc<Stats>,
 ) -> anyhow::Result<(Arc<tiny_http::Server>, Relay)> {
     let socket = dir.join(format!("{name}.sock"));
     let server = tiny_http::Server::http_unix(&socket)
         .map_err(|e| anyhow::anyhow!("listening on {}: {e}", socket.display()))?;
-    let relay = Relay::bind(listen, tls, socket, max_connections)?;
+    let relay = Relay::bind(listen, tls, socket, policy, credentials, stats)?;
     Ok((Arc::new(server), relay))
 }
 
@@ -141,12 +143,24 @@ impl Frontend {
         prepared: Prepared,
     ) -> anyhow::Result<Frontend> {
         let sockets = socket_dir()?;
+        let credentials = Credentials {
+            tokens: prepared.tokens.clone(),
+            client_certs: matches!(
+                prepared.exposure,
+                Exposure::Authenticated {
+                    client_certs: true,
+                    ..
+                }
+            ),
+        };
         let (server, relay) = bind(
             listen,
             sockets.path(),
             "http",
             prepared.tls.clone(),
-            prepared.max_connections,
+            prepared.policy,
+            credentials,
+            api.stats.clone(),
         )?;
         let mut endpoints = vec![Endpoint {
             listener: Listener::Main,
@@ -159,7 +173,9 @@ impl Frontend {
                 sockets.path(),
                 "health",
                 None,
-                prepared.max_connections,
+                prepared.health_policy,
+                Credentials::default(),
+                api.stats.clone(),
             )?;
             endpoints.push(Endpoint {
                 listener: Listener::Health,
@@ -198,7 +214,11 @@ impl Frontend {
             mode = p.exposure.describe(),
             scheme,
             tokens,
-            max_connections = p.max_connections,
+            max_connections = p.policy.limits.max,
+            max_connections_per_address = p.policy.limits.per_address,
+            reserved_connections = p.policy.limits.reserved,
+            idle_timeout = ?p.policy.idle_timeout,
+            header_timeout = ?p.policy.header_timeout,
             "HTTP security"
         );
         if p.exposure == Exposure::Insecure {

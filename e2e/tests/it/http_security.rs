@@ -581,12 +581,28 @@ fn oversized_heads_get_414_and_431_and_the_connection_cap_holds() {
 /// A connection that got an answer to `GET /healthz` and stays open (HTTP/1.1 keep-alive),
 /// so it holds one of the frontend's connection places.
 fn keep_alive(port: u16) -> Result<TcpStream, String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    held(stream)
+}
+
+/// `stream` once it got a 200 to `GET /healthz` (keep-alive), or what happened instead.
+fn held(mut stream: TcpStream) -> Result<TcpStream, String> {
+    match exchange(&mut stream, "/healthz", "") {
+        Ok((200, _)) => Ok(stream),
+        Ok((status, body)) => Err(format!("{status} {body}")),
+        Err(e) => Err(e),
+    }
+}
+
+/// One keep-alive request on `stream` and its answer (status and body), which must carry a
+/// Content-Length; the connection stays open.
+fn exchange(stream: &mut TcpStream, path: &str, headers: &str) -> Result<(u16, String), String> {
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(request.as_bytes())
         .map_err(|e| e.to_string())?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -607,7 +623,12 @@ fn keep_alive(port: u16) -> Result<TcpStream, String> {
                 })
                 .ok_or_else(|| format!("no Content-Length in {head:?}"))?;
             if body.len() >= length {
-                return Ok(stream);
+                let status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("no status in {head:?}"))?;
+                return Ok((status, body.to_owned()));
             }
         }
     }
@@ -721,4 +742,195 @@ fn a_read_token_cannot_trigger_or_retry_through_a_disguised_target() {
         &bearer(&tokens.admin),
     );
     assert_eq!(r.status, 202, "{}", r.text());
+}
+
+// ---- Connection exhaustion -----------------------------------------------------------------
+
+/// Starts frontend `name` on a free port with `flags`, and with `env` (settings given the
+/// way a unit file would, `JOBZ_…=value`); waits until it answers; returns its port.
+fn start_with_env(mesh: &mut Mesh, name: &str, env: &[&str], flags: &[&str]) -> u16 {
+    let port = free_ports(1);
+    let listen = format!("127.0.0.1:{port}");
+    let broker = format!("127.0.0.1:{}", mesh.base_port);
+    let frontend = bin("jobz-frontend");
+    let mut all: Vec<OsString> = env.iter().map(OsString::from).collect();
+    all.push(frontend.into_os_string());
+    all.extend(args(&["--broker", &broker, "--listen", &listen]));
+    all.extend(args(flags));
+    mesh.start_process(name, PathBuf::from("/usr/bin/env"), all);
+    wait_listening(mesh, name, port);
+    port
+}
+
+/// Waits (up to 10 s, the read timeout) for the frontend to close `stream`; how long it
+/// took, or what came instead.
+fn closed_within(stream: &mut TcpStream) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    match stream.read(&mut buf) {
+        Ok(0) => Ok(started.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(started.elapsed()),
+        Ok(n) => Err(format!("got {:?}", String::from_utf8_lossy(&buf[..n]))),
+        Err(e) => Err(format!("still open after {:?}: {e}", started.elapsed())),
+    }
+}
+
+const SLOW_JOBS: &str = r#"
+jobs:
+  - name: slow
+    command: 'sleep 2; echo done'
+"#;
+
+#[test]
+fn idle_connections_are_closed_but_waiting_ones_are_not() {
+    let mut mesh = Mesh::builder().worker("w1", SLOW_JOBS).start();
+    mesh.wait_workers_live(1);
+    let port = start_with_env(
+        &mut mesh,
+        "idle",
+        &["JOBZ_IDLE_TIMEOUT=1s", "JOBZ_HEADER_TIMEOUT=1s"],
+        &[],
+    );
+
+    // One request answered, then silence: closed after the idle timeout.
+    let mut idle = keep_alive(port).unwrap();
+    let took = closed_within(&mut idle).expect("an idle keep-alive connection is closed");
+    assert!(took >= Duration::from_millis(700), "closed after {took:?}");
+    // A connection that never sends a request is closed too.
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    closed_within(&mut silent).expect("a connection without a request is closed");
+    // A head that never ends (slowloris) is cut after the header timeout, although bytes
+    // keep coming for a while.
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHo").unwrap();
+    slow.write_all(b"st: x\r\n").unwrap();
+    closed_within(&mut slow).expect("a request head that never ends is cut");
+
+    // Waiting for an answer is not idle: wait= and a followed log outlast the timeout.
+    let mut waiting = keep_alive(port).unwrap();
+    let (status, body) = exchange(&mut waiting, "/job_start?job_name=slow&wait=30", "")
+        .expect("job_start?wait= answered on a kept-alive connection");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"succeeded\""), "{body}");
+    let r = get(port, &job_start_path("slow", &[]), "");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let run_id = str_of(&json(&r), "run_id").to_owned();
+    let r = get(port, &format!("/runs/{run_id}/log?follow=1"), "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("done"),
+        "the stream was cut: {:?}",
+        r.text()
+    );
+    // The same kept-alive connection is idle again and closed.
+    closed_within(&mut waiting).expect("idle again after its answer");
+    let metrics = get(port, "/metrics", "").text();
+    assert!(
+        metrics.contains("jobz_frontend_connections_closed_total{reason=\"idle\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("jobz_frontend_connections_closed_total{reason=\"header_timeout\"}"),
+        "{metrics}"
+    );
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the loopback address 127.0.0.`source`.
+fn connect_from(source: u8, port: u16) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, source], 0)).into())?;
+    socket.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    Ok(socket.into())
+}
+
+/// Opens up to `tries` kept-alive connections from 127.0.0.`source`; those it holds.
+fn hold_from(source: u8, port: u16, tries: usize) -> Vec<TcpStream> {
+    (0..tries)
+        .filter_map(|_| held(connect_from(source, port).ok()?).ok())
+        .collect()
+}
+
+/// `GET path` (Connection: close) from 127.0.0.`source` with extra header lines; returns
+/// once the frontend has closed the connection too, so its place is (all but) free.
+fn get_from(source: u8, port: u16, path: &str, headers: &str) -> Result<(u16, String), String> {
+    let mut stream = connect_from(source, port).map_err(|e| e.to_string())?;
+    let answer = exchange(
+        &mut stream,
+        path,
+        &format!("{headers}Connection: close\r\n"),
+    )?;
+    closed_within(&mut stream)?;
+    Ok(answer)
+}
+
+/// [`get_from`] until it gets `status` (a place freed a moment ago may not be free yet).
+fn eventually_from(source: u8, port: u16, path: &str, headers: &str, status: u16) -> String {
+    wait_for(
+        DEADLINE,
+        &format!("{status} for {path} from 127.0.0.{source}"),
+        || match get_from(source, port, path, headers) {
+            Ok((got, body)) if got == status => Ok(body),
+            other => Err(format!("{other:?}")),
+        },
+    )
+}
+
+#[test]
+fn one_address_holding_every_place_does_not_lock_out_other_clients() {
+    let mut mesh = Mesh::builder().start();
+    let tokens = tokens_in(mesh.dir());
+    let file = tokens.file.to_string_lossy().into_owned();
+    // 8 places: 3 per address, 2 of them only for clients with a token.
+    let port = start_with_env(
+        &mut mesh,
+        "capped",
+        &[
+            "JOBZ_MAX_CONNECTIONS_PER_ADDRESS=3",
+            "JOBZ_RESERVED_CONNECTIONS=2",
+            "JOBZ_IDLE_TIMEOUT=60s",
+        ],
+        &["--tokens", &file, "--max-connections", "8"],
+    );
+    let read = bearer(&tokens.read);
+
+    // One address opens as many idle connections as it can and keeps them.
+    let first = hold_from(2, port, 10);
+    // Everybody else is still served: a client with a token, and one without.
+    let with_token = get_from(1, port, "/runs", &read);
+    let without = get_from(3, port, "/healthz", "");
+    assert_eq!(
+        (
+            with_token.as_ref().map(|r| r.0),
+            without.as_ref().map(|r| r.0)
+        ),
+        (Ok(200), Ok(200)),
+        "locked out while 127.0.0.2 holds {} connections: {with_token:?} {without:?}",
+        first.len()
+    );
+    assert_eq!(first.len(), 3, "one address holds its share, no more");
+
+    // Two more addresses take the rest of the places open to anyone.
+    let second = hold_from(3, port, 10);
+    assert_eq!(second.len(), 3);
+    // The reserve: a client without a token gets 503 there; one with a token is served.
+    let body = eventually_from(4, port, "/healthz", "", 503);
+    assert!(body.contains("valid token"), "{body}");
+    eventually_from(5, port, "/runs", &read, 200);
+    eventually_from(6, port, "/runs", &read, 200);
+    // A guest that shows a token becomes authenticated and frees its guest place.
+    let mut guest = second.into_iter().next().unwrap();
+    assert_eq!(exchange(&mut guest, "/runs", &read).unwrap().0, 200);
+    eventually_from(7, port, "/healthz", "", 200);
+
+    let metrics = eventually_from(1, port, "/metrics", &read, 200);
+    for reason in ["per_address", "reserved"] {
+        let line = format!("jobz_frontend_connections_closed_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&line), "{line} not in {metrics}");
+    }
+    drop((first, guest));
+    assert!(mesh.is_running("capped"));
 }
