@@ -512,7 +512,10 @@ fn relay(
             }
         } else {
             head_started = None;
-            if responses.idle() && now.duration_since(last_traffic) > policy.idle_timeout {
+            // A connection whose answers cannot be followed counts as idle once silent, so
+            // no odd exchange can hold a place for the whole silence limit.
+            let idle = responses.idle() || responses.lost();
+            if idle && now.duration_since(last_traffic) > policy.idle_timeout {
                 session.stats.connection_closed("idle");
                 debug!(peer = %session.peer, "idle connection closed");
                 return Ok(false);

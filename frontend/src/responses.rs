@@ -10,8 +10,8 @@
 //! 304).
 //!
 //! The responses come from this process's own `tiny_http`, so they are well formed; if
-//! one cannot be followed anyway, the tracker stops judging and never calls the
-//! connection idle (the relay's long silence limit still applies).
+//! one cannot be followed anyway, the tracker stops judging ([`ResponseTracker::lost`])
+//! and the relay treats the connection as idle whenever it is silent.
 
 use std::collections::VecDeque;
 
