@@ -11,7 +11,7 @@
 //!   replaced by U+FFFD);
 //! - an empty key and a repeated key are errors.
 //!
-//! Path segments are decoded the same way except that `+` stays a `+` ([`decode`]).
+//! Path segments are decoded the same way except that `+` stays a `+`.
 
 use std::collections::BTreeMap;
 
