@@ -237,6 +237,10 @@ impl Mesh {
             broker_addr.clone().into(),
             "--name".into(),
             "bench".into(),
+            // Every bench client connects from 127.0.0.1: lift the per-address cap (32) to
+            // the whole connection cap so `--clients` up to 64 are all served.
+            "--max-connections-per-address".into(),
+            "256".into(),
         ];
         if let Some(keys) = &keys {
             broker_args.extend(["--keys".into(), keys.dir.clone().into()]);
