@@ -194,7 +194,7 @@ impl JobSpec {
             }
             // Patterns were compiled when the file was loaded; a failure here means the
             // spec came from elsewhere, so refuse rather than guess.
-            let matches = Regex::new(&spec.pattern)
+            let matches = compile_param_pattern(&spec.pattern)
                 .map(|re| re.is_match(value))
                 .unwrap_or(false);
             if !matches {
@@ -216,6 +216,16 @@ impl JobSpec {
     pub fn successors(&self) -> impl Iterator<Item = &String> {
         self.on_success.iter().chain(&self.on_failure)
     }
+}
+
+/// Compiles a parameter pattern so that it must match the whole value, whatever the author
+/// wrote: `[a-z]+` is applied as `^(?:[a-z]+)$`, and an anchored pattern stays as it was.
+pub fn compile_param_pattern(pattern: &str) -> Result<Regex, regex::Error> {
+    // Alone first: a pattern that compiles by itself has balanced groups and no trailing
+    // escape, so it cannot close the wrapping group and add an unanchored alternative
+    // (`a)|(?:.*` would make `^(?:a)|(?:.*)$`).
+    Regex::new(pattern)?;
+    Regex::new(&format!("^(?:{pattern})$"))
 }
 
 /// Is this a valid job or semaphore name (`[A-Za-z0-9_.-]{1,128}`)?
@@ -494,7 +504,7 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
         let pattern = p
             .pattern
             .unwrap_or_else(|| DEFAULT_PARAM_PATTERN.to_owned());
-        Regex::new(&pattern)
+        compile_param_pattern(&pattern)
             .map_err(|e| context(format!("parameter {pname:?}: bad pattern: {e}")))?;
         params.insert(
             pname,
@@ -999,6 +1009,53 @@ semaphores:
             .validate_declared_params(&p(&[("date", "bad"), ("x", "1")]))
             .is_err());
         assert!(job.validate_declared_params(&p(&[("x", "1")])).is_err());
+    }
+
+    #[test]
+    fn an_unanchored_pattern_must_match_the_whole_value() {
+        let set = parse(
+            "jobs:\n  - name: a\n    command: 'echo {v} {w} {x}'\n    params:\n      v: { pattern: '[a-z]+' }\n      w: { pattern: 'ab|cd' }\n      x: { pattern: '(?m)^[a-z]+$' }\n",
+        )
+        .unwrap();
+        let job = &set.jobs["a"];
+        // Written as the author wrote it; anchoring is how it is applied, not a rewrite.
+        assert_eq!(job.params["v"].pattern, "[a-z]+");
+        let p =
+            |name: &str, value: &str| -> Params { [(name.to_owned(), value.to_owned())].into() };
+        for (name, good) in [("v", "abc"), ("w", "ab"), ("w", "cd"), ("x", "abc")] {
+            assert_eq!(
+                job.validate_declared_params(&p(name, good)),
+                Ok(()),
+                "{name}={good:?}"
+            );
+        }
+        for (name, hostile) in [
+            ("v", "a ../../etc/passwd $(id) ';"),
+            ("v", "$(id)abc"),
+            ("v", "abc\n"),
+            // A naive `^ab|cd$` would take these: each alternative is anchored at one end.
+            ("w", "abX"),
+            ("w", "Xcd"),
+            // `(?m)` inside the pattern does not let a line stand for the whole value.
+            ("x", "abc\n$(id)"),
+            ("x", "$(id)\nabc"),
+        ] {
+            assert!(
+                matches!(
+                    job.validate_declared_params(&p(name, hostile)),
+                    Err(ParamError::NoMatch { .. })
+                ),
+                "{name}={hostile:?} must be refused"
+            );
+        }
+        // A pattern cannot close the wrapping group to add an unanchored alternative.
+        for escape in [r"a)|(?:.*", r"a)|(.*", "a\\"] {
+            let text = format!(
+                "jobs:\n  - name: a\n    command: 'echo {{v}}'\n    params: {{ v: {{ pattern: '{escape}' }} }}\n"
+            );
+            let err = parse(&text).unwrap_err();
+            assert!(err.reason.contains("bad pattern"), "{escape}: {err}");
+        }
     }
 
     #[test]

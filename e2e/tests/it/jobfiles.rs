@@ -1,4 +1,5 @@
-//! The shipped job files and the compatibility fixtures still parse (no binaries needed).
+//! Job files: the shipped ones and the compatibility fixtures still parse, and what a file
+//! declares holds on a real mesh.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -6,7 +7,7 @@ use std::path::Path;
 
 use jobz::jobfile::{parse_job_file, Delivery, JobSet, JobSpec, DEFAULT_PARAM_PATTERN};
 
-use crate::harness::repo_root;
+use crate::harness::{list_of, repo_root, str_of, Mesh};
 
 fn parse(path: &Path) -> JobSet {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -88,4 +89,49 @@ fn every_file_in_jobs_d_parses_and_names_only_known_successors() {
     assert_eq!(all["reindex"].on_success, vec!["warm_cache"]);
     assert_eq!(all["warm_cache"].delivery, Delivery::Local);
     assert_eq!(all["import_broken"].on_failure, vec!["alert_ops"]);
+}
+
+/// A pattern written without anchors, as job authors do: `[a-z]+`.
+const UNANCHORED_PATTERN_JOB: &str = r#"
+jobs:
+  - name: lowercase_only
+    command: "printf '%s\\n' {v} >> @DIR@/ran"
+    params:
+      v: { required: true, pattern: '[a-z]+' }
+"#;
+
+#[test]
+fn an_unanchored_pattern_refuses_a_value_that_only_contains_a_match() {
+    let mesh = Mesh::builder().worker("w1", UNANCHORED_PATTERN_JOB).start();
+    mesh.wait_workers_live(1);
+    let canary = mesh.dir().join("canary");
+    let hostile = [
+        "a ../../etc/passwd $(id) ';".to_string(),
+        format!("abc; touch {}", canary.display()),
+        format!("$(touch {})abc", canary.display()),
+        "abc\n".to_string(),
+        "ABC abc".to_string(),
+    ];
+    for value in &hostile {
+        let (status, body) = mesh.trigger("lowercase_only", &[("v", value)]);
+        assert_eq!(status, 400, "{value:?}: {body}");
+        assert!(
+            str_of(&body, "error").contains("does not match"),
+            "{value:?}: {body}"
+        );
+    }
+    // The job itself works: the one run there is, is the good value's.
+    let run_id = mesh.start_run("lowercase_only", &[("v", "abc")]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run}");
+    let (status, runs) = mesh.get_json("/runs?job=lowercase_only&limit=100");
+    assert_eq!(status, 200, "{runs}");
+    assert_eq!(
+        list_of(&runs, "runs").len(),
+        1,
+        "only the good value ran: {runs}"
+    );
+    let ran = fs::read_to_string(mesh.dir().join("ran")).unwrap();
+    assert_eq!(ran, "abc\n");
+    assert!(!canary.exists(), "a hostile value reached a shell");
 }
