@@ -333,6 +333,9 @@ impl Engine {
             return;
         }
         let reg = self.registry.heartbeat(&status, now);
+        for _ in &reg.refused {
+            self.count("job_definitions_refused");
+        }
         if reg.changed {
             if let Some(w) = self.registry.worker(&status.name) {
                 fx.writes.push(Write::Worker(w.clone()));
@@ -408,7 +411,7 @@ impl Engine {
             );
             return;
         }
-        let Some(spec) = self.registry.job(&request.job) else {
+        let Some((spec, param_rules)) = self.registry.job_and_params(&request.job) else {
             self.count("triggers_rejected");
             reply(
                 fx,
@@ -435,7 +438,7 @@ impl Engine {
             );
             return;
         }
-        if let Err(e) = spec.validate_params(&request.params) {
+        if let Err(e) = param_rules.validate_params(&request.params) {
             self.count("triggers_rejected");
             reply(fx, env, rejected(400, e.to_string()));
             return;
@@ -513,7 +516,7 @@ impl Engine {
             reply(fx, env, ReplyBody::Accepted { run_id });
             return;
         }
-        let Some(spec) = self.registry.job(&dead.job) else {
+        let Some((spec, param_rules)) = self.registry.job_and_params(&dead.job) else {
             let error = format!("unknown job {:?}: no worker has registered it", dead.job);
             reply(fx, env, rejected(404, error));
             return;
@@ -526,7 +529,7 @@ impl Engine {
             reply(fx, env, rejected(400, error));
             return;
         }
-        if let Err(e) = spec.validate_params(&dead.params) {
+        if let Err(e) = param_rules.validate_params(&dead.params) {
             reply(
                 fx,
                 env,

@@ -2,10 +2,15 @@
 //!
 //! Workers register with every heartbeat; the catalog is the union of the jobs they serve.
 //! A worker is live while its last heartbeat is younger than the expiry.
+//!
+//! A job's parameter patterns are compiled when its definition enters the catalog, never
+//! when a trigger is checked. A definition whose patterns cannot be compiled (malformed, or
+//! over the size limit) is refused: it is not catalogued and its worker is not given the
+//! job, while the worker's other jobs register as usual.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use jobz::jobfile::JobSpec;
+use jobz::jobfile::{JobSpec, ParamRules};
 use jobz::message::{JobView, WorkerStatus, WorkerView};
 use tracing::{info, warn};
 
@@ -41,12 +46,24 @@ pub struct Registration {
     pub restarted_from: Option<String>,
     /// The set of served jobs or a job spec changed: persist it.
     pub changed: bool,
+    /// Definitions refused by this heartbeat (not by an earlier one): job and reason.
+    pub refused: Vec<(String, String)>,
 }
 
 #[derive(Debug, Default)]
 pub struct Registry {
     workers: BTreeMap<String, Worker>,
-    catalog: BTreeMap<String, CatalogEntry>,
+    catalog: BTreeMap<String, Cataloged>,
+    /// Per worker, the definitions its last heartbeat carried that were refused, so that one
+    /// sent again is neither compiled nor reported again.
+    refused: BTreeMap<String, BTreeMap<String, JobSpec>>,
+}
+
+/// A catalog entry with the patterns of its spec, compiled when it was registered.
+#[derive(Debug)]
+struct Cataloged {
+    entry: CatalogEntry,
+    params: ParamRules,
 }
 
 impl Registry {
@@ -64,15 +81,39 @@ impl Registry {
                 .collect(),
             catalog: catalog
                 .into_iter()
-                .map(|c| (c.spec.name.clone(), c))
+                .filter_map(|entry| match ParamRules::compile(&entry.spec) {
+                    Ok(params) => Some((entry.spec.name.clone(), Cataloged { entry, params })),
+                    Err(e) => {
+                        warn!(job = %entry.spec.name, worker = %entry.source,
+                            "stored job definition dropped until a worker registers a usable one: {e}");
+                        None
+                    }
+                })
                 .collect(),
+            refused: BTreeMap::new(),
         }
     }
 
-    /// Records a heartbeat.
+    /// Records a heartbeat. Definitions new to the catalog are compiled here, once.
     pub fn heartbeat(&mut self, status: &WorkerStatus, now_ms: i64) -> Registration {
         let mut reg = Registration::default();
-        let jobs: BTreeSet<String> = status.jobs.iter().map(|j| j.name.clone()).collect();
+        let was_refused = self.refused.remove(&status.name).unwrap_or_default();
+        let mut refused = BTreeMap::new();
+        let mut jobs = BTreeSet::new();
+        for spec in &status.jobs {
+            if was_refused.get(&spec.name) == Some(spec) {
+                refused.insert(spec.name.clone(), spec.clone());
+            } else if self.catalog_spec(spec, &status.name, now_ms, &mut reg) {
+                jobs.insert(spec.name.clone());
+            } else {
+                refused.insert(spec.name.clone(), spec.clone());
+            }
+        }
+        // A name both served and refused in one heartbeat (sent twice): not served.
+        jobs.retain(|name| !refused.contains_key(name));
+        if !refused.is_empty() {
+            self.refused.insert(status.name.clone(), refused);
+        }
         match self.workers.get_mut(&status.name) {
             Some(w) => {
                 reg.became_live = !w.live;
@@ -97,7 +138,7 @@ impl Registry {
                 w.live = true;
             }
             None => {
-                info!(worker = %status.name, jobs = status.jobs.len(), "worker registered");
+                info!(worker = %status.name, jobs = jobs.len(), "worker registered");
                 reg.became_live = true;
                 reg.changed = true;
                 self.workers.insert(
@@ -116,33 +157,47 @@ impl Registry {
                 );
             }
         }
-        for spec in &status.jobs {
-            match self.catalog.get_mut(&spec.name) {
-                Some(entry) if entry.spec == *spec => {}
-                Some(entry) => {
-                    if entry.source != status.name {
-                        warn!(job = %spec.name, worker = %status.name, previous = %entry.source,
-                            "workers register different definitions of one job; the latest wins");
-                    }
-                    entry.spec = spec.clone();
-                    entry.source = status.name.clone();
-                    entry.updated_at_ms = now_ms;
-                    reg.changed = true;
-                }
-                None => {
-                    self.catalog.insert(
-                        spec.name.clone(),
-                        CatalogEntry {
-                            spec: spec.clone(),
-                            source: status.name.clone(),
-                            updated_at_ms: now_ms,
-                        },
-                    );
-                    reg.changed = true;
-                }
+        reg
+    }
+
+    /// Puts `spec` in the catalog, compiling its patterns unless the catalog already holds
+    /// exactly this definition. False if they cannot be compiled: the catalog keeps what it
+    /// had, and the refusal is logged and reported in `reg`.
+    fn catalog_spec(
+        &mut self,
+        spec: &JobSpec,
+        worker: &str,
+        now_ms: i64,
+        reg: &mut Registration,
+    ) -> bool {
+        let current = self.catalog.get(&spec.name);
+        if current.is_some_and(|c| c.entry.spec == *spec) {
+            return true;
+        }
+        let params = match ParamRules::compile(spec) {
+            Ok(params) => params,
+            Err(e) => {
+                warn!(job = %spec.name, worker = %worker,
+                    "job definition refused; the worker's other jobs still register: {e}");
+                reg.refused.push((spec.name.clone(), e.to_string()));
+                return false;
+            }
+        };
+        if let Some(previous) = current.map(|c| &c.entry.source) {
+            if previous != worker {
+                warn!(job = %spec.name, worker = %worker, previous = %previous,
+                    "workers register different definitions of one job; the latest wins");
             }
         }
-        reg
+        let entry = CatalogEntry {
+            spec: spec.clone(),
+            source: worker.to_owned(),
+            updated_at_ms: now_ms,
+        };
+        self.catalog
+            .insert(spec.name.clone(), Cataloged { entry, params });
+        reg.changed = true;
+        true
     }
 
     /// Marks workers without a heartbeat for `expiry_ms` as expired; returns their names.
@@ -173,11 +228,16 @@ impl Registry {
     }
 
     pub fn job(&self, name: &str) -> Option<&JobSpec> {
-        self.catalog.get(name).map(|c| &c.spec)
+        self.catalog.get(name).map(|c| &c.entry.spec)
+    }
+
+    /// A job and its parameter rules, compiled when it was registered.
+    pub fn job_and_params(&self, name: &str) -> Option<(&JobSpec, &ParamRules)> {
+        self.catalog.get(name).map(|c| (&c.entry.spec, &c.params))
     }
 
     pub fn catalog_entry(&self, name: &str) -> Option<&CatalogEntry> {
-        self.catalog.get(name)
+        self.catalog.get(name).map(|c| &c.entry)
     }
 
     /// Live workers that serve `job`, in name order.
@@ -211,7 +271,7 @@ impl Registry {
     pub fn job_views(&self) -> Vec<JobView> {
         self.catalog
             .values()
-            .map(|c| JobView {
+            .map(|Cataloged { entry: c, .. }| JobView {
                 spec: c.spec.clone(),
                 workers: self
                     .workers
@@ -256,6 +316,71 @@ mod tests {
             running: vec![],
             version: "0".into(),
         }
+    }
+
+    fn with_pattern(mut spec: JobSpec, pattern: &str) -> JobSpec {
+        spec.params.insert(
+            "v".into(),
+            jobz::jobfile::ParamSpec {
+                required: true,
+                pattern: pattern.into(),
+            },
+        );
+        spec
+    }
+
+    #[test]
+    fn a_heartbeat_with_an_oversized_pattern_still_registers_the_workers_other_jobs() {
+        let mut r = Registry::default();
+        let mut hb = status("w1", "i1", &["small"]);
+        hb.jobs[0] = with_pattern(spec("small"), "^[a-z]+$");
+        // Twenty of these stalled the broker for seconds on every trigger.
+        hb.jobs.push(with_pattern(spec("huge"), r"^\w{100}$"));
+        hb.jobs.push(with_pattern(spec("broken"), "(unclosed"));
+        let reg = r.heartbeat(&hb, 0);
+        let refused: Vec<&str> = reg.refused.iter().map(|(job, _)| job.as_str()).collect();
+        assert_eq!(refused, ["huge", "broken"]);
+        assert!(reg.refused[0].1.contains("size limit"), "{:?}", reg.refused);
+        assert!(r.job("small").is_some());
+        assert_eq!(r.live_workers_for("small").len(), 1);
+        for refused in ["huge", "broken"] {
+            assert!(
+                r.job(refused).is_none(),
+                "{refused} must not be in the catalog"
+            );
+            assert!(
+                r.live_workers_for(refused).is_empty(),
+                "w1 must not be given {refused}"
+            );
+        }
+        // The same heartbeat again: nothing compiled, nothing reported twice.
+        let compiled = jobz::jobfile::patterns_compiled_on_this_thread();
+        assert_eq!(r.heartbeat(&hb, 100), Registration::default());
+        assert_eq!(jobz::jobfile::patterns_compiled_on_this_thread(), compiled);
+        // A usable definition of the refused job registers.
+        hb.jobs[1] = with_pattern(spec("huge"), r"^(?-u:\w){100}$");
+        let reg = r.heartbeat(&hb, 200);
+        assert!(reg.changed && reg.refused.is_empty(), "{reg:?}");
+        assert_eq!(r.live_workers_for("huge").len(), 1);
+    }
+
+    #[test]
+    fn a_stored_definition_that_no_longer_compiles_is_dropped_on_restore() {
+        let entry = |spec| CatalogEntry {
+            spec,
+            source: "w1".into(),
+            updated_at_ms: 0,
+        };
+        let r = Registry::restore(
+            vec![],
+            vec![
+                entry(with_pattern(spec("ok"), "[a-z]+")),
+                entry(with_pattern(spec("huge"), r"^\w{100}$")),
+            ],
+            0,
+        );
+        assert!(r.job("ok").is_some());
+        assert!(r.job("huge").is_none());
     }
 
     #[test]

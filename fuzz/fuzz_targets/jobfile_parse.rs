@@ -2,12 +2,12 @@
 //! `semaphores:` lists and the original jobz job db) go through this one entry point, and
 //! job files are written by operators and shipped by Ansible, so a bad file must be an
 //! error naming a line, never a panic or a hang. Accepted jobs are then checked against a
-//! parameter set taken from the same input, as the broker does on every trigger.
+//! parameter set taken from the same input, with the rules the broker compiles at registration.
 #![no_main]
 
 use std::path::Path;
 
-use jobz::jobfile::parse_job_file;
+use jobz::jobfile::{parse_job_file, ParamRules};
 use jobz::message::Params;
 use jobz::template::Template;
 use libfuzzer_sys::fuzz_target;
@@ -27,8 +27,13 @@ fuzz_target!(|data: &[u8]| {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     for job in set.jobs.values() {
-        let _ = job.validate_params(&params);
-        let _ = job.validate_declared_params(&params);
+        // The parser compiled these patterns: compiling them again cannot fail.
+        let rules = match ParamRules::compile(job) {
+            Ok(rules) => rules,
+            Err(e) => panic!("accepted job {:?} does not compile: {e}", job.name),
+        };
+        let _ = rules.validate_params(&params);
+        let _ = rules.validate_declared_params(&params);
         // The parser accepted the command: it must parse as a template again, and every
         // placeholder in it must be a declared parameter.
         let template = match Template::parse(&job.command) {

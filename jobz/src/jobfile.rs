@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -163,9 +163,99 @@ pub enum ParamError {
 }
 
 impl JobSpec {
+    /// Names of every job this one can start.
+    pub fn successors(&self) -> impl Iterator<Item = &String> {
+        self.on_success.iter().chain(&self.on_failure)
+    }
+}
+
+/// Largest program one parameter pattern may compile to (`RegexBuilder::size_limit`).
+/// Patterns job files use need a few KiB (the default pattern 37 KiB); Unicode `\w{100}`
+/// needs 5 MB and a third of a second, and is refused.
+pub const MAX_PATTERN_PROGRAM_BYTES: usize = 1 << 20;
+
+/// Most memory one pattern's lazy DFA may cache while matching (`dfa_size_limit`): the
+/// broker holds every registered job's patterns.
+pub const MAX_PATTERN_DFA_BYTES: usize = 256 << 10;
+
+/// A declared pattern that cannot be used.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("parameter {param:?}: bad pattern: {reason}")]
+pub struct InvalidPattern {
+    /// The parameter.
+    pub param: String,
+    /// Why its pattern is refused.
+    pub reason: String,
+}
+
+/// Compiles a parameter pattern so that it must match the whole value, whatever the author
+/// wrote: `[a-z]+` is applied as `^(?:[a-z]+)$`, and an anchored pattern stays as it was.
+/// A pattern over [`MAX_PATTERN_PROGRAM_BYTES`] is refused.
+pub fn compile_param_pattern(pattern: &str) -> Result<Regex, regex::Error> {
+    PATTERNS_COMPILED.with(|n| n.set(n.get() + 1));
+    let build = |p: &str| {
+        RegexBuilder::new(p)
+            .size_limit(MAX_PATTERN_PROGRAM_BYTES)
+            .dfa_size_limit(MAX_PATTERN_DFA_BYTES)
+            .build()
+    };
+    // Alone first: a pattern that compiles by itself has balanced groups and no trailing
+    // escape, so it cannot close the wrapping group and add an unanchored alternative
+    // (`a)|(?:.*` would make `^(?:a)|(?:.*)$`).
+    build(pattern)?;
+    build(&format!("^(?:{pattern})$"))
+}
+
+thread_local! {
+    static PATTERNS_COMPILED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many parameter patterns this thread has compiled. Compiling is the costly part of a
+/// check; this lets a test prove that a hot path (a trigger on the broker's engine thread)
+/// compiles none.
+pub fn patterns_compiled_on_this_thread() -> u64 {
+    PATTERNS_COMPILED.with(|n| n.get())
+}
+
+/// A job's declared parameters with their patterns compiled: built once where a job set is
+/// loaded (the worker) or registered (the broker's catalog), then used for every check. It
+/// lives beside the [`JobSpec`] it was built from; only the spec goes on the wire.
+#[derive(Debug, Clone)]
+pub struct ParamRules {
+    rules: BTreeMap<String, ParamRule>,
+}
+
+#[derive(Debug, Clone)]
+struct ParamRule {
+    required: bool,
+    pattern: String,
+    regex: Regex,
+}
+
+impl ParamRules {
+    /// Compiles every pattern `spec` declares; the first that cannot be used is the error.
+    pub fn compile(spec: &JobSpec) -> Result<ParamRules, InvalidPattern> {
+        let mut rules = BTreeMap::new();
+        for (name, param) in &spec.params {
+            let regex = compile_param_pattern(&param.pattern).map_err(|e| InvalidPattern {
+                param: name.clone(),
+                reason: pattern_error_reason(&e),
+            })?;
+            rules.insert(
+                name.clone(),
+                ParamRule {
+                    required: param.required,
+                    pattern: param.pattern.clone(),
+                    regex,
+                },
+            );
+        }
+        Ok(ParamRules { rules })
+    }
+
     /// Checks a trigger's parameters against the declaration: every one must be declared.
     pub fn validate_params(&self, params: &Params) -> Result<(), ParamError> {
-        if let Some(name) = params.keys().find(|n| !self.params.contains_key(*n)) {
+        if let Some(name) = params.keys().find(|n| !self.rules.contains_key(*n)) {
             return Err(ParamError::Undeclared(name.clone()));
         }
         self.validate_declared_params(params)
@@ -183,7 +273,7 @@ impl JobSpec {
             )));
         }
         for (name, value) in params {
-            let Some(spec) = self.params.get(name) else {
+            let Some(rule) = self.rules.get(name) else {
                 continue;
             };
             if value.len() > MAX_PARAM_VALUE_BYTES {
@@ -192,40 +282,32 @@ impl JobSpec {
                     value.len()
                 )));
             }
-            // Patterns were compiled when the file was loaded; a failure here means the
-            // spec came from elsewhere, so refuse rather than guess.
-            let matches = compile_param_pattern(&spec.pattern)
-                .map(|re| re.is_match(value))
-                .unwrap_or(false);
-            if !matches {
+            if !rule.regex.is_match(value) {
                 return Err(ParamError::NoMatch {
                     name: name.clone(),
-                    pattern: spec.pattern.clone(),
+                    pattern: rule.pattern.clone(),
                 });
             }
         }
-        for (name, spec) in &self.params {
-            if spec.required && !params.contains_key(name) {
+        for (name, rule) in &self.rules {
+            if rule.required && !params.contains_key(name) {
                 return Err(ParamError::Missing(name.clone()));
             }
         }
         Ok(())
     }
-
-    /// Names of every job this one can start.
-    pub fn successors(&self) -> impl Iterator<Item = &String> {
-        self.on_success.iter().chain(&self.on_failure)
-    }
 }
 
-/// Compiles a parameter pattern so that it must match the whole value, whatever the author
-/// wrote: `[a-z]+` is applied as `^(?:[a-z]+)$`, and an anchored pattern stays as it was.
-pub fn compile_param_pattern(pattern: &str) -> Result<Regex, regex::Error> {
-    // Alone first: a pattern that compiles by itself has balanced groups and no trailing
-    // escape, so it cannot close the wrapping group and add an unanchored alternative
-    // (`a)|(?:.*` would make `^(?:a)|(?:.*)$`).
-    Regex::new(pattern)?;
-    Regex::new(&format!("^(?:{pattern})$"))
+/// A pattern's compile error, with what to do about the one a job author can meet by
+/// accident: a pattern too big.
+fn pattern_error_reason(e: &regex::Error) -> String {
+    match e {
+        regex::Error::CompiledTooBig(_) => format!(
+            "{e} (fewer repetitions, or ASCII classes such as [0-9] or (?-u:\\w) instead of \
+             Unicode \\d or \\w, make it smaller)"
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// Is this a valid job or semaphore name (`[A-Za-z0-9_.-]{1,128}`)?
@@ -504,8 +586,6 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
         let pattern = p
             .pattern
             .unwrap_or_else(|| DEFAULT_PARAM_PATTERN.to_owned());
-        compile_param_pattern(&pattern)
-            .map_err(|e| context(format!("parameter {pname:?}: bad pattern: {e}")))?;
         params.insert(
             pname,
             ParamSpec {
@@ -536,7 +616,7 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
             "run_as {user:?} is not a valid user name ([A-Za-z_][A-Za-z0-9_.-]{{0,31}})"
         )));
     }
-    Ok(JobSpec {
+    let spec = JobSpec {
         timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
         name: name.clone(),
         description: raw.description,
@@ -551,7 +631,10 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
             .unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
         tags: raw.tags,
         run_as: raw.run_as,
-    })
+    };
+    // Compiled here to refuse the file now; whoever checks values compiles its own copy once.
+    ParamRules::compile(&spec).map_err(|e| context(e.to_string()))?;
+    Ok(spec)
 }
 
 fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
@@ -976,7 +1059,7 @@ semaphores:
     #[test]
     fn params_are_validated() {
         let set = parse(SPEC_EXAMPLE).unwrap();
-        let job = &set.jobs["import_category_dump"];
+        let job = ParamRules::compile(&set.jobs["import_category_dump"]).unwrap();
         let p = |pairs: &[(&str, &str)]| -> Params {
             pairs
                 .iter()
@@ -1017,9 +1100,9 @@ semaphores:
             "jobs:\n  - name: a\n    command: 'echo {v} {w} {x}'\n    params:\n      v: { pattern: '[a-z]+' }\n      w: { pattern: 'ab|cd' }\n      x: { pattern: '(?m)^[a-z]+$' }\n",
         )
         .unwrap();
-        let job = &set.jobs["a"];
-        // Written as the author wrote it; anchoring is how it is applied, not a rewrite.
-        assert_eq!(job.params["v"].pattern, "[a-z]+");
+        // Kept as the author wrote it; anchoring is how it is applied, not a rewrite.
+        assert_eq!(set.jobs["a"].params["v"].pattern, "[a-z]+");
+        let job = ParamRules::compile(&set.jobs["a"]).unwrap();
         let p =
             |name: &str, value: &str| -> Params { [(name.to_owned(), value.to_owned())].into() };
         for (name, good) in [("v", "abc"), ("w", "ab"), ("w", "cd"), ("x", "abc")] {
@@ -1055,6 +1138,29 @@ semaphores:
             );
             let err = parse(&text).unwrap_err();
             assert!(err.reason.contains("bad pattern"), "{escape}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_pattern_over_the_size_limit_is_refused_when_the_file_is_loaded() {
+        // Unicode `\w` a hundred times over: megabytes of program, compiled in ~0.3 s.
+        let err = parse(
+            "jobs:\n  - name: a\n    command: x\n    params: { v: { pattern: '^\\w{100}$' } }\n",
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("parameter \"v\": bad pattern"), "{err}");
+        assert!(err.reason.contains("size limit"), "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
+        // What job files really use stays well inside it.
+        for fine in [
+            DEFAULT_PARAM_PATTERN,
+            "^[0-9]{4}_[0-9]{2}_[0-9]{2}$",
+            r"^\d{4}-\d{2}-\d{2}$",
+            "(?s)^.*$",
+            "[a-z]{1,1000}",
+            r"^(?-u:\w){100}$",
+        ] {
+            assert!(compile_param_pattern(fine).is_ok(), "{fine}");
         }
     }
 

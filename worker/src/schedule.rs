@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use jobz::jobfile::JobSpec;
+use jobz::jobfile::{InvalidPattern, JobSpec, ParamRules};
 use jobz::message::{Params, TaskRef, Work};
 use jobz::template::Template;
 
@@ -20,6 +20,24 @@ pub const SEEN_CAPACITY: usize = 100_000;
 /// `^[0-9A-Za-z-]{1,64}$`; anything else is refused before a path is built from it.
 pub fn is_valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A job this worker serves: its definition, and its parameter patterns compiled once, when
+/// the job file was loaded (not for every task).
+#[derive(Debug, Clone)]
+pub struct ServedJob {
+    /// The definition, as the worker registers it.
+    pub spec: JobSpec,
+    /// Its parameter patterns, compiled.
+    pub params: ParamRules,
+}
+
+impl ServedJob {
+    /// Compiles `spec`'s patterns.
+    pub fn new(spec: JobSpec) -> Result<ServedJob, InvalidPattern> {
+        let params = ParamRules::compile(&spec)?;
+        Ok(ServedJob { spec, params })
+    }
 }
 
 /// A task this worker accepted, with everything needed to run it, captured on arrival.
@@ -86,7 +104,7 @@ impl Scheduler {
 
     /// Work published on the topic of `work.job` (the caller checked the topic matches).
     /// `served` is the worker's current job set.
-    pub fn on_work(&mut self, work: &Work, served: &BTreeMap<String, JobSpec>) -> Vec<Action> {
+    pub fn on_work(&mut self, work: &Work, served: &BTreeMap<String, ServedJob>) -> Vec<Action> {
         let mut actions = Vec::new();
         if self.draining {
             // Not even remembered: the broker hands these to someone else later.
@@ -165,7 +183,7 @@ impl Scheduler {
 }
 
 /// Checks an accepted assignment and renders its command; the error says why it is refused.
-fn prepare(task: &mut Task, served: &BTreeMap<String, JobSpec>) -> Result<(), String> {
+fn prepare(task: &mut Task, served: &BTreeMap<String, ServedJob>) -> Result<(), String> {
     for (what, id) in [
         ("run id", &task.run_id),
         ("step id", &task.step_id),
@@ -178,13 +196,13 @@ fn prepare(task: &mut Task, served: &BTreeMap<String, JobSpec>) -> Result<(), St
             ));
         }
     }
-    let Some(spec) = served.get(&task.job) else {
+    let Some(ServedJob { spec, params }) = served.get(&task.job) else {
         return Err("job not served by this worker".into());
     };
     // The broker checked the parameters against the definition of the job that was
     // triggered, which may come from another worker; this worker runs its own definition,
     // so it checks again what that declares (a successor also carries the run's others).
-    spec.validate_declared_params(&task.params).map_err(|e| {
+    params.validate_declared_params(&task.params).map_err(|e| {
         format!(
             "parameters refused by this worker's definition of {:?}: {e}",
             task.job
@@ -268,10 +286,10 @@ mod tests {
         }
     }
 
-    fn served() -> BTreeMap<String, JobSpec> {
+    fn served() -> BTreeMap<String, ServedJob> {
         [spec("build", "make {v}"), spec("plain", "true")]
             .into_iter()
-            .map(|s| (s.name.clone(), s))
+            .map(|s| (s.name.clone(), ServedJob::new(s).unwrap()))
             .collect()
     }
 
@@ -425,9 +443,10 @@ mod tests {
     #[test]
     fn declared_parameters_are_checked_against_this_workers_definition() {
         let mut served = served();
-        if let Some(build) = served.get_mut("build") {
-            build.params.get_mut("v").unwrap().pattern = "^[a-z]+$".into();
-        }
+        let mut build = spec("build", "make {v}");
+        build.params.get_mut("v").unwrap().pattern = "[a-z]+".into();
+        served.insert("build".into(), ServedJob::new(build).unwrap());
+        let compiled = jobz::jobfile::patterns_compiled_on_this_thread();
         let mut s = Scheduler::new("me", 2);
         let refused = s.on_work(&work("build", &[("me", "t", 1)], &[("v", "A;B")]), &served);
         assert!(
@@ -441,6 +460,8 @@ mod tests {
         );
         assert!(failures(&flows).is_empty(), "{flows:?}");
         assert_eq!(started(&flows).len(), 1);
+        // Checked with the patterns compiled when the job was loaded.
+        assert_eq!(jobz::jobfile::patterns_compiled_on_this_thread(), compiled);
     }
 
     #[test]

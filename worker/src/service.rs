@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, never, select, tick, unbounded, Receiver, Sender, TryRecvError};
 use jobz::client::{Client, ClientConfig, ClientError};
 use jobz::envelope::Envelope;
-use jobz::jobfile::{JobDir, JobSpec, Refresh};
+use jobz::jobfile::{JobDir, Refresh};
 use jobz::message::{Message, ReplyBody, Role, TaskFinished, TaskRef, TaskStarted, WorkerStatus};
 use jobz::topic::Topic;
 use tracing::{debug, error, info, info_span, warn, Span};
@@ -27,7 +27,7 @@ use tracing::{debug, error, info, info_span, warn, Span};
 use crate::config::Config;
 use crate::eventlog::{self, EventLog};
 use crate::runner::{self, RunResult, RunSpec};
-use crate::schedule::{is_valid_id, Action, Scheduler, Task};
+use crate::schedule::{is_valid_id, Action, Scheduler, ServedJob, Task};
 use crate::spool::{self, OutboxEntry, Recovered, RunningEntry, Spool};
 
 /// How often the loop wakes without any message.
@@ -166,7 +166,7 @@ struct Service {
     instance: String,
     client: Client,
     jobs: JobDir,
-    served: BTreeMap<String, JobSpec>,
+    served: BTreeMap<String, ServedJob>,
     jobs_dir_readable: bool,
     scheduler: Scheduler,
     spool: Spool,
@@ -584,21 +584,35 @@ impl Service {
         for conflict in &conflicts {
             error!("{conflict}");
         }
-        let new = set.jobs;
+        let mut new = BTreeMap::new();
+        for (name, spec) in set.jobs {
+            // Compiled once per definition: an unchanged job keeps what it has.
+            let served = match self.served.get(&name) {
+                Some(old) if old.spec == spec => Ok(old.clone()),
+                _ => ServedJob::new(spec),
+            };
+            match served {
+                Ok(job) => {
+                    new.insert(name, job);
+                }
+                // The file was checked when it was read; say so if that ever changes.
+                Err(e) => error!(job = %name, "job not served: {e}"),
+            }
+        }
         let mut changed = false;
         for name in self.served.keys().filter(|n| !new.contains_key(*n)) {
             info!(job = %name, "no longer serving job");
             self.client.unsubscribe(Topic::Job(name.clone()));
             changed = true;
         }
-        for (name, spec) in &new {
+        for (name, job) in &new {
             match self.served.get(name) {
                 None => {
                     info!(job = %name, "serving job");
                     self.client.subscribe(Topic::Job(name.clone()));
                     changed = true;
                 }
-                Some(old) if old != spec => {
+                Some(old) if old.spec != job.spec => {
                     info!(job = %name, "job definition changed");
                     changed = true;
                 }
@@ -616,7 +630,7 @@ impl Service {
         let status = WorkerStatus {
             name: self.config.name.clone(),
             instance: self.instance.clone(),
-            jobs: self.served.values().cloned().collect(),
+            jobs: self.served.values().map(|job| job.spec.clone()).collect(),
             capabilities: self.config.capabilities.clone(),
             slots: self.config.slots,
             running: self.scheduler.running(),

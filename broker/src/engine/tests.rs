@@ -935,3 +935,67 @@ fn a_reports_error_text_is_bounded() {
     assert!(task.error.unwrap().len() <= 2 * MAX_REPORTED_TEXT);
     assert!(task.output_tail.len() <= MAX_REPORTED_TEXT);
 }
+
+/// `spec` with a parameter `v` whose pattern is `pattern`.
+fn with_param_v(mut spec: JobSpec, required: bool, pattern: &str) -> JobSpec {
+    let pattern = pattern.into();
+    let param = jobz::jobfile::ParamSpec { required, pattern };
+    spec.params.insert("v".into(), param);
+    spec
+}
+
+#[test]
+fn triggers_check_parameters_with_the_patterns_compiled_at_registration() {
+    let spec = with_param_v(job("p", Delivery::Queue, &[], &[]), true, "[a-z]+");
+    let mut h = Harness::new(vec![spec], &["w1"]);
+    let compiled_at_registration = jobz::jobfile::patterns_compiled_on_this_thread();
+    for (value, accepted) in [("abc", true), ("a;b", false), ("xyz", true), ("", false)] {
+        let fx = h.send(
+            "frontend:x",
+            Message::Trigger(TriggerRequest {
+                job: "p".into(),
+                params: [("v".to_string(), value.to_string())].into(),
+                parent_runs: vec![],
+            }),
+        );
+        let reply = &replies(&fx)[0];
+        match reply {
+            ReplyBody::Accepted { .. } => assert!(accepted, "{value:?} accepted"),
+            ReplyBody::Rejected { status: 400, .. } => assert!(!accepted, "{value:?} refused"),
+            other => panic!("{value:?}: {other:?}"),
+        }
+    }
+    // Heartbeats that repeat the definition compile nothing either.
+    h.heartbeat("w1", "i1");
+    assert_eq!(
+        jobz::jobfile::patterns_compiled_on_this_thread(),
+        compiled_at_registration,
+        "triggers and unchanged heartbeats must not compile patterns"
+    );
+}
+
+#[test]
+fn a_job_definition_with_an_oversized_pattern_is_refused_and_counted() {
+    let huge = with_param_v(job("huge", Delivery::Queue, &[], &[]), false, r"^\w{100}$");
+    let mut h = Harness::new(vec![job("fine", Delivery::Queue, &[], &[]), huge], &["w1"]);
+    assert_eq!(
+        h.engine.health().counters.get("job_definitions_refused"),
+        Some(&1)
+    );
+    let (fx, run) = h.trigger("huge");
+    assert!(run.is_none());
+    assert!(matches!(
+        replies(&fx)[..],
+        [ReplyBody::Rejected { status: 404, .. }]
+    ));
+    assert!(
+        h.trigger("fine").1.is_some(),
+        "the worker's other job registered"
+    );
+    // Sent again unchanged, the refusal is not counted again.
+    h.heartbeat("w1", "i1");
+    assert_eq!(
+        h.engine.health().counters.get("job_definitions_refused"),
+        Some(&1)
+    );
+}
