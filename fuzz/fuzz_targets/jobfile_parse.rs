@@ -40,6 +40,11 @@ fuzz_target!(|data: &[u8]| {
             Ok(t) => t,
             Err(e) => panic!("accepted command {:?} does not parse: {e}", job.command),
         };
+        assert!(
+            template.check_shell_placement().is_ok(),
+            "accepted command {:?} has a misplaced placeholder",
+            job.command
+        );
         for used in template.params() {
             assert!(
                 job.params.contains_key(used),

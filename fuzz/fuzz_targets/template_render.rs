@@ -43,6 +43,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(template) = Template::parse(&text) else {
         return;
     };
+    // Any template: the placement check answers (no panic, no hang) with a line inside it.
+    if let Err(e) = template.check_shell_placement() {
+        assert!(e.line <= text.matches('\n').count(), "{e:?} in {text:?}");
+    }
     let complete = template.params().iter().all(|p| values.contains_key(*p));
     let plain = template.render_plain(&values);
     let shell = template.render_shell(&values);

@@ -458,7 +458,7 @@ fn parse_list<T: serde::de::DeserializeOwned>(
             serde_yaml::from_value(entry).map_err(|e| {
                 let line = name
                     .as_deref()
-                    .and_then(|n| find_line(text, n))
+                    .and_then(|n| entry_line(text, n))
                     .or(key_line);
                 let which = name
                     .map(|n| format!("{n:?}"))
@@ -514,7 +514,7 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
             return Err(fail(None, "top-level keys must be strings".into()));
         };
         // Where a named entry went wrong: the line of its `name:` in the text, if found.
-        let line_of = |name: &str| find_line(text, name);
+        let line_of = |name: &str| entry_line(text, name);
         match key.as_str() {
             "semaphores" => {
                 let raws: Vec<RawSemaphore> =
@@ -536,7 +536,13 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
                     parse_list(text, &key, value).map_err(|(line, r)| fail(line, r))?;
                 for raw in raws {
                     let name = raw.name.clone();
-                    let spec = validate_job(raw).map_err(|r| fail(line_of(&name), r))?;
+                    let spec = validate_job(raw).map_err(|e| {
+                        let entry = line_of(&name);
+                        let line = e.command_line.zip(entry);
+                        let line =
+                            line.and_then(|(offset, entry)| command_line(text, entry, offset));
+                        fail(line.or(entry), e.reason)
+                    })?;
                     if set.jobs.insert(name.clone(), spec).is_some() {
                         return Err(fail(line_of(&name), format!("job {name:?} defined twice")));
                     }
@@ -549,6 +555,73 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
 
 fn find_line(text: &str, needle: &str) -> Option<usize> {
     text.lines().position(|l| l.contains(needle)).map(|i| i + 1)
+}
+
+/// The key of a block mapping line (`key: …` or `- key: …`), if it is one.
+fn key_of(line: &str) -> Option<&str> {
+    let line = line.trim_start();
+    let line = line.strip_prefix("- ").unwrap_or(line).trim_start();
+    line.split_once(':').map(|(key, _)| key.trim_end())
+}
+
+/// The line of the list entry `name: NAME`, else the first line that mentions `name` (an
+/// entry written in flow style).
+fn entry_line(text: &str, name: &str) -> Option<usize> {
+    let names_it = |line: &str| {
+        let value = line.split_once(':').map_or("", |(_, v)| v);
+        let value = value.split(" #").next().unwrap_or("").trim();
+        key_of(line) == Some("name") && value.trim_matches(['"', '\'']) == name
+    };
+    match text.lines().position(names_it) {
+        Some(i) => Some(i + 1),
+        None => find_line(text, name),
+    }
+}
+
+/// The file line of line `offset` (from 0) of the command of the list entry whose `name:` is
+/// on line `name_line`: counted from its `command:` line, or from the line after it for a
+/// block scalar (`|`, `>`). `None` if the entry has no `command:` line of its own.
+fn command_line(text: &str, name_line: usize, offset: usize) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |i: usize| lines[i].len() - lines[i].trim_start().len();
+    let is_item = |i: usize| lines[i].trim_start().starts_with("- ");
+    let named = name_line.checked_sub(1).filter(|&i| i < lines.len())?;
+    // The entry: from its `- ` line (the name's own, or the nearest one less indented above
+    // it) to the next line as little indented as that dash.
+    let start = if is_item(named) {
+        named
+    } else {
+        (0..named)
+            .rev()
+            .find(|&i| is_item(i) && indent(i) < indent(named))?
+    };
+    let end = (start + 1..lines.len())
+        .find(|&i| {
+            let line = lines[i].trim_start();
+            !line.is_empty() && !line.starts_with('#') && indent(i) <= indent(start)
+        })
+        .unwrap_or(lines.len());
+    let at = (start..end).find(|&i| key_of(lines[i]) == Some("command"))?;
+    let value = lines[at].split_once(':').map_or("", |(_, v)| v.trim());
+    let block = value.is_empty() || value.starts_with(['|', '>']);
+    let line = at + usize::from(block) + offset;
+    Some(if line < end { line + 1 } else { at + 1 })
+}
+
+/// Why a list entry is refused; a problem in its command knows its line there.
+struct EntryError {
+    reason: String,
+    /// The line of the command the problem is on, from 0.
+    command_line: Option<usize>,
+}
+
+impl From<String> for EntryError {
+    fn from(reason: String) -> Self {
+        EntryError {
+            reason,
+            command_line: None,
+        }
+    }
 }
 
 fn parse_duration(what: &str, text: Option<String>) -> Result<Option<u64>, String> {
@@ -567,21 +640,24 @@ fn check_names(what: &str, names: &[String]) -> Result<(), String> {
     }
 }
 
-fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
+fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
     let name = raw.name;
     if !is_valid_name(&name) {
-        return Err(format!(
-            "job name {name:?} must match [A-Za-z0-9_.-]{{1,128}}"
-        ));
+        return Err(format!("job name {name:?} must match [A-Za-z0-9_.-]{{1,128}}").into());
     }
     let context = |r: String| format!("job {name:?}: {r}");
     let template = Template::parse(&raw.command).map_err(|e| context(format!("command: {e}")))?;
+    // Every value is shell-quoted as one word; inside quotes that breaks (`'v={x}'`).
+    template.check_shell_placement().map_err(|e| EntryError {
+        reason: context(format!("command: {e}")),
+        command_line: Some(e.line),
+    })?;
     let mut params = BTreeMap::new();
     for (pname, p) in raw.params {
         if !is_valid_param_name(&pname) {
             return Err(context(format!(
                 "parameter name {pname:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}} and not be `job_name` or `wait`"
-            )));
+            )).into());
         }
         let pattern = p
             .pattern
@@ -600,7 +676,8 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
         if !is_valid_param_name(used) {
             return Err(context(format!(
                 "command: placeholder {{{used}}} is not a valid parameter name"
-            )));
+            ))
+            .into());
         }
         params.entry(used.to_owned()).or_insert_with(|| ParamSpec {
             required: true,
@@ -614,7 +691,8 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, String> {
     if let Some(user) = raw.run_as.as_deref().filter(|u| !is_valid_user_name(u)) {
         return Err(context(format!(
             "run_as {user:?} is not a valid user name ([A-Za-z_][A-Za-z0-9_.-]{{0,31}})"
-        )));
+        ))
+        .into());
     }
     let spec = JobSpec {
         timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
@@ -1162,6 +1240,41 @@ semaphores:
         ] {
             assert!(compile_param_pattern(fine).is_ok(), "{fine}");
         }
+    }
+
+    #[test]
+    fn a_placeholder_inside_quotes_is_refused_naming_the_line() {
+        let text = "jobs:\n  - name: ok\n    command: echo {x} 'literal'\n  - name: quoted\n    description: sends x\n    command: \"notify 'value={x}'\"\n";
+        assert!(parse("jobs:\n  - name: ok\n    command: echo {x} 'literal'\n").is_ok());
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.reason.contains("job \"quoted\""), "{err}");
+        assert!(err.reason.contains("{x}"), "{err}");
+        assert!(err.reason.contains("single quotes"), "{err}");
+        assert!(err.reason.contains("drop the quotes"), "{err}");
+
+        // In a block, the line of the placeholder itself.
+        let text =
+            "jobs:\n  - name: block\n    command: |\n      echo {x}\n      echo \"value: {x}\"\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, Some(5), "{err}");
+        assert!(err.reason.contains("double quotes"), "{err}");
+
+        // `command:` before `name:`, after a nested list; and a flow-style entry.
+        let text = "jobs:\n  - name: first\n    command: 'true'\n  - on_success:\n      - first\n    command: echo '{x}'\n    name: second\n";
+        assert_eq!(parse(text).unwrap_err().line, Some(6));
+        let text = "jobs:\n  - { name: flow, command: \"echo '{x}'\" }\n";
+        assert_eq!(parse(text).unwrap_err().line, Some(2));
+    }
+
+    #[test]
+    fn the_original_job_db_style_of_quoting_a_placeholder_is_refused() {
+        // As original jobz files wrote it: the value was pasted in, so authors quoted it.
+        // Here every value is already quoted: inside quotes, `$(...)` in a value would run.
+        let text = "etl:\n  - name: sync\n    command: /opt/sync.sh {date}\n    on_failure: notify_failure\n  - name: notify_failure\n    command: /usr/local/bin/notify --channel etl \"jobz step failed on {date}\"\n";
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.reason.contains("{date}"), "{err}");
     }
 
     #[test]

@@ -85,6 +85,26 @@ mod tests {
     }
 
     #[test]
+    fn a_quoted_placeholder_fails_naming_file_line_and_placeholder() {
+        let (good, out) = check(&[
+            (
+                "a.yaml",
+                "jobs:\n  - name: a\n    command: echo {date} 'ok'\n",
+            ),
+            (
+                "b.yaml",
+                "jobs:\n  - name: b\n    command: echo \"day {date}\"\n",
+            ),
+        ]);
+        assert!(!good, "{out}");
+        assert!(out.contains("ok "), "{out}");
+        assert!(out.contains("b.yaml:3: "), "{out}");
+        assert!(out.contains("{date}"), "{out}");
+        assert!(out.contains("drop the quotes"), "{out}");
+        assert!(out.contains("1 rejected"), "{out}");
+    }
+
+    #[test]
     fn a_name_defined_in_two_files_fails() {
         let (good, out) = check(&[
             ("a.yaml", "jobs:\n  - name: a\n    command: \"true\"\n"),

@@ -6,8 +6,9 @@ use std::fs;
 use std::path::Path;
 
 use jobz::jobfile::{parse_job_file, Delivery, JobSet, JobSpec, DEFAULT_PARAM_PATTERN};
+use jobz::template::Template;
 
-use crate::harness::{list_of, repo_root, str_of, Mesh};
+use crate::harness::{bin, list_of, repo_root, str_of, Mesh};
 
 fn parse(path: &Path) -> JobSet {
     let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -27,6 +28,13 @@ fn original_jobz_job_db_still_parses() {
     assert_eq!(sync.params["date"].pattern, DEFAULT_PARAM_PATTERN);
     let last = &set.jobs["import_category_dump"];
     assert!(last.on_success.is_empty());
+    // The quote ends before the placeholder: still one argument, as the original meant.
+    let notify = Template::parse(&set.jobs["notify_failure"].command).unwrap();
+    let value = |date: &str| BTreeMap::from([("date".to_string(), date.to_string())]);
+    assert_eq!(
+        notify.render_shell(&value("a b")).unwrap(),
+        "/usr/local/bin/notify --channel etl \"jobz step failed on \"'a b'"
+    );
 }
 
 #[test]
@@ -134,4 +142,29 @@ fn an_unanchored_pattern_refuses_a_value_that_only_contains_a_match() {
     let ran = fs::read_to_string(mesh.dir().join("ran")).unwrap();
     assert_eq!(ran, "abc\n");
     assert!(!canary.exists(), "a hostile value reached a shell");
+}
+
+#[test]
+fn worker_check_names_the_file_and_line_of_a_placeholder_inside_quotes() {
+    let dir = tempfile::tempdir().unwrap();
+    // The original jobz style: the value was pasted in, so authors quoted it.
+    fs::write(
+        dir.path().join("notify.yaml"),
+        "jobs:\n  - name: fine\n    command: echo {date} 'ok'\n  - name: notify\n    command: notify --text \"failed on {date}\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("jobz-worker"))
+        .arg("--check")
+        .arg("--jobs-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let file = dir.path().join("notify.yaml");
+    let expected = format!(
+        "error {}:5: job \"notify\": command: placeholder {{date}} is inside double quotes: drop the quotes",
+        file.display()
+    );
+    assert!(stdout.contains(&expected), "{stdout}");
 }
