@@ -56,6 +56,8 @@
 //! - [`eventlog`]: the `worker.log` line format and writer.
 //! - [`config`]: settings and their defaults.
 //! - [`check`]: `--check`, validating a jobs dir without connecting.
+//! - [`secrets`]: what a step can reach of the worker's secrets (the worker is not
+//!   dumpable; a warning when the steps' default user can read the key).
 
 pub mod check;
 pub mod config;
@@ -63,6 +65,7 @@ pub mod eventlog;
 pub mod leader;
 pub mod runner;
 pub mod schedule;
+pub mod secrets;
 pub mod service;
 pub mod spool;
 

@@ -95,6 +95,12 @@ fn main() -> ExitCode {
     if raw.nth(1).as_deref() == Some(std::ffi::OsStr::new(worker::leader::FLAG)) {
         worker::leader::main(raw.collect());
     }
+    // Before any secret is read: a step running as this user must not read the worker's
+    // environment or memory through /proc (see worker::secrets).
+    if let Err(e) = worker::secrets::forbid_inspection() {
+        eprintln!("jobz-worker: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = Args::parse();
     if let Some(code) = args.keys.print_public_key() {
         return code;
@@ -147,6 +153,13 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.default_run_as = args.default_run_as;
     config.identity = args.keys.identity()?;
     config.validate()?;
+    if let Some(why) =
+        args.keys.key.as_deref().and_then(|key| {
+            worker::secrets::steps_can_read_key(key, config.default_run_as.as_deref())
+        })
+    {
+        tracing::warn!("{why}");
+    }
 
     let shutdown = jobz::signals::shutdown_on_signals()?;
     worker::run(config, shutdown)

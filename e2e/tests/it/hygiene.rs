@@ -54,6 +54,144 @@ fn open_for_other_users(mesh: &Mesh) -> PathBuf {
     out
 }
 
+/// Restarts worker `name` as `(uid, gid)`, owning its own directories, with `env` added to
+/// its environment (the test must be root).
+fn restart_as(mesh: &mut Mesh, name: &str, (uid, gid): (u32, u32), env: &[(&str, &str)]) {
+    mesh.kill9(name);
+    let home = mesh.dir().join(name);
+    let chown = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(&home)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    mesh.restart_with(name, Some((uid, gid)), env);
+}
+
+/// What a hostile step tries against its worker, written as `sh SNOOP OUT KEY`: it finds
+/// the worker through its process tree (the parent of its step leader, the process whose
+/// first argument is `--lead-step`), records the pid, tries to read the worker's
+/// environment, open files and memory map, and the key file KEY, each with its exit
+/// status; and, as a control, has a child read the step's own environment.
+const SNOOP: &str = r#"out=$1 key=$2
+p=$$ worker=
+while [ "$p" -gt 1 ]; do
+    parent=$(awk '/^PPid:/ {print $2}' "/proc/$p/status")
+    if [ "$(tr '\0' '\n' <"/proc/$p/cmdline" | sed -n 2p)" = --lead-step ]; then
+        worker=$parent
+        break
+    fi
+    p=$parent
+done
+echo "$worker" >"$out/worker_pid"
+cat "/proc/$worker/environ" >"$out/environ" 2>&1; echo $? >"$out/environ.rc"
+ls "/proc/$worker/fd" >"$out/fd" 2>&1; echo $? >"$out/fd.rc"
+cat "/proc/$worker/maps" >"$out/maps" 2>&1; echo $? >"$out/maps.rc"
+cat "$key" >"$out/key" 2>&1; echo $? >"$out/key.rc"
+cat "/proc/$$/environ" >"$out/own_environ"
+"#;
+
+/// The file `name` the snoop script wrote into `out`.
+fn snooped(out: &Path, name: &str) -> String {
+    std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// Runs the snoop script (see [`SNOOP`]) as job `snoop` and checks that the step found its
+/// worker and could read nothing of it, while its own processes stay readable to it.
+fn assert_the_step_cannot_read_its_worker(mesh: &mut Mesh, out: &Path) {
+    let run_id = mesh.start_run("snoop", &[]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run:#}");
+    let pid = mesh.pid("w1");
+    assert_eq!(
+        snooped(out, "worker_pid").trim(),
+        pid.to_string(),
+        "the step did not find its worker through its process tree"
+    );
+    let environ = snooped(out, "environ");
+    assert!(
+        !environ.contains("s3cret"),
+        "the step read the worker's environment: {:?}…",
+        environ.chars().take(200).collect::<String>()
+    );
+    assert_ne!(snooped(out, "environ.rc").trim(), "0", "{environ:?}");
+    assert!(environ.contains("Permission denied"), "{environ:?}");
+    let fd = snooped(out, "fd");
+    assert_ne!(snooped(out, "fd.rc").trim(), "0", "open files listed: {fd}");
+    let maps = snooped(out, "maps");
+    assert_ne!(
+        snooped(out, "maps.rc").trim(),
+        "0",
+        "memory map read: {maps}"
+    );
+    // The step itself is not affected: a child of its shell reads the shell's environment
+    // (exec makes the step's processes dumpable again).
+    let own = snooped(out, "own_environ");
+    assert!(own.contains("JOBZ_JOB=snoop"), "{own:?}");
+}
+
+/// A mesh with one worker serving the `snoop` job (the script in `<dir>/snoop.sh`, output
+/// in `<dir>/out`), with `args`; `sealed` gives the worker its key, `<dir>/w1/node.key`,
+/// which the script tries to read.
+fn snoop_mesh(sealed: bool, args: &[&str]) -> (Mesh, PathBuf) {
+    let mut builder = Mesh::builder().worker_with_args(
+        "w1",
+        r#"
+jobs:
+  - name: snoop
+    command: "sh @DIR@/snoop.sh @DIR@/out @DIR@/w1/node.key"
+"#,
+        args,
+    );
+    if sealed {
+        builder = builder.sealed();
+    }
+    let mesh = builder.start();
+    let out = open_for_other_users(&mesh);
+    std::fs::write(mesh.dir().join("snoop.sh"), SNOOP).unwrap();
+    (mesh, out)
+}
+
+#[test]
+fn a_step_as_the_workers_own_user_cannot_read_the_workers_environment_or_memory() {
+    let (mut mesh, out) = snoop_mesh(false, &[]);
+    let secret = [("HYGIENE_SECRET", "s3cret")];
+    if running_as_root() {
+        // Root may read any process: the worker runs as nobody, and its step with it.
+        let Some(nobody) = nobody() else {
+            eprintln!("skipped: this host has no user `nobody`");
+            return;
+        };
+        restart_as(&mut mesh, "w1", nobody, &secret);
+    } else {
+        mesh.restart_with("w1", None, &secret);
+    }
+    mesh.wait_workers_live(1);
+    assert_the_step_cannot_read_its_worker(&mut mesh, &out);
+}
+
+#[test]
+fn a_step_run_as_another_user_cannot_read_the_workers_key_or_environment() {
+    if !running_as_root() {
+        eprintln!("skipped: run_as needs the test to run as root");
+        return;
+    }
+    if nobody().is_none() {
+        eprintln!("skipped: this host has no user `nobody`");
+        return;
+    }
+    let (mut mesh, out) = snoop_mesh(true, &["--default-run-as", "nobody"]);
+    mesh.restart_with("w1", None, &[("HYGIENE_SECRET", "s3cret")]);
+    mesh.wait_workers_live(1);
+    assert!(mesh.dir().join("w1/node.key").is_file());
+    assert_the_step_cannot_read_its_worker(&mut mesh, &out);
+    let key = snooped(&out, "key");
+    assert!(!key.contains("jobz-secret-key"), "the step read the key");
+    assert_ne!(snooped(&out, "key.rc").trim(), "0", "{key:?}");
+    assert!(key.contains("Permission denied"), "{key:?}");
+}
+
 #[test]
 fn steps_see_only_the_allow_listed_environment() {
     let mut mesh = Mesh::builder()
@@ -348,16 +486,7 @@ jobs:
         .start();
     let out = open_for_other_users(&mesh);
     // The same worker again, as nobody, owning its own directories.
-    mesh.kill9("w1");
-    let home = mesh.dir().join("w1");
-    let chown = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{uid}:{gid}"))
-        .arg(&home)
-        .status()
-        .unwrap();
-    assert!(chown.success());
-    mesh.restart_with("w1", Some((uid, gid)), &[]);
+    restart_as(&mut mesh, "w1", (uid, gid), &[]);
     mesh.wait_workers_live(1);
 
     let run_id = mesh.start_run("as_root", &[]);
