@@ -383,6 +383,33 @@ fn prepare_workdir(dir: &Path, owner: Option<&Switch>) -> Result<(), String> {
                 owner.uid
             )
         })?;
+        if let Some(parent) = dir.parent() {
+            let_others_traverse(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds search (not read) permission for group and others to `dir`, the spool's `work/`,
+/// which a worker under a umask like 027 makes closed: a step running as another user
+/// must reach its working directory by its absolute path too (`cd "$PWD"`, `realpath .`),
+/// without listing the other tasks' directories. The spool itself must be traversable
+/// (the Ansible role makes it 0751).
+fn let_others_traverse(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let error = |e: std::io::Error| {
+        format!(
+            "cannot let steps of other users reach {}: {e}",
+            dir.display()
+        )
+    };
+    let mode = std::fs::metadata(dir).map_err(error)?.permissions().mode();
+    if mode & 0o011 != 0o011 {
+        std::fs::set_permissions(
+            dir,
+            std::fs::Permissions::from_mode((mode | 0o011) & 0o7777),
+        )
+        .map_err(error)?;
     }
     Ok(())
 }
@@ -653,7 +680,7 @@ pub fn lookup_user(name: &str) -> std::io::Result<Option<User>> {
 
 /// The user's groups, primary included, as `initgroups(3)` would set them
 /// (`getgrouplist`).
-fn group_list(user: &User) -> Result<Vec<u32>, String> {
+pub(crate) fn group_list(user: &User) -> Result<Vec<u32>, String> {
     let c_name = CString::new(user.name.as_str())
         .map_err(|_| format!("user name {:?} contains NUL", user.name))?;
     let mut groups: Vec<libc::gid_t> = vec![0; 64];

@@ -3,6 +3,7 @@
 //! step leader, which is the `jobz-worker` binary).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -277,18 +278,26 @@ fn run_as_an_unknown_user_fails_without_starting() {
     assert!(r.error.unwrap().contains("no such user"));
 }
 
-#[test]
-fn run_as_switches_user_groups_and_home_when_the_worker_is_root() {
+/// `nobody`, when this test runs as root and the host has that user.
+fn root_and_nobody() -> Option<worker::runner::User> {
     if std::fs::metadata("/proc/self")
         .ok()
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         != Some(0)
     {
         eprintln!("skipped: needs root");
-        return;
+        return None;
     }
     let Ok(Some(nobody)) = worker::runner::lookup_user("nobody") else {
         eprintln!("skipped: no user nobody");
+        return None;
+    };
+    Some(nobody)
+}
+
+#[test]
+fn run_as_switches_user_groups_and_home_when_the_worker_is_root() {
+    let Some(nobody) = root_and_nobody() else {
         return;
     };
     let f = Fixture::new();
@@ -310,4 +319,34 @@ fn run_as_switches_user_groups_and_home_when_the_worker_is_root() {
         "{out}"
     );
     assert_eq!(lines[4], "ok", "the working directory is the user's: {out}");
+}
+
+#[test]
+fn a_step_run_as_another_user_reaches_its_workdir_by_its_absolute_path() {
+    let Some(_) = root_and_nobody() else {
+        return;
+    };
+    let f = Fixture::new();
+    // As a worker under `UMask=0027` leaves them: the spool open to others for traversal
+    // (as deployed), the `work/` it made closed.
+    let spool = f.path("");
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o751)).unwrap();
+    std::fs::create_dir(f.path("work")).unwrap();
+    std::fs::set_permissions(f.path("work"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    // `$PWD`, `realpath .` and `cd` all go through the path from /.
+    let mut spec = f.spec("cd \"$PWD\" && touch \"$PWD/mine\" && realpath . && echo ok");
+    spec.run_as = Some("nobody".into());
+    let r = run_plain(&spec);
+    let out = f.output();
+    assert_eq!(r.outcome, TaskOutcome::Succeeded, "{out}");
+    assert!(out.ends_with("ok\n"), "{out}");
+    let mode = std::fs::metadata(f.path("work"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o751,
+        "work/ is traversable, not listable: {mode:o}"
+    );
 }
