@@ -39,8 +39,9 @@ else
     bash scripts/fuzz.sh "${JOBZ_FUZZ_SECONDS:-20}"
 fi
 
-# cargo deny: licences, bans, sources; advisories when the database can be had. The first
-# run installs cargo-deny from crates.io (~7 min on 2 cores; cached in ~/.cargo/bin after).
+# cargo deny: licences, bans, sources, and advisories from the RustSec snapshot bundle in
+# ../shared/data (fails on a finding, or without any database). The first run installs
+# cargo-deny from crates.io (~7 min on 2 cores; cached in ~/.cargo/bin after).
 step "dependency audit (scripts/audit.sh: cargo deny)"
 if [[ ${JOBZ_SKIP_AUDIT:-0} == 1 ]]; then
     echo "skipped (JOBZ_SKIP_AUDIT=1)"
