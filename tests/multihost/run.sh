@@ -21,11 +21,13 @@
 # Checks: deploy; systemd units verify; a second run changes nothing; every node key is
 # enrolled (and none pending), keys are 0600 and owned by jobz, the broker runs sealed;
 # HTTP without a token is 401, a read token on /job_start is 403; a chain across both
-# workers completes and each worker host's log has it; trigger.yml and logs.yml; a worker
+# workers completes and each worker host's log has it; job commands run as jobz-step and
+# cannot read the worker's key, settings, log or environment; trigger.yml and logs.yml; a worker
 # whose link was down during a broadcast runs its step once back; a broken job file never
 # reaches a host (nor a good one changed in the same run); a changed job file changes only
 # the workers, restarts nothing and is in force; rolling_restart.yml drains and restarts
-# each worker; ansible-lint (production profile); with JOBZ_TEST_SEMAPHORE=1, the
+# each worker; jobz_worker_step_user "" and back switches the worker between jobz and
+# root; ansible-lint (production profile); with JOBZ_TEST_SEMAPHORE=1, the
 # semaphore fires once. Ends with "N passed, M failed"; exits non-zero on any failure.
 #
 # Environment:
@@ -67,6 +69,7 @@ HOLD_PID=""
 TOKEN=""      # scopes read,trigger: every API call of the test and of the playbooks
 READ_TOKEN="" # scope read only
 CHILD_PID=""
+SNOOPED="" # w2's lines of the last mh_snoop run (step_user_phase)
 T0=$SECONDS
 
 say() { printf '%s [%3ds] %s\n' "==>" $((SECONDS - T0)) "$*"; }
@@ -238,9 +241,11 @@ make_tokens() {
 
 make_network() {
     local h ns
-    # Leftovers of an earlier run that was killed before its teardown.
+    # Leftovers of an earlier run that was killed before its teardown, and veth ends whose
+    # namespace the kernel has not finished freeing ("File exists" otherwise).
     for h in "${HOSTS[@]}"; do remove_netns "jzt-$h"; done
     remove_netns "$CLIENT"
+    for h in "${HOSTS[@]}" client; do ip link del "jzt-v-$h" 2>/dev/null || true; done
     ip link del "$BRIDGE" 2>/dev/null || true
     if ip -4 addr show | grep -q "inet $NET\."; then
         echo "the subnet $NET.0/24 is in use on this machine; set JOBZ_MH_SUBNET" >&2
@@ -622,6 +627,91 @@ check_worker_logs() {
     fi
 }
 
+# Job commands run as jobz-step (jobz_worker_step_user), the worker as root: a command
+# reaches its working directory by its path, and nothing of the worker's: its key, its
+# settings, its log, its process's environment (mh_snoop, jobs.d/groups/workers/hygiene.yaml).
+check_step_user() {
+    say "job commands run as jobz-step: their directory is theirs, the worker's key, settings, log and environment are not"
+    local answer run state logtext h pid owner groups bad=""
+    answer=$(http "$FRONTEND/job_start?job_name=mh_snoop&wait=60") || true
+    run=$(json "d.get('run_id', '')" <<<"$answer" 2>/dev/null || true)
+    state=$(json "d.get('state', '')" <<<"$answer" 2>/dev/null || true)
+    logtext=$(http "$FRONTEND/runs/$run/log" 2>&1 || true)
+    [[ $state == succeeded ]] || bad+="run $run: state $state; "
+    for h in "${WORKERS[@]}"; do
+        pid=$(service_pid "$h" worker)
+        owner=$(on_host "$h" stat -c %U "/proc/$pid" 2>&1)
+        [[ $owner == root ]] || bad+="$h: the worker runs as $owner, not root; "
+        groups=$(on_host "$h" id -Gn jobz-step 2>&1)
+        [[ " $groups " != *" jobz "* ]] || bad+="$h: jobz-step is in group jobz ($groups); "
+        on_host "$h" grep -qx 'User=root' /etc/systemd/system/jobz-worker.service ||
+            bad+="$h: the worker's unit does not say User=root; "
+        on_host "$h" grep -q '^CapabilityBoundingSet=CAP_SETUID ' /etc/systemd/system/jobz-worker.service ||
+            bad+="$h: the worker's unit does not bound its capabilities; "
+        grep -qx "\[$h mh_snoop\] user=jobz-step" <<<"$logtext" || bad+="$h: the command did not run as jobz-step; "
+        grep -qx "\[$h mh_snoop\] workdir=ok" <<<"$logtext" || bad+="$h: the command could not reach its directory by its path; "
+        grep -qx "\[$h mh_snoop\] worker=$pid" <<<"$logtext" || bad+="$h: the command did not find its worker (pid $pid); "
+        [[ $(grep -c "^\[$h mh_snoop\] refused " <<<"$logtext") == 4 ]] || bad+="$h: not 4 reads refused; "
+    done
+    if grep -q '\] READ ' <<<"$logtext"; then bad+="read: $(grep '\] READ ' <<<"$logtext" | tr '\n' ' '); "; fi
+    if [[ -z $bad ]]; then
+        pass "mh_snoop on w1 and w2 ran as jobz-step (the worker as root, capabilities bounded), reached its directory by its path, and could not read worker.key, worker.env, worker.log nor the worker's /proc environ"
+    else
+        fail "job commands run as the step user and reach nothing of the worker's" "$bad" "log: ${logtext:0:1200}"
+    fi
+}
+
+# snoop_on HOST: the lines of HOST's step of a new mh_snoop run (prefix removed).
+snoop_on() {
+    local answer run
+    answer=$(http "$FRONTEND/job_start?job_name=mh_snoop&wait=60") || true
+    run=$(json "d.get('run_id', '')" <<<"$answer" 2>/dev/null || true)
+    http "$FRONTEND/runs/$run/log" 2>&1 | sed -n "s/^\[$1 mh_snoop\] //p"
+}
+
+# worker_procs HOST: "USER PID" of every jobz-worker process on HOST that is a service
+# (its parent is the host's PID 1), one a line.
+worker_procs() {
+    on_host "$1" ps -eo user=,pid=,ppid=,comm= | awk '$4 == "jobz-worker" && $3 == 1 {print $1, $2}'
+}
+
+# step_user_phase NAME LOG OWNER [ARGS...]: site.yml --limit w2 ARGS, then w2 must have one
+# worker process, OWNER's, and be live; w2's lines of a new mh_snoop run go to SNOOPED.
+# Problems are added to the caller's `bad`; returns 1 if the playbook failed.
+step_user_phase() {
+    local name=$1 log=$2 owner=$3 procs
+    shift 3
+    if ! playbook site.yml "$log" --limit w2 "$@"; then
+        fail "site.yml on w2 ($name)" && show_log_tail "$WORK/$log"
+        return 1
+    fi
+    procs=$(worker_procs w2)
+    [[ $procs =~ ^$owner\ [0-9]+$ ]] || bad+="$name: worker processes '$procs' (want one, $owner's); "
+    wait_until 30 workers_live || bad+="$name: w2 is not live; "
+    SNOOPED=$(snoop_on w2)
+}
+
+# jobz_worker_step_user "" on w2, then back: the worker changes user (one process, never
+# two), takes back its spool, and the job commands' user follows.
+check_step_user_switch() {
+    say "jobz_worker_step_user \"\" on w2, then back: the worker switches between jobz and root"
+    local bad="" off
+    step_user_phase off step-user-off.log jobz -e jobz_worker_step_user= || return
+    off=$SNOOPED
+    grep -qx 'user=jobz' <<<"$off" || bad+="off: the command did not run as jobz; "
+    grep -qx 'workdir=ok' <<<"$off" || bad+="off: no working directory; "
+    grep -q '^refused /proc/.*/environ$' <<<"$off" || bad+="off: the command read its worker's environ (jobz, not dumpable); "
+    step_user_phase on step-user-on.log root || return
+    grep -qx 'user=jobz-step' <<<"$SNOOPED" || bad+="on: the command did not run as jobz-step; "
+    [[ $(grep -c '^refused ' <<<"$SNOOPED") == 4 ]] || bad+="on: not 4 reads refused; "
+    if [[ -z $bad ]]; then
+        pass "jobz_worker_step_user \"\" on w2: one worker, jobz's, commands as jobz (worker's environ still refused); back: one worker, root's, commands as jobz-step"
+    else
+        fail "the worker switches between jobz and root with jobz_worker_step_user" "$bad" \
+            "w2's mh_snoop, off: $(tr '\n' ' ' <<<"$off")" "on: $(tr '\n' ' ' <<<"$SNOOPED")"
+    fi
+}
+
 # The number of mh_after runs for tag chain1 (the semaphore's `then`).
 count_after() {
     http -f "$FRONTEND/runs?job=mh_after&limit=1000" |
@@ -872,11 +962,13 @@ if check_deploy; then
         check_http_auth
         check_chain
         check_worker_logs
+        check_step_user
         check_semaphore
         check_operator_playbooks
         check_outage
         check_job_files
         check_rolling_restart
+        check_step_user_switch
     fi
 fi
 check_lint
