@@ -17,6 +17,7 @@ use jobz::topic::Topic;
 use tracing::{debug, info, warn};
 
 use crate::authority::Principal;
+use crate::ids::IdSource;
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 use crate::semaphore_reports::SemaphoreReports;
@@ -140,6 +141,8 @@ enum Failure {
 
 pub struct Engine {
     config: EngineConfig,
+    /// Where the ids of new runs, steps and tasks come from (given, like the time).
+    ids: Box<dyn IdSource>,
     registry: Registry,
     runs: HashMap<String, Run>,
     steps: HashMap<String, Step>,
@@ -164,10 +167,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine resuming from `snapshot`.
-    pub fn restore(config: EngineConfig, snapshot: Snapshot, now_ms: i64) -> Engine {
+    /// An engine resuming from `snapshot`, making new ids with `ids`.
+    pub fn restore(
+        config: EngineConfig,
+        snapshot: Snapshot,
+        ids: Box<dyn IdSource>,
+        now_ms: i64,
+    ) -> Engine {
         let mut engine = Engine {
             config,
+            ids,
             registry: Registry::restore(snapshot.workers, snapshot.catalog, now_ms),
             runs: HashMap::new(),
             steps: HashMap::new(),
@@ -369,8 +378,9 @@ impl Engine {
             }
         }
         if reg.restarted_from.is_some() {
-            // Tasks the previous process started died with it.
-            let lost: Vec<String> = self
+            // Tasks the previous process started died with it (oldest first, so a replay
+            // decides in the same order).
+            let mut lost: Vec<(i64, String)> = self
                 .tasks
                 .values()
                 .filter(|t| {
@@ -378,9 +388,10 @@ impl Engine {
                         && t.state == TaskState::Running
                         && t.instance.as_deref() != Some(status.instance.as_str())
                 })
-                .map(|t| t.task_id.clone())
+                .map(|t| (t.created_at_ms, t.task_id.clone()))
                 .collect();
-            for task_id in lost {
+            lost.sort();
+            for (_, task_id) in lost {
                 warn!(worker = %status.name, task_id = %task_id, "worker restarted; its running attempt is lost");
                 let reason = "worker restarted while the task ran; attempt lost";
                 self.task_failed(fx, &task_id, Failure::Lost, reason, now);
@@ -470,7 +481,7 @@ impl Engine {
         now: i64,
     ) -> String {
         let run = Run {
-            run_id: jobz::new_id(),
+            run_id: self.ids.next_id(),
             job: job.to_owned(),
             params,
             state: RunState::Pending,
@@ -896,7 +907,8 @@ impl Engine {
                 }
             }
         }
-        for (step_id, task_ids) in by_step {
+        for (step_id, mut task_ids) in by_step {
+            task_ids.sort(); // in the order they were made, whatever the map's order
             self.count("redeliveries");
             self.publish_work(fx, &step_id, &task_ids, now);
         }
@@ -923,7 +935,7 @@ impl Engine {
     ) {
         let spec = self.registry.job(job).cloned();
         let step = Step {
-            step_id: jobz::new_id(),
+            step_id: self.ids.next_id(),
             run_id: run_id.to_owned(),
             job: job.to_owned(),
             delivery: spec.as_ref().map(|s| s.delivery).unwrap_or_default(),
@@ -1081,7 +1093,7 @@ impl Engine {
     ) -> Option<String> {
         let step = self.steps.get(step_id)?;
         let task = Task {
-            task_id: jobz::new_id(),
+            task_id: self.ids.next_id(),
             step_id: step_id.to_owned(),
             run_id: step.run_id.clone(),
             job: step.job.clone(),

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`engine`]: every decision, as a pure state machine (event + time → effects). Start here.
+//! - [`ids`]: where the ids of new runs, steps and tasks come from.
 //! - [`model`]: runs, steps and tasks as the broker records them.
 //! - [`registry`]: live workers and the job catalog they register.
 //! - [`store`]: the narrow durable-state interface and its SQLite implementation.
@@ -16,6 +17,7 @@
 pub mod authority;
 pub mod engine;
 pub mod guard;
+pub mod ids;
 pub mod journal;
 pub mod keys;
 pub mod model;

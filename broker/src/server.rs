@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::authority::{self, Principal};
 use crate::engine::{Effects, Engine, EngineConfig, Publish};
 use crate::guard::{self, Inbound, Outbound, Refusal, Security};
+use crate::ids::Uuid7Ids;
 use crate::journal;
 use crate::store::{SqliteStore, Store};
 
@@ -57,6 +58,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
             version: env!("CARGO_PKG_VERSION").to_owned(),
         },
         snapshot,
+        Box::new(Uuid7Ids),
         jobz::now_ms(),
     );
 

@@ -2,6 +2,8 @@ use super::*;
 use jobz::jobfile::JobSpec;
 use jobz::message::{Params, TaskOutcome};
 
+use crate::ids::SequentialIds;
+
 fn config() -> EngineConfig {
     EngineConfig {
         worker_expiry_ms: 10_000,
@@ -34,14 +36,22 @@ struct Harness {
     engine: Engine,
     now: i64,
     jobs: Vec<JobSpec>,
+    /// Messages sent so far: message ids come from it, so a script replays exactly.
+    sent: u64,
 }
 
 impl Harness {
     fn new(jobs: Vec<JobSpec>, workers: &[&str]) -> Harness {
         let mut h = Harness {
-            engine: Engine::restore(config(), Snapshot::default(), 0),
+            engine: Engine::restore(
+                config(),
+                Snapshot::default(),
+                Box::new(SequentialIds::default()),
+                0,
+            ),
             now: 1_000,
             jobs,
+            sent: 0,
         };
         for w in workers {
             h.heartbeat(w, "i1");
@@ -50,8 +60,9 @@ impl Harness {
     }
 
     fn send(&mut self, sender: &str, body: Message) -> Effects {
+        self.sent += 1;
         let env = Envelope {
-            id: jobz::new_id(),
+            id: format!("m{}", self.sent),
             sender: sender.into(),
             sent_at_ms: self.now,
             body,
@@ -624,6 +635,49 @@ fn an_unstarted_queue_task_of_a_lost_worker_moves_without_using_a_retry() {
 }
 
 #[test]
+fn the_same_events_replay_to_the_same_decisions() {
+    // Regression: the engine made its ids from the clock and a random source, so two
+    // replays of one sequence of events made different runs, steps and tasks.
+    let jobs = vec![
+        with_retries(job("a", Delivery::Broadcast, &["l", "q"], &["q"]), 1, 100),
+        job("l", Delivery::Local, &[], &[]),
+        with_retries(job("q", Delivery::Queue, &[], &[]), 2, 100),
+    ];
+    let script = |mut h: Harness| -> Vec<String> {
+        let mut decisions = Vec::new();
+        for _ in 0..3 {
+            let (fx, _) = h.trigger("a");
+            let mut work: Vec<Assignment> =
+                works(&fx).into_iter().flat_map(|w| w.assignments).collect();
+            decisions.push(format!("{fx:?}"));
+            for round in 0..20 {
+                for (i, a) in std::mem::take(&mut work).iter().enumerate() {
+                    let outcome = if (i + round) % 3 == 0 {
+                        TaskOutcome::Failed
+                    } else {
+                        TaskOutcome::Succeeded
+                    };
+                    let fx = h.finish(a, outcome);
+                    work.extend(works(&fx).into_iter().flat_map(|w| w.assignments));
+                    decisions.push(format!("{fx:?}"));
+                }
+                h.now += 500;
+                let fx = h.engine.tick(h.now);
+                work.extend(works(&fx).into_iter().flat_map(|w| w.assignments));
+                decisions.push(format!("{fx:?}"));
+            }
+        }
+        decisions
+    };
+    let first = script(Harness::new(jobs.clone(), &["w1", "w2", "w3"]));
+    let second = script(Harness::new(jobs, &["w1", "w2", "w3"]));
+    assert!(first.len() > 20);
+    for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+        assert_eq!(a, b, "decision {i} differs between two replays");
+    }
+}
+
+#[test]
 fn backoff_grows_and_is_capped() {
     assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, "t")));
     assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, "t")));
@@ -683,7 +737,8 @@ fn a_restored_pending_task_is_published_again_at_once() {
         tasks,
         ..Default::default()
     };
-    let mut restored = Engine::restore(config(), snapshot, h.now);
+    let ids = Box::new(SequentialIds::after(1_000));
+    let mut restored = Engine::restore(config(), snapshot, ids, h.now);
     restored.heartbeat_for_test(&h.jobs, "w1", h.now);
     let again = works(&restored.tick(h.now));
     assert_eq!(
