@@ -17,7 +17,7 @@ use jobz::topic::Topic;
 use tracing::{debug, info, warn};
 
 use crate::authority::Principal;
-use crate::ids::IdSource;
+use crate::ids::{IdSource, RunId, StepId, TaskId};
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 use crate::semaphore_reports::SemaphoreReports;
@@ -79,7 +79,7 @@ pub struct StoreRead {
 /// Reads that need the store.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReadQuery {
-    Run(String),
+    Run(RunId),
     Runs(RunFilter),
     Completions {
         jobs: Vec<String>,
@@ -112,7 +112,7 @@ pub struct Snapshot {
     pub workers: Vec<Worker>,
     pub catalog: Vec<CatalogEntry>,
     /// (trigger message id, run id) of recent runs.
-    pub recent_requests: Vec<(String, String)>,
+    pub recent_requests: Vec<(MessageId, RunId)>,
     /// The newest dead tasks.
     pub dead: Vec<Dead>,
 }
@@ -144,24 +144,24 @@ pub struct Engine {
     /// Where the ids of new runs, steps and tasks come from (given, like the time).
     ids: Box<dyn IdSource>,
     registry: Registry,
-    runs: HashMap<String, Run>,
-    steps: HashMap<String, Step>,
-    tasks: HashMap<String, Task>,
-    run_steps: HashMap<String, Vec<String>>,
-    step_tasks: HashMap<String, Vec<String>>,
+    runs: HashMap<RunId, Run>,
+    steps: HashMap<StepId, Step>,
+    tasks: HashMap<TaskId, Task>,
+    run_steps: HashMap<RunId, Vec<StepId>>,
+    step_tasks: HashMap<StepId, Vec<TaskId>>,
     /// Steps that wait for a live worker.
-    waiting: BTreeSet<String>,
+    waiting: BTreeSet<StepId>,
     /// When each pending task was last published.
-    last_sent: HashMap<String, i64>,
+    last_sent: HashMap<TaskId, i64>,
     /// Tasks waiting for a retry (or a worker to retry on).
-    retrying: BTreeSet<String>,
+    retrying: BTreeSet<TaskId>,
     /// Worker of a retried queue task's failed attempt, avoided when another can take it.
-    avoid: HashMap<String, String>,
-    dead: BTreeMap<String, Dead>,
-    dead_order: VecDeque<String>,
+    avoid: HashMap<TaskId, String>,
+    dead: BTreeMap<TaskId, Dead>,
+    dead_order: VecDeque<TaskId>,
     /// The barriers the semaphores last reported, bounded per principal.
     semaphores: SemaphoreReports,
-    requests: HashMap<MessageId, String>,
+    requests: HashMap<MessageId, RunId>,
     request_order: VecDeque<MessageId>,
     counters: BTreeMap<String, u64>,
 }
@@ -269,7 +269,7 @@ impl Engine {
         self.runs.len()
     }
 
-    fn remember_request(&mut self, request: MessageId, run_id: String) {
+    fn remember_request(&mut self, request: MessageId, run_id: RunId) {
         if self.requests.insert(request.clone(), run_id).is_none() {
             self.request_order.push_back(request);
         }
@@ -317,7 +317,9 @@ impl Engine {
             Message::TaskStarted(started) => self.on_started(&mut fx, &env, started, now),
             Message::TaskFinished(finished) => self.on_finished(&mut fx, &env, finished, now),
             Message::Query(query) => self.on_query(&mut fx, &env, query, now),
-            Message::RetryDead { task_id } => self.on_retry_dead(&mut fx, &env, &task_id, now),
+            Message::RetryDead { task_id } => {
+                self.on_retry_dead(&mut fx, &env, &TaskId::from(task_id), now)
+            }
             Message::SemaphoreStatus { barriers } => {
                 let principal = from.to_string();
                 let recorded = self
@@ -358,7 +360,8 @@ impl Engine {
         // Renew the leases of what the worker says it runs; a task whose `TaskStarted` was
         // lost is running all the same.
         for running in &status.running {
-            let Some(task) = self.tasks.get_mut(&running.task_id) else {
+            let task_id = TaskId::from(running.task_id.as_str());
+            let Some(task) = self.tasks.get_mut(&task_id) else {
                 continue;
             };
             if task.attempt != running.attempt
@@ -370,7 +373,7 @@ impl Engine {
                 task.state = TaskState::Running;
                 task.started_at_ms = Some(now);
                 task.instance = Some(status.instance.clone());
-                self.last_sent.remove(&running.task_id);
+                self.last_sent.remove(&task_id);
                 fx.writes.push(Write::Task(task.clone()));
             }
             if task.state == TaskState::Running {
@@ -380,7 +383,7 @@ impl Engine {
         if reg.restarted_from.is_some() {
             // Tasks the previous process started died with it (oldest first, so a replay
             // decides in the same order).
-            let mut lost: Vec<(i64, String)> = self
+            let mut lost: Vec<(i64, TaskId)> = self
                 .tasks
                 .values()
                 .filter(|t| {
@@ -406,6 +409,7 @@ impl Engine {
     fn on_trigger(&mut self, fx: &mut Effects, env: &Envelope, request: TriggerRequest, now: i64) {
         if let Some(run_id) = self.requests.get(&env.id).cloned() {
             self.count("duplicate_triggers");
+            let run_id = run_id.into();
             reply(fx, env, ReplyBody::Accepted { run_id });
             return;
         }
@@ -460,14 +464,8 @@ impl Engine {
             reply(fx, env, rejected(400, "invalid parent_runs".into()));
             return;
         }
-        self.create_run(
-            fx,
-            env,
-            &request.job,
-            request.params,
-            request.parent_runs,
-            now,
-        );
+        let parent_runs = request.parent_runs.into_iter().map(RunId::from).collect();
+        self.create_run(fx, env, &request.job, request.params, parent_runs, now);
     }
 
     /// Journals a new run, answers `Accepted` and starts its first step.
@@ -477,11 +475,11 @@ impl Engine {
         env: &Envelope,
         job: &str,
         params: jobz::message::Params,
-        parent_runs: Vec<String>,
+        parent_runs: Vec<RunId>,
         now: i64,
-    ) -> String {
+    ) -> RunId {
         let run = Run {
-            run_id: self.ids.next_id(),
+            run_id: self.ids.run_id(),
             job: job.to_owned(),
             params,
             state: RunState::Pending,
@@ -501,7 +499,7 @@ impl Engine {
             fx,
             env,
             ReplyBody::Accepted {
-                run_id: run_id.clone(),
+                run_id: run_id.to_string(),
             },
         );
         self.start_step(fx, &run_id, job, None, now);
@@ -509,8 +507,9 @@ impl Engine {
         run_id
     }
 
-    fn on_retry_dead(&mut self, fx: &mut Effects, env: &Envelope, task_id: &str, now: i64) {
+    fn on_retry_dead(&mut self, fx: &mut Effects, env: &Envelope, task_id: &TaskId, now: i64) {
         if let Some(run_id) = self.requests.get(&env.id).cloned() {
+            let run_id = run_id.into();
             reply(fx, env, ReplyBody::Accepted { run_id });
             return;
         }
@@ -519,11 +518,15 @@ impl Engine {
             reply(
                 fx,
                 env,
-                rejected(404, format!("no dead task {:?}", truncate(task_id, 80))),
+                rejected(
+                    404,
+                    format!("no dead task {:?}", truncate(task_id.as_str(), 80)),
+                ),
             );
             return;
         };
         if let Some(run_id) = dead.retried_as {
+            let run_id = run_id.into();
             reply(fx, env, ReplyBody::Accepted { run_id });
             return;
         }
@@ -558,7 +561,10 @@ impl Engine {
     }
 
     fn on_started(&mut self, fx: &mut Effects, env: &Envelope, started: TaskStarted, now: i64) {
-        let Some(task) = self.tasks.get_mut(&started.task.task_id) else {
+        let Some(task) = self
+            .tasks
+            .get_mut(&TaskId::from(started.task.task_id.as_str()))
+        else {
             self.count("stale_reports");
             reply(fx, env, ReplyBody::Ack);
             return;
@@ -591,8 +597,9 @@ impl Engine {
         };
         // A report that must not be applied, kept as history (the store fills in the run
         // of a task whose run has already ended).
-        let late = |run_id: String| Attempt {
-            task_id: finished.task.task_id.clone(),
+        let task_id = TaskId::from(finished.task.task_id.as_str());
+        let late = |run_id: RunId| Attempt {
+            task_id: task_id.clone(),
             run_id,
             attempt: finished.task.attempt,
             worker: Some(finished.worker.clone()),
@@ -603,10 +610,10 @@ impl Engine {
             finished_at_ms: finished.finished_at_ms,
             late: true,
         };
-        let Some(task) = self.tasks.get(&finished.task.task_id).cloned() else {
+        let Some(task) = self.tasks.get(&task_id).cloned() else {
             self.count("results_after_run_end");
             fx.writes
-                .push(Write::ResultAfterRunEnd(late(String::new())));
+                .push(Write::ResultAfterRunEnd(late(RunId::from(""))));
             reply(fx, env, ReplyBody::Ack);
             return;
         };
@@ -667,7 +674,7 @@ impl Engine {
             query,
         };
         match query {
-            Query::Run { run_id } => fx.reads.push(read(ReadQuery::Run(run_id))),
+            Query::Run { run_id } => fx.reads.push(read(ReadQuery::Run(run_id.into()))),
             Query::Runs(filter) => fx.reads.push(read(ReadQuery::Runs(filter))),
             Query::Jobs => reply(fx, env, ReplyBody::Jobs(self.registry.job_views())),
             Query::Workers => reply(fx, env, ReplyBody::Workers(self.registry.worker_views())),
@@ -754,7 +761,7 @@ impl Engine {
     // Unstarted tasks of a lost worker go elsewhere (queue) or fail; running ones keep their
     // lease, which the worker may still renew if it was only slow.
     fn fail_unstarted_of(&mut self, fx: &mut Effects, worker: &str, reason: &str, now: i64) {
-        let mut unstarted: Vec<(i64, String)> = self
+        let mut unstarted: Vec<(i64, TaskId)> = self
             .tasks
             .values()
             .filter(|t| t.worker.as_deref() == Some(worker) && t.state == TaskState::Pending)
@@ -768,7 +775,7 @@ impl Engine {
 
     fn expire_leases(&mut self, fx: &mut Effects, now: i64) {
         let deadline = now - self.config.lease_grace_ms;
-        let mut expired: Vec<(i64, String)> = self
+        let mut expired: Vec<(i64, TaskId)> = self
             .tasks
             .values()
             .filter(|t| {
@@ -792,7 +799,7 @@ impl Engine {
 
     /// Publishes retries whose backoff has passed, choosing a worker for queue tasks.
     fn place_retries(&mut self, fx: &mut Effects, now: i64) {
-        let due: Vec<String> = self
+        let due: Vec<TaskId> = self
             .retrying
             .iter()
             .filter(|id| {
@@ -890,13 +897,13 @@ impl Engine {
     }
 
     fn redeliver(&mut self, fx: &mut Effects, now: i64) {
-        let due: Vec<String> = self
+        let due: Vec<TaskId> = self
             .last_sent
             .iter()
             .filter(|(_, &sent)| now - sent >= self.config.redeliver_after_ms)
             .map(|(task_id, _)| task_id.clone())
             .collect();
-        let mut by_step: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut by_step: BTreeMap<StepId, Vec<TaskId>> = BTreeMap::new();
         for task_id in due {
             match self.tasks.get(&task_id) {
                 Some(t) if t.state == TaskState::Pending => {
@@ -914,7 +921,7 @@ impl Engine {
         }
     }
 
-    fn mark_run_running(&mut self, fx: &mut Effects, run_id: &str) {
+    fn mark_run_running(&mut self, fx: &mut Effects, run_id: &RunId) {
         if let Some(run) = self.runs.get_mut(run_id) {
             if run.state == RunState::Pending {
                 run.state = RunState::Running;
@@ -928,26 +935,26 @@ impl Engine {
     fn start_step(
         &mut self,
         fx: &mut Effects,
-        run_id: &str,
+        run_id: &RunId,
         job: &str,
-        origin: Option<(&str, &str)>,
+        origin: Option<(&TaskId, &str)>,
         now: i64,
     ) {
         let spec = self.registry.job(job).cloned();
         let step = Step {
-            step_id: self.ids.next_id(),
-            run_id: run_id.to_owned(),
+            step_id: self.ids.step_id(),
+            run_id: run_id.clone(),
             job: job.to_owned(),
             delivery: spec.as_ref().map(|s| s.delivery).unwrap_or_default(),
             state: TaskState::Pending,
-            origin_task: origin.map(|(task, _)| task.to_owned()),
+            origin_task: origin.map(|(task, _)| task.clone()),
             created_at_ms: now,
             finished_at_ms: None,
         };
         let step_id = step.step_id.clone();
         info!(run_id = %run_id, step_id = %step_id, job = %job, "step created");
         self.run_steps
-            .entry(run_id.to_owned())
+            .entry(run_id.clone())
             .or_default()
             .push(step_id.clone());
         self.steps.insert(step_id.clone(), step.clone());
@@ -989,7 +996,7 @@ impl Engine {
     }
 
     /// Chooses the workers of a broadcast or queue step, or leaves it waiting for one.
-    fn place(&mut self, fx: &mut Effects, step_id: &str, now: i64) {
+    fn place(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
         let Some(step) = self.steps.get(step_id) else {
             return;
         };
@@ -1000,7 +1007,7 @@ impl Engine {
             .map(|w| w.name.clone())
             .collect();
         if live.is_empty() {
-            if self.waiting.insert(step_id.to_owned()) {
+            if self.waiting.insert(step_id.clone()) {
                 info!(run_id = %step.run_id, step_id = %step_id, job = %step.job, "step waits for a live worker");
             }
             return;
@@ -1014,7 +1021,7 @@ impl Engine {
                 .iter()
                 .any(|w| self.steps.get(w).is_some_and(|s| s.job == step.job))
         {
-            self.waiting.insert(step_id.to_owned());
+            self.waiting.insert(step_id.clone());
             return;
         }
         let workers = match step.delivery {
@@ -1022,7 +1029,7 @@ impl Engine {
             Delivery::Queue => match self.pick_queue_worker(&step.job, &self.load(), None) {
                 Some(w) => vec![w],
                 None => {
-                    self.waiting.insert(step_id.to_owned());
+                    self.waiting.insert(step_id.clone());
                     return;
                 }
             },
@@ -1039,7 +1046,7 @@ impl Engine {
         if self.waiting.is_empty() {
             return;
         }
-        let waiting: Vec<String> = self.waiting.iter().cloned().collect();
+        let waiting: Vec<StepId> = self.waiting.iter().cloned().collect();
         let mut load = self.load();
         let mut blocked: BTreeSet<String> = BTreeSet::new();
         for step_id in waiting {
@@ -1076,7 +1083,7 @@ impl Engine {
 
     /// How many tasks the broadcast behind a new task of `step_id` reached: the step's own
     /// count (`placed`), or for a `local` step that of the task it follows.
-    fn fanout_of(&self, step_id: &str, placed: usize) -> u32 {
+    fn fanout_of(&self, step_id: &StepId, placed: usize) -> u32 {
         let origin = self.steps.get(step_id).and_then(|s| s.origin_task.as_ref());
         match origin.and_then(|t| self.tasks.get(t)) {
             Some(origin) => origin.fanout,
@@ -1086,15 +1093,15 @@ impl Engine {
 
     fn new_task(
         &mut self,
-        step_id: &str,
+        step_id: &StepId,
         worker: Option<String>,
         fanout: u32,
         now: i64,
-    ) -> Option<String> {
+    ) -> Option<TaskId> {
         let step = self.steps.get(step_id)?;
         let task = Task {
-            task_id: self.ids.next_id(),
-            step_id: step_id.to_owned(),
+            task_id: self.ids.task_id(),
+            step_id: step_id.clone(),
             run_id: step.run_id.clone(),
             job: step.job.clone(),
             worker,
@@ -1115,14 +1122,14 @@ impl Engine {
         };
         let task_id = task.task_id.clone();
         self.step_tasks
-            .entry(step_id.to_owned())
+            .entry(step_id.clone())
             .or_default()
             .push(task_id.clone());
         self.tasks.insert(task_id.clone(), task);
         Some(task_id)
     }
 
-    fn assign(&mut self, fx: &mut Effects, step_id: &str, workers: Vec<String>, now: i64) {
+    fn assign(&mut self, fx: &mut Effects, step_id: &StepId, workers: Vec<String>, now: i64) {
         let fanout = self.fanout_of(step_id, workers.len());
         let mut task_ids = Vec::new();
         for worker in workers {
@@ -1140,37 +1147,38 @@ impl Engine {
         self.publish_work(fx, step_id, &task_ids, now);
     }
 
-    fn publish_work(&mut self, fx: &mut Effects, step_id: &str, task_ids: &[String], now: i64) {
+    fn publish_work(&mut self, fx: &mut Effects, step_id: &StepId, task_ids: &[TaskId], now: i64) {
         let Some(step) = self.steps.get(step_id) else {
             return;
         };
         let Some(run) = self.runs.get(&step.run_id) else {
             return;
         };
-        let assignments: Vec<Assignment> = task_ids
+        let (sent, assignments): (Vec<TaskId>, Vec<Assignment>) = task_ids
             .iter()
             .filter_map(|id| self.tasks.get(id))
             .filter_map(|t| {
-                Some(Assignment {
+                let assignment = Assignment {
                     worker: t.worker.clone()?,
                     task: TaskRef {
-                        task_id: t.task_id.clone(),
+                        task_id: t.task_id.to_string(),
                         attempt: t.attempt,
                     },
-                })
+                };
+                Some((t.task_id.clone(), assignment))
             })
-            .collect();
+            .unzip();
         if assignments.is_empty() {
             return;
         }
-        for a in &assignments {
-            self.last_sent.insert(a.task.task_id.clone(), now);
+        for task_id in sent {
+            self.last_sent.insert(task_id, now);
         }
         fx.publish.push(Publish {
             topic: Topic::Job(step.job.clone()),
             body: Message::Work(Work {
-                run_id: run.run_id.clone(),
-                step_id: step_id.to_owned(),
+                run_id: run.run_id.to_string(),
+                step_id: step_id.to_string(),
                 job: step.job.clone(),
                 params: run.params.clone(),
                 assignments,
@@ -1182,7 +1190,7 @@ impl Engine {
     fn fail_unplaced(
         &mut self,
         fx: &mut Effects,
-        step_id: &str,
+        step_id: &StepId,
         worker: Option<String>,
         reason: String,
         now: i64,
@@ -1202,7 +1210,7 @@ impl Engine {
     fn task_failed(
         &mut self,
         fx: &mut Effects,
-        task_id: &str,
+        task_id: &TaskId,
         failure: Failure,
         reason: &str,
         now: i64,
@@ -1276,7 +1284,7 @@ impl Engine {
         task.not_before_ms = Some(now + delay as i64);
         if moves {
             if let Some(previous) = task.worker.take() {
-                self.avoid.insert(task_id.to_owned(), previous);
+                self.avoid.insert(task_id.clone(), previous);
             }
         }
         info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
@@ -1284,11 +1292,11 @@ impl Engine {
         fx.writes.push(Write::Task(task.clone()));
         self.count("retries");
         self.last_sent.remove(task_id);
-        self.retrying.insert(task_id.to_owned());
+        self.retrying.insert(task_id.clone());
     }
 
     /// Records a task's final state, then starts what follows it.
-    fn finish_task(&mut self, fx: &mut Effects, task_id: &str, state: TaskState, now: i64) {
+    fn finish_task(&mut self, fx: &mut Effects, task_id: &TaskId, state: TaskState, now: i64) {
         let Some(task) = self.tasks.get_mut(task_id) else {
             return;
         };
@@ -1345,7 +1353,7 @@ impl Engine {
     }
 
     /// Successor job names of `job` after success or failure; `local` ones or the others.
-    fn successors(&self, job: &str, succeeded: bool, run_id: &str, local: bool) -> Vec<String> {
+    fn successors(&self, job: &str, succeeded: bool, run_id: &RunId, local: bool) -> Vec<String> {
         let Some(spec) = self.registry.job(job) else {
             return Vec::new();
         };
@@ -1367,7 +1375,7 @@ impl Engine {
             .collect()
     }
 
-    fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &str, now: i64) {
+    fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
         let Some(step) = self.steps.get(step_id) else {
             return;
         };
@@ -1403,7 +1411,7 @@ impl Engine {
         }
     }
 
-    fn finish_run_if_done(&mut self, fx: &mut Effects, run_id: &str, now: i64) {
+    fn finish_run_if_done(&mut self, fx: &mut Effects, run_id: &RunId, now: i64) {
         let Some(step_ids) = self.run_steps.get(run_id) else {
             return;
         };
@@ -1447,12 +1455,12 @@ impl Engine {
 
 /// Exponential backoff with jitter: `base · 2^(failures-1)`, capped, plus up to a quarter
 /// more. The jitter is a hash of the task and attempt, so a replay decides the same.
-fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &str) -> u64 {
+fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &TaskId) -> u64 {
     let exp = base_ms
         .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
         .min(MAX_BACKOFF_MS);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in task_id.bytes().chain(failures.to_le_bytes()) {
+    for b in task_id.as_str().bytes().chain(failures.to_le_bytes()) {
         hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     exp + hash % (exp / 4 + 1)

@@ -1,9 +1,85 @@
-//! Where the broker's ids come from.
+//! The broker's ids, and where new ones come from.
+//!
+//! [`RunId`], [`StepId`] and [`TaskId`] keep the three kinds of id apart in the engine and
+//! its records; the wire messages and the store carry them as plain strings, converted at
+//! that boundary.
 //!
 //! The engine makes an id for every run, step and task it creates. It asks an
 //! [`IdSource`] it was given, as it is given the time: in production UUIDv7 ([`Uuid7Ids`],
 //! time-ordered and unique across restarts), in tests a counter ([`SequentialIds`]), so a
 //! sequence of events replays to exactly the same decisions.
+
+use std::fmt;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(id: String) -> Self {
+                $name(id)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                $name(id.to_owned())
+            }
+        }
+
+        /// Compared with the text it was made from (a wire field, a test's literal).
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A run: everything one trigger set off.
+    RunId
+);
+id_type!(
+    /// A step: one job started within a run.
+    StepId
+);
+id_type!(
+    /// A task: one step on one worker.
+    TaskId
+);
 
 /// Makes the ids of new runs, steps and tasks.
 pub trait IdSource: Send {
@@ -11,6 +87,18 @@ pub trait IdSource: Send {
     /// digits and `-` (what [`crate::engine::is_valid_id`] accepts). Ids made later sort
     /// after ids made earlier.
     fn next_id(&mut self) -> String;
+
+    fn run_id(&mut self) -> RunId {
+        RunId(self.next_id())
+    }
+
+    fn step_id(&mut self) -> StepId {
+        StepId(self.next_id())
+    }
+
+    fn task_id(&mut self) -> TaskId {
+        TaskId(self.next_id())
+    }
 }
 
 /// Production ids: UUIDv7, hyphenated (time-ordered, unique without coordination).

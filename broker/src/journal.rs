@@ -71,7 +71,7 @@ pub fn spawn(
 
 fn answer(store: &dyn Store, read: StoreRead) -> Publish {
     let body = match &read.query {
-        ReadQuery::Run(run_id) => store.run(run_id).map(ReplyBody::Run),
+        ReadQuery::Run(run_id) => store.run(run_id.as_str()).map(ReplyBody::Run),
         ReadQuery::Runs(filter) => store.runs(filter).map(ReplyBody::Runs),
         ReadQuery::Completions {
             jobs,

@@ -9,14 +9,16 @@ use jobz::message::{
     AttemptView, Completion, DeadView, Params, RunState, RunView, StepView, TaskRef, TaskState,
 };
 
+use crate::ids::{RunId, StepId, TaskId};
+
 /// One run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
-    pub run_id: String,
+    pub run_id: RunId,
     pub job: String,
     pub params: Params,
     pub state: RunState,
-    pub parent_runs: Vec<String>,
+    pub parent_runs: Vec<RunId>,
     /// Message id of the trigger, for ingesting a resent trigger once.
     pub request_id: String,
     pub created_at_ms: i64,
@@ -26,14 +28,14 @@ pub struct Run {
 /// One step of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
-    pub step_id: String,
-    pub run_id: String,
+    pub step_id: StepId,
+    pub run_id: RunId,
     pub job: String,
     pub delivery: Delivery,
     /// `Pending` while no worker could take it; then `Running` until every task is final.
     pub state: TaskState,
     /// For a `local` successor: the task whose worker runs it.
-    pub origin_task: Option<String>,
+    pub origin_task: Option<TaskId>,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
 }
@@ -41,9 +43,9 @@ pub struct Step {
 /// One step on one worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Task {
-    pub task_id: String,
-    pub step_id: String,
-    pub run_id: String,
+    pub task_id: TaskId,
+    pub step_id: StepId,
+    pub run_id: RunId,
     pub job: String,
     /// `None` only for a task that failed before any worker was chosen (unknown job).
     pub worker: Option<String>,
@@ -75,8 +77,8 @@ pub struct Task {
 /// One finished attempt of a task, kept as history (also late reports of old attempts).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attempt {
-    pub task_id: String,
-    pub run_id: String,
+    pub task_id: TaskId,
+    pub run_id: RunId,
     pub attempt: u32,
     pub worker: Option<String>,
     pub state: TaskState,
@@ -91,9 +93,9 @@ pub struct Attempt {
 /// A task that failed for good.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dead {
-    pub task_id: String,
-    pub run_id: String,
-    pub step_id: String,
+    pub task_id: TaskId,
+    pub run_id: RunId,
+    pub step_id: StepId,
     pub job: String,
     pub worker: Option<String>,
     pub params: Params,
@@ -101,15 +103,15 @@ pub struct Dead {
     pub error: Option<String>,
     pub exit_code: Option<i32>,
     pub failed_at_ms: i64,
-    pub retried_as: Option<String>,
+    pub retried_as: Option<RunId>,
 }
 
 impl Dead {
     pub fn view(&self) -> DeadView {
         DeadView {
-            task_id: self.task_id.clone(),
-            run_id: self.run_id.clone(),
-            step_id: self.step_id.clone(),
+            task_id: self.task_id.to_string(),
+            run_id: self.run_id.to_string(),
+            step_id: self.step_id.to_string(),
             job: self.job.clone(),
             worker: self.worker.clone(),
             params: self.params.clone(),
@@ -117,7 +119,7 @@ impl Dead {
             error: self.error.clone(),
             exit_code: self.exit_code,
             failed_at_ms: self.failed_at_ms,
-            retried_as: self.retried_as.clone(),
+            retried_as: self.retried_as.as_ref().map(RunId::to_string),
         }
     }
 }
@@ -125,7 +127,7 @@ impl Dead {
 impl Attempt {
     pub fn view(&self) -> AttemptView {
         AttemptView {
-            task_id: self.task_id.clone(),
+            task_id: self.task_id.to_string(),
             attempt: self.attempt,
             worker: self.worker.clone(),
             state: self.state,
@@ -142,10 +144,10 @@ impl Task {
     /// The completion event of a finished task.
     pub fn completion(&self, params: Params) -> Completion {
         Completion {
-            run_id: self.run_id.clone(),
-            step_id: self.step_id.clone(),
+            run_id: self.run_id.to_string(),
+            step_id: self.step_id.to_string(),
             task: TaskRef {
-                task_id: self.task_id.clone(),
+                task_id: self.task_id.to_string(),
                 attempt: self.attempt,
             },
             job: self.job.clone(),
@@ -162,8 +164,8 @@ impl Task {
 
     pub fn view(&self) -> StepView {
         StepView {
-            step_id: self.step_id.clone(),
-            task_id: self.task_id.clone(),
+            step_id: self.step_id.to_string(),
+            task_id: self.task_id.to_string(),
             job: self.job.clone(),
             worker: self.worker.clone(),
             state: self.state,
@@ -181,7 +183,7 @@ impl Step {
     /// The placeholder the API shows for a step that has no task yet.
     pub fn waiting_view(&self) -> StepView {
         StepView {
-            step_id: self.step_id.clone(),
+            step_id: self.step_id.to_string(),
             task_id: String::new(),
             job: self.job.clone(),
             worker: None,
@@ -199,11 +201,11 @@ impl Step {
 impl Run {
     pub fn view(&self, steps: Vec<StepView>, attempts: Vec<AttemptView>) -> RunView {
         RunView {
-            run_id: self.run_id.clone(),
+            run_id: self.run_id.to_string(),
             job: self.job.clone(),
             params: self.params.clone(),
             state: self.state,
-            parent_runs: self.parent_runs.clone(),
+            parent_runs: self.parent_runs.iter().map(RunId::to_string).collect(),
             created_at_ms: self.created_at_ms,
             finished_at_ms: self.finished_at_ms,
             steps,

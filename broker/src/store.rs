@@ -13,6 +13,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
 use crate::engine::{Snapshot, Write};
+use crate::ids::{RunId, StepId, TaskId};
 #[cfg(test)]
 use crate::model::Attempt;
 use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
@@ -209,6 +210,32 @@ impl SqliteStore {
     }
 }
 
+/// Ids are stored as their text: the conversion at the store's edge.
+macro_rules! id_as_text {
+    ($($id:ty),*) => {$(
+        impl rusqlite::types::ToSql for $id {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl rusqlite::types::FromSql for $id {
+            fn column_result(
+                value: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                String::column_result(value).map(<$id>::from)
+            }
+        }
+    )*};
+}
+
+id_as_text!(RunId, StepId, TaskId);
+
+/// Parent run ids as the JSON list of strings the `runs` table holds.
+fn parent_runs_json(parents: &[RunId]) -> String {
+    json(&parents.iter().map(RunId::as_str).collect::<Vec<_>>())
+}
+
 fn json<T: serde::Serialize>(value: &T) -> String {
     // Serialising plain maps and vectors of strings cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
@@ -229,7 +256,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at",
-                params![r.run_id, r.job, json(&r.params), r.state.as_str(), json(&r.parent_runs), r.request_id, r.created_at_ms, r.finished_at_ms],
+                params![r.run_id, r.job, json(&r.params), r.state.as_str(), parent_runs_json(&r.parent_runs), r.request_id, r.created_at_ms, r.finished_at_ms],
             )
             .context("writing a run"),
         Write::Step(s) => tx
@@ -317,7 +344,10 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> Result<Run, StoreError> {
         job: row.get(1)?,
         params: from_json(&params, "run params")?,
         state: parse_state(&state)?,
-        parent_runs: from_json(&parents, "parent runs")?,
+        parent_runs: from_json::<Vec<String>>(&parents, "parent runs")?
+            .into_iter()
+            .map(RunId::from)
+            .collect(),
         request_id: row.get(5)?,
         created_at_ms: row.get(6)?,
         finished_at_ms: row.get(7)?,
@@ -578,7 +608,7 @@ impl Store for SqliteStore {
             task_from_row,
             "listing completions",
         )?;
-        let mut params_of: std::collections::HashMap<String, Params> =
+        let mut params_of: std::collections::HashMap<RunId, Params> =
             std::collections::HashMap::new();
         let mut out = Vec::with_capacity(tasks.len());
         for task in tasks {
@@ -788,7 +818,7 @@ mod tests {
             .unwrap();
         let result = |attempt: u32, worker: &str| Attempt {
             task_id: "t1".into(),
-            run_id: String::new(),
+            run_id: "".into(),
             attempt,
             worker: Some(worker.into()),
             state: TaskState::Succeeded,

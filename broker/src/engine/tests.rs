@@ -135,7 +135,17 @@ impl Harness {
     }
 
     fn run_state(&self, run_id: &str) -> Option<RunState> {
-        self.engine.runs.get(run_id).map(|r| r.state)
+        self.engine.runs.get(&RunId::from(run_id)).map(|r| r.state)
+    }
+
+    /// The active run `run_id` (a wire id).
+    fn run(&self, run_id: &str) -> &Run {
+        &self.engine.runs[&RunId::from(run_id)]
+    }
+
+    /// The active task `task_id` (a wire id).
+    fn task(&self, task_id: &str) -> &Task {
+        &self.engine.tasks[&TaskId::from(task_id)]
     }
 }
 
@@ -469,7 +479,7 @@ fn failed_attempts_are_retried_with_backoff_until_success() {
     let run = run.expect("the run did not end");
     assert_eq!(
         (run.run_id, run.state),
-        (run_id.unwrap(), RunState::Succeeded)
+        (RunId::from(run_id.unwrap()), RunState::Succeeded)
     );
 }
 
@@ -503,7 +513,7 @@ fn exhausted_retries_go_to_the_dead_list_and_can_be_rerun() {
         panic!("not accepted")
     };
     assert_eq!(works(&fx).len(), 1, "the re-run starts at once");
-    assert_eq!(h.engine.runs[&rerun].parent_runs, vec![run_id.unwrap()]);
+    assert_eq!(h.run(&rerun).parent_runs, vec![run_id.unwrap()]);
     let again = h.send("frontend:x", Message::RetryDead { task_id });
     assert_eq!(
         replies(&again),
@@ -575,7 +585,7 @@ fn a_partitioned_worker_loses_its_lease_and_its_late_result_is_only_recorded() {
         "a late result changed state"
     );
     assert_eq!(fx.writes.len(), 1, "the late result is recorded");
-    assert_eq!(h.engine.tasks[&second.task.task_id].attempt, 2);
+    assert_eq!(h.task(&second.task.task_id).attempt, 2);
     let fx = h.finish(&second, TaskOutcome::Succeeded);
     assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
 }
@@ -679,10 +689,13 @@ fn the_same_events_replay_to_the_same_decisions() {
 
 #[test]
 fn backoff_grows_and_is_capped() {
-    assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, "t")));
-    assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, "t")));
-    assert!(backoff_ms_for(1_000, 30, "t") <= MAX_BACKOFF_MS * 5 / 4);
-    assert_eq!(backoff_ms_for(1_000, 2, "t"), backoff_ms_for(1_000, 2, "t"));
+    assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, &"t".into())));
+    assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, &"t".into())));
+    assert!(backoff_ms_for(1_000, 30, &"t".into()) <= MAX_BACKOFF_MS * 5 / 4);
+    assert_eq!(
+        backoff_ms_for(1_000, 2, &"t".into()),
+        backoff_ms_for(1_000, 2, &"t".into())
+    );
 }
 
 #[test]
@@ -728,7 +741,7 @@ fn a_restored_pending_task_is_published_again_at_once() {
     // never published the task again after restart.
     let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
     let (_, run_id) = h.trigger("a");
-    let run = h.engine.runs[&run_id.unwrap()].clone();
+    let run = h.run(&run_id.unwrap()).clone();
     let steps: Vec<Step> = h.engine.steps.values().cloned().collect();
     let tasks: Vec<Task> = h.engine.tasks.values().cloned().collect();
     let snapshot = Snapshot {
@@ -886,7 +899,7 @@ fn a_semaphore_cannot_finish_a_workers_task() {
     let forged = h.report(&a, TaskOutcome::Succeeded);
     let fx = h.send("semaphore:s1/x", Message::TaskFinished(forged));
     assert!(fx.is_empty(), "{fx:?}");
-    assert_eq!(h.engine.tasks[&a.task.task_id].state, TaskState::Running);
+    assert_eq!(h.task(&a.task.task_id).state, TaskState::Running);
     assert_eq!(
         h.engine.health().counters.get("frames_dropped_wrong_role"),
         Some(&1)
@@ -901,7 +914,7 @@ fn a_heartbeat_in_another_workers_name_is_refused() {
     let forged = worker_status("w1", "forged", vec![]);
     let fx = h.send("worker:mallory", Message::Heartbeat(forged));
     assert!(fx.is_empty(), "{fx:?}");
-    let task = &h.engine.tasks[&a.task.task_id];
+    let task = h.task(&a.task.task_id);
     assert_eq!((task.state, task.attempt), (TaskState::Running, 1));
     assert!(h.engine.registry.worker("mallory").is_none());
     assert_eq!(
@@ -967,7 +980,7 @@ fn a_result_for_an_attempt_never_given_to_the_worker_is_not_recorded() {
         assert_eq!(replies(&fx), vec![ReplyBody::Ack]);
     }
     assert_eq!(h.engine.health().counters["foreign_results"], 3);
-    assert_eq!(h.engine.tasks[&a.task.task_id].state, TaskState::Pending);
+    assert_eq!(h.task(&a.task.task_id).state, TaskState::Pending);
 }
 
 #[test]
