@@ -21,6 +21,9 @@ use crate::ids::{IdSource, RunId, StepId, TaskId};
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 use crate::semaphore_reports::SemaphoreReports;
+use active::{ActiveRuns, ActiveTask, RetryWait};
+
+mod active;
 
 /// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
 pub const MAX_STEPS_PER_RUN: usize = 1000;
@@ -144,19 +147,8 @@ pub struct Engine {
     /// Where the ids of new runs, steps and tasks come from (given, like the time).
     ids: Box<dyn IdSource>,
     registry: Registry,
-    runs: HashMap<RunId, Run>,
-    steps: HashMap<StepId, Step>,
-    tasks: HashMap<TaskId, Task>,
-    run_steps: HashMap<RunId, Vec<StepId>>,
-    step_tasks: HashMap<StepId, Vec<TaskId>>,
-    /// Steps that wait for a live worker.
-    waiting: BTreeSet<StepId>,
-    /// When each pending task was last published.
-    last_sent: HashMap<TaskId, i64>,
-    /// Tasks waiting for a retry (or a worker to retry on).
-    retrying: BTreeSet<TaskId>,
-    /// Worker of a retried queue task's failed attempt, avoided when another can take it.
-    avoid: HashMap<TaskId, String>,
+    /// Unfinished runs with their steps and tasks (a run that ends is written and forgotten).
+    active: ActiveRuns,
     dead: BTreeMap<TaskId, Dead>,
     dead_order: VecDeque<TaskId>,
     /// The barriers the semaphores last reported, bounded per principal.
@@ -178,15 +170,7 @@ impl Engine {
             config,
             ids,
             registry: Registry::restore(snapshot.workers, snapshot.catalog, now_ms),
-            runs: HashMap::new(),
-            steps: HashMap::new(),
-            tasks: HashMap::new(),
-            run_steps: HashMap::new(),
-            step_tasks: HashMap::new(),
-            waiting: BTreeSet::new(),
-            last_sent: HashMap::new(),
-            retrying: BTreeSet::new(),
-            avoid: HashMap::new(),
+            active: ActiveRuns::default(),
             dead: BTreeMap::new(),
             dead_order: VecDeque::new(),
             semaphores: SemaphoreReports::default(),
@@ -197,54 +181,65 @@ impl Engine {
         for (request, run) in snapshot.recent_requests {
             engine.remember_request(request, run);
         }
-        for run in snapshot.runs {
-            engine.runs.insert(run.run_id.clone(), run);
-        }
-        for step in snapshot.steps {
-            engine
-                .run_steps
-                .entry(step.run_id.clone())
-                .or_default()
-                .push(step.step_id.clone());
-            if step.state == TaskState::Pending {
-                engine.waiting.insert(step.step_id.clone());
-            }
-            engine.steps.insert(step.step_id.clone(), step);
-        }
         let mut dead = snapshot.dead;
         dead.sort_by_key(|d| d.failed_at_ms);
         for d in dead {
             engine.remember_dead(d);
         }
-        for mut task in snapshot.tasks {
+        engine.resume(snapshot.runs, snapshot.steps, snapshot.tasks, now_ms);
+        engine
+    }
+
+    /// Takes up the unfinished runs of a snapshot. A step or task whose run the snapshot
+    /// does not hold cannot be finished or answered for: it is left out, with a warning.
+    fn resume(&mut self, runs: Vec<Run>, steps: Vec<Step>, tasks: Vec<Task>, now_ms: i64) {
+        for run in runs {
+            self.active.insert_run(run);
+        }
+        let mut orphans = 0;
+        for step in steps {
+            let (step_id, pending) = (step.step_id.clone(), step.state == TaskState::Pending);
+            if !self.active.insert_step(step) {
+                orphans += 1;
+            } else if pending {
+                self.active.wait(&step_id);
+            }
+        }
+        for record in tasks {
+            let mut task = ActiveTask::new(record);
             // Leases restart with the broker: each worker gets a full lease to renew.
-            if task.state == TaskState::Running {
-                task.lease_expires_ms = Some(now_ms + engine.config.lease_timeout_ms);
+            if task.record.state == TaskState::Running {
+                task.lease_expires_ms = Some(now_ms + self.config.lease_timeout_ms);
             }
             // A pending task may never have reached its worker before the broker stopped:
             // publish it again at the first tick (placed ones) or place it (retries).
-            if task.state == TaskState::Pending {
-                if task.worker.is_some() {
-                    engine.last_sent.insert(task.task_id.clone(), i64::MIN / 2);
+            if task.record.state == TaskState::Pending {
+                if task.record.worker.is_some() {
+                    task.last_sent_ms = Some(i64::MIN / 2);
                 } else {
-                    engine.retrying.insert(task.task_id.clone());
+                    task.retry = Some(RetryWait {
+                        not_before_ms: i64::MIN,
+                        avoid: None,
+                    });
                 }
             }
-            engine
-                .step_tasks
-                .entry(task.step_id.clone())
-                .or_default()
-                .push(task.task_id.clone());
-            engine.tasks.insert(task.task_id.clone(), task);
+            if !self.active.insert_task(task) {
+                orphans += 1;
+            }
         }
-        if !engine.runs.is_empty() {
+        if orphans > 0 {
+            warn!(
+                orphans,
+                "the store holds steps or tasks of no unfinished run; left out"
+            );
+        }
+        if self.active.run_count() > 0 {
             info!(
-                runs = engine.runs.len(),
-                tasks = engine.tasks.len(),
+                runs = self.active.run_count(),
+                tasks = self.active.task_count(),
                 "resuming active runs"
             );
         }
-        engine
     }
 
     fn count(&mut self, name: &str) {
@@ -266,7 +261,7 @@ impl Engine {
     }
 
     pub fn active_runs(&self) -> usize {
-        self.runs.len()
+        self.active.run_count()
     }
 
     fn remember_request(&mut self, request: MessageId, run_id: RunId) {
@@ -361,22 +356,22 @@ impl Engine {
         // lost is running all the same.
         for running in &status.running {
             let task_id = TaskId::from(running.task_id.as_str());
-            let Some(task) = self.tasks.get_mut(&task_id) else {
+            let Some(mut task) = self.active.task_mut(&task_id) else {
                 continue;
             };
-            if task.attempt != running.attempt
-                || task.worker.as_deref() != Some(status.name.as_str())
+            if task.record.attempt != running.attempt
+                || task.record.worker.as_deref() != Some(status.name.as_str())
             {
                 continue;
             }
-            if task.state == TaskState::Pending {
-                task.state = TaskState::Running;
-                task.started_at_ms = Some(now);
-                task.instance = Some(status.instance.clone());
-                self.last_sent.remove(&task_id);
-                fx.writes.push(Write::Task(task.clone()));
+            if task.record.state == TaskState::Pending {
+                task.record.state = TaskState::Running;
+                task.record.started_at_ms = Some(now);
+                task.record.instance = Some(status.instance.clone());
+                task.last_sent_ms = None;
+                fx.writes.push(Write::Task(task.record.clone()));
             }
-            if task.state == TaskState::Running {
+            if task.record.state == TaskState::Running {
                 task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             }
         }
@@ -384,8 +379,9 @@ impl Engine {
             // Tasks the previous process started died with it (oldest first, so a replay
             // decides in the same order).
             let mut lost: Vec<(i64, TaskId)> = self
-                .tasks
-                .values()
+                .active
+                .tasks()
+                .map(|t| &t.record)
                 .filter(|t| {
                     t.worker.as_deref() == Some(status.name.as_str())
                         && t.state == TaskState::Running
@@ -492,7 +488,7 @@ impl Engine {
         info!(run_id = %run_id, job = %run.job, sender = %env.sender, "run accepted");
         self.count("runs_accepted");
         fx.writes.push(Write::Run(run.clone()));
-        self.runs.insert(run_id.clone(), run);
+        self.active.insert_run(run);
         self.remember_request(env.id.clone(), run_id.clone());
         // The reply goes first in `publish`: it is sent only after the run is durable.
         reply(
@@ -561,30 +557,27 @@ impl Engine {
     }
 
     fn on_started(&mut self, fx: &mut Effects, env: &Envelope, started: TaskStarted, now: i64) {
-        let Some(task) = self
-            .tasks
-            .get_mut(&TaskId::from(started.task.task_id.as_str()))
-        else {
+        let task_id = TaskId::from(started.task.task_id.as_str());
+        let current = self.active.task(&task_id).is_some_and(|t| {
+            t.record.attempt == started.task.attempt
+                && t.record.worker.as_deref() == Some(started.worker.as_str())
+        });
+        let Some(mut task) = self.active.task_mut(&task_id).filter(|_| current) else {
             self.count("stale_reports");
             reply(fx, env, ReplyBody::Ack);
             return;
         };
-        if task.attempt != started.task.attempt
-            || task.worker.as_deref() != Some(started.worker.as_str())
-        {
-            self.count("stale_reports");
-            reply(fx, env, ReplyBody::Ack);
-            return;
-        }
-        if task.state == TaskState::Pending {
-            task.state = TaskState::Running;
-            task.started_at_ms = Some(started.started_at_ms);
-            task.instance = Some(started.instance);
+        if task.record.state == TaskState::Pending {
+            task.record.state = TaskState::Running;
+            task.record.started_at_ms = Some(started.started_at_ms);
+            task.record.instance = Some(started.instance);
             task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
-            self.last_sent.remove(&task.task_id);
-            info!(run_id = %task.run_id, task_id = %task.task_id, job = %task.job, worker = %started.worker, "task started");
-            let run_id = task.run_id.clone();
-            fx.writes.push(Write::Task(task.clone()));
+            task.last_sent_ms = None;
+            let t = &task.record;
+            info!(run_id = %t.run_id, task_id = %t.task_id, job = %t.job, worker = %started.worker, "task started");
+            let run_id = t.run_id.clone();
+            fx.writes.push(Write::Task(t.clone()));
+            drop(task);
             self.mark_run_running(fx, &run_id);
         }
         reply(fx, env, ReplyBody::Ack);
@@ -610,7 +603,7 @@ impl Engine {
             finished_at_ms: finished.finished_at_ms,
             late: true,
         };
-        let Some(task) = self.tasks.get(&task_id).cloned() else {
+        let Some(task) = self.active.task(&task_id).map(|t| t.record.clone()) else {
             self.count("results_after_run_end");
             fx.writes
                 .push(Write::ResultAfterRunEnd(late(RunId::from(""))));
@@ -644,7 +637,8 @@ impl Engine {
         }
         let task_id = task.task_id.clone();
         let run_id = task.run_id.clone();
-        if let Some(task) = self.tasks.get_mut(&task_id) {
+        if let Some(mut task) = self.active.task_mut(&task_id) {
+            let task = &mut task.record;
             task.started_at_ms = task.started_at_ms.or(Some(finished.started_at_ms));
             task.exit_code = finished.exit_code;
             task.error = bounded_text(finished.error.as_deref());
@@ -718,7 +712,7 @@ impl Engine {
             version: self.config.version.clone(),
             instance: self.config.instance.clone(),
             counters: self.counters.clone(),
-            active_runs: self.runs.len() as u64,
+            active_runs: self.active.run_count() as u64,
             live_workers: self.registry.live_count() as u64,
         }
     }
@@ -762,8 +756,9 @@ impl Engine {
     // lease, which the worker may still renew if it was only slow.
     fn fail_unstarted_of(&mut self, fx: &mut Effects, worker: &str, reason: &str, now: i64) {
         let mut unstarted: Vec<(i64, TaskId)> = self
-            .tasks
-            .values()
+            .active
+            .tasks()
+            .map(|t| &t.record)
             .filter(|t| t.worker.as_deref() == Some(worker) && t.state == TaskState::Pending)
             .map(|t| (t.created_at_ms, t.task_id.clone()))
             .collect();
@@ -776,19 +771,20 @@ impl Engine {
     fn expire_leases(&mut self, fx: &mut Effects, now: i64) {
         let deadline = now - self.config.lease_grace_ms;
         let mut expired: Vec<(i64, TaskId)> = self
-            .tasks
-            .values()
+            .active
+            .tasks()
             .filter(|t| {
-                t.state == TaskState::Running && t.lease_expires_ms.is_some_and(|l| l < deadline)
+                t.record.state == TaskState::Running
+                    && t.lease_expires_ms.is_some_and(|l| l < deadline)
             })
-            .map(|t| (t.created_at_ms, t.task_id.clone()))
+            .map(|t| (t.record.created_at_ms, t.record.task_id.clone()))
             .collect();
         expired.sort();
         for (_, task_id) in expired {
             let worker = self
-                .tasks
-                .get(&task_id)
-                .and_then(|t| t.worker.clone())
+                .active
+                .task(&task_id)
+                .and_then(|t| t.record.worker.clone())
                 .unwrap_or_default();
             self.count("leases_expired");
             let reason =
@@ -800,52 +796,54 @@ impl Engine {
     /// Publishes retries whose backoff has passed, choosing a worker for queue tasks.
     fn place_retries(&mut self, fx: &mut Effects, now: i64) {
         let due: Vec<TaskId> = self
-            .retrying
-            .iter()
+            .active
+            .retrying()
             .filter(|id| {
-                self.tasks
-                    .get(*id)
-                    .is_some_and(|t| t.not_before_ms.is_none_or(|nb| nb <= now))
+                self.active
+                    .task(id)
+                    .and_then(|t| t.retry.as_ref())
+                    .is_some_and(|r| r.not_before_ms <= now)
             })
             .cloned()
             .collect();
         let mut load = self.load();
         for task_id in due {
-            let Some(task) = self.tasks.get(&task_id) else {
-                self.retrying.remove(&task_id);
+            let Some(task) = self.active.task(&task_id) else {
                 continue;
             };
-            if task.state != TaskState::Pending {
-                self.retrying.remove(&task_id);
+            if task.record.state != TaskState::Pending {
+                if let Some(mut task) = self.active.task_mut(&task_id) {
+                    task.retry = None;
+                }
                 continue;
             }
-            let worker = match &task.worker {
+            let worker = match &task.record.worker {
                 Some(w) => {
                     if !self.registry.worker(w).is_some_and(|w| w.live) {
                         let reason = format!("worker {w} lost before the retry could start");
-                        self.retrying.remove(&task_id);
+                        if let Some(mut task) = self.active.task_mut(&task_id) {
+                            task.retry = None;
+                        }
                         self.task_failed(fx, &task_id, Failure::Unstarted, &reason, now);
                         continue;
                     }
                     w.clone()
                 }
                 None => {
-                    let avoid = self.avoid.get(&task_id).cloned();
-                    match self.pick_queue_worker(&task.job, &load, avoid.as_deref()) {
+                    let avoid = task.retry.as_ref().and_then(|r| r.avoid.as_deref());
+                    match self.pick_queue_worker(&task.record.job, &load, avoid) {
                         Some(w) => w,
                         None => continue, // nobody has a free slot: try again next tick
                     }
                 }
             };
             *load.entry(worker.clone()).or_default() += 1;
-            self.retrying.remove(&task_id);
-            self.avoid.remove(&task_id);
-            let step_id = match self.tasks.get_mut(&task_id) {
-                Some(t) => {
-                    t.worker = Some(worker);
-                    t.not_before_ms = None;
-                    fx.writes.push(Write::Task(t.clone()));
-                    t.step_id.clone()
+            let step_id = match self.active.task_mut(&task_id) {
+                Some(mut t) => {
+                    t.retry = None;
+                    t.record.worker = Some(worker);
+                    fx.writes.push(Write::Task(t.record.clone()));
+                    t.record.step_id.clone()
                 }
                 None => continue,
             };
@@ -856,7 +854,10 @@ impl Engine {
     /// Unfinished tasks per worker: what occupies its slots, as far as the broker knows.
     fn load(&self) -> HashMap<String, u32> {
         let mut load: HashMap<String, u32> = HashMap::new();
-        for t in self.tasks.values().filter(|t| !t.state.is_final()) {
+        for t in self.active.tasks().map(|t| &t.record) {
+            if t.state.is_final() {
+                continue;
+            }
             if let Some(w) = &t.worker {
                 *load.entry(w.clone()).or_default() += 1;
             }
@@ -898,20 +899,26 @@ impl Engine {
 
     fn redeliver(&mut self, fx: &mut Effects, now: i64) {
         let due: Vec<TaskId> = self
-            .last_sent
-            .iter()
-            .filter(|(_, &sent)| now - sent >= self.config.redeliver_after_ms)
-            .map(|(task_id, _)| task_id.clone())
+            .active
+            .tasks()
+            .filter(|t| {
+                t.last_sent_ms
+                    .is_some_and(|sent| now - sent >= self.config.redeliver_after_ms)
+            })
+            .map(|t| t.record.task_id.clone())
             .collect();
         let mut by_step: BTreeMap<StepId, Vec<TaskId>> = BTreeMap::new();
         for task_id in due {
-            match self.tasks.get(&task_id) {
-                Some(t) if t.state == TaskState::Pending => {
-                    by_step.entry(t.step_id.clone()).or_default().push(task_id);
-                }
-                _ => {
-                    self.last_sent.remove(&task_id);
-                }
+            let Some(mut t) = self.active.task_mut(&task_id) else {
+                continue;
+            };
+            if t.record.state == TaskState::Pending {
+                by_step
+                    .entry(t.record.step_id.clone())
+                    .or_default()
+                    .push(task_id);
+            } else {
+                t.last_sent_ms = None;
             }
         }
         for (step_id, mut task_ids) in by_step {
@@ -922,7 +929,7 @@ impl Engine {
     }
 
     fn mark_run_running(&mut self, fx: &mut Effects, run_id: &RunId) {
-        if let Some(run) = self.runs.get_mut(run_id) {
+        if let Some(run) = self.active.run_mut(run_id) {
             if run.state == RunState::Pending {
                 run.state = RunState::Running;
                 fx.writes.push(Write::Run(run.clone()));
@@ -953,11 +960,9 @@ impl Engine {
         };
         let step_id = step.step_id.clone();
         info!(run_id = %run_id, step_id = %step_id, job = %job, "step created");
-        self.run_steps
-            .entry(run_id.clone())
-            .or_default()
-            .push(step_id.clone());
-        self.steps.insert(step_id.clone(), step.clone());
+        if !self.active.insert_step(step.clone()) {
+            return; // the run is not active: nothing may start in it
+        }
         fx.writes.push(Write::Step(step));
 
         let origin_worker = origin.map(|(_, w)| w.to_owned());
@@ -997,7 +1002,7 @@ impl Engine {
 
     /// Chooses the workers of a broadcast or queue step, or leaves it waiting for one.
     fn place(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
-        let Some(step) = self.steps.get(step_id) else {
+        let Some(step) = self.active.step(step_id) else {
             return;
         };
         let live: Vec<String> = self
@@ -1007,21 +1012,22 @@ impl Engine {
             .map(|w| w.name.clone())
             .collect();
         if live.is_empty() {
-            if self.waiting.insert(step_id.clone()) {
-                info!(run_id = %step.run_id, step_id = %step_id, job = %step.job, "step waits for a live worker");
+            let (run_id, job) = (step.run_id.clone(), step.job.clone());
+            if self.active.wait(step_id) {
+                info!(run_id = %run_id, step_id = %step_id, job = %job, "step waits for a live worker");
             }
             return;
         }
         // First come, first served: a queue step does not overtake steps of its job that
         // already wait for a slot.
         if step.delivery == Delivery::Queue
-            && !self.waiting.contains(step_id)
+            && !self.active.is_waiting(step_id)
             && self
-                .waiting
-                .iter()
-                .any(|w| self.steps.get(w).is_some_and(|s| s.job == step.job))
+                .active
+                .waiting()
+                .any(|w| self.active.step(w).is_some_and(|s| s.job == step.job))
         {
-            self.waiting.insert(step_id.clone());
+            self.active.wait(step_id);
             return;
         }
         let workers = match step.delivery {
@@ -1029,13 +1035,13 @@ impl Engine {
             Delivery::Queue => match self.pick_queue_worker(&step.job, &self.load(), None) {
                 Some(w) => vec![w],
                 None => {
-                    self.waiting.insert(step_id.clone());
+                    self.active.wait(step_id);
                     return;
                 }
             },
             _ => live,
         };
-        self.waiting.remove(step_id);
+        self.active.stop_waiting(step_id);
         self.assign(fx, step_id, workers, now);
     }
 
@@ -1043,17 +1049,17 @@ impl Engine {
     /// once per pass and a job with no free slot is skipped for the rest of the pass, so a
     /// pass costs one scan of the tasks plus one of the waiting steps.
     fn dispatch_waiting(&mut self, fx: &mut Effects, now: i64) {
-        if self.waiting.is_empty() {
+        if !self.active.has_waiting() {
             return;
         }
-        let waiting: Vec<StepId> = self.waiting.iter().cloned().collect();
+        let waiting: Vec<StepId> = self.active.waiting().cloned().collect();
         let mut load = self.load();
         let mut blocked: BTreeSet<String> = BTreeSet::new();
         for step_id in waiting {
-            let (job, delivery) = match self.steps.get(&step_id) {
+            let (job, delivery) = match self.active.step(&step_id) {
                 Some(s) => (s.job.clone(), s.delivery),
                 None => {
-                    self.waiting.remove(&step_id);
+                    self.active.stop_waiting(&step_id);
                     continue;
                 }
             };
@@ -1071,7 +1077,7 @@ impl Engine {
             match self.pick_queue_worker(&job, &load, None) {
                 Some(worker) => {
                     *load.entry(worker.clone()).or_default() += 1;
-                    self.waiting.remove(&step_id);
+                    self.active.stop_waiting(&step_id);
                     self.assign(fx, &step_id, vec![worker], now);
                 }
                 None => {
@@ -1084,9 +1090,12 @@ impl Engine {
     /// How many tasks the broadcast behind a new task of `step_id` reached: the step's own
     /// count (`placed`), or for a `local` step that of the task it follows.
     fn fanout_of(&self, step_id: &StepId, placed: usize) -> u32 {
-        let origin = self.steps.get(step_id).and_then(|s| s.origin_task.as_ref());
-        match origin.and_then(|t| self.tasks.get(t)) {
-            Some(origin) => origin.fanout,
+        let origin = self
+            .active
+            .step(step_id)
+            .and_then(|s| s.origin_task.as_ref());
+        match origin.and_then(|t| self.active.task(t)) {
+            Some(origin) => origin.record.fanout,
             None => placed.max(1) as u32,
         }
     }
@@ -1098,7 +1107,7 @@ impl Engine {
         fanout: u32,
         now: i64,
     ) -> Option<TaskId> {
-        let step = self.steps.get(step_id)?;
+        let step = self.active.step(step_id)?;
         let task = Task {
             task_id: self.ids.task_id(),
             step_id: step_id.clone(),
@@ -1117,16 +1126,11 @@ impl Engine {
             finished_at_ms: None,
             recorded_at_ms: None,
             output_tail: String::new(),
-            lease_expires_ms: None,
-            not_before_ms: None,
         };
         let task_id = task.task_id.clone();
-        self.step_tasks
-            .entry(step_id.clone())
-            .or_default()
-            .push(task_id.clone());
-        self.tasks.insert(task_id.clone(), task);
-        Some(task_id)
+        self.active
+            .insert_task(ActiveTask::new(task))
+            .then_some(task_id)
     }
 
     fn assign(&mut self, fx: &mut Effects, step_id: &StepId, workers: Vec<String>, now: i64) {
@@ -1134,13 +1138,13 @@ impl Engine {
         let mut task_ids = Vec::new();
         for worker in workers {
             if let Some(id) = self.new_task(step_id, Some(worker), fanout, now) {
-                if let Some(t) = self.tasks.get(&id) {
-                    fx.writes.push(Write::Task(t.clone()));
+                if let Some(t) = self.active.task(&id) {
+                    fx.writes.push(Write::Task(t.record.clone()));
                 }
                 task_ids.push(id);
             }
         }
-        if let Some(step) = self.steps.get_mut(step_id) {
+        if let Some(step) = self.active.step_mut(step_id) {
             step.state = TaskState::Running;
             fx.writes.push(Write::Step(step.clone()));
         }
@@ -1148,15 +1152,16 @@ impl Engine {
     }
 
     fn publish_work(&mut self, fx: &mut Effects, step_id: &StepId, task_ids: &[TaskId], now: i64) {
-        let Some(step) = self.steps.get(step_id) else {
+        let Some(step) = self.active.step(step_id) else {
             return;
         };
-        let Some(run) = self.runs.get(&step.run_id) else {
+        let Some(run) = self.active.run(&step.run_id) else {
             return;
         };
         let (sent, assignments): (Vec<TaskId>, Vec<Assignment>) = task_ids
             .iter()
-            .filter_map(|id| self.tasks.get(id))
+            .filter_map(|id| self.active.task(id))
+            .map(|t| &t.record)
             .filter_map(|t| {
                 let assignment = Assignment {
                     worker: t.worker.clone()?,
@@ -1171,9 +1176,6 @@ impl Engine {
         if assignments.is_empty() {
             return;
         }
-        for task_id in sent {
-            self.last_sent.insert(task_id, now);
-        }
         fx.publish.push(Publish {
             topic: Topic::Job(step.job.clone()),
             body: Message::Work(Work {
@@ -1184,6 +1186,11 @@ impl Engine {
                 assignments,
             }),
         });
+        for task_id in sent {
+            if let Some(mut task) = self.active.task_mut(&task_id) {
+                task.last_sent_ms = Some(now);
+            }
+        }
     }
 
     /// A step that cannot be placed fails at once with one task that says why.
@@ -1198,7 +1205,7 @@ impl Engine {
         warn!(step_id = %step_id, %reason, "step cannot run");
         let fanout = self.fanout_of(step_id, 1);
         if let Some(task_id) = self.new_task(step_id, worker, fanout, now) {
-            if let Some(step) = self.steps.get_mut(step_id) {
+            if let Some(step) = self.active.step_mut(step_id) {
                 step.state = TaskState::Running;
             }
             self.task_failed(fx, &task_id, Failure::Permanent, &reason, now);
@@ -1215,15 +1222,15 @@ impl Engine {
         reason: &str,
         now: i64,
     ) {
-        let Some(task) = self.tasks.get(task_id) else {
+        let Some(task) = self.active.task(task_id).map(|t| &t.record) else {
             return;
         };
         if task.state.is_final() {
             return;
         }
         let delivery = self
-            .steps
-            .get(&task.step_id)
+            .active
+            .step(&task.step_id)
             .map(|s| s.delivery)
             .unwrap_or_default();
         let (retries, backoff_ms) = self
@@ -1239,9 +1246,10 @@ impl Engine {
             Failure::Unstarted if delivery == Delivery::Queue => Some((false, true)),
             _ => None,
         };
-        let Some(task) = self.tasks.get_mut(task_id) else {
+        let Some(mut active) = self.active.task_mut(task_id) else {
             return;
         };
+        let task = &mut active.record;
         let error = match (failure, task.error.as_deref()) {
             (Failure::Ran, Some(detail)) => format!("{reason}: {detail}"),
             _ => reason.to_owned(),
@@ -1263,6 +1271,7 @@ impl Engine {
         task.error = Some(error.clone());
         let Some((counts, moves)) = retry else {
             task.finished_at_ms = task.finished_at_ms.or(Some(now));
+            drop(active);
             self.finish_task(fx, task_id, TaskState::Failed, now);
             return;
         };
@@ -1280,36 +1289,37 @@ impl Engine {
         task.instance = None;
         task.started_at_ms = None;
         task.finished_at_ms = None;
-        task.lease_expires_ms = None;
-        task.not_before_ms = Some(now + delay as i64);
-        if moves {
-            if let Some(previous) = task.worker.take() {
-                self.avoid.insert(task_id.clone(), previous);
-            }
-        }
+        // Moved off its worker, which is avoided when another can take it.
+        let avoid = if moves { task.worker.take() } else { None };
         info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
             delay_ms = delay, error = %error, "task will be retried");
         fx.writes.push(Write::Task(task.clone()));
+        active.lease_expires_ms = None;
+        active.last_sent_ms = None;
+        active.retry = Some(RetryWait {
+            not_before_ms: now + delay as i64,
+            avoid,
+        });
+        drop(active);
         self.count("retries");
-        self.last_sent.remove(task_id);
-        self.retrying.insert(task_id.clone());
     }
 
     /// Records a task's final state, then starts what follows it.
     fn finish_task(&mut self, fx: &mut Effects, task_id: &TaskId, state: TaskState, now: i64) {
-        let Some(task) = self.tasks.get_mut(task_id) else {
+        let Some(mut active) = self.active.task_mut(task_id) else {
             return;
         };
+        let task = &mut active.record;
         task.state = state;
         task.finished_at_ms = task.finished_at_ms.or(Some(now));
         task.recorded_at_ms = Some(now);
-        self.last_sent.remove(task_id);
         let task = task.clone();
+        active.last_sent_ms = None;
+        active.retry = None;
+        drop(active);
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
             worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
         fx.writes.push(Write::Task(task.clone()));
-        self.retrying.remove(task_id);
-        self.avoid.remove(task_id);
         if state == TaskState::Failed {
             let dead = Dead {
                 task_id: task.task_id.clone(),
@@ -1318,8 +1328,8 @@ impl Engine {
                 job: task.job.clone(),
                 worker: task.worker.clone(),
                 params: self
-                    .runs
-                    .get(&task.run_id)
+                    .active
+                    .run(&task.run_id)
                     .map(|r| r.params.clone())
                     .unwrap_or_default(),
                 attempts: task.attempt,
@@ -1331,7 +1341,7 @@ impl Engine {
             fx.writes.push(Write::Dead(dead.clone()));
             self.remember_dead(dead);
         }
-        if let Some(run) = self.runs.get(&task.run_id) {
+        if let Some(run) = self.active.run(&task.run_id) {
             fx.publish.push(Publish {
                 topic: Topic::Events(task.job.clone()),
                 body: Message::Event(Event::TaskFinished(task.completion(run.params.clone()))),
@@ -1357,7 +1367,7 @@ impl Engine {
         let Some(spec) = self.registry.job(job) else {
             return Vec::new();
         };
-        if self.run_steps.get(run_id).map_or(0, Vec::len) >= MAX_STEPS_PER_RUN {
+        if self.active.step_count(run_id) >= MAX_STEPS_PER_RUN {
             warn!(run_id = %run_id, "run reached {MAX_STEPS_PER_RUN} steps; no more successors start");
             return Vec::new();
         }
@@ -1376,28 +1386,23 @@ impl Engine {
     }
 
     fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
-        let Some(step) = self.steps.get(step_id) else {
+        let Some(step) = self.active.step(step_id) else {
             return;
         };
         if step.state.is_final() || step.state == TaskState::Pending {
             return;
         }
-        let tasks = self
-            .step_tasks
-            .get(step_id)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let states: Vec<TaskState> = tasks
-            .iter()
-            .filter_map(|t| self.tasks.get(t))
-            .map(|t| t.state)
+        let states: Vec<TaskState> = self
+            .active
+            .tasks_of(step_id)
+            .map(|t| t.record.state)
             .collect();
         if states.is_empty() || states.iter().any(|s| !s.is_final()) {
             return;
         }
         let succeeded = states.iter().all(|s| *s == TaskState::Succeeded);
         let (run_id, job) = (step.run_id.clone(), step.job.clone());
-        if let Some(step) = self.steps.get_mut(step_id) {
+        if let Some(step) = self.active.step_mut(step_id) {
             step.state = if succeeded {
                 TaskState::Succeeded
             } else {
@@ -1412,18 +1417,19 @@ impl Engine {
     }
 
     fn finish_run_if_done(&mut self, fx: &mut Effects, run_id: &RunId, now: i64) {
-        let Some(step_ids) = self.run_steps.get(run_id) else {
+        if self.active.step_count(run_id) == 0 {
             return;
-        };
+        }
         let mut failed = false;
-        for id in step_ids {
-            match self.steps.get(id).map(|s| s.state) {
-                Some(TaskState::Succeeded) => {}
-                Some(TaskState::Failed) => failed = true,
+        for step in self.active.steps_of(run_id) {
+            match step.state {
+                TaskState::Succeeded => {}
+                TaskState::Failed => failed = true,
                 _ => return,
             }
         }
-        let Some(mut run) = self.runs.remove(run_id) else {
+        // The run is durable from here on; the store answers for it.
+        let Some(mut run) = self.active.remove_run(run_id) else {
             return;
         };
         run.state = if failed {
@@ -1439,17 +1445,6 @@ impl Engine {
             "runs_succeeded"
         });
         fx.writes.push(Write::Run(run));
-        // The run is durable from here on; the store answers for it.
-        for step_id in self.run_steps.remove(run_id).unwrap_or_default() {
-            self.steps.remove(&step_id);
-            self.waiting.remove(&step_id);
-            for task_id in self.step_tasks.remove(&step_id).unwrap_or_default() {
-                self.tasks.remove(&task_id);
-                self.last_sent.remove(&task_id);
-                self.retrying.remove(&task_id);
-                self.avoid.remove(&task_id);
-            }
-        }
     }
 }
 

@@ -68,10 +68,6 @@ pub struct Task {
     /// pages by, since `finished_at_ms` is the worker's clock and a result may come late.
     pub recorded_at_ms: Option<i64>,
     pub output_tail: String,
-    /// A running task's lease: the worker's heartbeats renew it (memory only; reset on start).
-    pub lease_expires_ms: Option<i64>,
-    /// A task waiting for its retry: not before this time (memory only).
-    pub not_before_ms: Option<i64>,
 }
 
 /// One finished attempt of a task, kept as history (also late reports of old attempts).

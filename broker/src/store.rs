@@ -393,8 +393,6 @@ fn task_from_row(row: &rusqlite::Row<'_>) -> Result<Task, StoreError> {
         failures: row.get(14)?,
         fanout: row.get(15)?,
         recorded_at_ms: row.get(16)?,
-        lease_expires_ms: None,
-        not_before_ms: None,
     })
 }
 
@@ -686,8 +684,6 @@ mod tests {
             output_tail: String::new(),
             failures: 0,
             fanout: 1,
-            lease_expires_ms: None,
-            not_before_ms: None,
         }
     }
 

@@ -135,17 +135,25 @@ impl Harness {
     }
 
     fn run_state(&self, run_id: &str) -> Option<RunState> {
-        self.engine.runs.get(&RunId::from(run_id)).map(|r| r.state)
+        self.engine
+            .active
+            .run(&RunId::from(run_id))
+            .map(|r| r.state)
     }
 
     /// The active run `run_id` (a wire id).
     fn run(&self, run_id: &str) -> &Run {
-        &self.engine.runs[&RunId::from(run_id)]
+        self.engine.active.run(&RunId::from(run_id)).unwrap()
     }
 
     /// The active task `task_id` (a wire id).
     fn task(&self, task_id: &str) -> &Task {
-        &self.engine.tasks[&TaskId::from(task_id)]
+        &self
+            .engine
+            .active
+            .task(&TaskId::from(task_id))
+            .unwrap()
+            .record
     }
 }
 
@@ -240,7 +248,7 @@ fn broadcast_runs_once_per_worker_and_successors_once_per_step() {
     }
     assert_eq!(final_run_write(&last), Some(RunState::Succeeded));
     assert!(
-        h.engine.runs.is_empty() && h.engine.tasks.is_empty(),
+        h.engine.active.run_count() == 0 && h.engine.active.task_count() == 0,
         "finished runs leave memory"
     );
 }
@@ -387,7 +395,7 @@ fn successor_cycle_is_bounded() {
         steps += work.len();
         assert!(steps <= MAX_STEPS_PER_RUN);
     }
-    assert!(h.engine.runs.is_empty());
+    assert_eq!(h.engine.active.run_count(), 0);
 }
 
 #[test]
@@ -742,8 +750,8 @@ fn a_restored_pending_task_is_published_again_at_once() {
     let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
     let (_, run_id) = h.trigger("a");
     let run = h.run(&run_id.unwrap()).clone();
-    let steps: Vec<Step> = h.engine.steps.values().cloned().collect();
-    let tasks: Vec<Task> = h.engine.tasks.values().cloned().collect();
+    let steps: Vec<Step> = h.engine.active.steps().cloned().collect();
+    let tasks: Vec<Task> = h.engine.active.tasks().map(|t| t.record.clone()).collect();
     let snapshot = Snapshot {
         runs: vec![run],
         steps,

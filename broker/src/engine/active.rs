@@ -1,0 +1,408 @@
+//! The runs the engine is working on, with their steps and tasks, kept consistent by one
+//! owner.
+//!
+//! [`ActiveRuns`] is the only place runs, steps and tasks are added or removed: a step
+//! belongs to an active run, a task to an active step, and removing a run removes all of
+//! it. What the engine needs to find without scanning (tasks waiting for a retry, steps
+//! waiting for a worker) is indexed here and updated by the same methods that change what
+//! it indexes, so no caller can let an index drift: a task is changed only through
+//! [`TaskMut`], which re-indexes it when dropped.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::{Deref, DerefMut};
+
+use crate::ids::{RunId, StepId, TaskId};
+use crate::model::{Run, Step, Task};
+
+/// A task as the engine holds it: its record, and what only memory needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveTask {
+    /// What the store keeps of it.
+    pub record: Task,
+    /// When it was last published, while its worker has not reported it started; `None`
+    /// when it is not waiting for a start.
+    pub last_sent_ms: Option<i64>,
+    /// A running task's lease: its worker's heartbeats renew it (reset on a restart).
+    pub lease_expires_ms: Option<i64>,
+    /// Set while the task waits for a retry: its backoff, or a worker to retry on.
+    pub retry: Option<RetryWait>,
+}
+
+/// A task waiting to be tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryWait {
+    /// Not placed before this time.
+    pub not_before_ms: i64,
+    /// The worker of the failed attempt, avoided when another can take the task.
+    pub avoid: Option<String>,
+}
+
+impl ActiveTask {
+    /// A task that is neither published, running nor waiting for a retry yet.
+    pub fn new(record: Task) -> ActiveTask {
+        ActiveTask {
+            record,
+            last_sent_ms: None,
+            lease_expires_ms: None,
+            retry: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActiveRun {
+    run: Run,
+    /// Its steps, in the order they were made.
+    steps: Vec<StepId>,
+}
+
+#[derive(Debug)]
+struct ActiveStep {
+    step: Step,
+    /// Its tasks, in the order they were made.
+    tasks: Vec<TaskId>,
+}
+
+/// What [`ActiveRuns`] keeps to find things without a scan. Changed only by its methods.
+#[derive(Debug, Default)]
+struct Index {
+    /// Tasks with a [`RetryWait`], in the order they were made (ids are time-ordered).
+    retrying: BTreeSet<TaskId>,
+    /// Steps waiting for a live worker or a free slot, in the order they were made.
+    waiting: BTreeSet<StepId>,
+}
+
+impl Index {
+    fn retry_changed(&mut self, task_id: &TaskId, retrying: bool) {
+        if retrying {
+            self.retrying.insert(task_id.clone());
+        } else {
+            self.retrying.remove(task_id);
+        }
+    }
+}
+
+/// The unfinished runs, their steps and their tasks.
+#[derive(Debug, Default)]
+pub struct ActiveRuns {
+    runs: HashMap<RunId, ActiveRun>,
+    steps: HashMap<StepId, ActiveStep>,
+    tasks: HashMap<TaskId, ActiveTask>,
+    index: Index,
+}
+
+impl ActiveRuns {
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn run(&self, run_id: &RunId) -> Option<&Run> {
+        self.runs.get(run_id).map(|r| &r.run)
+    }
+
+    pub fn run_mut(&mut self, run_id: &RunId) -> Option<&mut Run> {
+        self.runs.get_mut(run_id).map(|r| &mut r.run)
+    }
+
+    pub fn step(&self, step_id: &StepId) -> Option<&Step> {
+        self.steps.get(step_id).map(|s| &s.step)
+    }
+
+    pub fn step_mut(&mut self, step_id: &StepId) -> Option<&mut Step> {
+        self.steps.get_mut(step_id).map(|s| &mut s.step)
+    }
+
+    pub fn task(&self, task_id: &TaskId) -> Option<&ActiveTask> {
+        self.tasks.get(task_id)
+    }
+
+    /// The task to change; its indexes follow when the returned guard is dropped.
+    pub fn task_mut(&mut self, task_id: &TaskId) -> Option<TaskMut<'_>> {
+        let task = self.tasks.get_mut(task_id)?;
+        let was_retrying = task.retry.is_some();
+        Some(TaskMut {
+            task,
+            index: &mut self.index,
+            was_retrying,
+        })
+    }
+
+    /// Every active step, in no particular order.
+    #[cfg(test)]
+    pub fn steps(&self) -> impl Iterator<Item = &Step> {
+        self.steps.values().map(|s| &s.step)
+    }
+
+    /// Every active task, in no particular order.
+    pub fn tasks(&self) -> impl Iterator<Item = &ActiveTask> {
+        self.tasks.values()
+    }
+
+    /// The steps of a run, in the order they were made.
+    pub fn steps_of(&self, run_id: &RunId) -> impl Iterator<Item = &Step> {
+        let ids = self.runs.get(run_id).map(|r| r.steps.as_slice());
+        ids.unwrap_or_default()
+            .iter()
+            .filter_map(|id| self.step(id))
+    }
+
+    /// How many steps a run has made.
+    pub fn step_count(&self, run_id: &RunId) -> usize {
+        self.runs.get(run_id).map_or(0, |r| r.steps.len())
+    }
+
+    /// The tasks of a step, in the order they were made.
+    pub fn tasks_of(&self, step_id: &StepId) -> impl Iterator<Item = &ActiveTask> {
+        let ids = self.steps.get(step_id).map(|s| s.tasks.as_slice());
+        ids.unwrap_or_default()
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    /// Tasks waiting for a retry, in the order they were made.
+    pub fn retrying(&self) -> impl Iterator<Item = &TaskId> {
+        self.index.retrying.iter()
+    }
+
+    /// Steps waiting for a worker or a slot, in the order they were made.
+    pub fn waiting(&self) -> impl Iterator<Item = &StepId> {
+        self.index.waiting.iter()
+    }
+
+    pub fn has_waiting(&self) -> bool {
+        !self.index.waiting.is_empty()
+    }
+
+    pub fn is_waiting(&self, step_id: &StepId) -> bool {
+        self.index.waiting.contains(step_id)
+    }
+
+    /// Puts an active step among the waiting ones; false if it was already there (or is
+    /// not active).
+    pub fn wait(&mut self, step_id: &StepId) -> bool {
+        self.steps.contains_key(step_id) && self.index.waiting.insert(step_id.clone())
+    }
+
+    /// Takes a step out of the waiting ones (it was placed).
+    pub fn stop_waiting(&mut self, step_id: &StepId) {
+        self.index.waiting.remove(step_id);
+    }
+
+    pub fn insert_run(&mut self, run: Run) {
+        let run_id = run.run_id.clone();
+        self.runs.insert(
+            run_id,
+            ActiveRun {
+                run,
+                steps: Vec::new(),
+            },
+        );
+    }
+
+    /// Adds a step to its run; false (and nothing added) if the run is not active.
+    pub fn insert_step(&mut self, step: Step) -> bool {
+        let Some(run) = self.runs.get_mut(&step.run_id) else {
+            return false;
+        };
+        run.steps.push(step.step_id.clone());
+        let step_id = step.step_id.clone();
+        self.steps.insert(
+            step_id,
+            ActiveStep {
+                step,
+                tasks: Vec::new(),
+            },
+        );
+        true
+    }
+
+    /// Adds a task to its step; false (and nothing added) if the step is not active.
+    pub fn insert_task(&mut self, task: ActiveTask) -> bool {
+        let Some(step) = self.steps.get_mut(&task.record.step_id) else {
+            return false;
+        };
+        let task_id = task.record.task_id.clone();
+        step.tasks.push(task_id.clone());
+        self.index.retry_changed(&task_id, task.retry.is_some());
+        self.tasks.insert(task_id, task);
+        true
+    }
+
+    /// Removes a run with all its steps and tasks, and everything indexed of them.
+    pub fn remove_run(&mut self, run_id: &RunId) -> Option<Run> {
+        let run = self.runs.remove(run_id)?;
+        for step_id in &run.steps {
+            self.index.waiting.remove(step_id);
+            let Some(step) = self.steps.remove(step_id) else {
+                continue;
+            };
+            for task_id in &step.tasks {
+                self.tasks.remove(task_id);
+                self.index.retry_changed(task_id, false);
+            }
+        }
+        Some(run.run)
+    }
+}
+
+/// A task being changed. Dropping it brings the indexes of [`ActiveRuns`] up to date
+/// with what changed.
+pub struct TaskMut<'a> {
+    task: &'a mut ActiveTask,
+    index: &'a mut Index,
+    was_retrying: bool,
+}
+
+impl Deref for TaskMut<'_> {
+    type Target = ActiveTask;
+
+    fn deref(&self) -> &ActiveTask {
+        self.task
+    }
+}
+
+impl DerefMut for TaskMut<'_> {
+    fn deref_mut(&mut self) -> &mut ActiveTask {
+        self.task
+    }
+}
+
+impl Drop for TaskMut<'_> {
+    fn drop(&mut self) {
+        let retrying = self.task.retry.is_some();
+        if retrying != self.was_retrying {
+            self.index
+                .retry_changed(&self.task.record.task_id, retrying);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jobz::jobfile::Delivery;
+    use jobz::message::{RunState, TaskState};
+
+    use super::*;
+
+    fn run(id: &str) -> Run {
+        Run {
+            run_id: id.into(),
+            job: "a".into(),
+            params: Default::default(),
+            state: RunState::Pending,
+            parent_runs: vec![],
+            request_id: format!("m-{id}"),
+            created_at_ms: 0,
+            finished_at_ms: None,
+        }
+    }
+
+    fn step(id: &str, run: &str) -> Step {
+        Step {
+            step_id: id.into(),
+            run_id: run.into(),
+            job: "a".into(),
+            delivery: Delivery::Queue,
+            state: TaskState::Pending,
+            origin_task: None,
+            created_at_ms: 0,
+            finished_at_ms: None,
+        }
+    }
+
+    fn task(id: &str, step: &str, run: &str) -> ActiveTask {
+        ActiveTask::new(Task {
+            task_id: id.into(),
+            step_id: step.into(),
+            run_id: run.into(),
+            job: "a".into(),
+            worker: Some("w1".into()),
+            state: TaskState::Pending,
+            attempt: 1,
+            failures: 0,
+            fanout: 1,
+            exit_code: None,
+            error: None,
+            instance: None,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            recorded_at_ms: None,
+            output_tail: String::new(),
+        })
+    }
+
+    fn retry_in(ms: i64) -> Option<RetryWait> {
+        Some(RetryWait {
+            not_before_ms: ms,
+            avoid: None,
+        })
+    }
+
+    /// Two runs: r1 with steps s1 (tasks t1, t2) and s2 (waiting), r2 with s3 (task t3).
+    fn two_runs() -> ActiveRuns {
+        let mut active = ActiveRuns::default();
+        active.insert_run(run("r1"));
+        active.insert_run(run("r2"));
+        for (s, r) in [("s1", "r1"), ("s2", "r1"), ("s3", "r2")] {
+            assert!(active.insert_step(step(s, r)));
+        }
+        for (t, s, r) in [("t1", "s1", "r1"), ("t2", "s1", "r1"), ("t3", "s3", "r2")] {
+            let mut t = task(t, s, r);
+            t.retry = retry_in(5);
+            assert!(active.insert_task(t));
+        }
+        active.wait(&"s2".into());
+        active
+    }
+
+    #[test]
+    fn removing_a_run_removes_its_steps_tasks_and_what_is_indexed_of_them() {
+        let mut active = two_runs();
+        let removed = active.remove_run(&"r1".into()).unwrap();
+        assert_eq!(removed.run_id, "r1");
+        assert_eq!((active.run_count(), active.task_count()), (1, 1));
+        for gone in ["s1", "s2"] {
+            assert!(active.step(&gone.into()).is_none());
+        }
+        assert!(active.task(&"t1".into()).is_none() && active.task(&"t2".into()).is_none());
+        assert!(!active.has_waiting(), "a removed step still waits");
+        let retrying: Vec<&TaskId> = active.retrying().collect();
+        assert_eq!(
+            retrying,
+            [&TaskId::from("t3")],
+            "a removed task still retries"
+        );
+        assert!(active.remove_run(&"r1".into()).is_none());
+    }
+
+    #[test]
+    fn a_task_changed_through_its_guard_is_reindexed() {
+        let mut active = two_runs();
+        active.task_mut(&"t2".into()).unwrap().retry = None;
+        let retrying: Vec<&str> = active.retrying().map(TaskId::as_str).collect();
+        assert_eq!(retrying, ["t1", "t3"]);
+        active.task_mut(&"t2".into()).unwrap().retry = retry_in(9);
+        let retrying: Vec<&str> = active.retrying().map(TaskId::as_str).collect();
+        assert_eq!(retrying, ["t1", "t2", "t3"], "in the order they were made");
+    }
+
+    #[test]
+    fn a_step_or_task_of_nothing_active_is_refused() {
+        let mut active = two_runs();
+        assert!(!active.insert_step(step("s9", "r9")));
+        assert!(!active.insert_task(task("t9", "s9", "r9")));
+        assert!(!active.wait(&"s9".into()));
+        assert_eq!(active.task_count(), 3);
+        let tasks: Vec<&str> = active
+            .tasks_of(&"s1".into())
+            .map(|t| t.record.task_id.as_str())
+            .collect();
+        assert_eq!(tasks, ["t1", "t2"]);
+        assert_eq!(active.step_count(&"r1".into()), 2);
+    }
+}
