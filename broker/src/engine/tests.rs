@@ -1,7 +1,13 @@
 use super::*;
-use jobz::jobfile::JobSpec;
-use jobz::message::{Params, TaskOutcome};
+use jobz::jobfile::{Delivery, JobSpec};
+use jobz::message::{
+    Assignment, Event, Params, Query, RunState, TaskFinished, TaskOutcome, TaskRef, TaskStarted,
+    TriggerRequest, Work, WorkerStatus,
+};
+use jobz::topic::Topic;
 
+use super::reports::MAX_REPORTED_TEXT;
+use super::retry::{backoff_ms_for, MAX_BACKOFF_MS};
 use crate::ids::SequentialIds;
 
 fn config() -> EngineConfig {

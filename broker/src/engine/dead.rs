@@ -1,0 +1,58 @@
+//! The dead list: tasks that failed for good, the newest of them held in memory for
+//! listing and retrying (the store keeps them all).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::ids::TaskId;
+use crate::model::Dead;
+
+/// Dead tasks held in memory (older ones stay in the store).
+const REMEMBERED_DEAD: usize = 10_000;
+
+/// The newest dead tasks, by task and in the order they died.
+#[derive(Debug, Default)]
+pub(super) struct DeadList {
+    by_task: BTreeMap<TaskId, Dead>,
+    order: VecDeque<TaskId>,
+}
+
+impl DeadList {
+    /// The list as the store left it (any order).
+    pub fn restore(mut dead: Vec<Dead>) -> DeadList {
+        dead.sort_by_key(|d| d.failed_at_ms);
+        let mut list = DeadList::default();
+        for d in dead {
+            list.remember(d);
+        }
+        list
+    }
+
+    /// Adds a dead task, or replaces it (a retry records the run it became); forgets the
+    /// oldest beyond the bound.
+    pub fn remember(&mut self, dead: Dead) {
+        if self
+            .by_task
+            .insert(dead.task_id.clone(), dead.clone())
+            .is_none()
+        {
+            self.order.push_back(dead.task_id);
+        }
+        while self.order.len() > REMEMBERED_DEAD {
+            if let Some(old) = self.order.pop_front() {
+                self.by_task.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, task_id: &TaskId) -> Option<&Dead> {
+        self.by_task.get(task_id)
+    }
+
+    /// The newest first.
+    pub fn newest(&self) -> impl Iterator<Item = &Dead> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|id| self.by_task.get(id))
+    }
+}

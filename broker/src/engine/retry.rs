@@ -1,0 +1,243 @@
+//! Failed and lost attempts: whether a task is tried again, when and where; leases that
+//! lapse; the unstarted tasks of a lost worker.
+
+use jobz::jobfile::Delivery;
+use jobz::message::TaskState;
+use tracing::info;
+
+use super::active::RetryWait;
+use super::effects::{Effects, Write};
+use super::Engine;
+use crate::ids::TaskId;
+use crate::model::Attempt;
+
+/// Longest wait between retries.
+pub(super) const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+
+/// How an attempt failed; it decides whether the task is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// The command ran and failed (non-zero exit, timeout): retried while `retries` allow,
+    /// on the same worker (broadcast, local) or on the least loaded one (queue).
+    Ran,
+    /// The attempt was lost (lease expired, worker restarted): a queue task is retried
+    /// elsewhere while `retries` allow; a broadcast or local task is marked failed.
+    Lost,
+    /// The task never started and its worker is gone: a queue task is placed again without
+    /// using a retry; a broadcast or local task is marked failed.
+    Unstarted,
+    /// The task can never run (unknown job, worker does not serve it).
+    Permanent,
+}
+
+impl Engine {
+    // Unstarted tasks of a lost worker go elsewhere (queue) or fail; running ones keep their
+    // lease, which the worker may still renew if it was only slow.
+    pub(super) fn fail_unstarted_of(
+        &mut self,
+        fx: &mut Effects,
+        worker: &str,
+        reason: &str,
+        now: i64,
+    ) {
+        let mut unstarted: Vec<(i64, TaskId)> = self
+            .active
+            .tasks()
+            .map(|t| &t.record)
+            .filter(|t| t.worker.as_deref() == Some(worker) && t.state == TaskState::Pending)
+            .map(|t| (t.created_at_ms, t.task_id.clone()))
+            .collect();
+        unstarted.sort();
+        for (_, task_id) in unstarted {
+            self.task_failed(fx, &task_id, Failure::Unstarted, reason, now);
+        }
+    }
+
+    pub(super) fn expire_leases(&mut self, fx: &mut Effects, now: i64) {
+        let deadline = now - self.config.lease_grace_ms;
+        let mut expired: Vec<(i64, TaskId)> = self
+            .active
+            .tasks()
+            .filter(|t| {
+                t.record.state == TaskState::Running
+                    && t.lease_expires_ms.is_some_and(|l| l < deadline)
+            })
+            .map(|t| (t.record.created_at_ms, t.record.task_id.clone()))
+            .collect();
+        expired.sort();
+        for (_, task_id) in expired {
+            let worker = self
+                .active
+                .task(&task_id)
+                .and_then(|t| t.record.worker.clone())
+                .unwrap_or_default();
+            self.count("leases_expired");
+            let reason =
+                format!("lease expired: worker {worker} stopped renewing it; attempt lost");
+            self.task_failed(fx, &task_id, Failure::Lost, &reason, now);
+        }
+    }
+
+    /// Publishes retries whose backoff has passed, choosing a worker for queue tasks.
+    pub(super) fn place_retries(&mut self, fx: &mut Effects, now: i64) {
+        let due: Vec<TaskId> = self
+            .active
+            .retrying()
+            .filter(|id| {
+                self.active
+                    .task(id)
+                    .and_then(|t| t.retry.as_ref())
+                    .is_some_and(|r| r.not_before_ms <= now)
+            })
+            .cloned()
+            .collect();
+        let mut load = self.load();
+        for task_id in due {
+            let Some(task) = self.active.task(&task_id) else {
+                continue;
+            };
+            if task.record.state != TaskState::Pending {
+                if let Some(mut task) = self.active.task_mut(&task_id) {
+                    task.retry = None;
+                }
+                continue;
+            }
+            let worker = match &task.record.worker {
+                Some(w) => {
+                    if !self.registry.worker(w).is_some_and(|w| w.live) {
+                        let reason = format!("worker {w} lost before the retry could start");
+                        if let Some(mut task) = self.active.task_mut(&task_id) {
+                            task.retry = None;
+                        }
+                        self.task_failed(fx, &task_id, Failure::Unstarted, &reason, now);
+                        continue;
+                    }
+                    w.clone()
+                }
+                None => {
+                    let avoid = task.retry.as_ref().and_then(|r| r.avoid.as_deref());
+                    match self.pick_queue_worker(&task.record.job, &load, avoid) {
+                        Some(w) => w,
+                        None => continue, // nobody has a free slot: try again next tick
+                    }
+                }
+            };
+            *load.entry(worker.clone()).or_default() += 1;
+            let step_id = match self.active.task_mut(&task_id) {
+                Some(mut t) => {
+                    t.retry = None;
+                    t.record.worker = Some(worker);
+                    fx.writes.push(Write::Task(t.record.clone()));
+                    t.record.step_id.clone()
+                }
+                None => continue,
+            };
+            self.publish_work(fx, &step_id, std::slice::from_ref(&task_id), now);
+        }
+    }
+
+    /// An attempt failed: retry the task if its job and the kind of failure allow, else
+    /// record it failed for good.
+    pub(super) fn task_failed(
+        &mut self,
+        fx: &mut Effects,
+        task_id: &TaskId,
+        failure: Failure,
+        reason: &str,
+        now: i64,
+    ) {
+        let Some(task) = self.active.task(task_id).map(|t| &t.record) else {
+            return;
+        };
+        if task.state.is_final() {
+            return;
+        }
+        let delivery = self
+            .active
+            .step(&task.step_id)
+            .map(|s| s.delivery)
+            .unwrap_or_default();
+        let (retries, backoff_ms) = self
+            .registry
+            .job(&task.job)
+            .map_or((0, 0), |s| (s.retries, s.retry_backoff_ms));
+        let budget_left = task.failures < retries;
+        // (counts against `retries`, moves to another worker)
+        let retry = match failure {
+            Failure::Permanent => None,
+            Failure::Ran if budget_left => Some((true, delivery == Delivery::Queue)),
+            Failure::Lost if budget_left && delivery == Delivery::Queue => Some((true, true)),
+            Failure::Unstarted if delivery == Delivery::Queue => Some((false, true)),
+            _ => None,
+        };
+        let Some(mut active) = self.active.task_mut(task_id) else {
+            return;
+        };
+        let task = &mut active.record;
+        let error = match (failure, task.error.as_deref()) {
+            (Failure::Ran, Some(detail)) => format!("{reason}: {detail}"),
+            _ => reason.to_owned(),
+        };
+        if task.state == TaskState::Running || failure == Failure::Ran {
+            fx.writes.push(Write::Attempt(Attempt {
+                task_id: task.task_id.clone(),
+                run_id: task.run_id.clone(),
+                attempt: task.attempt,
+                worker: task.worker.clone(),
+                state: TaskState::Failed,
+                exit_code: task.exit_code,
+                error: Some(error.clone()),
+                started_at_ms: task.started_at_ms,
+                finished_at_ms: task.finished_at_ms.unwrap_or(now),
+                late: false,
+            }));
+        }
+        task.error = Some(error.clone());
+        let Some((counts, moves)) = retry else {
+            task.finished_at_ms = task.finished_at_ms.or(Some(now));
+            drop(active);
+            self.finish_task(fx, task_id, TaskState::Failed, now);
+            return;
+        };
+        if counts {
+            task.failures += 1;
+        }
+        let delay = if counts {
+            backoff_ms_for(backoff_ms, task.failures, task_id)
+        } else {
+            0
+        };
+        task.attempt += 1;
+        task.state = TaskState::Pending;
+        task.exit_code = None;
+        task.instance = None;
+        task.started_at_ms = None;
+        task.finished_at_ms = None;
+        // Moved off its worker, which is avoided when another can take it.
+        let avoid = if moves { task.worker.take() } else { None };
+        info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
+            delay_ms = delay, error = %error, "task will be retried");
+        fx.writes.push(Write::Task(task.clone()));
+        active.lease_expires_ms = None;
+        active.last_sent_ms = None;
+        active.retry = Some(RetryWait {
+            not_before_ms: now + delay as i64,
+            avoid,
+        });
+        drop(active);
+        self.count("retries");
+    }
+}
+
+/// Exponential backoff with jitter: `base · 2^(failures-1)`, capped, plus up to a quarter
+/// more. The jitter is a hash of the task and attempt, so a replay decides the same.
+pub(super) fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &TaskId) -> u64 {
+    let exp = base_ms
+        .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
+        .min(MAX_BACKOFF_MS);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task_id.as_str().bytes().chain(failures.to_le_bytes()) {
+        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    exp + hash % (exp / 4 + 1)
+}
