@@ -12,6 +12,15 @@ use super::{Engine, MAX_STEPS_PER_RUN};
 use crate::ids::{RunId, StepId, TaskId};
 use crate::model::{Dead, Step};
 
+/// When successors start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// After each task, on its worker: the `local` successors.
+    EachTask,
+    /// Once after the whole step: the others.
+    WholeStep,
+}
+
 impl Engine {
     pub(super) fn mark_run_running(&mut self, fx: &mut Effects, run_id: &RunId) {
         if let Some(run) = self.active.run_mut(run_id) {
@@ -137,9 +146,7 @@ impl Engine {
         // `local` successors follow each task on its own worker, before the step is judged,
         // so the run cannot end while they are still to come.
         if let Some(worker) = task.worker.clone() {
-            for next in
-                self.successors(&task.job, state == TaskState::Succeeded, &task.run_id, true)
-            {
+            for next in self.successors(&task.job, state, &task.run_id, Follow::EachTask) {
                 self.start_step(fx, &task.run_id, &next, Some((&task.task_id, &worker)), now);
             }
         }
@@ -149,8 +156,16 @@ impl Engine {
         self.dispatch_waiting(fx, now);
     }
 
-    /// Successor job names of `job` after success or failure; `local` ones or the others.
-    fn successors(&self, job: &str, succeeded: bool, run_id: &RunId, local: bool) -> Vec<String> {
+    /// Successor job names of `job` after it ended in `state` (`on_success` after
+    /// `Succeeded`, else `on_failure`): the `local` ones after each task, the others after
+    /// the whole step.
+    fn successors(
+        &self,
+        job: &str,
+        state: TaskState,
+        run_id: &RunId,
+        after: Follow,
+    ) -> Vec<String> {
         let Some(spec) = self.registry.job(job) else {
             return Vec::new();
         };
@@ -158,7 +173,7 @@ impl Engine {
             warn!(run_id = %run_id, "run reached {MAX_STEPS_PER_RUN} steps; no more successors start");
             return Vec::new();
         }
-        let names = if succeeded {
+        let names = if state == TaskState::Succeeded {
             &spec.on_success
         } else {
             &spec.on_failure
@@ -166,7 +181,8 @@ impl Engine {
         names
             .iter()
             .filter(|n| {
-                (self.registry.job(n).map(|s| s.delivery) == Some(Delivery::Local)) == local
+                let local = self.registry.job(n).map(|s| s.delivery) == Some(Delivery::Local);
+                local == (after == Follow::EachTask)
             })
             .cloned()
             .collect()
@@ -187,18 +203,18 @@ impl Engine {
         if states.is_empty() || states.iter().any(|s| !s.is_final()) {
             return;
         }
-        let succeeded = states.iter().all(|s| *s == TaskState::Succeeded);
+        let state = if states.iter().all(|s| *s == TaskState::Succeeded) {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        };
         let (run_id, job) = (step.run_id.clone(), step.job.clone());
         if let Some(step) = self.active.step_mut(step_id) {
-            step.state = if succeeded {
-                TaskState::Succeeded
-            } else {
-                TaskState::Failed
-            };
+            step.state = state;
             step.finished_at_ms = Some(now);
             fx.writes.push(Write::Step(step.clone()));
         }
-        for next in self.successors(&job, succeeded, &run_id, false) {
+        for next in self.successors(&job, state, &run_id, Follow::WholeStep) {
             self.start_step(fx, &run_id, &next, None, now);
         }
     }

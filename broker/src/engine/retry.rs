@@ -12,7 +12,7 @@ use crate::ids::TaskId;
 use crate::model::Attempt;
 
 /// Longest wait between retries.
-pub(super) const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
+const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
 
 /// How an attempt failed; it decides whether the task is tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,40 @@ pub(super) enum Failure {
     Unstarted,
     /// The task can never run (unknown job, worker does not serve it).
     Permanent,
+}
+
+/// What becomes of a task after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RetryPlan {
+    /// It failed for good (and goes to the dead list).
+    GiveUp,
+    /// It is tried again, as a new attempt.
+    Retry {
+        /// The failure counts against the job's `retries`, and the retry waits its backoff.
+        uses_budget: bool,
+        /// It leaves its worker (a queue task): any live worker with a free slot may take
+        /// it, the previous one only if no other can.
+        on_another_worker: bool,
+    },
+}
+
+impl RetryPlan {
+    /// The plan for a task of a `delivery` step after an attempt failed as `failure`,
+    /// with `budget_left` when its job's `retries` are not used up.
+    pub fn after(failure: Failure, delivery: Delivery, budget_left: bool) -> RetryPlan {
+        let queue = delivery == Delivery::Queue;
+        let retry = |uses_budget, on_another_worker| RetryPlan::Retry {
+            uses_budget,
+            on_another_worker,
+        };
+        match failure {
+            Failure::Permanent => RetryPlan::GiveUp,
+            Failure::Ran if budget_left => retry(true, queue),
+            Failure::Lost if budget_left && queue => retry(true, true),
+            Failure::Unstarted if queue => retry(false, true),
+            _ => RetryPlan::GiveUp,
+        }
+    }
 }
 
 impl Engine {
@@ -161,15 +195,7 @@ impl Engine {
             .registry
             .job(&task.job)
             .map_or((0, 0), |s| (s.retries, s.retry_backoff_ms));
-        let budget_left = task.failures < retries;
-        // (counts against `retries`, moves to another worker)
-        let retry = match failure {
-            Failure::Permanent => None,
-            Failure::Ran if budget_left => Some((true, delivery == Delivery::Queue)),
-            Failure::Lost if budget_left && delivery == Delivery::Queue => Some((true, true)),
-            Failure::Unstarted if delivery == Delivery::Queue => Some((false, true)),
-            _ => None,
-        };
+        let plan = RetryPlan::after(failure, delivery, task.failures < retries);
         let Some(mut active) = self.active.task_mut(task_id) else {
             return;
         };
@@ -193,16 +219,20 @@ impl Engine {
             }));
         }
         task.error = Some(error.clone());
-        let Some((counts, moves)) = retry else {
+        let RetryPlan::Retry {
+            uses_budget,
+            on_another_worker,
+        } = plan
+        else {
             task.finished_at_ms = task.finished_at_ms.or(Some(now));
             drop(active);
             self.finish_task(fx, task_id, TaskState::Failed, now);
             return;
         };
-        if counts {
+        if uses_budget {
             task.failures += 1;
         }
-        let delay = if counts {
+        let delay = if uses_budget {
             backoff_ms_for(backoff_ms, task.failures, task_id)
         } else {
             0
@@ -214,7 +244,11 @@ impl Engine {
         task.started_at_ms = None;
         task.finished_at_ms = None;
         // Moved off its worker, which is avoided when another can take it.
-        let avoid = if moves { task.worker.take() } else { None };
+        let avoid = if on_another_worker {
+            task.worker.take()
+        } else {
+            None
+        };
         info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
             delay_ms = delay, error = %error, "task will be retried");
         fx.writes.push(Write::Task(task.clone()));
@@ -231,7 +265,7 @@ impl Engine {
 
 /// Exponential backoff with jitter: `base · 2^(failures-1)`, capped, plus up to a quarter
 /// more. The jitter is a hash of the task and attempt, so a replay decides the same.
-pub(super) fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &TaskId) -> u64 {
+fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &TaskId) -> u64 {
     let exp = base_ms
         .saturating_mul(1u64 << failures.saturating_sub(1).min(20))
         .min(MAX_BACKOFF_MS);
@@ -240,4 +274,54 @@ pub(super) fn backoff_ms_for(base_ms: u64, failures: u32, task_id: &TaskId) -> u
         hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     exp + hash % (exp / 4 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_is_planned_by_the_kind_of_failure_the_delivery_and_the_budget() {
+        use Delivery::{Broadcast, Local, Queue};
+        use Failure::{Lost, Permanent, Ran, Unstarted};
+        let retry = |uses_budget, on_another_worker| RetryPlan::Retry {
+            uses_budget,
+            on_another_worker,
+        };
+        let give_up = RetryPlan::GiveUp;
+        #[rustfmt::skip]
+        let table = [
+            // failure,   delivery,  budget left, plan
+            (Ran,       Queue,     true,  retry(true, true)),
+            (Ran,       Broadcast, true,  retry(true, false)),
+            (Ran,       Local,     true,  retry(true, false)),
+            (Ran,       Queue,     false, give_up),
+            (Lost,      Queue,     true,  retry(true, true)),
+            (Lost,      Broadcast, true,  give_up),
+            (Lost,      Local,     true,  give_up),
+            (Lost,      Queue,     false, give_up),
+            (Unstarted, Queue,     false, retry(false, true)),
+            (Unstarted, Broadcast, true,  give_up),
+            (Unstarted, Local,     true,  give_up),
+            (Permanent, Queue,     true,  give_up),
+        ];
+        for (failure, delivery, budget_left, plan) in table {
+            assert_eq!(
+                RetryPlan::after(failure, delivery, budget_left),
+                plan,
+                "{failure:?} of a {delivery:?} task, budget left: {budget_left}"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, &"t".into())));
+        assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, &"t".into())));
+        assert!(backoff_ms_for(1_000, 30, &"t".into()) <= MAX_BACKOFF_MS * 5 / 4);
+        assert_eq!(
+            backoff_ms_for(1_000, 2, &"t".into()),
+            backoff_ms_for(1_000, 2, &"t".into())
+        );
+    }
 }

@@ -7,7 +7,6 @@ use jobz::message::{
 use jobz::topic::Topic;
 
 use super::reports::MAX_REPORTED_TEXT;
-use super::retry::{backoff_ms_for, MAX_BACKOFF_MS};
 use crate::ids::SequentialIds;
 
 fn config() -> EngineConfig {
@@ -699,17 +698,6 @@ fn the_same_events_replay_to_the_same_decisions() {
     for (i, (a, b)) in first.iter().zip(&second).enumerate() {
         assert_eq!(a, b, "decision {i} differs between two replays");
     }
-}
-
-#[test]
-fn backoff_grows_and_is_capped() {
-    assert!((1_000..=1_250).contains(&backoff_ms_for(1_000, 1, &"t".into())));
-    assert!((4_000..=5_000).contains(&backoff_ms_for(1_000, 3, &"t".into())));
-    assert!(backoff_ms_for(1_000, 30, &"t".into()) <= MAX_BACKOFF_MS * 5 / 4);
-    assert_eq!(
-        backoff_ms_for(1_000, 2, &"t".into()),
-        backoff_ms_for(1_000, 2, &"t".into())
-    );
 }
 
 #[test]
