@@ -16,8 +16,9 @@
 //! - `queries`: answers from memory, or reads handed to the store.
 //!
 //! The state they share: `active` ([`ActiveRuns`]: runs, steps and tasks, kept consistent
-//! in one place), `dead` (the dead list), the worker `registry`, and the `ids` and
-//! `effects` types the rest of the broker sees.
+//! in one place, with the indexes placement needs: per-job lines of waiting steps in
+//! `waiting`, the load of each worker, tasks waiting for a retry), `dead` (the dead list),
+//! the worker `registry`; `effects` holds the types the rest of the broker sees.
 
 use std::collections::BTreeMap;
 
@@ -45,6 +46,7 @@ mod queries;
 mod reports;
 mod retry;
 mod trigger;
+mod waiting;
 
 /// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
 pub const MAX_STEPS_PER_RUN: usize = 1000;
@@ -94,6 +96,9 @@ pub struct Engine {
     /// The run each recent trigger (or dead-task retry) made, by message id.
     triggers: RecentTriggers,
     counters: BTreeMap<String, u64>,
+    /// What placement has looked at (waiting steps, tasks counted, candidate workers): the
+    /// work the drain test holds to a bound per placement, whatever the backlog.
+    placement_work: std::cell::Cell<u64>,
 }
 
 impl Engine {
@@ -113,6 +118,7 @@ impl Engine {
             semaphores: SemaphoreReports::default(),
             triggers: RecentTriggers::default(),
             counters: BTreeMap::new(),
+            placement_work: Default::default(),
         };
         for (request, run) in snapshot.recent_requests {
             engine.triggers.remember(request, run);
@@ -171,6 +177,12 @@ impl Engine {
                 "resuming active runs"
             );
         }
+    }
+
+    /// Notes `n` things placement looked at.
+    fn placement_work(&self, n: usize) {
+        self.placement_work
+            .set(self.placement_work.get() + n as u64);
     }
 
     fn count(&mut self, name: &str) {

@@ -4,13 +4,14 @@
 //! [`ActiveRuns`] is the only place runs, steps and tasks are added or removed: a step
 //! belongs to an active run, a task to an active step, and removing a run removes all of
 //! it. What the engine needs to find without scanning (tasks waiting for a retry, steps
-//! waiting for a worker) is indexed here and updated by the same methods that change what
-//! it indexes, so no caller can let an index drift: a task is changed only through
-//! [`TaskMut`], which re-indexes it when dropped.
+//! waiting for a worker or a slot, the load of each worker) is indexed here and updated
+//! by the same methods that change what it indexes, so no caller can let an index drift:
+//! a task is changed only through [`TaskMut`], which re-indexes it when dropped.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::{Deref, DerefMut};
 
+use super::waiting::{Head, Position, WaitingSteps};
 use crate::ids::{RunId, StepId, TaskId};
 use crate::model::{Run, Step, Task};
 
@@ -47,6 +48,14 @@ impl ActiveTask {
             retry: None,
         }
     }
+
+    /// The worker whose slot this task occupies: the one it is placed on, until it ends.
+    fn occupies(&self) -> Option<&str> {
+        match self.record.state.is_final() {
+            true => None,
+            false => self.record.worker.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -61,6 +70,10 @@ struct ActiveStep {
     step: Step,
     /// Its tasks, in the order they were made.
     tasks: Vec<TaskId>,
+    /// Its place in line should it wait for a worker or a slot.
+    position: Position,
+    /// It waits (it is in line in `Index::waiting`).
+    waiting: bool,
 }
 
 /// What [`ActiveRuns`] keeps to find things without a scan. Changed only by its methods.
@@ -68,8 +81,10 @@ struct ActiveStep {
 struct Index {
     /// Tasks with a [`RetryWait`], in the order they were made (ids are time-ordered).
     retrying: BTreeSet<TaskId>,
-    /// Steps waiting for a live worker or a free slot, in the order they were made.
-    waiting: BTreeSet<StepId>,
+    /// Steps waiting for a live worker or a free slot, by job, each job's in line.
+    waiting: WaitingSteps,
+    /// Per worker, the unfinished tasks placed on it: what occupies its slots.
+    load: HashMap<String, u32>,
 }
 
 impl Index {
@@ -78,6 +93,24 @@ impl Index {
             self.retrying.insert(task_id.clone());
         } else {
             self.retrying.remove(task_id);
+        }
+    }
+
+    fn occupy(&mut self, worker: &str) {
+        match self.load.get_mut(worker) {
+            Some(n) => *n += 1,
+            None => {
+                self.load.insert(worker.to_owned(), 1);
+            }
+        }
+    }
+
+    fn vacate(&mut self, worker: &str) {
+        if let Some(n) = self.load.get_mut(worker) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.load.remove(worker);
+            }
         }
     }
 }
@@ -89,6 +122,8 @@ pub struct ActiveRuns {
     steps: HashMap<StepId, ActiveStep>,
     tasks: HashMap<TaskId, ActiveTask>,
     index: Index,
+    /// Steps made so far: the next one's place in line.
+    arrivals: u64,
 }
 
 impl ActiveRuns {
@@ -124,10 +159,12 @@ impl ActiveRuns {
     pub fn task_mut(&mut self, task_id: &TaskId) -> Option<TaskMut<'_>> {
         let task = self.tasks.get_mut(task_id)?;
         let was_retrying = task.retry.is_some();
+        let occupied = task.occupies().map(str::to_owned);
         Some(TaskMut {
             task,
             index: &mut self.index,
             was_retrying,
+            occupied,
         })
     }
 
@@ -168,28 +205,49 @@ impl ActiveRuns {
         self.index.retrying.iter()
     }
 
-    /// Steps waiting for a worker or a slot, in the order they were made.
-    pub fn waiting(&self) -> impl Iterator<Item = &StepId> {
-        self.index.waiting.iter()
-    }
-
     pub fn has_waiting(&self) -> bool {
         !self.index.waiting.is_empty()
     }
 
     pub fn is_waiting(&self, step_id: &StepId) -> bool {
-        self.index.waiting.contains(step_id)
+        self.steps.get(step_id).is_some_and(|s| s.waiting)
     }
 
-    /// Puts an active step among the waiting ones; false if it was already there (or is
-    /// not active).
+    /// Whether steps of `job` wait (a new one must not overtake them).
+    pub fn has_waiting_of(&self, job: &str) -> bool {
+        self.index.waiting.has_job(job)
+    }
+
+    /// The next waiting step to try after `after` (see [`WaitingSteps::next_head`]).
+    pub fn next_waiting(&self, after: Option<&Head>) -> Option<Head> {
+        self.index.waiting.next_head(after)
+    }
+
+    /// Puts an active step in line to wait; false if it was already there (or is not
+    /// active).
     pub fn wait(&mut self, step_id: &StepId) -> bool {
-        self.steps.contains_key(step_id) && self.index.waiting.insert(step_id.clone())
+        let Some(step) = self.steps.get_mut(step_id) else {
+            return false;
+        };
+        if step.waiting {
+            return false;
+        }
+        step.waiting = true;
+        let (job, position) = (&step.step.job, step.position);
+        self.index.waiting.insert(job, position, step_id.clone())
     }
 
-    /// Takes a step out of the waiting ones (it was placed).
+    /// Takes a step out of line (it was placed).
     pub fn stop_waiting(&mut self, step_id: &StepId) {
-        self.index.waiting.remove(step_id);
+        if let Some(step) = self.steps.get_mut(step_id).filter(|s| s.waiting) {
+            step.waiting = false;
+            self.index.waiting.remove(&step.step.job, step.position);
+        }
+    }
+
+    /// The unfinished tasks placed on `worker`.
+    pub fn load_of(&self, worker: &str) -> u32 {
+        self.index.load.get(worker).copied().unwrap_or(0)
     }
 
     pub fn insert_run(&mut self, run: Run) {
@@ -210,11 +268,16 @@ impl ActiveRuns {
         };
         run.steps.push(step.step_id.clone());
         let step_id = step.step_id.clone();
+        self.arrivals += 1;
         self.steps.insert(
             step_id,
             ActiveStep {
                 step,
                 tasks: Vec::new(),
+                position: Position {
+                    arrival: self.arrivals,
+                },
+                waiting: false,
             },
         );
         true
@@ -228,6 +291,9 @@ impl ActiveRuns {
         let task_id = task.record.task_id.clone();
         step.tasks.push(task_id.clone());
         self.index.retry_changed(&task_id, task.retry.is_some());
+        if let Some(worker) = task.occupies() {
+            self.index.occupy(worker);
+        }
         self.tasks.insert(task_id, task);
         true
     }
@@ -236,16 +302,60 @@ impl ActiveRuns {
     pub fn remove_run(&mut self, run_id: &RunId) -> Option<Run> {
         let run = self.runs.remove(run_id)?;
         for step_id in &run.steps {
-            self.index.waiting.remove(step_id);
+            self.stop_waiting(step_id);
             let Some(step) = self.steps.remove(step_id) else {
                 continue;
             };
             for task_id in &step.tasks {
-                self.tasks.remove(task_id);
+                let Some(task) = self.tasks.remove(task_id) else {
+                    continue;
+                };
                 self.index.retry_changed(task_id, false);
+                if let Some(worker) = task.occupies() {
+                    self.index.vacate(worker);
+                }
             }
         }
         Some(run.run)
+    }
+}
+
+#[cfg(test)]
+impl ActiveRuns {
+    /// Panics unless every index says what a count from scratch says: what the engine's
+    /// tests check after each event.
+    pub fn assert_consistent(&self) {
+        let mut load: HashMap<String, u32> = HashMap::new();
+        for t in self.tasks.values() {
+            if let Some(w) = t.occupies() {
+                *load.entry(w.to_owned()).or_default() += 1;
+            }
+            let step = &self.steps[&t.record.step_id];
+            assert!(
+                step.tasks.contains(&t.record.task_id),
+                "task not in its step"
+            );
+        }
+        assert_eq!(self.index.load, load, "load counters drifted");
+        let retrying: BTreeSet<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.retry.is_some())
+            .map(|t| t.record.task_id.clone())
+            .collect();
+        assert_eq!(self.index.retrying, retrying, "retry index drifted");
+        let mut waiting = 0;
+        for (id, s) in &self.steps {
+            assert!(
+                self.runs[&s.step.run_id].steps.contains(id),
+                "step not in its run"
+            );
+            if s.waiting {
+                waiting += 1;
+                assert!(self.index.waiting.holds(&s.step.job, s.position, id));
+            }
+        }
+        assert_eq!(self.index.waiting.len(), waiting, "waiting line drifted");
     }
 }
 
@@ -255,6 +365,8 @@ pub struct TaskMut<'a> {
     task: &'a mut ActiveTask,
     index: &'a mut Index,
     was_retrying: bool,
+    /// The worker whose slot it occupied when the guard was made.
+    occupied: Option<String>,
 }
 
 impl Deref for TaskMut<'_> {
@@ -277,6 +389,15 @@ impl Drop for TaskMut<'_> {
         if retrying != self.was_retrying {
             self.index
                 .retry_changed(&self.task.record.task_id, retrying);
+        }
+        let occupies = self.task.occupies();
+        if occupies != self.occupied.as_deref() {
+            if let Some(before) = &self.occupied {
+                self.index.vacate(before);
+            }
+            if let Some(now) = occupies {
+                self.index.occupy(now);
+            }
         }
     }
 }

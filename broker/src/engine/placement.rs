@@ -1,7 +1,7 @@
 //! Where work goes: the workers of a broadcast or queue step, steps that wait for a live
 //! worker or a free slot, and work published (and published again until started).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 
 use jobz::jobfile::Delivery;
 use jobz::message::{Assignment, Message, TaskRef, TaskState, Work};
@@ -67,19 +67,17 @@ impl Engine {
         }
         // First come, first served: a queue step does not overtake steps of its job that
         // already wait for a slot.
+        self.placement_work(1);
         if step.delivery == Delivery::Queue
             && !self.active.is_waiting(step_id)
-            && self
-                .active
-                .waiting()
-                .any(|w| self.active.step(w).is_some_and(|s| s.job == step.job))
+            && self.active.has_waiting_of(&step.job)
         {
             self.active.wait(step_id);
             return;
         }
         let workers = match step.delivery {
             // Credits: a queue step goes only to a worker with a free slot, else it waits.
-            Delivery::Queue => match self.pick_queue_worker(&step.job, &self.load(), None) {
+            Delivery::Queue => match self.pick_queue_worker(&step.job, None) {
                 Some(w) => vec![w],
                 None => {
                     self.active.wait(step_id);
@@ -92,77 +90,49 @@ impl Engine {
         self.assign(fx, step_id, workers, now);
     }
 
-    /// Places waiting steps, oldest first (step ids are time-ordered). The load is counted
-    /// once per pass and a job with no free slot is skipped for the rest of the pass, so a
-    /// pass costs one scan of the tasks plus one of the waiting steps.
+    /// Places waiting steps, first come first served across jobs: it walks the jobs in the
+    /// order of their first waiting step, places that step if the job has a live worker
+    /// (and, for a queue step, a free slot), and meets the job again at its next step; a
+    /// job that cannot place its first step is passed over for the rest of the walk. So a
+    /// pass looks at each job with waiting steps once, plus once per step it places,
+    /// however many steps wait.
     pub(super) fn dispatch_waiting(&mut self, fx: &mut Effects, now: i64) {
         if !self.active.has_waiting() {
             return;
         }
-        let waiting: Vec<StepId> = self.active.waiting().cloned().collect();
-        let mut load = self.load();
-        let mut blocked: BTreeSet<String> = BTreeSet::new();
-        for step_id in waiting {
-            let (job, delivery) = match self.active.step(&step_id) {
-                Some(s) => (s.job.clone(), s.delivery),
-                None => {
-                    self.active.stop_waiting(&step_id);
-                    continue;
+        let mut cursor = None;
+        while let Some(next) = self.active.next_waiting(cursor.as_ref()) {
+            let head = &*cursor.insert(next);
+            self.placement_work(1);
+            let Some(delivery) = self.active.step(&head.step_id).map(|s| s.delivery) else {
+                continue; // cannot be: a step leaves the line when it leaves ActiveRuns
+            };
+            let workers = match delivery {
+                Delivery::Queue => self.pick_queue_worker(&head.job, None).map(|w| vec![w]),
+                Delivery::Broadcast | Delivery::Local => {
+                    let live = self.registry.live_workers_for(&head.job);
+                    self.placement_work(live.len());
+                    (!live.is_empty()).then(|| live.iter().map(|w| w.name.clone()).collect())
                 }
             };
-            if blocked.contains(&job) {
-                continue;
-            }
-            if self.registry.live_workers_for(&job).is_empty() {
-                blocked.insert(job);
-                continue;
-            }
-            if delivery != Delivery::Queue {
-                self.place(fx, &step_id, now);
-                continue;
-            }
-            match self.pick_queue_worker(&job, &load, None) {
-                Some(worker) => {
-                    *load.entry(worker.clone()).or_default() += 1;
-                    self.active.stop_waiting(&step_id);
-                    self.assign(fx, &step_id, vec![worker], now);
-                }
-                None => {
-                    blocked.insert(job);
-                }
+            if let Some(workers) = workers {
+                self.active.stop_waiting(&head.step_id);
+                self.assign(fx, &head.step_id, workers, now);
             }
         }
-    }
-
-    /// Unfinished tasks per worker: what occupies its slots, as far as the broker knows.
-    pub(super) fn load(&self) -> HashMap<String, u32> {
-        let mut load: HashMap<String, u32> = HashMap::new();
-        for t in self.active.tasks().map(|t| &t.record) {
-            if t.state.is_final() {
-                continue;
-            }
-            if let Some(w) = &t.worker {
-                *load.entry(w.clone()).or_default() += 1;
-            }
-        }
-        load
     }
 
     /// The live worker serving `job` with a free slot and the lightest load; ties go by
     /// name. `avoid` is taken only if no other worker can.
-    pub(super) fn pick_queue_worker(
-        &self,
-        job: &str,
-        load: &HashMap<String, u32>,
-        avoid: Option<&str>,
-    ) -> Option<String> {
+    pub(super) fn pick_queue_worker(&self, job: &str, avoid: Option<&str>) -> Option<String> {
         let candidates: Vec<(u32, &str)> = self
             .registry
             .live_workers_for(job)
             .into_iter()
             .map(|w| {
+                self.placement_work(1);
                 (
-                    load.get(&w.name).copied().unwrap_or(0),
+                    self.active.load_of(&w.name),
                     w.slots.max(1),
                     w.name.as_str(),
                 )

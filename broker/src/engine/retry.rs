@@ -125,7 +125,6 @@ impl Engine {
             })
             .cloned()
             .collect();
-        let mut load = self.load();
         for task_id in due {
             let Some(task) = self.active.task(&task_id) else {
                 continue;
@@ -150,13 +149,12 @@ impl Engine {
                 }
                 None => {
                     let avoid = task.retry.as_ref().and_then(|r| r.avoid.as_deref());
-                    match self.pick_queue_worker(&task.record.job, &load, avoid) {
+                    match self.pick_queue_worker(&task.record.job, avoid) {
                         Some(w) => w,
                         None => continue, // nobody has a free slot: try again next tick
                     }
                 }
             };
-            *load.entry(worker.clone()).or_default() += 1;
             let step_id = match self.active.task_mut(&task_id) {
                 Some(mut t) => {
                     t.retry = None;
