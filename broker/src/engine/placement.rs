@@ -16,6 +16,8 @@ use crate::ids::{StepId, TaskId};
 use crate::model::Task;
 
 impl Engine {
+    /// Publishes again each task published `redeliver_after` ago that its worker has not
+    /// reported started (it may have missed it: a slow joiner, a reconnect, a restart).
     pub(super) fn redeliver(&mut self, fx: &mut Effects, now: i64) {
         let due: Vec<TaskId> = self
             .active
@@ -86,7 +88,6 @@ impl Engine {
             },
             _ => live,
         };
-        self.active.stop_waiting(step_id);
         self.assign(fx, step_id, workers, now);
     }
 
@@ -116,7 +117,6 @@ impl Engine {
                 }
             };
             if let Some(workers) = workers {
-                self.active.stop_waiting(&head.step_id);
                 self.assign(fx, &head.step_id, workers, now);
             }
         }
@@ -196,6 +196,8 @@ impl Engine {
             .then_some(task_id)
     }
 
+    /// Runs a step on `workers`, one new task each, and publishes the work. A step that
+    /// waited leaves the line.
     pub(super) fn assign(
         &mut self,
         fx: &mut Effects,
@@ -203,6 +205,7 @@ impl Engine {
         workers: Vec<String>,
         now: i64,
     ) {
+        self.active.stop_waiting(step_id);
         let fanout = self.fanout_of(step_id, workers.len());
         let mut task_ids = Vec::new();
         for worker in workers {
