@@ -66,8 +66,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let ctx = zmq::Context::new();
     let pub_socket = ctx.socket(zmq::PUB).context("creating PUB socket")?;
     let pull = ctx.socket(zmq::PULL).context("creating PULL socket")?;
-    socket::configure(&pub_socket).context("configuring PUB socket")?;
-    socket::configure(&pull).context("configuring PULL socket")?;
+    socket::configure(&pub_socket, &config.bind).context("configuring PUB socket")?;
+    socket::configure(&pull, &config.bind).context("configuring PULL socket")?;
     pub_socket
         .bind(&config.bind.pub_endpoint())
         .with_context(|| format!("binding PUB on {}", config.bind.pub_endpoint()))?;

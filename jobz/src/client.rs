@@ -116,8 +116,8 @@ impl Client {
         let ctx = zmq::Context::new();
         let push = ctx.socket(zmq::PUSH).context("creating PUSH socket")?;
         let sub = ctx.socket(zmq::SUB).context("creating SUB socket")?;
-        socket::configure(&push).context("configuring PUSH socket")?;
-        socket::configure(&sub).context("configuring SUB socket")?;
+        socket::configure(&push, &config.broker).context("configuring PUSH socket")?;
+        socket::configure(&sub, &config.broker).context("configuring SUB socket")?;
         sub.set_subscribe(&Topic::Node(config.node_id.clone()).to_bytes())
             .context("subscribing to own topic")?;
         sub.connect(&config.broker.pub_endpoint())

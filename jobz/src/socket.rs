@@ -23,8 +23,13 @@ pub struct BrokerAddr {
 }
 
 impl BrokerAddr {
+    /// True if the host is an IPv6 address (host names never contain a colon).
+    pub fn is_ipv6(&self) -> bool {
+        self.host.contains(':')
+    }
+
     fn endpoint(&self, offset: u16) -> String {
-        let host = if self.host.contains(':') {
+        let host = if self.is_ipv6() {
             format!("[{}]", self.host)
         } else {
             self.host.clone()
@@ -42,13 +47,14 @@ impl BrokerAddr {
         self.endpoint(1)
     }
 
-    /// True if the host is a loopback address or `localhost`.
+    /// True if the host is a loopback address (`127.0.0.0/8`, `::1`, or `127.x` written
+    /// as an IPv4-mapped IPv6 address) or `localhost`.
     pub fn is_loopback(&self) -> bool {
         self.host == "localhost"
             || self
                 .host
                 .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
+                .is_ok_and(|ip| ip.to_canonical().is_loopback())
     }
 }
 
@@ -61,7 +67,16 @@ impl FromStr for BrokerAddr {
             let (host, after) = rest
                 .split_once(']')
                 .ok_or_else(|| format!("{s:?}: missing ']'"))?;
-            (host, after.strip_prefix(':'))
+            if !host.contains(':') {
+                return Err(format!("{s:?}: only an IPv6 address goes in brackets"));
+            }
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(|| {
+                    format!("{s:?}: expected ':PORT' after the bracketed address")
+                })?),
+            };
+            (host, port)
         } else if s.matches(':').count() > 1 {
             (s, None) // bare IPv6 address
         } else {
@@ -90,7 +105,7 @@ impl FromStr for BrokerAddr {
 
 impl fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
+        if self.is_ipv6() {
             write!(f, "[{}]:{}", self.host, self.base_port)
         } else {
             write!(f, "{}:{}", self.host, self.base_port)
@@ -98,10 +113,18 @@ impl fmt::Display for BrokerAddr {
     }
 }
 
-/// Applies the options every jobz socket needs: bounded frames, explicit high-water marks,
-/// linger so that closing flushes, TCP keepalive so idle firewalls do not cut us silently,
-/// and capped, jittered reconnects so a restarted broker is not hit by every client at once.
-pub fn configure(socket: &zmq::Socket) -> zmq::Result<()> {
+/// Applies the options every jobz socket needs before it binds or connects to `addr`:
+/// bounded frames, explicit high-water marks, linger so that closing flushes, TCP
+/// keepalive so idle firewalls do not cut us silently, capped, jittered reconnects so a
+/// restarted broker is not hit by every client at once, and IPv6 for an IPv6 address.
+///
+/// IPv6 is on only for an IPv6 address: with it on, libzmq resolves a host name to its
+/// IPv6 address first (and a bind by interface name to the interface's IPv6 address), so
+/// a node given `--broker localhost` or a name with an AAAA record would stop reaching a
+/// broker bound, as by default, to an IPv4 address. IPv4 stays what it was; `[::1]`,
+/// `[fd00::2]` and `[::]` (which also accepts IPv4) work.
+pub fn configure(socket: &zmq::Socket, addr: &BrokerAddr) -> zmq::Result<()> {
+    socket.set_ipv6(addr.is_ipv6())?;
     // Frames up to 4x the limit still arrive, so the decoder can log and count them as
     // too large; beyond that libzmq drops the connection before allocating.
     socket.set_maxmsgsize(4 * MAX_FRAME_BYTES as i64)?;
@@ -147,9 +170,78 @@ mod tests {
         let a: BrokerAddr = "[::1]:7000".parse().unwrap();
         assert_eq!(a.pull_endpoint(), "tcp://[::1]:7001");
         assert!(a.is_loopback());
+        assert!(a.is_ipv6());
         assert!("".parse::<BrokerAddr>().is_err());
         assert!("h:0".parse::<BrokerAddr>().is_err());
         assert!("h:x".parse::<BrokerAddr>().is_err());
         assert!("h:65535".parse::<BrokerAddr>().is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_parse_bracketed_or_bare_and_garbage_after_brackets_is_refused() {
+        let a: BrokerAddr = "[::1]".parse().unwrap();
+        assert_eq!((a.host.as_str(), a.base_port), ("::1", DEFAULT_BASE_PORT));
+        assert_eq!(a.to_string(), "[::1]:6795");
+        let a: BrokerAddr = "fd00::2".parse().unwrap();
+        assert_eq!(a.pub_endpoint(), "tcp://[fd00::2]:6795");
+        assert!(!a.is_loopback());
+        let a: BrokerAddr = "[fe80::1%eth0]:7000".parse().unwrap();
+        assert_eq!(a.pull_endpoint(), "tcp://[fe80::1%eth0]:7001");
+        let round: BrokerAddr = a.to_string().parse().unwrap();
+        assert_eq!(round, a);
+        for bad in [
+            "[::1]x",
+            "[::1]7000",
+            "[::1]:",
+            "[::1",
+            "[]:7000",
+            "[host]:7000",
+            "[::1]:0",
+        ] {
+            assert!(bad.parse::<BrokerAddr>().is_err(), "{bad} parsed");
+        }
+        let v4: BrokerAddr = "10.0.0.1:7000".parse().unwrap();
+        assert!(!v4.is_ipv6());
+        let name: BrokerAddr = "broker.example:7000".parse().unwrap();
+        assert!(!name.is_ipv6());
+    }
+
+    #[test]
+    fn loopback_is_every_loopback_spelling_and_nothing_else() {
+        for host in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "localhost",
+            "::1",
+            "[::1]",
+            "0:0:0:0:0:0:0:1",
+            "[::ffff:127.0.0.1]",
+        ] {
+            let a: BrokerAddr = host.parse().unwrap();
+            assert!(a.is_loopback(), "{host} is loopback");
+        }
+        for host in [
+            "0.0.0.0",
+            "::",
+            "[::]",
+            "::ffff:10.0.0.1",
+            "10.0.0.1",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "fe80::1",
+        ] {
+            let a: BrokerAddr = host.parse().unwrap();
+            assert!(!a.is_loopback(), "{host} is not loopback");
+        }
+    }
+
+    #[test]
+    fn sockets_get_ipv6_for_an_ipv6_address_only() {
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(zmq::PUSH).unwrap();
+        configure(&socket, &"[::1]:7000".parse().unwrap()).unwrap();
+        assert!(socket.is_ipv6().unwrap());
+        configure(&socket, &"127.0.0.1:7000".parse().unwrap()).unwrap();
+        assert!(!socket.is_ipv6().unwrap());
     }
 }

@@ -14,7 +14,7 @@ use jobz::message::{Message, Role};
 use jobz::seal::NodeSeal;
 
 use crate::harness::*;
-use crate::mesh_security::{broker_counter, echo_trigger, ledger, ECHO_JOB};
+use crate::mesh_security::{broker_counter, echo_trigger, ledger};
 
 /// Runs `jobz-broker keys ARGS… --keys <dir>` whatever its exit status.
 fn keys_command(mesh: &Mesh, args: &[&str]) -> Output {

@@ -1136,3 +1136,12 @@ impl Mesh {
             .map(|w| w["live"].as_bool() == Some(true))
     }
 }
+
+/// A job file with one job, `echo`, whose step appends its `msg` to `<dir>/ledger`.
+pub const ECHO_JOB: &str = r#"
+jobs:
+  - name: echo
+    params:
+      msg: { required: true }
+    command: "printf '%s\n' {msg} >> @DIR@/ledger"
+"#;

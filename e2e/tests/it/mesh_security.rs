@@ -15,14 +15,6 @@ use jobz::socket::BrokerAddr;
 
 use crate::harness::*;
 
-pub(crate) const ECHO_JOB: &str = r#"
-jobs:
-  - name: echo
-    params:
-      msg: { required: true }
-    command: "printf '%s\n' {msg} >> @DIR@/ledger"
-"#;
-
 /// A broker counter from the frontend's `/metrics` (0 if absent).
 pub(crate) fn broker_counter(mesh: &Mesh, name: &str) -> u64 {
     let (status, text) = mesh.http_get("/metrics");
