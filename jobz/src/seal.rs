@@ -29,6 +29,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ed25519_dalek::{Signature, Signer};
@@ -101,13 +103,18 @@ pub enum OpenError {
     /// Authentication failed: the frame was changed, or the key is wrong.
     #[error("frame failed authentication (tampered or wrong key)")]
     Tampered,
-    /// A group frame under a mesh key this node does not hold (yet).
+    /// A group frame, signed by the broker, under a mesh key this node does not hold (yet).
     #[error("frame uses mesh key epoch {0}, which this node does not hold")]
     UnknownEpoch(u32),
     /// The sender sent more frames within the clock window than the replay memory holds
     /// for one key: dropped rather than forgetting nonces that still matter.
     #[error("the sender is over its share of the replay memory (a flood): frame dropped")]
     OverQuota,
+    /// A group frame signed by the broker that this node's key of its epoch does not open:
+    /// moved to another topic, or sealed under a key that reuses the epoch number (a broker
+    /// that lost its ring and started again within the second).
+    #[error("frame signed by the broker does not open under this node's mesh key epoch {0} (moved to another topic, or a key from before a broker restart)")]
+    MeshKeyMismatch(u32),
 }
 
 impl OpenError {
@@ -123,6 +130,7 @@ impl OpenError {
             OpenError::Tampered => "tampered",
             OpenError::UnknownEpoch(_) => "unknown_epoch",
             OpenError::OverQuota => "nonce_quota",
+            OpenError::MeshKeyMismatch(_) => "mesh_key_mismatch",
         }
     }
 }
@@ -386,6 +394,149 @@ impl MeshRing {
         let skip = self.epochs.len().saturating_sub(MAX_MESH_KEYS);
         self.epochs[skip..].iter().map(|(k, _)| k.clone()).collect()
     }
+
+    /// The ring as text, for the broker to keep across restarts. A secret: it reads (not
+    /// forges) the group frames sealed under these keys.
+    pub fn to_text(&self) -> Zeroizing<String> {
+        let mut text = Zeroizing::new(format!(
+            "# jobz broker mesh keys: SECRET, they read the mesh's work and events.\n\
+             # Rewritten by the broker at start and at each rotation; safe to delete.\n\
+             {RING_TEXT_HEADER} last_epoch={}\n",
+            self.last_epoch
+        ));
+        for (key, from) in &self.epochs {
+            let encoded = Zeroizing::new(STANDARD.encode(key.key.as_ref()));
+            text.push_str(&format!("key {} {from} {}\n", key.epoch, encoded.as_str()));
+        }
+        text
+    }
+
+    /// The ring a broker starting at `now_ms` continues from the text of
+    /// [`MeshRing::to_text`], so nodes still read its group frames without a new hello.
+    ///
+    /// Dropped on the way in: keys superseded longer ago than [`MESH_KEY_RETAIN_MS`], keys
+    /// said to start more than an announcement ahead (a clock set back, or an edited file),
+    /// and the key in use if it has been for longer than `max_in_use_ms` (the lifetime plus
+    /// an announcement, as long as a running broker would use it); with no key in use left,
+    /// the ring starts afresh (epoch numbers still never repeat). A kept ring announces a
+    /// new key at once, as after a revocation: a node revoked while the broker was down may
+    /// hold the kept keys, and it reads for [`MESH_KEY_ANNOUNCE_MS`] at most, as it would
+    /// after a revocation seen live.
+    pub fn restore(
+        text: &str,
+        now_ms: i64,
+        max_in_use_ms: i64,
+    ) -> Result<RestoredRing, RingTextError> {
+        let (last_epoch, mut epochs) = parse_ring_text(text)?;
+        epochs.retain(|(_, from)| *from <= now_ms.saturating_add(MESH_KEY_ANNOUNCE_MS));
+        let in_use_since = epochs
+            .iter()
+            .rev()
+            .map(|(_, from)| *from)
+            .find(|from| *from <= now_ms);
+        let mut ring = MeshRing { epochs, last_epoch };
+        if in_use_since.is_none_or(|from| now_ms.saturating_sub(from) > max_in_use_ms) {
+            ring.epochs.clear();
+            let key = ring.fresh_key(now_ms);
+            ring.epochs.push((key, now_ms));
+            return Ok(RestoredRing {
+                ring,
+                kept: None,
+                announced: None,
+            });
+        }
+        ring.distributable(now_ms); // prunes the expired superseded keys
+        let kept = ring.current(now_ms).epoch;
+        let announced = ring.rotate(now_ms);
+        Ok(RestoredRing {
+            ring,
+            kept: Some(kept),
+            announced: Some(announced),
+        })
+    }
+}
+
+/// First words of the significant part of [`MeshRing::to_text`].
+const RING_TEXT_HEADER: &str = "jobz-mesh-ring v1";
+/// Most keys a saved ring may hold; a running ring holds a handful.
+const MAX_SAVED_KEYS: usize = 16;
+
+/// Why a saved mesh-key ring could not be read.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("line {line}: {reason}")]
+pub struct RingTextError {
+    /// Line number, from 1 (0: the text as a whole).
+    pub line: usize,
+    /// What is wrong.
+    pub reason: &'static str,
+}
+
+/// What [`MeshRing::restore`] made of a saved ring.
+#[derive(Debug)]
+pub struct RestoredRing {
+    /// The ring to run with.
+    pub ring: MeshRing,
+    /// The saved key still in use, if any was fit to keep (else the ring is fresh).
+    pub kept: Option<u32>,
+    /// The key announced at once over a kept ring.
+    pub announced: Option<u32>,
+}
+
+type SavedKeys = (u32, Vec<(MeshKey, i64)>);
+
+fn parse_ring_text(text: &str) -> Result<SavedKeys, RingTextError> {
+    let fail = |line: usize, reason: &'static str| RingTextError { line, reason };
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .map(|(n, l)| (n + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'));
+    let (n, header) = lines.next().ok_or(fail(0, "no ring in the text"))?;
+    let last_epoch = header
+        .strip_prefix(RING_TEXT_HEADER)
+        .and_then(|rest| rest.trim().strip_prefix("last_epoch="))
+        .and_then(|v| v.parse::<u32>().ok())
+        .ok_or(fail(n, "expected `jobz-mesh-ring v1 last_epoch=N`"))?;
+    let mut epochs: Vec<(MeshKey, i64)> = Vec::new();
+    for (n, line) in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [kind, epoch, from, encoded] = words.as_slice() else {
+            return Err(fail(n, "expected `key EPOCH FROM_MS BASE64`"));
+        };
+        if *kind != "key" {
+            return Err(fail(n, "expected `key EPOCH FROM_MS BASE64`"));
+        }
+        let epoch: u32 = epoch.parse().map_err(|_| fail(n, "bad epoch"))?;
+        let from: i64 = from.parse().map_err(|_| fail(n, "bad start time"))?;
+        let bytes = Zeroizing::new(
+            STANDARD
+                .decode(encoded)
+                .map_err(|_| fail(n, "key is not base64"))?,
+        );
+        let key: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| fail(n, "key is not 32 bytes"))?;
+        if epoch > last_epoch {
+            return Err(fail(n, "epoch above last_epoch"));
+        }
+        if let Some((previous, previous_from)) = epochs.last() {
+            if epoch <= previous.epoch || from < *previous_from {
+                return Err(fail(n, "keys out of order"));
+            }
+        }
+        if epochs.len() == MAX_SAVED_KEYS {
+            return Err(fail(n, "too many keys"));
+        }
+        epochs.push((
+            MeshKey {
+                epoch,
+                key: Zeroizing::new(key),
+            },
+            from,
+        ));
+    }
+    Ok((last_epoch, epochs))
 }
 
 // ---- Replays ------------------------------------------------------------------------------
@@ -581,6 +732,11 @@ impl NodeSeal {
         !self.mesh.is_empty()
     }
 
+    /// Whether this node holds the mesh key of `epoch`.
+    pub fn holds_mesh_key(&self, epoch: u32) -> bool {
+        self.mesh.contains_key(&epoch)
+    }
+
     /// Seals a plain frame for the broker (pair mode).
     pub fn seal(&mut self, inner: &[u8], now_ms: i64) -> Result<Vec<u8>, SealError> {
         let Some(broker) = self.brokers.get(self.current_broker).copied() else {
@@ -642,7 +798,11 @@ impl NodeSeal {
                     .mesh
                     .get(&epoch)
                     .ok_or(OpenError::UnknownEpoch(epoch))?;
-                open_with(key, &parsed, topic)?
+                // The broker signed this frame, so either it was moved to another topic (the
+                // signature does not cover the topic; the AEAD does) or this node's key of that
+                // epoch is not the broker's: a broker that lost its ring and started again
+                // within the second reuses the number with another key.
+                open_with(key, &parsed, topic).map_err(|_| OpenError::MeshKeyMismatch(epoch))?
             }
         };
         // Checked after authentication, so a changed frame counts as tampered, not replayed.

@@ -103,9 +103,10 @@ fn a_frame_moved_to_another_topic_is_refused() {
         .sealer
         .seal_group(m.ring.current(NOW), b"j a\0", b"work", NOW)
         .unwrap();
+    // The signature does not cover the topic; the AEAD does, so the node's key fails.
     assert_eq!(
         m.node.open(b"j b\0", &group, NOW).unwrap_err(),
-        OpenError::Tampered
+        OpenError::MeshKeyMismatch(m.ring.current(NOW).epoch)
     );
 }
 
@@ -327,4 +328,151 @@ fn an_opened_frame_tells_when_it_was_sealed() {
         m.opener.open(&frame, NOW, |_| true).unwrap().sent_at_ms,
         NOW - 5_000
     );
+}
+
+// ---- A ring kept across broker restarts ---------------------------------------------------
+
+const HOUR_MS: i64 = 3_600_000;
+const MAX_IN_USE: i64 = HOUR_MS + MESH_KEY_ANNOUNCE_MS;
+
+fn epochs(ring: &mut MeshRing, now: i64) -> Vec<u32> {
+    ring.distributable(now).iter().map(|k| k.epoch).collect()
+}
+
+#[test]
+fn a_restarted_broker_keeps_its_mesh_key_so_nodes_read_on_without_a_hello() {
+    let mut m = mesh();
+    welcome(&mut m, NOW);
+    let in_use = m.ring.current(NOW).epoch;
+    let text = m.ring.to_text();
+    let later = NOW + 5_000;
+    let restored = MeshRing::restore(&text, later, MAX_IN_USE).unwrap();
+    assert_eq!(restored.kept, Some(in_use));
+    let mut ring = restored.ring;
+    assert_eq!(ring.current(later).epoch, in_use);
+    let group = m
+        .sealer
+        .seal_group(ring.current(later), b"j a\0", b"work", later)
+        .unwrap();
+    assert_eq!(m.node.open(b"j a\0", &group, later).unwrap(), b"work");
+    // A new key is announced at once and used after the announcement, like any rotation.
+    let announced = restored.announced.unwrap();
+    assert!(announced > in_use);
+    assert_eq!(epochs(&mut ring, later), vec![in_use, announced]);
+    assert_eq!(ring.current(later + MESH_KEY_ANNOUNCE_MS).epoch, announced);
+}
+
+#[test]
+fn a_restored_ring_withdraws_the_key_announced_before_the_restart() {
+    // After a revocation seen while down, the revoked node may hold the announced key.
+    let mut ring = MeshRing::new(NOW);
+    let old = ring.current(NOW).epoch;
+    let announced_before = ring.rotate(NOW);
+    let restored = MeshRing::restore(&ring.to_text(), NOW + 1_000, MAX_IN_USE).unwrap();
+    let mut ring = restored.ring;
+    let now_held = epochs(&mut ring, NOW + 1_000);
+    assert!(!now_held.contains(&announced_before), "{now_held:?}");
+    assert_eq!(now_held, vec![old, restored.announced.unwrap()]);
+}
+
+#[test]
+fn a_ring_kept_too_long_or_dated_ahead_starts_afresh_with_higher_epochs() {
+    let mut ring = MeshRing::new(NOW);
+    ring.rotate(NOW);
+    let text = ring.to_text();
+    let last = ring.last_epoch;
+    // The key in use has served its lifetime (and an announcement) by now.
+    let late = NOW + MAX_IN_USE + MESH_KEY_ANNOUNCE_MS + 1;
+    let restored = MeshRing::restore(&text, late, MAX_IN_USE).unwrap();
+    assert_eq!(restored.kept, None);
+    let mut fresh = restored.ring;
+    assert!(epochs(&mut fresh, late).iter().all(|e| *e > last));
+    // A clock set back an hour: every saved key claims to start in the future.
+    let early = NOW - HOUR_MS;
+    let restored = MeshRing::restore(&text, early, MAX_IN_USE).unwrap();
+    assert_eq!(restored.kept, None);
+    let mut fresh = restored.ring;
+    assert!(epochs(&mut fresh, early).iter().all(|e| *e > last));
+}
+
+#[test]
+fn a_superseded_key_past_its_retention_is_not_restored() {
+    let mut ring = MeshRing::new(NOW);
+    let old = ring.current(NOW).epoch;
+    let next = ring.rotate(NOW);
+    let superseded_at = NOW + MESH_KEY_ANNOUNCE_MS;
+    let text = ring.to_text();
+    let within = superseded_at + MESH_KEY_RETAIN_MS - 1_000;
+    let mut kept = MeshRing::restore(&text, within, MAX_IN_USE).unwrap().ring;
+    assert!(epochs(&mut kept, within).contains(&old));
+    let past = superseded_at + MESH_KEY_RETAIN_MS + 1_000;
+    let restored = MeshRing::restore(&text, past, MAX_IN_USE).unwrap();
+    assert_eq!(restored.kept, Some(next));
+    let mut kept = restored.ring;
+    assert!(!epochs(&mut kept, past).contains(&old));
+}
+
+#[test]
+fn damaged_ring_texts_are_errors_not_panics() {
+    let mut ring = MeshRing::new(NOW);
+    ring.rotate(NOW);
+    let text = ring.to_text();
+    for cut in 0..text.len() {
+        let _ = MeshRing::restore(&text[..cut], NOW, MAX_IN_USE);
+    }
+    let key = STANDARD.encode([7u8; 32]);
+    let short = STANDARD.encode([7u8; 31]);
+    let bad = [
+        String::new(),
+        "# only a comment\n".to_owned(),
+        "jobz-mesh-ring v2 last_epoch=5\n".to_owned(),
+        "jobz-mesh-ring v1 last_epoch=x\n".to_owned(),
+        format!("jobz-mesh-ring v1 last_epoch=5\nkey 6 {NOW} {key}\n"),
+        format!("jobz-mesh-ring v1 last_epoch=5\nkey 3 {NOW} {key}\nkey 2 {NOW} {key}\n"),
+        format!(
+            "jobz-mesh-ring v1 last_epoch=5\nkey 2 {NOW} {key}\nkey 3 {} {key}\n",
+            NOW - 1
+        ),
+        format!("jobz-mesh-ring v1 last_epoch=5\nkey 3 {NOW} {short}\n"),
+        format!("jobz-mesh-ring v1 last_epoch=5\nkey 3 {NOW} not-base64!\n"),
+        format!("jobz-mesh-ring v1 last_epoch=5\nkey 3 {NOW}\n"),
+        format!("jobz-mesh-ring v1 last_epoch=5\nmesh 3 {NOW} {key}\n"),
+        format!(
+            "jobz-mesh-ring v1 last_epoch=99\n{}",
+            (1..=17)
+                .map(|e| format!("key {e} {NOW} {key}\n"))
+                .collect::<String>()
+        ),
+    ];
+    for text in bad {
+        assert!(
+            MeshRing::restore(&text, NOW, MAX_IN_USE).is_err(),
+            "accepted {text:?}"
+        );
+    }
+    // A ring with no key left is fine: it starts afresh.
+    let empty = MeshRing::restore("jobz-mesh-ring v1 last_epoch=5\n", NOW, MAX_IN_USE).unwrap();
+    assert_eq!(empty.kept, None);
+}
+
+#[test]
+fn a_key_reusing_an_epoch_number_is_told_apart_from_a_missing_one() {
+    // A broker that lost its ring and started again within the same second.
+    let mut m = mesh();
+    welcome(&mut m, NOW);
+    let restarted = MeshRing::new(NOW);
+    let epoch = restarted.current(NOW).epoch;
+    assert_eq!(epoch, m.ring.current(NOW).epoch, "same second, same number");
+    let work = m
+        .sealer
+        .seal_group(restarted.current(NOW), b"j a\0", b"work", NOW)
+        .unwrap();
+    assert_eq!(
+        m.node.open(b"j a\0", &work, NOW).unwrap_err(),
+        OpenError::MeshKeyMismatch(epoch)
+    );
+    // The restarted broker's next pair frame brings its key; the same frame then opens.
+    m.ring = restarted;
+    welcome(&mut m, NOW);
+    assert_eq!(m.node.open(b"j a\0", &work, NOW).unwrap(), b"work");
 }
