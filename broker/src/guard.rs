@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::keys::pending::PendingBook;
 use crate::keys::KeyDir;
+use crate::ring_file::RingFile;
 
 /// How the broker protects its sockets.
 #[derive(Debug, Clone)]
@@ -82,6 +83,7 @@ pub struct SealedInbound {
     log_conflict: LogThrottle,
     log_evicted: LogThrottle,
     log_write: LogThrottle,
+    ring_file: RingFile,
 }
 
 /// The publishing side.
@@ -137,9 +139,13 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
     if config.auto_accept {
         warn!("--auto-accept is on: ANY node that connects is enrolled; use it only on a trusted lab network");
     }
+    // The ring of the last run, if fit to keep, so nodes read on without a new hello.
+    let ring_file = RingFile::in_dir(config.keys.root());
+    let ring = ring_file.load(now_ms, max_key_in_use_ms(config));
+    save_ring(&ring_file, &ring.to_text());
     let shared = Shared {
         reply_keys: Arc::new(Mutex::new(ReplyKeys::default())),
-        ring: Arc::new(Mutex::new(MeshRing::new(now_ms))),
+        ring: Arc::new(Mutex::new(ring)),
     };
     let mut inbound = SealedInbound {
         config: config.clone(),
@@ -157,6 +163,7 @@ pub fn build(security: &Security, now_ms: i64) -> anyhow::Result<(Inbound, Outbo
         log_conflict: LogThrottle::default(),
         log_evicted: LogThrottle::default(),
         log_write: LogThrottle::default(),
+        ring_file,
     };
     inbound.reload_keys(now_ms);
     if !inbound.pending.is_empty() {
@@ -374,6 +381,7 @@ impl SealedInbound {
             self.cutoffs.prune(now_ms);
         }
         self.write_pending(now_ms);
+        let mut rotated = None;
         if let Ok(mut ring) = self.shared.ring.lock() {
             let lifetime = self.config.mesh_key_lifetime.as_millis() as i64;
             let after_revocation = !revoked.is_empty();
@@ -385,7 +393,12 @@ impl SealedInbound {
                     "mesh key rotation: announced, in use in {} s",
                     seal::MESH_KEY_ANNOUNCE_MS / 1000
                 );
+                rotated = Some(ring.to_text());
             }
+        }
+        // Written outside the lock: the publisher seals with the ring meanwhile.
+        if let Some(text) = rotated {
+            save_ring(&self.ring_file, &text);
         }
         revoked
     }
@@ -608,6 +621,19 @@ impl LogThrottle {
         }
         self.next_ms = now_ms + 1000;
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// How long a running broker uses one mesh key at most: its lifetime, then the
+/// announcement of the next.
+fn max_key_in_use_ms(config: &SealedConfig) -> i64 {
+    (config.mesh_key_lifetime.as_millis() as i64).saturating_add(seal::MESH_KEY_ANNOUNCE_MS)
+}
+
+/// Keeps the ring for the next run; a failure only costs each node a hello after a restart.
+fn save_ring(file: &RingFile, ring_text: &str) {
+    if let Err(e) = file.save(ring_text) {
+        error!(error = %format!("{e:#}"), "cannot keep the mesh keys for a restart");
     }
 }
 

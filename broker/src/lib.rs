@@ -12,6 +12,7 @@
 //! - [`authority`]: which role may send which message, names bound to their sender.
 //! - [`semaphore_reports`]: the semaphores' barrier reports, bounded per principal.
 //! - [`keys`]: the key directory (`jobz-broker keys …`).
+//! - [`ring_file`]: the mesh keys kept across restarts (`DIR/mesh-keys`).
 //! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
 
 pub mod authority;
@@ -22,6 +23,7 @@ pub mod journal;
 pub mod keys;
 pub mod model;
 pub mod registry;
+pub mod ring_file;
 pub mod semaphore_reports;
 pub mod server;
 pub mod store;
