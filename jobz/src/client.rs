@@ -27,6 +27,9 @@ use crate::seal::{NodeSeal, OpenError};
 use crate::socket::{self, BrokerAddr};
 use crate::topic::Topic;
 
+mod held;
+use held::{HeldFrames, NotHeld};
+
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -91,6 +94,8 @@ pub struct ClientStats {
     pub resends: AtomicU64,
     /// Sealed frames refused: not authentic, replayed, stale or unreadable.
     pub rejected_frames: AtomicU64,
+    /// Authentic group frames held until the mesh key they are sealed under arrived.
+    pub held_frames: AtomicU64,
 }
 
 /// A handle on the link thread; cheap to clone.
@@ -141,6 +146,9 @@ impl Client {
         let mut link = Link {
             seal,
             unanswered_hellos: 0,
+            held: HeldFrames::default(),
+            last_key_hello: None,
+            logged_missing_epoch: None,
             last_hint: None,
             last_drop_log: None,
             suppressed_drops: 0,
@@ -297,6 +305,12 @@ struct Link {
     seal: Option<NodeSeal>,
     /// Hellos sent since the last welcome.
     unanswered_hellos: u32,
+    /// Group frames waiting for the mesh key they are sealed under.
+    held: HeldFrames,
+    /// When the link last greeted the broker for a mesh key it lacked.
+    last_key_hello: Option<Instant>,
+    /// The last missing epoch logged, so a burst of frames logs once.
+    logged_missing_epoch: Option<u32>,
     /// When the link last logged why the broker stays silent.
     last_hint: Option<Instant>,
     /// When the link last logged a dropped frame, and how many it did not log since.
@@ -325,12 +339,33 @@ const HINT_EVERY: Duration = Duration::from_secs(30);
 /// How often the link thread wakes without a message or command, to resend and greet.
 const TICK: Duration = Duration::from_millis(50);
 
+/// Least time between two hellos for a missing mesh key, so a flood of frames under an
+/// unknown epoch cannot make the link flood the broker.
+const KEY_HELLO_GAP: Duration = Duration::from_millis(250);
+
+/// Whether a frame comes off the socket or out of the held frames: a released frame the
+/// keys that came for it do not open is dropped, never held again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Fresh,
+    Released,
+}
+
+/// Why a frame from the broker was not taken.
+enum Refusal {
+    /// Held until its mesh key arrives.
+    Held,
+    /// Dropped, for this reason.
+    Dropped(String),
+}
+
 impl Link {
     fn run(&mut self) {
         loop {
             let now = Instant::now();
             self.say_hello_if_due(now);
             self.resend_or_expire(now);
+            self.expire_held(now);
             loop {
                 match self.commands.try_recv() {
                     Ok(Command::Shutdown) => return,
@@ -519,79 +554,160 @@ impl Link {
 
     fn drain_sub(&mut self) {
         loop {
-            let frames = match self.sub.recv_multipart(zmq::DONTWAIT) {
-                Ok(frames) => frames,
+            match self.sub.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => self.receive(&frames, Arrival::Fresh),
                 Err(zmq::Error::EAGAIN) => return,
                 Err(e) => {
                     warn!(error = %e, "receiving from the broker failed");
                     return;
                 }
-            };
-            let decoded = match frames.as_slice() {
-                [topic, payload] => Topic::parse(topic)
-                    .ok_or_else(|| "unknown topic".to_owned())
-                    .and_then(|t| {
-                        let plain = self.unseal(topic, payload)?;
-                        envelope::decode(&plain)
-                            .map(|e| (t, e))
-                            .map_err(|e| e.to_string())
-                    }),
-                _ => Err(format!("{} frames, expected 2", frames.len())),
-            };
-            match decoded {
-                Ok((Topic::Node(node), env)) if node == self.config.node_id => self.on_own(env),
-                Ok((Topic::Node(_), _)) => {
-                    // A prefix match on another node's topic cannot happen (topics are
-                    // NUL-terminated), but if it did, it is not ours.
-                    self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok((topic, env)) => {
-                    let _ = self.publications.send((topic, env));
-                }
-                Err(reason) => {
-                    self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
-                    // At most one line a second: a mismatched mesh would flood the log.
-                    let now = Instant::now();
-                    if self
-                        .last_drop_log
-                        .is_none_or(|t| now - t >= Duration::from_secs(1))
-                    {
-                        warn!(%reason, suppressed = self.suppressed_drops, "dropping a frame from the broker");
-                        self.last_drop_log = Some(now);
-                        self.suppressed_drops = 0;
-                    } else {
-                        self.suppressed_drops += 1;
-                    }
-                }
             }
         }
     }
 
+    /// Takes one message from the broker's PUB socket: a reply for this node, a
+    /// publication for the caller, a frame to hold for its mesh key, or a drop.
+    fn receive(&mut self, frames: &[Vec<u8>], arrival: Arrival) {
+        let decoded = match frames {
+            [topic, payload] => Topic::parse(topic)
+                .ok_or_else(|| Refusal::Dropped("unknown topic".to_owned()))
+                .and_then(|t| {
+                    let plain = self.unseal(topic, payload, arrival)?;
+                    envelope::decode(&plain)
+                        .map(|e| (t, e))
+                        .map_err(|e| Refusal::Dropped(e.to_string()))
+                }),
+            _ => Err(Refusal::Dropped(format!(
+                "{} frames, expected 2",
+                frames.len()
+            ))),
+        };
+        match decoded {
+            Ok((Topic::Node(node), env)) if node == self.config.node_id => {
+                self.on_own(env);
+                // A pair frame may have brought the mesh key held frames wait for.
+                self.release_held();
+            }
+            Ok((Topic::Node(_), _)) => {
+                // A prefix match on another node's topic cannot happen (topics are
+                // NUL-terminated), but if it did, it is not ours.
+                self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((topic, env)) => {
+                let _ = self.publications.send((topic, env));
+            }
+            Err(Refusal::Held) => {}
+            Err(Refusal::Dropped(reason)) => self.note_drop(&reason),
+        }
+    }
+
+    /// Counts a dropped frame and logs it, at most one line a second: a mismatched mesh
+    /// would flood the log.
+    fn note_drop(&mut self, reason: &str) {
+        self.stats.dropped_frames.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if self
+            .last_drop_log
+            .is_none_or(|t| now - t >= Duration::from_secs(1))
+        {
+            warn!(%reason, suppressed = self.suppressed_drops, "dropping a frame from the broker");
+            self.last_drop_log = Some(now);
+            self.suppressed_drops = 0;
+        } else {
+            self.suppressed_drops += 1;
+        }
+    }
+
     /// The plain frame of a publication: opened when the mesh is secured; a sealed frame
-    /// without a key, or an unsealed one with a key, is refused.
-    fn unseal(&mut self, topic: &[u8], payload: &[u8]) -> Result<Vec<u8>, String> {
+    /// without a key, or an unsealed one with a key, is refused. A group frame the broker
+    /// signed but this node's mesh keys do not open is held (once), and the broker greeted
+    /// for its keys.
+    fn unseal(
+        &mut self,
+        topic: &[u8],
+        payload: &[u8],
+        arrival: Arrival,
+    ) -> Result<Vec<u8>, Refusal> {
         let Some(seal) = self.seal.as_mut() else {
             if crate::seal::is_sealed(payload) {
-                return Err(
+                return Err(Refusal::Dropped(
                     "sealed frame, but this node has no key (give it --key and --broker-key)"
                         .into(),
-                );
+                ));
             }
             return Ok(payload.to_vec());
         };
         match seal.open(topic, payload, crate::now_ms()) {
             Ok(plain) => Ok(plain),
+            Err(OpenError::UnknownEpoch(epoch) | OpenError::MeshKeyMismatch(epoch))
+                if arrival == Arrival::Fresh =>
+            {
+                let now = Instant::now();
+                self.greet_for_mesh_key(now);
+                match self.held.hold(epoch, topic, payload, now) {
+                    Ok(()) => {
+                        self.stats.held_frames.fetch_add(1, Ordering::Relaxed);
+                        if self.logged_missing_epoch != Some(epoch) {
+                            self.logged_missing_epoch = Some(epoch);
+                            info!(epoch, "a frame uses mesh key epoch {epoch}, which this node does not hold (yet): held, and the broker asked for its keys");
+                        }
+                        Err(Refusal::Held)
+                    }
+                    Err(NotHeld::Duplicate) => {
+                        self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                        Err(Refusal::Dropped(OpenError::Replay.to_string()))
+                    }
+                    Err(NotHeld::Full) => {
+                        self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+                        Err(Refusal::Dropped(format!(
+                            "{} (no room left to hold it until the key arrives)",
+                            OpenError::UnknownEpoch(epoch)
+                        )))
+                    }
+                }
+            }
             Err(e) => {
                 self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
-                if let OpenError::UnknownEpoch(_) = e {
-                    // A mesh key announced while this node was away: greet now for it,
-                    // at a jittered moment so a mesh-wide miss is not a greeting storm.
-                    let soon =
-                        Instant::now() + socket::with_jitter(Duration::from_millis(200), 1.0);
-                    self.next_hello = self.next_hello.min(soon);
-                }
-                Err(e.to_string())
+                Err(Refusal::Dropped(e.to_string()))
             }
+        }
+    }
+
+    /// Greets the broker at once for a mesh key this node lacks (its welcome carries the
+    /// keys), at most once per [`KEY_HELLO_GAP`].
+    fn greet_for_mesh_key(&mut self, now: Instant) {
+        if self
+            .last_key_hello
+            .is_some_and(|t| now.saturating_duration_since(t) < KEY_HELLO_GAP)
+        {
+            return;
+        }
+        self.last_key_hello = Some(now);
+        self.next_hello = now;
+        self.say_hello_if_due(now);
+    }
+
+    /// Hands on the held frames whose mesh key this node now holds.
+    fn release_held(&mut self) {
+        let Some(seal) = self.seal.as_ref() else {
+            return;
+        };
+        if self.held.is_empty() {
+            return;
+        }
+        for (topic, frame) in self.held.release(|epoch| seal.holds_mesh_key(epoch)) {
+            self.receive(&[topic, frame], Arrival::Released);
+        }
+    }
+
+    /// Drops, counted and logged, the held frames whose key did not come in time.
+    fn expire_held(&mut self, now: Instant) {
+        let expired = self.held.expire(now);
+        for _ in 0..expired {
+            self.stats.rejected_frames.fetch_add(1, Ordering::Relaxed);
+            self.note_drop(
+                "no mesh key came for a held frame in time (the broker publishes work again)",
+            );
         }
     }
 
