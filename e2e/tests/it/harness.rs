@@ -1145,3 +1145,17 @@ jobs:
       msg: { required: true }
     command: "printf '%s\n' {msg} >> @DIR@/ledger"
 "#;
+
+// ---- Flags changed between starts (restart tests) ------------------------------------------
+
+impl Mesh {
+    /// Gives process `name` `flag VALUE` from its next start on: the flag's value is
+    /// replaced if it has one, else the flag is appended. The running process is untouched.
+    pub fn set_flag(&mut self, name: &str, flag: &str, value: &str) {
+        let args = &mut self.proc(name).args;
+        match args.iter().position(|a| a == flag) {
+            Some(at) if at + 1 < args.len() => args[at + 1] = value.into(),
+            _ => args.extend([flag.into(), value.into()]),
+        }
+    }
+}

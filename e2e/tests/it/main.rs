@@ -17,4 +17,5 @@ mod jobfiles;
 mod mesh_security;
 mod pipeline;
 mod principals;
+mod restart;
 mod semaphores;
