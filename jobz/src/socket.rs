@@ -135,7 +135,9 @@ pub fn configure(socket: &zmq::Socket, addr: &BrokerAddr) -> zmq::Result<()> {
     socket.set_tcp_keepalive_idle(60)?;
     socket.set_tcp_keepalive_intvl(10)?;
     socket.set_reconnect_ivl(100 + jitter_ms(200) as i32)?;
-    socket.set_reconnect_ivl_max(5000)?;
+    // libzmq doubles the interval after each failed attempt: capped at a second, a node
+    // is back within about a second of the broker's return, however long it was away.
+    socket.set_reconnect_ivl_max(1000)?;
     Ok(())
 }
 
