@@ -14,7 +14,7 @@ use jobz::message::{Message, Role};
 use jobz::seal::NodeSeal;
 
 use crate::harness::*;
-use crate::mesh_security::{broker_counter, echo_trigger, ledger};
+use crate::mesh_security::{echo_trigger, ledger};
 
 /// Runs `jobz-broker keys ARGS… --keys <dir>` whatever its exit status.
 fn keys_command(mesh: &Mesh, args: &[&str]) -> Output {
@@ -155,11 +155,11 @@ fn a_squatted_name_is_ambiguous_until_the_operator_picks_the_fingerprint() {
             .any(|l| l.contains(&attacker_print) && l.contains("already has an accepted key")),
         "{pending:?}"
     );
-    let refused_before = broker_counter(&mesh, "frames_dropped_unknown_key");
+    let refused_before = mesh.broker_counter("frames_dropped_unknown_key");
     wait_until(
         Duration::from_secs(5),
         "the squatter is still refused",
-        || broker_counter(&mesh, "frames_dropped_unknown_key") > refused_before,
+        || mesh.broker_counter("frames_dropped_unknown_key") > refused_before,
     );
     assert!(!attacker.is_connected(), "the squatter was welcomed");
 
@@ -177,7 +177,7 @@ fn a_thousand_junk_hellos_do_not_lock_out_a_real_new_host() {
     let mesh = Mesh::builder().sealed().start();
     let ctx = zmq::Context::new();
     let push = pull_socket(&mesh, &ctx);
-    let refused_before = broker_counter(&mesh, "frames_dropped_unknown_key");
+    let refused_before = mesh.broker_counter("frames_dropped_unknown_key");
     // One key under 200 names, then 800 keys of their own.
     let mut greedy = new_node_seal(&mesh);
     let greedy_print = greedy.public().fingerprint();
@@ -194,7 +194,7 @@ fn a_thousand_junk_hellos_do_not_lock_out_a_real_new_host() {
     wait_until(
         Duration::from_secs(20),
         "the junk hellos are refused",
-        || broker_counter(&mesh, "frames_dropped_unknown_key") >= refused_before + 1000,
+        || mesh.broker_counter("frames_dropped_unknown_key") >= refused_before + 1000,
     );
 
     let (host, _) = unenrolled_node(&mesh, "worker:late", Role::Worker);
@@ -233,10 +233,10 @@ fn a_trigger_sent_while_pending_and_replayed_after_acceptance_is_refused() {
 
     // Sent while the key is unknown: dropped, and the key is filed as pending.
     let trigger = sealed(&mut node, "frontend:late/1", echo_trigger("pending"));
-    let refused_before = broker_counter(&mesh, "frames_dropped_unknown_key");
+    let refused_before = mesh.broker_counter("frames_dropped_unknown_key");
     push.send(&trigger, 0).unwrap();
     wait_until(Duration::from_secs(10), "the trigger is refused", || {
-        broker_counter(&mesh, "frames_dropped_unknown_key") > refused_before
+        mesh.broker_counter("frames_dropped_unknown_key") > refused_before
     });
     wait_until(Duration::from_secs(10), "the key is pending", || {
         listed(&mesh, "pending")
@@ -255,10 +255,10 @@ fn a_trigger_sent_while_pending_and_replayed_after_acceptance_is_refused() {
         "the accepted key was not welcomed"
     );
     // …then the captured trigger is played again.
-    let dropped_before = broker_counter(&mesh, "frames_dropped");
+    let dropped_before = mesh.broker_counter("frames_dropped");
     push.send(&trigger, 0).unwrap();
     wait_until(Duration::from_secs(10), "the replay is handled", || {
-        broker_counter(&mesh, "frames_dropped") > dropped_before || {
+        mesh.broker_counter("frames_dropped") > dropped_before || {
             let (_, runs) = mesh.get_json("/runs");
             !list_of(&runs, "runs").is_empty()
         }
@@ -268,7 +268,7 @@ fn a_trigger_sent_while_pending_and_replayed_after_acceptance_is_refused() {
         list_of(&runs, "runs").is_empty(),
         "a trigger sealed while its key was pending ran after `keys accept`: {runs:#}"
     );
-    assert!(broker_counter(&mesh, "frames_dropped_before_acceptance") > 0);
+    assert!(mesh.broker_counter("frames_dropped_before_acceptance") > 0);
     assert_eq!(ledger(&mesh), "");
     client.shutdown();
 }

@@ -15,17 +15,6 @@ use jobz::socket::BrokerAddr;
 
 use crate::harness::*;
 
-/// A broker counter from the frontend's `/metrics` (0 if absent).
-pub(crate) fn broker_counter(mesh: &Mesh, name: &str) -> u64 {
-    let (status, text) = mesh.http_get("/metrics");
-    assert_eq!(status, 200, "{text}");
-    let metric = format!("jobz_broker_{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&metric))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 pub(crate) fn ledger(mesh: &Mesh) -> String {
     std::fs::read_to_string(mesh.dir().join("ledger")).unwrap_or_default()
 }
@@ -182,7 +171,7 @@ fn an_unenrolled_worker_gets_no_jobs_until_accepted_and_stops_when_revoked() {
         pending.exists()
     });
     wait_until(Duration::from_secs(5), "refusals are counted", || {
-        broker_counter(&mesh, "frames_dropped_unknown_key") > 0
+        mesh.broker_counter("frames_dropped_unknown_key") > 0
     });
     assert!(
         !worker_live(&mesh, "newbie"),
@@ -213,9 +202,9 @@ fn an_unenrolled_worker_gets_no_jobs_until_accepted_and_stops_when_revoked() {
     wait_until(Duration::from_secs(2), "the revoked worker is lost", || {
         !worker_live(&mesh, "newbie")
     });
-    let revoked_at = broker_counter(&mesh, "frames_dropped_unknown_key");
+    let revoked_at = mesh.broker_counter("frames_dropped_unknown_key");
     wait_until(Duration::from_secs(5), "its frames are refused", || {
-        broker_counter(&mesh, "frames_dropped_unknown_key") > revoked_at
+        mesh.broker_counter("frames_dropped_unknown_key") > revoked_at
     });
     // A new run waits for a live worker: none is assigned, nothing runs.
     let run_id = mesh.start_run("echo", &[("msg", "after")]);
@@ -246,7 +235,7 @@ fn an_unenrolled_node_can_trigger_nothing() {
         answer.is_err(),
         "an unenrolled node got an answer: {answer:?}"
     );
-    assert!(broker_counter(&mesh, "frames_dropped_unknown_key") > 0);
+    assert!(mesh.broker_counter("frames_dropped_unknown_key") > 0);
     let (_, runs) = mesh.get_json("/runs");
     assert!(list_of(&runs, "runs").is_empty(), "a run started: {runs:#}");
     assert_eq!(ledger(&mesh), "");
@@ -260,7 +249,7 @@ fn an_unenrolled_node_can_trigger_nothing() {
     let env = jobz::envelope::Envelope::new("frontend:plain/1", echo_trigger("plain"));
     push.send(jobz::envelope::encode(&env).unwrap(), 0).unwrap();
     wait_until(Duration::from_secs(5), "the plain frame is refused", || {
-        broker_counter(&mesh, "frames_dropped_unsealed") > 0
+        mesh.broker_counter("frames_dropped_unsealed") > 0
     });
     assert_eq!(ledger(&mesh), "");
 }
@@ -281,12 +270,12 @@ fn captured_frames_replayed_or_with_a_flipped_bit_are_refused_and_counted() {
     assert!(contains(&wire, b"JS"), "no sealed frame captured");
 
     // Replay everything the client sent, byte for byte, on a new connection to PULL.
-    let replays_before = broker_counter(&mesh, "frames_dropped_replay");
+    let replays_before = mesh.broker_counter("frames_dropped_replay");
     let replay = replay_client_side(mesh.base_port + 1, &wire);
     wait_until(
         Duration::from_secs(5),
         "the replay is refused and counted",
-        || broker_counter(&mesh, "frames_dropped_replay") > replays_before,
+        || mesh.broker_counter("frames_dropped_replay") > replays_before,
     );
     drop(replay);
 
@@ -298,12 +287,12 @@ fn captured_frames_replayed_or_with_a_flipped_bit_are_refused_and_counted() {
     let mut flipped = wire.clone();
     let at = (last + 120).min(flipped.len() - 1);
     flipped[at] ^= 0x01;
-    let tampered_before = broker_counter(&mesh, "frames_dropped_tampered");
+    let tampered_before = mesh.broker_counter("frames_dropped_tampered");
     let tamper = replay_client_side(mesh.base_port + 1, &flipped);
     wait_until(
         Duration::from_secs(5),
         "the flipped frame is refused and counted",
-        || broker_counter(&mesh, "frames_dropped_tampered") > tampered_before,
+        || mesh.broker_counter("frames_dropped_tampered") > tampered_before,
     );
     drop(tamper);
 
