@@ -19,6 +19,9 @@ use crate::model::Attempt;
 use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
 
+mod retention;
+pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
+
 /// Version of the schema this build writes; older databases are migrated on open.
 const SCHEMA_VERSION: i64 = 2;
 
@@ -77,6 +80,9 @@ pub trait Store: Send {
         since_ms: i64,
         limit: u32,
     ) -> Result<Vec<Completion>, StoreError>;
+    /// Removes one small batch of what `retention` no longer keeps, in its own
+    /// transaction (see [`Retention`] for what goes and what stays).
+    fn prune(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, StoreError>;
 }
 
 /// The embedded SQLite store.
@@ -174,6 +180,9 @@ impl SqliteStore {
                 )
                 .context("creating schema")?;
         }
+        self.conn
+            .execute_batch(retention::SCHEMA)
+            .context("creating the retention indexes")?;
         Ok(())
     }
 }
@@ -484,17 +493,18 @@ impl Store for SqliteStore {
             },
             "loading jobs",
         )?;
-        let day_ago = jobz::now_ms() - 24 * 3600 * 1000;
+        let day_ago = jobz::now_ms() - TRIGGER_DEDUP_MS;
         let recent_requests = self.select(
-            "SELECT request_id, run_id FROM runs WHERE created_at > ?1",
+            "SELECT request_id, run_id FROM runs WHERE created_at > ?1
+             UNION ALL SELECT request_id, run_id FROM pruned_triggers WHERE created_at > ?1",
             [day_ago],
             |row| Ok((row.get(0)?, row.get(1)?)),
             "loading recent trigger ids",
         )?;
         let dead = self.select(
             "SELECT task_id, run_id, step_id, job, worker, params, attempts, error, exit_code, failed_at, retried_as
-             FROM dead ORDER BY failed_at DESC LIMIT 10000",
-            [],
+             FROM dead ORDER BY failed_at DESC LIMIT ?1",
+            [LISTED_DEAD as i64],
             |row| {
                 let params: String = row.get(5)?;
                 let params = from_json(&params, "dead task params")?;
@@ -631,6 +641,10 @@ impl Store for SqliteStore {
         }
         Ok(out)
     }
+
+    fn prune(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, StoreError> {
+        self.prune_batch(retention, now_ms)
+    }
 }
 
 #[cfg(test)]
@@ -639,7 +653,7 @@ mod tests {
     use jobz::jobfile::Delivery;
     use jobz::message::RunState;
 
-    fn run(id: &str, state: RunState, created: i64) -> Run {
+    pub(super) fn run(id: &str, state: RunState, created: i64) -> Run {
         Run {
             run_id: id.into(),
             job: "a".into(),
@@ -652,7 +666,7 @@ mod tests {
         }
     }
 
-    fn step(id: &str, run: &str, state: TaskState) -> Step {
+    pub(super) fn step(id: &str, run: &str, state: TaskState) -> Step {
         Step {
             step_id: id.into(),
             run_id: run.into(),
@@ -665,7 +679,7 @@ mod tests {
         }
     }
 
-    fn task(id: &str, step: &str, run: &str) -> Task {
+    pub(super) fn task(id: &str, step: &str, run: &str) -> Task {
         Task {
             task_id: id.into(),
             step_id: step.into(),
