@@ -13,7 +13,8 @@
 //! - `placement`: which workers a step goes to, waiting steps, (re)publishing work;
 //! - `retry`: failed and lost attempts, backoff, leases, lost workers;
 //! - `lifecycle`: steps start, tasks, steps and runs finish, successors follow;
-//! - `queries`: answers from memory, or reads handed to the store.
+//! - `queries`: answers from memory, or reads handed to the store;
+//! - `pruned`: what the store pruned, counted and forgotten by the dead list.
 //!
 //! The state they share: `active` ([`ActiveRuns`]: runs, steps and tasks, kept consistent
 //! in one place, with the indexes placement needs: per-job lines of waiting steps in
@@ -42,6 +43,7 @@ mod dead;
 mod effects;
 mod lifecycle;
 mod placement;
+mod pruned;
 mod queries;
 mod reports;
 mod retry;

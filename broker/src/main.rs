@@ -57,6 +57,28 @@ struct Args {
     /// Extra time after a lease expires before the attempt counts as lost.
     #[arg(long, env = "JOBZ_LEASE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     lease_grace: Duration,
+    /// Days a finished run is kept (by its end); older ones are pruned with their steps,
+    /// tasks and attempts. A run with a dead task not yet retried stays while /dead lists it.
+    #[arg(
+        long,
+        env = "JOBZ_HISTORY_DAYS",
+        default_value_t = 7,
+        value_name = "DAYS"
+    )]
+    history_days: u32,
+    /// Finished runs kept at most (the newest); older ones are pruned likewise.
+    #[arg(
+        long,
+        env = "JOBZ_HISTORY_COUNT",
+        default_value_t = 100_000,
+        value_name = "N"
+    )]
+    history_count: u64,
+    /// How often to look for history to prune when the last look found nothing more
+    /// (a backlog goes a batch every 100 ms). For tests.
+    #[arg(long, env = "JOBZ_PRUNE_EVERY", default_value = "5s", hide = true,
+        value_parser = humantime::parse_duration)]
+    prune_every: Duration,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -239,6 +261,8 @@ fn main() -> ExitCode {
         redeliver_after: args.redeliver_after,
         lease_timeout: args.lease_timeout,
         lease_grace: args.lease_grace,
+        history: broker::store::Retention::new(args.history_days, args.history_count),
+        prune_every: args.prune_every,
     };
     match broker::run(config, shutdown) {
         Ok(()) => ExitCode::SUCCESS,

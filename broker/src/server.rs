@@ -17,8 +17,8 @@ use crate::authority::{self, Principal};
 use crate::engine::{Effects, Engine, EngineConfig, Publish};
 use crate::guard::{self, Inbound, Outbound, Refusal, Security};
 use crate::ids::Uuid7Ids;
-use crate::journal;
-use crate::store::{SqliteStore, Store};
+use crate::journal::{self, Pruning};
+use crate::store::{Pruned, Retention, SqliteStore, Store};
 
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
@@ -37,6 +37,10 @@ pub struct Config {
     pub lease_grace: Duration,
     /// Plain (loopback) or sealed frames.
     pub security: Security,
+    /// What is kept of finished runs (`--history-days`, `--history-count`).
+    pub history: Retention,
+    /// How often to look for history to prune once nothing more was due.
+    pub prune_every: Duration,
 }
 
 /// How often the engine's periodic duties run.
@@ -83,14 +87,22 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
 
     let (publish_tx, publish_rx) = unbounded();
     let (effects_tx, effects_rx) = unbounded();
+    let (pruned_tx, pruned_rx) = unbounded();
     let publisher = spawn_publisher(pub_socket, publish_rx, outbound)?;
-    let journal = journal::spawn(Box::new(store), effects_rx, publish_tx)?;
+    let pruning = Pruning {
+        retention: config.history.clone(),
+        every: config.prune_every,
+        report: pruned_tx,
+    };
+    engine.note_pruned(0, &[]); // the counters show from the start
+    let journal = journal::spawn(Box::new(store), effects_rx, publish_tx, pruning)?;
 
     let result = serve(
         &mut engine,
         &mut inbound,
         &pull,
         &effects_tx,
+        &pruned_rx,
         &journal,
         &shutdown,
     );
@@ -110,6 +122,7 @@ fn serve(
     inbound: &mut Inbound,
     pull: &zmq::Socket,
     effects: &Sender<Effects>,
+    pruned: &Receiver<Pruned>,
     journal: &JoinHandle<anyhow::Result<()>>,
     shutdown: &Receiver<()>,
 ) -> anyhow::Result<()> {
@@ -166,6 +179,9 @@ fn serve(
                 if let Some(worker) = name.strip_prefix("worker:") {
                     send(engine.revoke_worker(worker, now))?;
                 }
+            }
+            for batch in pruned.try_iter() {
+                engine.note_pruned(batch.runs, &batch.dead_tasks);
             }
             send(engine.tick(now))?;
             next_tick = Instant::now() + TICK;

@@ -44,6 +44,19 @@ impl DeadList {
         }
     }
 
+    /// Forgets dead tasks the store pruned with their runs, so the list never shows what
+    /// a restarted broker would not.
+    pub fn forget(&mut self, task_ids: &[TaskId]) {
+        let before = self.by_task.len();
+        for id in task_ids {
+            self.by_task.remove(id);
+        }
+        if self.by_task.len() != before {
+            let by_task = &self.by_task;
+            self.order.retain(|id| by_task.contains_key(id));
+        }
+    }
+
     pub fn get(&self, task_id: &TaskId) -> Option<&Dead> {
         self.by_task.get(task_id)
     }

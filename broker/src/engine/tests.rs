@@ -9,7 +9,7 @@ use jobz::topic::Topic;
 use super::reports::MAX_REPORTED_TEXT;
 use crate::ids::SequentialIds;
 
-fn config() -> EngineConfig {
+pub(super) fn config() -> EngineConfig {
     EngineConfig {
         worker_expiry_ms: 10_000,
         redeliver_after_ms: 2_000,
