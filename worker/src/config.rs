@@ -15,6 +15,9 @@ pub const DEFAULT_FRONTEND_PORT: u16 = 6769;
 /// Default `--max-step-output`: 64 MiB of output per step attempt.
 pub const DEFAULT_MAX_STEP_OUTPUT: u64 = 64 << 20;
 
+/// Default `--output-retention`: a week.
+pub const DEFAULT_OUTPUT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Everything [`crate::run`] needs to know.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,6 +64,11 @@ pub struct Config {
     pub max_step_output: u64,
     /// The user steps without `run_as:` run as (`--default-run-as`); `None`: the worker's.
     pub default_run_as: Option<String>,
+    /// Step outputs (and damaged spool entries set aside) not modified for this long are
+    /// removed (`--output-retention`; see [`crate::retention`]).
+    pub output_retention: Duration,
+    /// How often the output retention runs (`--prune-every`, hidden).
+    pub prune_every: Duration,
 }
 
 impl Config {
@@ -85,6 +93,8 @@ impl Config {
             env_allow: Vec::new(),
             max_step_output: DEFAULT_MAX_STEP_OUTPUT,
             default_run_as: None,
+            output_retention: DEFAULT_OUTPUT_RETENTION,
+            prune_every: Duration::from_secs(60),
         }
     }
 
@@ -119,6 +129,12 @@ impl Config {
         }
         if let Some(bad) = self.env_allow.iter().find(|n| !is_valid_env_name(n)) {
             bail!("--env-allow {bad:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)");
+        }
+        if self.output_retention < Duration::from_secs(1) {
+            bail!("--output-retention must be at least 1s");
+        }
+        if self.prune_every < Duration::from_millis(10) {
+            bail!("--prune-every must be at least 10ms");
         }
         if self.max_step_output == 0 {
             bail!("--max-step-output must be at least 1 byte");
@@ -224,6 +240,10 @@ mod tests {
         c.max_step_output = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("--max-step-output"), "{e}");
+        let mut c = config();
+        c.output_retention = Duration::ZERO;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--output-retention"), "{e}");
         let mut c = config();
         c.default_run_as = Some("../root".into());
         let e = c.validate().unwrap_err().to_string();

@@ -46,6 +46,11 @@
 //!   that cannot be written: then a task is refused (failed with the reason) rather than
 //!   run without its record, and a result is sent without its outbox copy.
 //! - Ids that become paths are checked (`^[0-9A-Za-z-]{1,64}$`) before any path is built.
+//! - **What grows is pruned** ([`retention`]): step outputs not modified for
+//!   `--output-retention` (7 days) go on a background thread, in batches, never the output
+//!   of a running step; damaged entries set aside go after as long. The spool keeps what
+//!   the guarantees above need: `seen.log` bounds itself (7 days, 100,000 attempts), and
+//!   running and outbox entries stay until they are used.
 //!
 //! # Layout
 //! - [`service`]: the loop that ties everything together; start reading at [`run`].
@@ -53,6 +58,7 @@
 //! - [`spool`]: the durable part: seen attempts, running attempts, the outbox.
 //! - [`runner`]: one command: spawn, timeout, kill of the process group, output tail.
 //! - [`leader`]: the step leader each command runs under (`jobz-worker --lead-step`).
+//! - [`retention`]: the background pruning of old step outputs.
 //! - [`eventlog`]: the `worker.log` line format and writer.
 //! - [`config`]: settings and their defaults.
 //! - [`check`]: `--check`, validating a jobs dir without connecting.
@@ -63,6 +69,7 @@ pub mod check;
 pub mod config;
 pub mod eventlog;
 pub mod leader;
+pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod secrets;

@@ -78,6 +78,15 @@ struct Args {
     /// worker's own user].
     #[arg(long, env = "JOBZ_DEFAULT_RUN_AS", value_name = "USER")]
     default_run_as: Option<String>,
+    /// Step outputs under runs/ (and damaged spool entries set aside) not modified for
+    /// this long are removed; never the output of a running step.
+    #[arg(long, env = "JOBZ_OUTPUT_RETENTION", default_value = "7days", value_name = "DURATION",
+        value_parser = humantime::parse_duration)]
+    output_retention: Duration,
+    /// How often the output retention runs. For tests.
+    #[arg(long, env = "JOBZ_PRUNE_EVERY", default_value = "1min", hide = true,
+        value_parser = humantime::parse_duration)]
+    prune_every: Duration,
     /// Validate the job files of --jobs-dir, print one line per file, and exit
     /// (0 if all are good, 1 otherwise) without connecting anywhere.
     #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
@@ -151,6 +160,8 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.env_allow = args.env_allow;
     config.max_step_output = args.max_step_output;
     config.default_run_as = args.default_run_as;
+    config.output_retention = args.output_retention;
+    config.prune_every = args.prune_every;
     config.identity = args.keys.identity()?;
     config.validate()?;
     if let Some(why) =

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -26,6 +27,7 @@ use tracing::{debug, error, info, info_span, warn, Span};
 
 use crate::config::Config;
 use crate::eventlog::{self, EventLog};
+use crate::retention::{self, InUse, OutputRetention, Pruned};
 use crate::runner::{self, RunResult, RunSpec};
 use crate::schedule::{is_valid_id, Action, Scheduler, ServedJob, Task};
 use crate::spool::{self, OutboxEntry, Recovered, RunningEntry, Spool};
@@ -90,6 +92,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         events_tx,
         events,
         running: HashMap::new(),
+        outputs_in_use: Arc::default(),
+        pruned: Arc::default(),
         acks: Vec::new(),
         heartbeat_reply: None,
         heartbeat_sent_at: Instant::now(),
@@ -107,6 +111,19 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         "worker starting"
     );
     service.recover(recovered);
+    // After the recovery, which reads the output of attempts found running.
+    let (stop_pruning, pruning_stopped) = bounded(1);
+    let pruner = retention::spawn(
+        OutputRetention {
+            log_dir: service.config.log_dir.clone(),
+            spool: service.config.spool.clone(),
+            keep: service.config.output_retention,
+            every: service.config.prune_every,
+        },
+        service.outputs_in_use.clone(),
+        service.pruned.clone(),
+        pruning_stopped,
+    )?;
     service.on_refresh(first);
     if service.served.is_empty() {
         warn!(jobs_dir = %service.config.jobs_dir.display(), "this worker serves no jobs yet");
@@ -116,6 +133,10 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     }
     let result = service.serve(shutdown);
     service.client.shutdown();
+    drop(stop_pruning);
+    if pruner.join().is_err() {
+        error!("the output retention thread panicked");
+    }
     result
 }
 
@@ -127,6 +148,8 @@ enum RunnerEvent {
 
 struct Running {
     task: Task,
+    /// Held in `outputs_in_use` until the task ends.
+    output: PathBuf,
     cancel: Sender<String>,
     started_at_ms: Option<i64>,
 }
@@ -174,6 +197,10 @@ struct Service {
     events_tx: Sender<RunnerEvent>,
     events: Receiver<RunnerEvent>,
     running: HashMap<TaskRef, Running>,
+    /// Outputs of running tasks, which the output retention leaves alone.
+    outputs_in_use: Arc<InUse>,
+    /// What the output retention removed, for the heartbeats.
+    pruned: Arc<Pruned>,
     acks: Vec<PendingAck>,
     heartbeat_reply: Option<Receiver<Result<ReplyBody, ClientError>>>,
     heartbeat_sent_at: Instant,
@@ -303,6 +330,8 @@ impl Service {
             self.apply(actions);
             return;
         }
+        let output = spec.output.clone();
+        self.outputs_in_use.hold(&output);
         let (cancel, cancelled) = bounded(1);
         let events = self.events_tx.clone();
         let task_ref = task.task.clone();
@@ -329,12 +358,14 @@ impl Service {
                     task.task.clone(),
                     Running {
                         task,
+                        output,
                         cancel,
                         started_at_ms: None,
                     },
                 );
             }
             Err(e) => {
+                self.outputs_in_use.release(&output);
                 task_span(&task)
                     .in_scope(|| error!(error = %e, "cannot start a thread for the task"));
                 self.finish(
@@ -420,6 +451,7 @@ impl Service {
                 let Some(running) = self.running.remove(&task) else {
                     return;
                 };
+                self.outputs_in_use.release(&running.output);
                 self.finish(&running.task, result);
                 let actions = self.scheduler.on_finished(&task);
                 self.apply(actions);
