@@ -315,6 +315,7 @@ impl Engine {
             slots: 4,
             running: vec![],
             version: "t".into(),
+            counters: Default::default(),
         };
         self.registry.heartbeat(&status, now);
     }

@@ -11,7 +11,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use jobz::jobfile::{JobSpec, ParamRules};
-use jobz::message::{JobView, WorkerStatus, WorkerView};
+use jobz::message::{
+    is_valid_counter_name, JobView, WorkerStatus, WorkerView, MAX_WORKER_COUNTERS,
+};
 use tracing::{info, warn};
 
 /// A registered worker.
@@ -26,6 +28,8 @@ pub struct Worker {
     pub version: String,
     pub last_seen_ms: i64,
     pub live: bool,
+    /// Its own counters, as its last heartbeat gave them (not stored).
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// A job in the catalog.
@@ -136,6 +140,7 @@ impl Registry {
                 w.version = status.version.clone();
                 w.last_seen_ms = now_ms;
                 w.live = true;
+                w.counters = worker_counters(status, w.counters.get(COUNTERS_REFUSED));
             }
             None => {
                 info!(worker = %status.name, jobs = jobs.len(), "worker registered");
@@ -153,6 +158,7 @@ impl Registry {
                         version: status.version.clone(),
                         last_seen_ms: now_ms,
                         live: true,
+                        counters: worker_counters(status, None),
                     },
                 );
             }
@@ -264,6 +270,7 @@ impl Registry {
                 last_seen_ms: w.last_seen_ms,
                 live: w.live,
                 version: w.version.clone(),
+                counters: w.counters.clone(),
             })
             .collect()
     }
@@ -282,6 +289,35 @@ impl Registry {
             })
             .collect()
     }
+}
+
+/// The counter under which the broker counts a worker's counters it left out.
+const COUNTERS_REFUSED: &str = "counters_refused";
+
+/// The counters of a heartbeat the broker keeps: well-named ones, at most
+/// [`MAX_WORKER_COUNTERS`]. What it leaves out is counted under [`COUNTERS_REFUSED`], so
+/// the worker's own line in `/metrics` says so (and logged when that number changes from
+/// `refused_before`).
+fn worker_counters(status: &WorkerStatus, refused_before: Option<&u64>) -> BTreeMap<String, u64> {
+    let mut kept = BTreeMap::new();
+    let mut refused = 0u64;
+    for (name, value) in &status.counters {
+        if is_valid_counter_name(name)
+            && name != COUNTERS_REFUSED
+            && kept.len() < MAX_WORKER_COUNTERS - 1
+        {
+            kept.insert(name.clone(), *value);
+        } else {
+            refused += 1;
+        }
+    }
+    if refused > 0 {
+        if refused_before != Some(&refused) {
+            warn!(worker = %status.name, refused, "heartbeat counters left out (bad names or too many)");
+        }
+        kept.insert(COUNTERS_REFUSED.to_owned(), refused);
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -315,6 +351,7 @@ mod tests {
             slots: 2,
             running: vec![],
             version: "0".into(),
+            counters: Default::default(),
         }
     }
 
@@ -400,5 +437,26 @@ mod tests {
         assert!(reg.became_live);
         assert_eq!(reg.restarted_from.as_deref(), Some("i1"));
         assert!(r.job("y").is_some());
+    }
+
+    #[test]
+    fn a_workers_counters_are_kept_bounded_and_well_named() {
+        let mut r = Registry::default();
+        let mut st = status("a", "i1", &["x"]);
+        st.counters = [("output_files_pruned".to_string(), 3)].into();
+        r.heartbeat(&st, 0);
+        let view = &r.worker_views()[0];
+        assert_eq!(view.counters, st.counters);
+
+        // Bad names, a forged `counters_refused` and too many: left out and counted.
+        st.counters = (0..40).map(|i| (format!("c{i:02}"), i)).collect();
+        for bad in ["Bad", "a b", "counters_refused", ""] {
+            st.counters.insert(bad.into(), 7);
+        }
+        r.heartbeat(&st, 100);
+        let counters = &r.worker_views()[0].counters;
+        assert_eq!(counters.len(), MAX_WORKER_COUNTERS);
+        assert_eq!(counters.get("counters_refused"), Some(&(40 + 4 - 31)));
+        assert!(counters.keys().all(|k| is_valid_counter_name(k)));
     }
 }

@@ -475,6 +475,7 @@ impl Store for SqliteStore {
                     version: row.get(5)?,
                     last_seen_ms: row.get(6)?,
                     live: true,
+                    counters: Default::default(),
                 })
             },
             "loading workers",

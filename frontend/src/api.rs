@@ -6,6 +6,7 @@
 //! the waiter thread when the run ends) and `runs/{id}/log?follow=1` ([`Outcome::Follow`],
 //! streamed by a thread of its own).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -433,6 +434,19 @@ impl Api {
         }
     }
 
+    /// Each worker's counters, for `/metrics` (none if the broker does not answer).
+    fn worker_counters(&self) -> BTreeMap<String, BTreeMap<String, u64>> {
+        match self
+            .broker
+            .request(Message::Query(Query::Workers), HEALTH_TIMEOUT)
+        {
+            Ok(ReplyBody::Workers(workers)) => {
+                workers.into_iter().map(|w| (w.name, w.counters)).collect()
+            }
+            _ => BTreeMap::new(),
+        }
+    }
+
     fn healthz(&self) -> Outcome {
         Outcome::Reply(match self.health() {
             Ok(health) => HttpReply::json(
@@ -449,6 +463,9 @@ impl Api {
     fn metrics(&self) -> Outcome {
         let mut snapshot = self.stats.snapshot();
         snapshot.broker = self.health().ok();
+        if snapshot.broker.is_some() {
+            snapshot.worker_counters = self.worker_counters();
+        }
         snapshot.link = self.broker.link_status();
         Outcome::Reply(HttpReply::text(200, PROMETHEUS, metrics::render(&snapshot)))
     }
@@ -934,6 +951,7 @@ mod tests {
                 last_seen_ms: 0,
                 live: false,
                 version: "1".into(),
+                counters: Default::default(),
             }])),
             other => panic!("{other:?}"),
         }));
@@ -954,6 +972,17 @@ mod tests {
                 active_runs: 1,
                 live_workers: 2,
             })),
+            Message::Query(Query::Workers) => Ok(ReplyBody::Workers(vec![WorkerView {
+                name: "w1".into(),
+                jobs: vec![],
+                capabilities: vec![],
+                slots: 2,
+                running: 0,
+                last_seen_ms: 0,
+                live: true,
+                version: "1".into(),
+                counters: BTreeMap::from([("output_files_pruned".into(), 4)]),
+            }])),
             other => panic!("{other:?}"),
         })
     }
@@ -981,6 +1010,7 @@ mod tests {
         let text = String::from_utf8(r.body).unwrap();
         assert!(text.contains("jobz_broker_up 1\n"));
         assert!(text.contains("jobz_broker_frames_received 7\n"));
+        assert!(text.contains("jobz_worker_output_files_pruned{worker=\"w1\"} 4\n"));
         assert!(text.contains("jobz_frontend_http_requests_total{code=\"202\"} 1\n"));
         let (api, _) = new_api(FakeBroker::down());
         let text = String::from_utf8(reply(get(&api, "/metrics")).body).unwrap();

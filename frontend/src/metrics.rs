@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub following: u64,
     /// Connections refused or closed by policy, by reason.
     pub connections_closed: BTreeMap<&'static str, u64>,
+    /// Each worker's own counters, by worker name.
+    pub worker_counters: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Replaces every character that a Prometheus metric name may not hold with `_`.
@@ -133,6 +135,7 @@ pub fn render(snapshot: &Snapshot) -> String {
             let _ = writeln!(out, "{name} {value}");
         }
     }
+    render_worker_counters(&mut out, &snapshot.worker_counters);
     if let Some(link) = snapshot.link {
         family(
             &mut out,
@@ -205,6 +208,35 @@ pub fn render(snapshot: &Snapshot) -> String {
         );
     }
     out
+}
+
+/// `jobz_worker_<counter>{worker="…"}`: one family per counter, a line per worker.
+fn render_worker_counters(out: &mut String, workers: &BTreeMap<String, BTreeMap<String, u64>>) {
+    let mut families: BTreeMap<String, BTreeMap<&str, u64>> = BTreeMap::new();
+    for (worker, counters) in workers {
+        for (raw, value) in counters {
+            // Two raw names may sanitise to one metric name; the first one wins.
+            let name = format!("jobz_worker_{}", metric_name(raw));
+            families
+                .entry(name)
+                .or_default()
+                .entry(worker)
+                .or_insert(*value);
+        }
+    }
+    for (name, values) in families {
+        family(out, &name, "counter", "Worker counter, per worker.");
+        for (worker, value) in values {
+            let _ = writeln!(out, "{name}{{worker=\"{}\"}} {value}", label_value(worker));
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(raw: &str) -> String {
+    raw.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Stats {
@@ -300,5 +332,42 @@ mod tests {
         let text = render(&Snapshot::default());
         assert!(text.contains("jobz_broker_up 0\n"));
         assert!(!text.contains("jobz_broker_active_runs"));
+    }
+
+    #[test]
+    fn worker_counters_are_one_family_each_with_a_line_per_worker() {
+        let snapshot = Snapshot {
+            worker_counters: BTreeMap::from([
+                (
+                    "w1".to_string(),
+                    BTreeMap::from([
+                        ("output_files_pruned".to_string(), 3),
+                        ("spool_files_pruned".to_string(), 0),
+                    ]),
+                ),
+                (
+                    "w\"2\\\n".to_string(),
+                    BTreeMap::from([("output_files_pruned".to_string(), 0)]),
+                ),
+            ]),
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot);
+        for line in [
+            "# TYPE jobz_worker_output_files_pruned counter",
+            "jobz_worker_output_files_pruned{worker=\"w1\"} 3",
+            "jobz_worker_output_files_pruned{worker=\"w\\\"2\\\\\\n\"} 0",
+            "jobz_worker_spool_files_pruned{worker=\"w1\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let families = text
+            .lines()
+            .filter(|l| l.starts_with("# TYPE jobz_worker_"))
+            .count();
+        assert_eq!(families, 2);
     }
 }

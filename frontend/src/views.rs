@@ -154,6 +154,7 @@ pub fn worker(worker: &WorkerView) -> Value {
         "last_seen": time(worker.last_seen_ms),
         "live": worker.live,
         "version": worker.version,
+        "counters": worker.counters,
     })
 }
 
@@ -330,13 +331,14 @@ mod tests {
             last_seen_ms: 1_700_000_000_000,
             live: true,
             version: "0.0.0".into(),
+            counters: [("output_files_pruned".to_string(), 3)].into(),
         };
         assert_eq!(
             worker(&view),
             json!({
                 "name": "w1", "jobs": ["build"], "capabilities": ["gpu"], "slots": 4,
                 "running": 1, "last_seen": "2023-11-14T22:13:20.000Z", "live": true,
-                "version": "0.0.0"
+                "version": "0.0.0", "counters": {"output_files_pruned": 3}
             })
         );
     }

@@ -162,6 +162,74 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_from_a_worker_without_counters_still_decodes() {
+        /// `WorkerStatus` as workers before the counters sent it.
+        #[derive(serde::Serialize)]
+        struct OldStatus {
+            name: String,
+            instance: String,
+            jobs: Vec<crate::jobfile::JobSpec>,
+            slots: u32,
+            version: String,
+        }
+        #[derive(serde::Serialize)]
+        enum OldMessage {
+            Heartbeat(OldStatus),
+        }
+        #[derive(serde::Serialize)]
+        struct OldEnvelope {
+            id: String,
+            sender: String,
+            sent_at_ms: i64,
+            body: OldMessage,
+        }
+        let old = OldEnvelope {
+            id: "m1".into(),
+            sender: "worker:a".into(),
+            sent_at_ms: 1,
+            body: OldMessage::Heartbeat(OldStatus {
+                name: "a".into(),
+                instance: "i".into(),
+                jobs: vec![],
+                slots: 2,
+                version: "0.1".into(),
+            }),
+        };
+        let mut frame = Vec::from(MAGIC);
+        frame.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        rmp_serde::encode::write_named(&mut frame, &old).unwrap();
+        match decode(&frame).unwrap().body {
+            Message::Heartbeat(status) => {
+                assert_eq!((status.name.as_str(), status.slots), ("a", 2));
+                assert!(status.counters.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn counter_names_are_metric_names() {
+        use crate::message::is_valid_counter_name;
+        for good in ["output_files_pruned", "a", "x1_2"] {
+            assert!(is_valid_counter_name(good), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            "1a",
+            "_a",
+            "A",
+            "a-b",
+            "a b",
+            "a{x=\"1\"}",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(!is_valid_counter_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn oversized_frame_is_refused_before_parsing() {
         let frame = vec![0u8; MAX_FRAME_BYTES + 1];
         assert!(matches!(decode(&frame), Err(DecodeError::TooLarge { .. })));

@@ -91,6 +91,23 @@ pub struct WorkerStatus {
     pub running: Vec<TaskRef>,
     /// Version of the worker binary.
     pub version: String,
+    /// The worker's own counters since it started (`output_files_pruned`, …), shown per
+    /// worker in `/metrics`. The broker keeps at most [`MAX_WORKER_COUNTERS`] with names
+    /// that pass [`is_valid_counter_name`].
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// Counters the broker keeps per worker.
+pub const MAX_WORKER_COUNTERS: usize = 32;
+
+/// A counter name: `[a-z][a-z0-9_]{0,63}`, a metric name as it stands.
+pub fn is_valid_counter_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A task at one attempt.
@@ -547,6 +564,9 @@ pub struct WorkerView {
     pub live: bool,
     /// Worker binary version.
     pub version: String,
+    /// Its counters as its last heartbeat gave them (see [`WorkerStatus::counters`]).
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// Broker health and counters.

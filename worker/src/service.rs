@@ -667,6 +667,12 @@ impl Service {
             slots: self.config.slots,
             running: self.scheduler.running(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            counters: self
+                .pruned
+                .counters()
+                .into_iter()
+                .map(|(name, n)| (name.to_owned(), n))
+                .collect(),
         };
         self.heartbeat_reply = Some(
             self.client

@@ -48,6 +48,7 @@ fn status(name: &str) -> WorkerStatus {
         slots: 1,
         running: vec![],
         version: "t".into(),
+        counters: Default::default(),
     }
 }
 

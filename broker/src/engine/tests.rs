@@ -104,6 +104,7 @@ impl Harness {
             slots: 4,
             running: vec![],
             version: "t".into(),
+            counters: Default::default(),
         };
         self.send(&format!("worker:{worker}"), Message::Heartbeat(status))
     }
@@ -452,6 +453,7 @@ fn heartbeat_running(h: &mut Harness, worker: &str, running: Vec<TaskRef>) -> Ef
         slots: 4,
         running,
         version: "t".into(),
+        counters: Default::default(),
     };
     h.send(&format!("worker:{worker}"), Message::Heartbeat(status))
 }
@@ -623,6 +625,7 @@ fn queue_steps_wait_for_a_free_slot() {
             slots: 1,
             running: vec![],
             version: "t".into(),
+            counters: Default::default(),
         };
         h.send(&format!("worker:{w}"), Message::Heartbeat(status));
     }
@@ -889,6 +892,7 @@ fn queue_steps_waiting_for_a_slot_are_served_first_come_first_served() {
         slots: 1,
         running: vec![],
         version: "t".into(),
+        counters: Default::default(),
     };
     h.send("worker:w1", Message::Heartbeat(status));
     let (fx, _) = h.trigger("a");
@@ -939,6 +943,7 @@ fn worker_status(name: &str, instance: &str, jobs: Vec<JobSpec>) -> WorkerStatus
         slots: 4,
         running: vec![],
         version: "t".into(),
+        counters: Default::default(),
     }
 }
 

@@ -77,6 +77,7 @@ fn registration(name: &str, jobs: Vec<JobSpec>) -> Message {
         slots: 4,
         running: vec![],
         version: "forged".into(),
+        counters: Default::default(),
     })
 }
 

@@ -77,6 +77,7 @@ fn broker(polls_until_final: u32) -> FakeBroker {
             active_runs: 1,
             live_workers: 0,
         })),
+        Message::Query(Query::Workers) => Some(ReplyBody::Workers(vec![])),
         _ => None,
     })
 }
