@@ -1118,13 +1118,18 @@ pub fn list_tree(dir: &Path) -> BTreeSet<PathBuf> {
 impl Mesh {
     /// A broker counter as the frontend's `/metrics` shows it (0 if absent).
     pub fn broker_counter(&self, name: &str) -> u64 {
+        self.metric(&format!("jobz_broker_{name}")).unwrap_or(0)
+    }
+
+    /// A sample of `/metrics`, by its name with labels (`jobz_worker_x{worker="w1"}`), if
+    /// it is there.
+    pub fn metric(&self, sample: &str) -> Option<u64> {
         let (status, text) = self.http_get("/metrics");
         assert_eq!(status, 200, "{text}");
-        let metric = format!("jobz_broker_{name} ");
+        let prefix = format!("{sample} ");
         text.lines()
-            .find_map(|l| l.strip_prefix(&metric))
+            .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
     }
 
     /// Whether `/workers` shows the worker `name` live; `None` if it is not listed.

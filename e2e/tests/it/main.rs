@@ -18,4 +18,5 @@ mod mesh_security;
 mod pipeline;
 mod principals;
 mod restart;
+mod retention;
 mod semaphores;
