@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::schedule::is_valid_id;
 use crate::spool::{OUTBOX_DIR, RUNNING_DIR, SEEN_CORRUPT_FILE};
 
-/// Files removed between two pauses.
+/// Files removed between two pauses, and entries looked at between two checks for a stop.
 pub const BATCH: usize = 1000;
 /// The pause between two batches, so that a large backlog does not hog the disk.
 const BATCH_PAUSE: Duration = Duration::from_millis(50);
@@ -106,13 +106,15 @@ impl Pruned {
 }
 
 /// One pass over the directories: removes what is older than `retention.keep` at `now`.
-/// `pause` runs after every [`BATCH`] removals and returns false to stop the pass.
+/// `pause(d)` waits `d` and returns false to stop the pass: [`BATCH_PAUSE`] after every
+/// [`BATCH`] removals, no time after every [`BATCH`] entries looked at (a stop is heard
+/// however few files are old).
 pub fn prune_pass(
     retention: &OutputRetention,
     in_use: &InUse,
     pruned: &Pruned,
     now: SystemTime,
-    pause: &mut dyn FnMut() -> bool,
+    pause: &mut dyn FnMut(Duration) -> bool,
 ) {
     let cutoff = now
         .checked_sub(retention.keep)
@@ -122,7 +124,8 @@ pub fn prune_pass(
         in_use,
         pruned,
         pause,
-        since_pause: 0,
+        removed_since_pause: 0,
+        seen_since_check: 0,
         stopped: false,
         removed: Removed::default(),
     };
@@ -161,12 +164,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("output-retention".into())
         .spawn(move || loop {
-            let mut pause = || {
-                matches!(
-                    stop.recv_timeout(BATCH_PAUSE),
-                    Err(RecvTimeoutError::Timeout)
-                )
-            };
+            let mut pause =
+                |wait| matches!(stop.recv_timeout(wait), Err(RecvTimeoutError::Timeout));
             prune_pass(&retention, &in_use, &pruned, SystemTime::now(), &mut pause);
             if !matches!(
                 stop.recv_timeout(retention.every),
@@ -182,8 +181,9 @@ struct Pass<'a> {
     cutoff: SystemTime,
     in_use: &'a InUse,
     pruned: &'a Pruned,
-    pause: &'a mut dyn FnMut() -> bool,
-    since_pause: usize,
+    pause: &'a mut dyn FnMut(Duration) -> bool,
+    removed_since_pause: usize,
+    seen_since_check: usize,
     stopped: bool,
     removed: Removed,
 }
@@ -262,6 +262,14 @@ impl Pass<'_> {
     /// Removes `path` if it is a regular file last modified before the cutoff (and, for an
     /// output, not in use); returns its size if it went.
     fn remove_if_old(&mut self, path: &Path, output: bool) -> Option<u64> {
+        self.seen_since_check += 1;
+        if self.seen_since_check >= BATCH {
+            self.seen_since_check = 0;
+            self.stopped = !(self.pause)(Duration::ZERO);
+            if self.stopped {
+                return None;
+            }
+        }
         let meta = std::fs::symlink_metadata(path).ok()?;
         let old = meta.modified().is_ok_and(|at| at < self.cutoff);
         if !meta.file_type().is_file() || !old {
@@ -280,10 +288,10 @@ impl Pass<'_> {
                 return None;
             }
         }
-        self.since_pause += 1;
-        if self.since_pause >= BATCH {
-            self.since_pause = 0;
-            self.stopped = !(self.pause)();
+        self.removed_since_pause += 1;
+        if self.removed_since_pause >= BATCH {
+            self.removed_since_pause = 0;
+            self.stopped = !(self.pause)(BATCH_PAUSE);
         }
         Some(meta.len())
     }
@@ -358,7 +366,7 @@ mod tests {
                 in_use,
                 &pruned,
                 SystemTime::now(),
-                &mut || true,
+                &mut |_| true,
             );
             pruned
         }
@@ -515,35 +523,57 @@ mod tests {
             dirs.output(&format!("r{}", i % 7), &format!("a.t{i}.1.log"), 8 * DAY);
         }
         let pruned = Pruned::default();
-        let mut pauses = 0;
+        let mut waits = Vec::new();
+        let mut pause = |wait| {
+            waits.push(wait);
+            true
+        };
         prune_pass(
             &dirs.retention,
             &InUse::default(),
             &pruned,
             SystemTime::now(),
-            &mut || {
-                pauses += 1;
-                true
-            },
+            &mut pause,
         );
-        assert_eq!(pauses, 2);
-        assert_eq!(
-            pruned.output_files.load(Ordering::Relaxed),
-            2 * BATCH as u64 + 5
-        );
+        let pauses = waits.iter().filter(|w| **w == BATCH_PAUSE).count();
+        assert_eq!(pauses, 2, "{waits:?}");
+        let removed = pruned.output_files.load(Ordering::Relaxed);
+        assert_eq!(removed, 2 * BATCH as u64 + 5);
 
         let dirs = Dirs::new();
         for i in 0..(BATCH + 5) {
             dirs.output("r1", &format!("a.t{i}.1.log"), 8 * DAY);
         }
         let pruned = Pruned::default();
+        let mut stop_at_pause = |wait| wait != BATCH_PAUSE;
         prune_pass(
             &dirs.retention,
             &InUse::default(),
             &pruned,
             SystemTime::now(),
-            &mut || false,
+            &mut stop_at_pause,
         );
         assert_eq!(pruned.output_files.load(Ordering::Relaxed), BATCH as u64);
+    }
+
+    #[test]
+    fn a_pass_over_young_files_still_hears_a_stop() {
+        let dirs = Dirs::new();
+        for i in 0..(2 * BATCH) {
+            dirs.output("r1", &format!("a.t{i}.1.log"), Duration::ZERO);
+        }
+        let mut checks = 0;
+        let mut stop = |_| {
+            checks += 1;
+            false
+        };
+        prune_pass(
+            &dirs.retention,
+            &InUse::default(),
+            &Pruned::default(),
+            SystemTime::now(),
+            &mut stop,
+        );
+        assert_eq!(checks, 1, "the pass went on after a stop");
     }
 }

@@ -113,17 +113,21 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     service.recover(recovered);
     // After the recovery, which reads the output of attempts found running.
     let (stop_pruning, pruning_stopped) = bounded(1);
-    let pruner = retention::spawn(
-        OutputRetention {
-            log_dir: service.config.log_dir.clone(),
-            spool: service.config.spool.clone(),
-            keep: service.config.output_retention,
-            every: service.config.prune_every,
-        },
-        service.outputs_in_use.clone(),
-        service.pruned.clone(),
-        pruning_stopped,
-    )?;
+    let retention = OutputRetention {
+        log_dir: service.config.log_dir.clone(),
+        spool: service.config.spool.clone(),
+        keep: service.config.output_retention,
+        every: service.config.prune_every,
+    };
+    let in_use = service.outputs_in_use.clone();
+    let pruner = match retention::spawn(retention, in_use, service.pruned.clone(), pruning_stopped)
+    {
+        Ok(pruner) => pruner,
+        Err(e) => {
+            service.client.shutdown();
+            return Err(e);
+        }
+    };
     service.on_refresh(first);
     if service.served.is_empty() {
         warn!(jobs_dir = %service.config.jobs_dir.display(), "this worker serves no jobs yet");
