@@ -36,7 +36,7 @@ use crate::spool::{OUTBOX_DIR, RUNNING_DIR, SEEN_CORRUPT_FILE};
 /// Files removed between two pauses, and entries looked at between two checks for a stop.
 pub const BATCH: usize = 1000;
 /// The pause between two batches, so that a large backlog does not hog the disk.
-const BATCH_PAUSE: Duration = Duration::from_millis(50);
+pub const BATCH_PAUSE: Duration = Duration::from_millis(50);
 
 /// What to prune and when.
 #[derive(Debug, Clone)]
