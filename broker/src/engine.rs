@@ -16,7 +16,7 @@
 //! - `queries`: answers from memory, or reads handed to the store;
 //! - `pruned`: what the store pruned, counted and forgotten by the dead list.
 //!
-//! The state they share: `active` ([`ActiveRuns`]: runs, steps and tasks, kept consistent
+//! The state they share: `active` (`ActiveRuns`: runs, steps and tasks, kept consistent
 //! in one place, with the indexes placement needs: per-job lines of waiting steps in
 //! `waiting`, the load of each worker, tasks waiting for a retry), `dead` (the dead list),
 //! the worker `registry`; `effects` holds the types the rest of the broker sees.

@@ -705,7 +705,7 @@ pub(crate) fn group_list(user: &User) -> Result<Vec<u32>, String> {
 // ---- Paths ----------------------------------------------------------------------------------
 
 /// Is `name` safe as one file name of a path the worker builds: non-empty, at most
-/// [`MAX_FILE_NAME`] bytes, only `[A-Za-z0-9_.-]`, and not `.` or `..`? Nothing else can
+/// `MAX_FILE_NAME` bytes, only `[A-Za-z0-9_.-]`, and not `.` or `..`? Nothing else can
 /// hide a separator, a NUL, a parent reference or an absolute path.
 pub fn is_safe_file_name(name: &str) -> bool {
     (1..=MAX_FILE_NAME).contains(&name.len())
