@@ -1,6 +1,7 @@
 //! Job files (`jobs.d/*.yaml`): parsing, validation, and the directory loader.
 //!
-//! Two formats are accepted in one file: the jobz format (`jobs:` and `semaphores:` lists)
+//! Two formats are accepted in one file: the jobz format (`jobs:`, `semaphores:` and
+//! `schedules:` lists)
 //! and the original jobz job db (`<list name>: [{name, command, on_success, on_failure}]`).
 //! A file is accepted or rejected as a whole; [`JobDir`] keeps the last good version of a
 //! file that turns bad.
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::message::Params;
+use crate::schedule::{render_slot_params, Timing};
 use crate::template::Template;
 
 /// Pattern a parameter value must match when its declaration gives none.
@@ -119,6 +121,64 @@ pub struct SemaphoreSpec {
     pub count_failures: bool,
 }
 
+/// What a schedule does with slots that fell due while no semaphore process was running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CatchUp {
+    /// Skip them (the default, as cron does).
+    #[default]
+    None,
+    /// Fire the latest of them once (as anacron does).
+    One,
+    /// Fire each of them, the latest `backlog` at most (as qless recur does).
+    All,
+}
+
+impl CatchUp {
+    /// The name used in job files and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::None => "none",
+            CatchUp::One => "one",
+            CatchUp::All => "all",
+        }
+    }
+}
+
+/// Default `backlog`: the most slots `catch_up: all` fires at once.
+pub const DEFAULT_BACKLOG: u32 = 100;
+
+/// Largest `backlog` accepted.
+pub const MAX_BACKLOG: u32 = 10_000;
+
+/// A validated schedule: a job triggered at every slot of a cron expression or interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleSpec {
+    /// Schedule name (part of every trigger id it makes).
+    pub name: String,
+    /// The job it starts.
+    pub job: String,
+    /// Parameters of each run, as templates of the slot (see
+    /// [`crate::schedule::render_slot_value`]).
+    pub params: BTreeMap<String, String>,
+    /// When it fires.
+    pub timing: Timing,
+    /// What happens to slots missed while nothing ran.
+    pub catch_up: CatchUp,
+    /// Most missed slots `catch_up: all` fires.
+    pub backlog: u32,
+}
+
+impl ScheduleSpec {
+    /// The parameters of the run for the slot `slot_ms`.
+    pub fn params_for(&self, slot_ms: i64) -> Result<Params, String> {
+        let slot = self
+            .timing
+            .zoned(slot_ms)
+            .ok_or_else(|| format!("slot {slot_ms} is out of range"))?;
+        render_slot_params(&self.params, &slot)
+    }
+}
+
 /// Everything a set of job files defines.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobSet {
@@ -126,6 +186,8 @@ pub struct JobSet {
     pub jobs: BTreeMap<String, JobSpec>,
     /// Semaphores by name.
     pub semaphores: BTreeMap<String, SemaphoreSpec>,
+    /// Schedules by name.
+    pub schedules: BTreeMap<String, ScheduleSpec>,
 }
 
 /// A job file that cannot be used.
@@ -404,6 +466,27 @@ struct RawSemaphore {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawSchedule {
+    name: String,
+    job: String,
+    #[serde(default)]
+    params: BTreeMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    cron: Option<String>,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default)]
+    every: Option<String>,
+    #[serde(default)]
+    offset: Option<String>,
+    #[serde(default)]
+    catch_up: Option<String>,
+    #[serde(default)]
+    backlog: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawWaitFor {
     job: String,
     #[serde(default)]
@@ -505,7 +588,7 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
         _ => {
             return Err(fail(
                 Some(1),
-                "expected a mapping with `jobs:` and/or `semaphores:`".into(),
+                "expected a mapping with `jobs:`, `semaphores:` and/or `schedules:`".into(),
             ))
         }
     };
@@ -516,20 +599,26 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
         // Where a named entry went wrong: the line of its `name:` in the text, if found.
         let line_of = |name: &str| entry_line(text, name);
         match key.as_str() {
-            "semaphores" => {
-                let raws: Vec<RawSemaphore> =
-                    parse_list(text, &key, value).map_err(|(line, r)| fail(line, r))?;
-                for raw in raws {
-                    let name = raw.name.clone();
-                    let spec = validate_semaphore(raw).map_err(|r| fail(line_of(&name), r))?;
-                    if set.semaphores.insert(name.clone(), spec).is_some() {
-                        return Err(fail(
-                            line_of(&name),
-                            format!("semaphore {name:?} defined twice"),
-                        ));
-                    }
-                }
-            }
+            "semaphores" => parse_named_list(
+                text,
+                &key,
+                value,
+                |raw: &RawSemaphore| raw.name.clone(),
+                validate_semaphore,
+                "semaphore",
+                &mut set.semaphores,
+                &fail,
+            )?,
+            "schedules" => parse_named_list(
+                text,
+                &key,
+                value,
+                |raw: &RawSchedule| raw.name.clone(),
+                validate_schedule,
+                "schedule",
+                &mut set.schedules,
+                &fail,
+            )?,
             // `jobs:` is the jobz format; any other list is an original jobz job db list.
             _ => {
                 let raws: Vec<RawJob> =
@@ -551,6 +640,31 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
         }
     }
     Ok(set)
+}
+
+/// Parses a list of named definitions (`semaphores:`, `schedules:`) into `into`, each entry
+/// validated; an error names the entry's line.
+#[allow(clippy::too_many_arguments)] // one call per list kind, each naming every part
+fn parse_named_list<R: serde::de::DeserializeOwned, S>(
+    text: &str,
+    key: &str,
+    value: serde_yaml::Value,
+    name_of: fn(&R) -> String,
+    validate: fn(R) -> Result<S, String>,
+    what: &str,
+    into: &mut BTreeMap<String, S>,
+    fail: &impl Fn(Option<usize>, String) -> InvalidJobFile,
+) -> Result<(), InvalidJobFile> {
+    let raws: Vec<R> = parse_list(text, key, value).map_err(|(line, r)| fail(line, r))?;
+    for raw in raws {
+        let name = name_of(&raw);
+        let line = entry_line(text, &name);
+        let spec = validate(raw).map_err(|r| fail(line, r))?;
+        if into.insert(name.clone(), spec).is_some() {
+            return Err(fail(line, format!("{what} {name:?} defined twice")));
+        }
+    }
+    Ok(())
 }
 
 fn find_line(text: &str, needle: &str) -> Option<usize> {
@@ -715,13 +829,20 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
     Ok(spec)
 }
 
+/// A semaphore's or schedule's own name follows the job-name rule.
+fn check_entry_name(what: &str, name: &str) -> Result<(), String> {
+    if is_valid_name(name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} must match [A-Za-z0-9_.-]{{1,128}}"
+        ))
+    }
+}
+
 fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
     let name = raw.name;
-    if !is_valid_name(&name) {
-        return Err(format!(
-            "semaphore name {name:?} must match [A-Za-z0-9_.-]{{1,128}}"
-        ));
-    }
+    check_entry_name("semaphore", &name)?;
     let context = |r: String| format!("semaphore {name:?}: {r}");
     if raw.wait_for.is_empty() {
         return Err(context("wait_for is empty".into()));
@@ -779,6 +900,96 @@ fn validate_semaphore(raw: RawSemaphore) -> Result<SemaphoreSpec, String> {
     })
 }
 
+fn validate_schedule(raw: RawSchedule) -> Result<ScheduleSpec, String> {
+    let name = raw.name;
+    check_entry_name("schedule", &name)?;
+    let context = |r: String| format!("schedule {name:?}: {r}");
+    check_names("job", std::slice::from_ref(&raw.job)).map_err(context)?;
+    let timing = match (raw.cron, raw.every) {
+        (Some(cron), None) => {
+            if raw.offset.is_some() {
+                return Err(context("offset goes with every, not cron".into()));
+            }
+            let zone = raw.timezone.as_deref().unwrap_or("UTC");
+            Timing::cron(&cron, zone).map_err(context)?
+        }
+        (None, Some(every)) => {
+            if raw.timezone.is_some() {
+                return Err(context(
+                    "timezone goes with cron; every counts from the epoch (UTC)".into(),
+                ));
+            }
+            let every_ms = parse_duration("every", Some(every))
+                .map_err(context)?
+                .unwrap_or(0);
+            let offset_ms = parse_duration("offset", raw.offset)
+                .map_err(context)?
+                .unwrap_or(0);
+            Timing::every(every_ms as i64, offset_ms as i64).map_err(context)?
+        }
+        (Some(_), Some(_)) => return Err(context("give either cron or every, not both".into())),
+        (None, None) => return Err(context("give cron or every".into())),
+    };
+    let catch_up = match raw.catch_up.as_deref() {
+        None | Some("none") => CatchUp::None,
+        Some("one") => CatchUp::One,
+        Some("all") => CatchUp::All,
+        Some(other) => {
+            return Err(context(format!(
+                "catch_up: {other:?} must be `none`, `one` or `all`"
+            )))
+        }
+    };
+    let backlog = raw.backlog.unwrap_or(DEFAULT_BACKLOG);
+    if !(1..=MAX_BACKLOG).contains(&backlog) {
+        return Err(context(format!(
+            "backlog {backlog} must be from 1 to {MAX_BACKLOG}"
+        )));
+    }
+    if raw.params.len() > MAX_PARAMS {
+        return Err(context(format!("more than {MAX_PARAMS} params")));
+    }
+    let mut params = BTreeMap::new();
+    for (pname, value) in raw.params {
+        if !is_valid_param_name(&pname) {
+            return Err(context(format!(
+                "parameter name {pname:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}} and not be `job_name` or `wait`"
+            )));
+        }
+        let value = match value {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            other => {
+                return Err(context(format!(
+                    "param {pname:?}: expected a string, found {other:?}"
+                )))
+            }
+        };
+        params.insert(pname, value);
+    }
+    let spec = ScheduleSpec {
+        name: name.clone(),
+        job: raw.job,
+        params,
+        timing,
+        catch_up,
+        backlog,
+    };
+    // Render once now, so a bad placeholder or format is refused with the file.
+    let sample = spec.timing.next_after(0).unwrap_or(0);
+    let rendered = spec.params_for(sample).map_err(context)?;
+    if let Some((pname, _)) = rendered
+        .iter()
+        .find(|(_, v)| v.len() > MAX_PARAM_VALUE_BYTES)
+    {
+        return Err(context(format!(
+            "param {pname:?} renders longer than {MAX_PARAM_VALUE_BYTES} bytes"
+        )));
+    }
+    Ok(spec)
+}
+
 /// Is this a job file: `*.yaml` or `*.yml`, not hidden (editors' temporary files such as
 /// `.foo.yaml.swp` or `.#foo.yaml` are not), and a regular file?
 pub fn is_job_file(path: &Path) -> bool {
@@ -812,6 +1023,13 @@ pub enum FileProblem {
         /// The file that defined it first.
         first: PathBuf,
     },
+    /// A schedule this file defines was defined by an earlier file.
+    DuplicateSchedule {
+        /// The schedule.
+        name: String,
+        /// The file that defined it first.
+        first: PathBuf,
+    },
 }
 
 impl std::fmt::Display for FileProblem {
@@ -825,6 +1043,13 @@ impl std::fmt::Display for FileProblem {
                 write!(
                     f,
                     "semaphore {name:?} is already defined in {}",
+                    first.display()
+                )
+            }
+            FileProblem::DuplicateSchedule { name, first } => {
+                write!(
+                    f,
+                    "schedule {name:?} is already defined in {}",
                     first.display()
                 )
             }
@@ -844,7 +1069,7 @@ pub struct FileCheck {
 }
 
 /// Checks every job file of `dir` at once, in name order, as the `--check` modes do before
-/// a deployment: each file must parse, and no job or semaphore may be defined twice.
+/// a deployment: each file must parse, and no job, semaphore or schedule may be defined twice.
 /// Fails only if the directory itself cannot be read.
 pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
     let mut files = Vec::new();
@@ -857,6 +1082,7 @@ pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
     files.sort();
     let mut first_job: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut first_semaphore: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut first_schedule: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut checks = Vec::new();
     for path in files {
         let parsed = std::fs::read_to_string(&path)
@@ -874,27 +1100,33 @@ pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
                 None
             }
         };
-        for name in set.iter().flat_map(|s| s.jobs.keys()) {
-            match first_job.get(name) {
-                Some(first) => problems.push(FileProblem::DuplicateJob {
-                    name: name.clone(),
-                    first: first.clone(),
-                }),
-                None => {
-                    first_job.insert(name.clone(), path.clone());
-                }
-            }
-        }
-        for name in set.iter().flat_map(|s| s.semaphores.keys()) {
-            match first_semaphore.get(name) {
-                Some(first) => problems.push(FileProblem::DuplicateSemaphore {
-                    name: name.clone(),
-                    first: first.clone(),
-                }),
-                None => {
-                    first_semaphore.insert(name.clone(), path.clone());
-                }
-            }
+        if let Some(set) = &set {
+            let mut note =
+                |names: Vec<&String>,
+                 first: &mut BTreeMap<String, PathBuf>,
+                 problem: fn(String, PathBuf) -> FileProblem| {
+                    for name in names {
+                        match first.get(name) {
+                            Some(earlier) => problems.push(problem(name.clone(), earlier.clone())),
+                            None => {
+                                first.insert(name.clone(), path.clone());
+                            }
+                        }
+                    }
+                };
+            note(set.jobs.keys().collect(), &mut first_job, |name, first| {
+                FileProblem::DuplicateJob { name, first }
+            });
+            note(
+                set.semaphores.keys().collect(),
+                &mut first_semaphore,
+                |name, first| FileProblem::DuplicateSemaphore { name, first },
+            );
+            note(
+                set.schedules.keys().collect(),
+                &mut first_schedule,
+                |name, first| FileProblem::DuplicateSchedule { name, first },
+            );
         }
         checks.push(FileCheck {
             path,
@@ -903,6 +1135,28 @@ pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
         });
     }
     Ok(checks)
+}
+
+/// Adds `from`'s definitions to `into`; a name `into` has already keeps its first
+/// definition, and the later one is reported as a conflict of `path`.
+fn merge_first<T: Clone>(
+    into: &mut BTreeMap<String, T>,
+    from: &BTreeMap<String, T>,
+    what: &str,
+    path: &Path,
+    conflicts: &mut Vec<InvalidJobFile>,
+) {
+    for (name, definition) in from {
+        if into.contains_key(name) {
+            conflicts.push(InvalidJobFile {
+                path: path.to_owned(),
+                line: None,
+                reason: format!("{what} {name:?} is already defined in another file; ignored here"),
+            });
+        } else {
+            into.insert(name.clone(), definition.clone());
+        }
+    }
 }
 
 // ---- The directory ----------------------------------------------------------------------
@@ -1021,32 +1275,21 @@ impl JobDir {
         let mut conflicts = Vec::new();
         for (path, file) in &self.files {
             let Some(good) = &file.good else { continue };
-            for (name, job) in &good.jobs {
-                if set.jobs.contains_key(name) {
-                    conflicts.push(InvalidJobFile {
-                        path: path.clone(),
-                        line: None,
-                        reason: format!(
-                            "job {name:?} is already defined in another file; ignored here"
-                        ),
-                    });
-                } else {
-                    set.jobs.insert(name.clone(), job.clone());
-                }
-            }
-            for (name, sem) in &good.semaphores {
-                if set.semaphores.contains_key(name) {
-                    conflicts.push(InvalidJobFile {
-                        path: path.clone(),
-                        line: None,
-                        reason: format!(
-                            "semaphore {name:?} is already defined in another file; ignored here"
-                        ),
-                    });
-                } else {
-                    set.semaphores.insert(name.clone(), sem.clone());
-                }
-            }
+            merge_first(&mut set.jobs, &good.jobs, "job", path, &mut conflicts);
+            merge_first(
+                &mut set.semaphores,
+                &good.semaphores,
+                "semaphore",
+                path,
+                &mut conflicts,
+            );
+            merge_first(
+                &mut set.schedules,
+                &good.schedules,
+                "schedule",
+                path,
+                &mut conflicts,
+            );
         }
         (set, conflicts)
     }
@@ -1112,6 +1355,144 @@ semaphores:
         assert!(job.on_failure.is_empty());
         assert_eq!(job.params["date"].pattern, DEFAULT_PARAM_PATTERN);
         assert!(job.params["date"].required);
+    }
+
+    const SCHEDULES: &str = "\
+schedules:
+  - name: nightly_import
+    job: import
+    cron: '30 2 * * *'
+    timezone: Europe/Berlin
+    params: { date: '{slot:%Y_%m_%d}', note: 7 }
+    catch_up: one
+  - name: tick
+    job: heartbeat
+    every: 2s
+    offset: 1s
+    catch_up: all
+    backlog: 5
+";
+
+    #[test]
+    fn schedules_parse_with_their_defaults() {
+        let set = parse(SCHEDULES).unwrap();
+        let nightly = &set.schedules["nightly_import"];
+        assert_eq!(nightly.job, "import");
+        assert_eq!(nightly.timing.cron_expr(), Some("30 2 * * *"));
+        assert_eq!(nightly.timing.zone_name(), "Europe/Berlin");
+        assert_eq!(nightly.catch_up, CatchUp::One);
+        assert_eq!(nightly.backlog, DEFAULT_BACKLOG);
+        // 2026-03-29 02:30 does not exist in Berlin: the slot is 03:00 local.
+        let slot = crate::schedule::parse_instant_ms("2026-03-29T01:00:00Z").unwrap();
+        let params = nightly.params_for(slot).unwrap();
+        assert_eq!(params["date"], "2026_03_29");
+        assert_eq!(params["note"], "7");
+        let tick = &set.schedules["tick"];
+        assert_eq!(tick.timing, Timing::every(2000, 1000).unwrap());
+        assert_eq!((tick.catch_up, tick.backlog), (CatchUp::All, 5));
+        assert!(tick.params.is_empty());
+        assert!(set.jobs.is_empty() && set.semaphores.is_empty());
+    }
+
+    #[test]
+    fn bad_schedules_are_refused_naming_the_line_and_reason() {
+        let bad = |entry: &str, says: &str| {
+            let text = format!("schedules:\n  - name: ok\n    job: j\n    every: 1m\n{entry}");
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.line, Some(5), "{entry}: {err}");
+            assert!(err.reason.contains(says), "{entry}: {err}");
+        };
+        bad("  - name: s\n    job: j\n", "give cron or every");
+        bad(
+            "  - name: s\n    job: j\n    cron: '@daily'\n    every: 1h\n",
+            "not both",
+        );
+        bad(
+            "  - name: s\n    job: j\n    cron: '0 0 * * 8'\n",
+            "outside 0-7",
+        );
+        bad(
+            "  - name: s\n    job: j\n    cron: '0 0 * *'\n",
+            "five fields",
+        );
+        bad(
+            "  - name: s\n    job: j\n    cron: '@daily'\n    timezone: Europe/Nowhere\n",
+            "unknown time zone",
+        );
+        bad(
+            "  - name: s\n    job: j\n    cron: '@daily'\n    offset: 1s\n",
+            "offset goes with every",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    timezone: UTC\n",
+            "timezone goes with cron",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 500ms\n",
+            "whole seconds",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    offset: 2h\n",
+            "less than every",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: soon\n",
+            "every \"soon\"",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    catch_up: some\n",
+            "catch_up",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    backlog: 0\n",
+            "backlog 0",
+        );
+        bad(
+            "  - name: s\n    job: 'no such'\n    every: 1h\n",
+            "not a valid job name",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    params: { job_name: x }\n",
+            "parameter name",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    params: { d: '{today}' }\n",
+            "unknown placeholder",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    params: { d: [1] }\n",
+            "expected a string",
+        );
+        bad(
+            "  - name: s\n    job: j\n    every: 1h\n    when: now\n",
+            "when",
+        );
+        let err = parse(&format!(
+            "{SCHEDULES}  - name: tick\n    job: x\n    every: 1h\n"
+        ))
+        .unwrap_err();
+        assert!(err.reason.contains("defined twice"), "{err}");
+    }
+
+    #[test]
+    fn a_schedule_defined_in_two_files_is_a_check_problem_and_the_first_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), SCHEDULES).unwrap();
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "schedules:\n  - name: tick\n    job: other\n    every: 1h\n",
+        )
+        .unwrap();
+        let checks = check_dir(dir.path()).unwrap();
+        assert!(checks[0].problems.is_empty());
+        assert!(
+            matches!(&checks[1].problems[..], [FileProblem::DuplicateSchedule { name, .. }] if name == "tick")
+        );
+        let mut loaded = JobDir::new(dir.path());
+        loaded.refresh().unwrap();
+        let (set, conflicts) = loaded.job_set();
+        assert_eq!(set.schedules["tick"].job, "heartbeat");
+        assert_eq!(conflicts.len(), 1);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`envelope`]: the frame format (magic, protocol version, MessagePack) and its limits.
 //! - [`topic`]: exact PUB/SUB topics (no prefix matches).
 //! - [`jobfile`]: `jobs.d` files: parsing both formats, validation, the reloading loader.
+//! - [`schedule`]: when schedules fire: cron in a time zone (Vixie rules), intervals.
 //! - [`template`]: `{param}` rendering, shell-quoted for commands.
 //! - [`socket`]: broker addresses and the socket options every process uses.
 //! - [`keys`]: node key pairs and public-key files, enrolment names.
@@ -21,6 +22,7 @@ pub mod jobfile;
 pub mod keys;
 pub mod logging;
 pub mod message;
+pub mod schedule;
 pub mod seal;
 pub mod signals;
 pub mod socket;
