@@ -162,10 +162,16 @@ pub fn authorize(env: &Envelope) -> Result<Principal, Refusal> {
         Message::TaskFinished(finished) => {
             must_be_own("worker", &finished.worker, &principal.name)?;
         }
-        // The status shows which process reported each barrier: it must be this one.
-        Message::SemaphoreStatus { barriers } => {
+        // The status shows which process reported each barrier and schedule: this one.
+        Message::SemaphoreStatus {
+            barriers,
+            schedules,
+        } => {
             for view in barriers {
                 must_be_own("barrier reporter", &view.reporter, &env.sender)?;
+            }
+            for view in schedules {
+                must_be_own("schedule reporter", &view.reporter, &env.sender)?;
             }
         }
         _ => {}

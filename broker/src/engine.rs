@@ -234,11 +234,14 @@ impl Engine {
             Message::RetryDead { task_id } => {
                 self.on_retry_dead(&mut fx, &env, &TaskId::from(task_id), now)
             }
-            Message::SemaphoreStatus { barriers } => {
+            Message::SemaphoreStatus {
+                barriers,
+                schedules,
+            } => {
                 let principal = from.to_string();
-                let recorded = self
-                    .semaphores
-                    .record(&principal, &env.sender, barriers, now);
+                let recorded =
+                    self.semaphores
+                        .record(&principal, &env.sender, barriers, schedules, now);
                 self.count_by("semaphore_views_trimmed", recorded.trimmed as u64);
                 self.count_by("semaphore_reports_evicted", recorded.evicted as u64);
             }

@@ -157,6 +157,7 @@ impl Api {
             Route::Dead { limit } => self.list_dead(limit),
             Route::RetryDead { task_id } => self.retry_dead(&task_id),
             Route::Semaphores => self.list_semaphores(),
+            Route::Schedules => self.list_schedules(),
             Route::Healthz => Ok(self.healthz()),
             Route::Metrics => Ok(self.metrics()),
         };
@@ -375,6 +376,19 @@ impl Api {
         }
     }
 
+    fn list_schedules(&self) -> Handled {
+        match self.ask(Query::Schedules)? {
+            ReplyBody::Schedules(schedules) => {
+                let schedules: Vec<Value> = schedules.iter().map(views::schedule).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "schedules": schedules }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     fn list_dead(&self, limit: u32) -> Handled {
         match self.ask(Query::Dead { limit })? {
             ReplyBody::Dead(dead) => {
@@ -519,6 +533,7 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Dead(_) => "Dead",
         ReplyBody::Completions(_) => "Completions",
         ReplyBody::Semaphores(_) => "Semaphores",
+        ReplyBody::Schedules(_) => "Schedules",
     }
 }
 

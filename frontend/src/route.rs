@@ -81,6 +81,8 @@ pub enum Endpoint {
     RetryDead,
     /// `/semaphores`.
     Semaphores,
+    /// `/schedules`.
+    Schedules,
     /// `/healthz`.
     Healthz,
     /// `/metrics`.
@@ -102,6 +104,7 @@ impl Endpoint {
             | Endpoint::Workers
             | Endpoint::Dead
             | Endpoint::Semaphores
+            | Endpoint::Schedules
             | Endpoint::Metrics => Some(Scope::Read),
         }
     }
@@ -173,6 +176,8 @@ pub enum Route {
     },
     /// Barrier keys.
     Semaphores,
+    /// Schedules, their next and last slots.
+    Schedules,
     /// Liveness.
     Healthz,
     /// Prometheus metrics.
@@ -193,6 +198,7 @@ impl Route {
             Route::Dead { .. } => Endpoint::Dead,
             Route::RetryDead { .. } => Endpoint::RetryDead,
             Route::Semaphores => Endpoint::Semaphores,
+            Route::Schedules => Endpoint::Schedules,
             Route::Healthz => Endpoint::Healthz,
             Route::Metrics => Endpoint::Metrics,
         }
@@ -382,6 +388,7 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         ["dead"] => Some(Endpoint::Dead),
         ["dead", _, "retry"] => Some(Endpoint::RetryDead),
         ["semaphores"] => Some(Endpoint::Semaphores),
+        ["schedules"] => Some(Endpoint::Schedules),
         ["healthz"] => Some(Endpoint::Healthz),
         ["metrics"] => Some(Endpoint::Metrics),
         _ => None,
@@ -463,6 +470,10 @@ fn arguments(
         Endpoint::Semaphores => {
             only(&query, &[])?;
             Route::Semaphores
+        }
+        Endpoint::Schedules => {
+            only(&query, &[])?;
+            Route::Schedules
         }
         Endpoint::Dead => {
             only(&query, &["limit"])?;
@@ -719,6 +730,7 @@ mod tests {
             ("/jobs", Route::Jobs),
             ("/workers", Route::Workers),
             ("/semaphores", Route::Semaphores),
+            ("/schedules", Route::Schedules),
             ("/healthz?probe=1", Route::Healthz),
             ("/metrics", Route::Metrics),
             (
@@ -744,6 +756,7 @@ mod tests {
             "/workers",
             "/dead",
             "/semaphores",
+            "/schedules",
             "/metrics",
             "/no/such",
         ] {

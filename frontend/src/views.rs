@@ -7,7 +7,8 @@ use serde_json::{json, Map, Value};
 
 use jobz::jobfile::Delivery;
 use jobz::message::{
-    AttemptView, BarrierView, DeadView, HealthView, JobView, RunView, StepView, WorkerView,
+    AttemptView, BarrierView, DeadView, HealthView, JobView, RunView, ScheduleView, StepView,
+    WorkerView,
 };
 
 /// Epoch milliseconds as an RFC 3339 string.
@@ -18,6 +19,11 @@ pub fn time(ms: i64) -> Value {
 /// Optional epoch milliseconds as an RFC 3339 string or `null`.
 pub fn opt_time(ms: Option<i64>) -> Value {
     ms.map_or(Value::Null, time)
+}
+
+/// Milliseconds as a duration (`2s`, `1h 30m`).
+fn duration(ms: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64)).to_string()
 }
 
 /// A run; `with_steps: false` leaves `steps` empty (run lists).
@@ -69,6 +75,24 @@ pub fn barrier(b: &BarrierView) -> Value {
         "started_run": b.started_run,
         "opened_at": time(b.opened_at_ms),
         "reporter": b.reporter,
+    })
+}
+
+/// One schedule: when it fires next, the last slot it fired and the run that started.
+pub fn schedule(s: &ScheduleView) -> Value {
+    json!({
+        "schedule": s.schedule,
+        "job": s.job,
+        "cron": s.cron,
+        "every": s.every_ms.map(duration),
+        "offset": s.offset_ms.map(duration),
+        "timezone": s.timezone,
+        "catch_up": s.catch_up,
+        "next_fire": opt_time(s.next_fire_ms),
+        "last_slot": opt_time(s.last_slot_ms),
+        "last_run": s.last_run,
+        "pending": s.pending,
+        "reporter": s.reporter,
     })
 }
 

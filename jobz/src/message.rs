@@ -37,10 +37,14 @@ pub enum Message {
     TaskFinished(TaskFinished),
     /// Client → broker: read state. Answered with the matching `ReplyBody`.
     Query(Query),
-    /// Semaphore → broker: the state of its barriers, for `GET /semaphores`. Not answered.
+    /// Semaphore → broker: the state of its barriers and schedules, for `GET /semaphores`
+    /// and `GET /schedules`. Not answered.
     SemaphoreStatus {
         /// Every barrier key it tracks (open ones and recently closed ones).
         barriers: Vec<BarrierView>,
+        /// Every schedule it serves (absent from semaphores older than schedules).
+        #[serde(default)]
+        schedules: Vec<ScheduleView>,
     },
     /// Client → broker: run a dead task's job again, as a new run with the same parameters
     /// naming the old run as its parent. Answered with `Accepted` (the same run id if it
@@ -236,6 +240,8 @@ pub enum Query {
     },
     /// The barriers the semaphores last reported.
     Semaphores,
+    /// The schedules the semaphores last reported.
+    Schedules,
 }
 
 /// Filter for [`Query::Runs`].
@@ -296,6 +302,8 @@ pub enum ReplyBody {
     Completions(Vec<Completion>),
     /// Answer to `Query::Semaphores`.
     Semaphores(Vec<BarrierView>),
+    /// Answer to `Query::Schedules`.
+    Schedules(Vec<ScheduleView>),
 }
 
 /// One barrier key as a semaphore reports it.
@@ -317,6 +325,35 @@ pub struct BarrierView {
     pub started_run: Option<String>,
     /// First completion counted, ms since the epoch.
     pub opened_at_ms: i64,
+    /// Node id of the semaphore process that reported it.
+    pub reporter: String,
+}
+
+/// One schedule as a semaphore process reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    /// Schedule name.
+    pub schedule: String,
+    /// The job it starts.
+    pub job: String,
+    /// The cron expression as written, for a cron schedule.
+    pub cron: Option<String>,
+    /// The interval in ms, for an `every` schedule.
+    pub every_ms: Option<i64>,
+    /// Its offset in ms, for an `every` schedule.
+    pub offset_ms: Option<i64>,
+    /// IANA time zone of the cron expression (`UTC` for `every`).
+    pub timezone: String,
+    /// `none`, `one` or `all`.
+    pub catch_up: String,
+    /// The next slot, ms since the epoch (none if it never comes).
+    pub next_fire_ms: Option<i64>,
+    /// The latest slot it fired, ms since the epoch.
+    pub last_slot_ms: Option<i64>,
+    /// The run that slot started, once the broker accepted it.
+    pub last_run: Option<String>,
+    /// Slots fired and not yet accepted by the broker.
+    pub pending: u32,
     /// Node id of the semaphore process that reported it.
     pub reporter: String,
 }

@@ -195,6 +195,17 @@ impl Timing {
         }
     }
 
+    /// `(every_ms, offset_ms)`, if this is an interval.
+    pub fn interval(&self) -> Option<(i64, i64)> {
+        match self {
+            Timing::Every {
+                every_ms,
+                offset_ms,
+            } => Some((*every_ms, *offset_ms)),
+            Timing::Cron(_) => None,
+        }
+    }
+
     /// The time zone slots are rendered in (UTC for `every`).
     pub fn zone(&self) -> TimeZone {
         match self {
@@ -244,7 +255,8 @@ impl Timing {
                     return Slots::default();
                 }
                 let total = (last_k - first_k + 1) as u64;
-                let from_k = (last_k + 1 - keep as i64).max(first_k);
+                let kept = keep.min(total as usize) as i64;
+                let from_k = last_k + 1 - kept;
                 Slots {
                     total,
                     latest: (from_k..=last_k)

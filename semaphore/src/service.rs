@@ -307,7 +307,10 @@ impl Service {
                     view.params = self.params_for(&view.semaphore, &job, &view.params);
                 }
             }
-            self.client.send(Message::SemaphoreStatus { barriers });
+            self.client.send(Message::SemaphoreStatus {
+                barriers,
+                schedules: Vec::new(),
+            });
         }
     }
 

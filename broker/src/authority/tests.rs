@@ -1,7 +1,7 @@
 use super::*;
 use jobz::message::{
-    BarrierView, Completion, Event, Query, Reply, ReplyBody, TaskFinished, TaskOutcome, TaskRef,
-    TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
+    BarrierView, Completion, Event, Query, Reply, ReplyBody, ScheduleView, TaskFinished,
+    TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
 };
 
 const ROLES: [Role; 4] = [Role::Worker, Role::Frontend, Role::Semaphore, Role::Client];
@@ -88,6 +88,23 @@ fn barrier(reporter: &str) -> BarrierView {
     }
 }
 
+fn schedule(reporter: &str) -> ScheduleView {
+    ScheduleView {
+        schedule: "tick".into(),
+        job: "ledger".into(),
+        cron: Some("@hourly".into()),
+        every_ms: None,
+        offset_ms: None,
+        timezone: "UTC".into(),
+        catch_up: "none".into(),
+        next_fire_ms: None,
+        last_slot_ms: None,
+        last_run: None,
+        pending: 0,
+        reporter: reporter.into(),
+    }
+}
+
 /// One message of every type, its names filled in as `sender` would fill them honestly.
 fn every_message(sender: &str, role: Role) -> Vec<Message> {
     let name = principal_of(sender).split_once(':').unwrap().1;
@@ -104,6 +121,7 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
         Message::Query(Query::Health),
         Message::SemaphoreStatus {
             barriers: vec![barrier(sender)],
+            schedules: vec![schedule(sender)],
         },
         Message::RetryDead {
             task_id: "t1".into(),
@@ -194,14 +212,38 @@ fn a_semaphore_reports_only_barriers_it_reports_itself() {
     let own = "semaphore:s1/aaaa";
     let ok = Message::SemaphoreStatus {
         barriers: vec![barrier(own), barrier(own)],
+        schedules: vec![schedule(own)],
     };
     assert!(authorize(&envelope(own, ok)).is_ok());
     for other in ["semaphore:s1/bbbb", "semaphore:s2/aaaa", ""] {
         let forged = Message::SemaphoreStatus {
             barriers: vec![barrier(own), barrier(other)],
+            schedules: vec![],
         };
         let refusal = authorize(&envelope(own, forged)).unwrap_err();
         assert_eq!(refusal.reason(), "name_mismatch", "{other:?}: {refusal}");
+        let forged = Message::SemaphoreStatus {
+            barriers: vec![barrier(own)],
+            schedules: vec![schedule(own), schedule(other)],
+        };
+        let refusal = authorize(&envelope(own, forged)).unwrap_err();
+        assert_eq!(refusal.reason(), "name_mismatch", "{other:?}: {refusal}");
+        assert!(
+            refusal.to_string().contains("schedule reporter"),
+            "{refusal}"
+        );
+    }
+}
+
+#[test]
+fn only_a_semaphore_may_report_schedules() {
+    for sender in ["worker:w1", "frontend:f1/x", "client:c1"] {
+        let status = Message::SemaphoreStatus {
+            barriers: vec![],
+            schedules: vec![schedule(sender)],
+        };
+        let refusal = authorize(&envelope(sender, status)).unwrap_err();
+        assert_eq!(refusal.reason(), "wrong_role", "{sender}: {refusal}");
     }
 }
 

@@ -40,6 +40,10 @@ impl Engine {
                 let barriers = self.semaphores.views(now);
                 reply(fx, env, ReplyBody::Semaphores(barriers));
             }
+            Query::Schedules => {
+                let schedules = self.semaphores.schedules(now);
+                reply(fx, env, ReplyBody::Schedules(schedules));
+            }
             Query::Dead { limit } => {
                 let limit = limit.clamp(1, 1000) as usize;
                 let views = self.dead.newest().take(limit).map(Dead::view).collect();

@@ -965,7 +965,13 @@ fn semaphore_reports_under_many_sender_ids_of_one_principal_stay_bounded() {
         let barriers = (0..3)
             .map(|j| barrier_view(&sender, &format!("k{i}-{j}")))
             .collect();
-        h.send(&sender, Message::SemaphoreStatus { barriers });
+        h.send(
+            &sender,
+            Message::SemaphoreStatus {
+                barriers,
+                schedules: vec![],
+            },
+        );
     }
     let shown = shown_barriers(&mut h);
     assert!(
@@ -991,7 +997,13 @@ fn an_oversized_semaphore_status_is_trimmed_and_counted() {
     let barriers = (0..2_000)
         .map(|i| barrier_view(sender, &format!("k{i}")))
         .collect();
-    h.send(sender, Message::SemaphoreStatus { barriers });
+    h.send(
+        sender,
+        Message::SemaphoreStatus {
+            barriers,
+            schedules: vec![],
+        },
+    );
     assert_eq!(
         shown_barriers(&mut h).len(),
         crate::semaphore_reports::MAX_VIEWS_PER_REPORT

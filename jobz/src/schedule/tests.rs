@@ -300,6 +300,7 @@ fn every_is_aligned_to_the_epoch_plus_the_offset() {
     assert_eq!(window.total, 5); // 3, 5, 7, 9, 11 s
     assert_eq!(window.latest, [7000, 9000, 11_000]);
     assert_eq!(t.slots_in(1000, 2999, 10), Slots::default());
+    assert_eq!(t.slots_in(1000, 5000, usize::MAX).latest, [3000, 5000]);
     assert_eq!(t.to_string(), "every 2s + 1s");
     for (every, offset) in [(500, 0), (1500, 0), (2000, 2000), (2000, 500), (0, 0)] {
         assert!(Timing::every(every, offset).is_err(), "{every} {offset}");
