@@ -14,9 +14,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/jobz/semaphore";
 pub struct Config {
     /// Where the broker is.
     pub broker: BrokerAddr,
-    /// Job files; only their `semaphores:` are used.
+    /// Job files; only their `semaphores:` and `schedules:` are used.
     pub jobs_dir: PathBuf,
-    /// Directory of the durable barrier state.
+    /// Directory of the durable barrier and schedule state.
     pub state_dir: PathBuf,
     /// How often the barriers are reported to the broker (for `GET /semaphores`).
     pub status_interval: Duration,

@@ -1,4 +1,5 @@
-//! `jobz-semaphore`: dependency barriers between jobs ("run X once N others are done").
+//! `jobz-semaphore`: dependency barriers between jobs ("run X once N others are done") and
+//! schedules ("run X at 02:30 Berlin time", "every 5 minutes").
 //!
 //! A semaphore process loads the `semaphores:` of its `jobs.d`, subscribes to the
 //! completion events of every job they await, and counts completions per barrier: one
@@ -19,10 +20,16 @@
 //!   covers a broker restart), from where the last complete catch-up began, minus a minute.
 //! - **Old news is ignored**: completions more than six days old are not counted, and
 //!   closed barriers are forgotten after a week (the broker remembers trigger ids for a day).
+//! - **A schedule's slot fires once**: its trigger id is derived from the schedule name and
+//!   the slot, so two processes serving the same `schedules:` (for availability) and a
+//!   restarted one name a slot alike; each process decides a slot once (durably, before
+//!   sending) and never sends one older than 23 h, which the broker still remembers.
 //!
 //! # Layout
 //! - [`barrier`]: the counting rules, pure and unit-tested; start reading here.
-//! - [`service`]: the loop around it: broker link, catch-up, triggers, status reports.
+//! - [`schedule`]: which slots of which schedule to fire (catch-up included), pure too;
+//!   when slots fall is `jobz::schedule`'s.
+//! - [`service`]: the loop around both: broker link, catch-up, triggers, status reports.
 //! - [`state`]: the SQLite store.
 //! - [`config`]: settings and defaults.
 //! - [`check`]: `--check`, validating a jobs dir without connecting.
@@ -30,6 +37,7 @@
 pub mod barrier;
 pub mod check;
 pub mod config;
+pub mod schedule;
 pub mod service;
 pub mod state;
 

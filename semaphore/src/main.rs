@@ -9,7 +9,8 @@ use jobz::logging::LogArgs;
 use jobz::socket::BrokerAddr;
 use semaphore::config::{self, Config};
 
-/// Dependency barriers between jobs: triggers a job once others have finished.
+/// Dependency barriers between jobs and schedules: triggers a job once others have
+/// finished, or at the slots of a cron expression or interval.
 #[derive(Debug, Parser)]
 #[command(name = "jobz-semaphore", version)]
 struct Args {
@@ -20,16 +21,17 @@ struct Args {
         help = "Broker address, HOST[:BASE_PORT] (PUB at the base port, PULL at base + 1)"
     )]
     broker: BrokerAddr,
-    /// Directory of job files; only their `semaphores:` are used.
+    /// Directory of job files; only their `semaphores:` and `schedules:` are used.
     #[arg(long, env = "JOBZ_JOBS_DIR", default_value = "/etc/jobz/jobs.d")]
     jobs_dir: PathBuf,
-    /// Directory of the durable barrier state (one process per directory).
+    /// Directory of the durable barrier and schedule state (one process per directory).
     #[arg(long, env = "JOBZ_STATE", default_value = config::DEFAULT_STATE_DIR)]
     state: PathBuf,
-    /// How often the barriers are reported to the broker, for `GET /semaphores`.
+    /// How often the barriers and schedules are reported to the broker, for
+    /// `GET /semaphores` and `GET /schedules`.
     #[arg(long, env = "JOBZ_STATUS_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     status_interval: Duration,
-    /// Validate the semaphores of --jobs-dir, print one line per file, and exit
+    /// Validate the semaphores and schedules of --jobs-dir, print one line per file, and exit
     /// (0 if all are good, 1 otherwise) without connecting anywhere.
     #[arg(long, env = "JOBZ_CHECK", value_parser = clap::builder::BoolishValueParser::new())]
     check: bool,

@@ -1,9 +1,9 @@
-//! The semaphore's loop: the thin shell around [`Barriers`] that owns the broker link, the
-//! job directory and the [`Store`].
+//! The semaphore's loop: the thin shell around [`Barriers`] and [`Schedules`] that owns the
+//! broker link, the job directory and the [`Store`].
 //!
 //! One thread selects over the broker's publications (completion events), a ticker and the
-//! shutdown trigger. Every turn ends the same way: whatever the barriers decided is
-//! committed to the store, and only then are the triggers it implies sent. So a decision
+//! shutdown trigger. Every turn ends the same way: whatever the barriers and schedules
+//! decided is committed to the store, and only then are the triggers it implies sent. So a decision
 //! is never acted on before it is durable, and a restart resends exactly what was decided.
 //!
 //! Besides live events, completions are fetched from the broker ("catch-up") at start,
@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::barrier::{Action, BarrierId, Barriers, Trigger};
 use crate::config::Config;
+use crate::schedule::{ScheduleAction, Schedules};
 use crate::state::Store;
 
 /// How often the loop wakes without any message.
@@ -69,6 +70,11 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     }
     let store = Store::open(&config.state_dir)?;
     let barriers = Barriers::restore(store.load().context("loading the barrier state")?);
+    let (marks, fires) = store
+        .load_schedules()
+        .context("loading the schedule state")?;
+    // Slots before this instant fell due while this process did not run.
+    let schedules = Schedules::restore(marks, fires, jobz::now_ms());
     // A fresh state starts catching up from now: completions from before this semaphore
     // ever ran are not its business.
     let (high_water, fresh) = match store.high_water()? {
@@ -88,6 +94,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         client,
         store,
         barriers,
+        schedules,
+        schedule_actions: Vec::new(),
         jobs,
         subscribed: BTreeSet::new(),
         high_water,
@@ -155,6 +163,9 @@ struct Service {
     client: Client,
     store: Store,
     barriers: Barriers,
+    schedules: Schedules,
+    /// Schedule decisions not yet committed.
+    schedule_actions: Vec<ScheduleAction>,
     jobs: JobDir,
     subscribed: BTreeSet<String>,
     high_water: i64,
@@ -213,16 +224,24 @@ impl Service {
         let now = Instant::now();
         let save_mark = self.high_water_dirty
             && (force_high_water || !self.actions.is_empty() || now >= self.next_high_water_save);
-        if self.actions.is_empty() && !save_mark {
+        if self.actions.is_empty() && self.schedule_actions.is_empty() && !save_mark {
             return Ok(());
         }
         let mark = save_mark.then_some(self.high_water);
-        if let Err(e) = self.store.apply(&self.barriers, &self.actions, mark) {
-            error!(error = %format!("{e:#}"), "cannot write the barrier state; stopping");
-            return Err(e).context("writing the barrier state");
+        if let Err(e) =
+            self.store
+                .apply(&self.barriers, &self.actions, &self.schedule_actions, mark)
+        {
+            error!(error = %format!("{e:#}"), "cannot write the semaphore state; stopping");
+            return Err(e).context("writing the semaphore state");
         }
-        debug!(actions = self.actions.len(), "barrier state committed");
+        debug!(
+            actions = self.actions.len(),
+            schedule_actions = self.schedule_actions.len(),
+            "semaphore state committed"
+        );
         self.actions.clear();
+        self.schedule_actions.clear();
         if save_mark {
             self.high_water_dirty = false;
             self.next_high_water_save = now + HIGH_WATER_SAVE;
@@ -282,6 +301,8 @@ impl Service {
         self.poll_triggers(now);
         let actions = self.barriers.on_tick(jobz::now_ms());
         self.actions.extend(actions);
+        let actions = self.schedules.on_tick(jobz::now_ms());
+        self.schedule_actions.extend(actions);
         if now >= self.next_prune {
             self.next_prune = now + PRUNE_EVERY;
             let actions = self.barriers.prune(jobz::now_ms());
@@ -307,9 +328,10 @@ impl Service {
                     view.params = self.params_for(&view.semaphore, &job, &view.params);
                 }
             }
+            let schedules = self.schedules.views(&self.config.node_id);
             self.client.send(Message::SemaphoreStatus {
                 barriers,
-                schedules: Vec::new(),
+                schedules,
             });
         }
     }
@@ -338,6 +360,8 @@ impl Service {
         }
         let actions = self.barriers.set_specs(&set.semaphores, jobz::now_ms());
         self.actions.extend(actions);
+        let actions = self.schedules.set_specs(&set.schedules, jobz::now_ms());
+        self.schedule_actions.extend(actions);
         let awaited = self.barriers.awaited_jobs();
         let added: Vec<String> = awaited.difference(&self.subscribed).cloned().collect();
         let removed: Vec<String> = self.subscribed.difference(&awaited).cloned().collect();
@@ -354,11 +378,12 @@ impl Service {
         self.subscribed = awaited;
         info!(
             semaphores = set.semaphores.len(),
+            schedules = set.schedules.len(),
             awaited = ?self.subscribed,
             "semaphores loaded"
         );
-        if set.semaphores.is_empty() {
-            warn!(jobs_dir = %self.jobs.dir().display(), "no semaphores defined");
+        if set.semaphores.is_empty() && set.schedules.is_empty() {
+            warn!(jobs_dir = %self.jobs.dir().display(), "no semaphores or schedules defined");
         }
     }
 
@@ -561,24 +586,13 @@ impl Service {
             .collect();
         let mut need_catalog = false;
         for (barrier, trigger) in pending {
-            let sending = self
-                .sending
-                .entry(trigger.id.clone())
-                .or_insert_with(|| Sending {
-                    reply: None,
-                    next_try: now,
-                    refusals: 0,
-                    since: now,
-                });
-            if sending.reply.is_some() || now < sending.next_try {
+            let Some(since) = self.due_to_send(&trigger.id, now) else {
                 continue;
-            }
+            };
             // Wait for a catalog that can know the job, so the parameters passed do not
             // depend on how stale the catalog was when the barrier closed.
             let known = self.catalog.contains_key(&trigger.job);
-            let fresh = self
-                .catalog_fetched_at
-                .is_some_and(|at| at >= sending.since);
+            let fresh = self.catalog_fetched_at.is_some_and(|at| at >= since);
             if !known && !fresh {
                 need_catalog = true;
                 continue;
@@ -586,21 +600,59 @@ impl Service {
             let params = self.params_for(&barrier.semaphore, &trigger.job, &trigger.params);
             info!(semaphore = %barrier.semaphore, key = %barrier.key, job = %trigger.job,
                 kind = trigger.kind.as_str(), trigger_id = %trigger.id, "sending trigger");
-            let reply = self.client.request_with_id(
-                trigger.id.clone(),
-                Message::Trigger(TriggerRequest {
-                    job: trigger.job.clone(),
-                    params,
-                    parent_runs: trigger.parent_runs.clone(),
-                }),
-                TRIGGER_TIMEOUT,
-            );
-            if let Some(sending) = self.sending.get_mut(&trigger.id) {
-                sending.reply = Some(reply);
-            }
+            let request = TriggerRequest {
+                job: trigger.job.clone(),
+                params,
+                parent_runs: trigger.parent_runs.clone(),
+            };
+            self.send_trigger(&trigger.id, request);
         }
         if need_catalog {
             self.want_catalog(now);
+        }
+        // A schedule's parameters are its own (rendered for the slot): no catalog needed.
+        let fires: Vec<(String, TriggerRequest)> = self
+            .schedules
+            .pending()
+            .map(|f| {
+                let request = TriggerRequest {
+                    job: f.job.clone(),
+                    params: f.params.clone(),
+                    parent_runs: Vec::new(),
+                };
+                (f.id.clone(), request)
+            })
+            .collect();
+        for (id, request) in fires {
+            if self.due_to_send(&id, now).is_some() {
+                info!(job = %request.job, trigger_id = %id, "sending schedule trigger");
+                self.send_trigger(&id, request);
+            }
+        }
+    }
+
+    /// If the trigger `id` is not in flight and its back-off is over: since when it has
+    /// been pending here.
+    fn due_to_send(&mut self, id: &str, now: Instant) -> Option<Instant> {
+        let sending = self
+            .sending
+            .entry(id.to_owned())
+            .or_insert_with(|| Sending {
+                reply: None,
+                next_try: now,
+                refusals: 0,
+                since: now,
+            });
+        (sending.reply.is_none() && now >= sending.next_try).then_some(sending.since)
+    }
+
+    /// Sends a trigger under its deterministic id and keeps the reply to poll.
+    fn send_trigger(&mut self, id: &str, request: TriggerRequest) {
+        let reply =
+            self.client
+                .request_with_id(id.to_owned(), Message::Trigger(request), TRIGGER_TIMEOUT);
+        if let Some(sending) = self.sending.get_mut(id) {
+            sending.reply = Some(reply);
         }
     }
 
@@ -644,7 +696,10 @@ impl Service {
         }
         for (id, run_id) in accepted {
             self.sending.remove(&id);
-            if let Some(action) = self.barriers.on_accepted(&id, &run_id) {
+            if self.schedules.owns(&id) {
+                let actions = self.schedules.on_accepted(&id, &run_id);
+                self.schedule_actions.extend(actions);
+            } else if let Some(action) = self.barriers.on_accepted(&id, &run_id) {
                 self.actions.push(action);
             }
         }
@@ -653,6 +708,7 @@ impl Service {
             .barriers
             .pending_triggers()
             .map(|(_, t)| t.id.as_str())
+            .chain(self.schedules.pending().map(|f| f.id.as_str()))
             .collect();
         self.sending
             .retain(|id, s| s.reply.is_some() || pending.contains(id.as_str()));

@@ -3,8 +3,10 @@
 //! Tables: `barriers` (one row per semaphore and key), `counted` (the completions each
 //! barrier has seen; the primary key (semaphore, key, job, run, worker) is what makes a
 //! replayed completion count once even across restarts), `triggers` (the jobs a closed
-//! barrier starts, with the run the broker gave each) and `meta` (the catch-up high-water
-//! mark). The schema version is `PRAGMA user_version`.
+//! barrier starts, with the run the broker gave each), `meta` (the catch-up high-water
+//! mark), `schedules` (each schedule's mark: every slot up to it is decided) and
+//! `schedule_fires` (slots decided to fire, with the run each started). The schema version
+//! is `PRAGMA user_version`; version 1 (barriers only) is upgraded in place.
 //!
 //! The database is opened in exclusive locking mode: a second `jobz-semaphore` pointed at
 //! the same `--state` fails at start instead of sharing it.
@@ -19,9 +21,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::barrier::{
     Action, Barrier, BarrierId, BarrierState, Barriers, Counted, Trigger, TriggerKind,
 };
+use crate::schedule::{Fire, ScheduleAction};
 
 /// Version of the schema this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The semaphore's database.
 pub struct Store {
@@ -92,6 +95,20 @@ impl Store {
                      COMMIT;",
                 )
                 .context("creating the schema")?;
+        }
+        if version < 2 {
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TABLE IF NOT EXISTS schedules (
+                        name TEXT PRIMARY KEY, mark INTEGER NOT NULL);
+                     CREATE TABLE IF NOT EXISTS schedule_fires (
+                        id TEXT PRIMARY KEY, schedule TEXT NOT NULL, slot INTEGER NOT NULL,
+                        job TEXT NOT NULL, params TEXT NOT NULL, run_id TEXT);
+                     PRAGMA user_version = 2;
+                     COMMIT;",
+                )
+                .context("adding the schedule tables")?;
         } else {
             // Take the exclusive lock now, so a second process fails at start.
             self.conn
@@ -232,6 +249,51 @@ impl Store {
         Ok(barriers.into_values().collect())
     }
 
+    /// Every schedule's mark and every fire kept, as last stored.
+    pub fn load_schedules(&self) -> anyhow::Result<(BTreeMap<String, i64>, Vec<Fire>)> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, mark FROM schedules")
+            .context("reading schedule marks")?;
+        let marks = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .context("reading schedule marks")?
+            .collect::<Result<BTreeMap<_, _>, _>>()
+            .context("reading a schedule mark")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, schedule, slot, job, params, run_id FROM schedule_fires")
+            .context("reading schedule fires")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .context("reading schedule fires")?;
+        let mut fires = Vec::new();
+        for row in rows {
+            let (id, schedule, slot_ms, job, params, run_id) =
+                row.context("reading a schedule fire")?;
+            let params: Params = serde_json::from_str(&params)
+                .with_context(|| format!("schedule fire {id}: bad params"))?;
+            fires.push(Fire {
+                id,
+                schedule,
+                slot_ms,
+                job,
+                params,
+                run_id,
+            });
+        }
+        Ok((marks, fires))
+    }
+
     /// The catch-up high-water mark (ms since the epoch), if one was stored.
     pub fn high_water(&self) -> anyhow::Result<Option<i64>> {
         self.conn
@@ -244,14 +306,19 @@ impl Store {
             .context("reading the high-water mark")
     }
 
-    /// Makes `actions` and the high-water mark durable, in one transaction.
+    /// Makes `actions`, `schedule_actions` and the high-water mark durable, in one
+    /// transaction.
     pub fn apply(
         &mut self,
         barriers: &Barriers,
         actions: &[Action],
+        schedule_actions: &[ScheduleAction],
         high_water: Option<i64>,
     ) -> anyhow::Result<()> {
         let tx = self.conn.transaction().context("starting a transaction")?;
+        for action in schedule_actions {
+            apply_schedule_action(&tx, action)?;
+        }
         for action in actions {
             match action {
                 Action::Save { barrier, counted } => {
@@ -336,6 +403,46 @@ impl Store {
     }
 }
 
+fn apply_schedule_action(
+    tx: &rusqlite::Transaction,
+    action: &ScheduleAction,
+) -> anyhow::Result<()> {
+    match action {
+        ScheduleAction::Mark { schedule, mark_ms } => tx
+            .execute(
+                "INSERT INTO schedules (name, mark) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET mark = excluded.mark",
+                params![schedule, mark_ms],
+            )
+            .with_context(|| format!("saving the mark of schedule {schedule}"))?,
+        ScheduleAction::Fire(f) => tx
+            .execute(
+                "INSERT INTO schedule_fires (id, schedule, slot, job, params, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (id) DO UPDATE SET run_id = excluded.run_id",
+                params![
+                    f.id,
+                    f.schedule,
+                    f.slot_ms,
+                    f.job,
+                    json(&f.params),
+                    f.run_id
+                ],
+            )
+            .with_context(|| format!("saving schedule fire {}", f.id))?,
+        ScheduleAction::Accepted { id, run_id } => tx
+            .execute(
+                "UPDATE schedule_fires SET run_id = ?2 WHERE id = ?1",
+                params![id, run_id],
+            )
+            .with_context(|| format!("saving the run of schedule fire {id}"))?,
+        ScheduleAction::Forget { id } => tx
+            .execute("DELETE FROM schedule_fires WHERE id = ?1", params![id])
+            .with_context(|| format!("forgetting schedule fire {id}"))?,
+    };
+    Ok(())
+}
+
 fn json<T: serde::Serialize>(value: &T) -> String {
     // Maps and lists of strings always serialise.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
@@ -400,14 +507,14 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         assert_eq!(store.high_water().unwrap(), None);
         let actions = b.on_completion(&done("r1", "w1"), now);
-        store.apply(&b, &actions, Some(now)).unwrap();
+        store.apply(&b, &actions, &[], Some(now)).unwrap();
         // A replay is a no-op, and a no-op writes nothing.
         assert!(b.on_completion(&done("r1", "w1"), now).is_empty());
         let actions = b.on_completion(&done("r1", "w2"), now);
-        store.apply(&b, &actions, None).unwrap();
+        store.apply(&b, &actions, &[], None).unwrap();
         let tid = b.pending_triggers().next().unwrap().1.id.clone();
         let accepted = b.on_accepted(&tid, "run-7").unwrap();
-        store.apply(&b, &[accepted], Some(now + 5)).unwrap();
+        store.apply(&b, &[accepted], &[], Some(now + 5)).unwrap();
         drop(store);
 
         let store = Store::open(dir.path()).unwrap();
@@ -436,12 +543,12 @@ mod tests {
         b.set_specs(&spec(), now);
         let mut store = Store::open(dir.path()).unwrap();
         let actions = b.on_completion(&done("r1", "w1"), now);
-        store.apply(&b, &actions, None).unwrap();
+        store.apply(&b, &actions, &[], None).unwrap();
         let id = BarrierId {
             semaphore: "s".into(),
             key: "d1".into(),
         };
-        store.apply(&b, &[Action::Remove(id)], None).unwrap();
+        store.apply(&b, &[Action::Remove(id)], &[], None).unwrap();
         drop(store);
         assert!(Store::open(dir.path()).unwrap().load().unwrap().is_empty());
     }
@@ -458,9 +565,73 @@ mod tests {
     }
 
     #[test]
+    fn schedule_marks_and_fires_round_trip_and_version_1_state_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        // A state written before schedules existed.
+        {
+            let conn = Connection::open(dir.path().join("semaphore.sqlite3")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE barriers (semaphore TEXT NOT NULL, key TEXT NOT NULL,
+                   params TEXT NOT NULL, state TEXT NOT NULL, opened_at INTEGER NOT NULL,
+                   closed_at INTEGER, PRIMARY KEY (semaphore, key));
+                 CREATE TABLE counted (semaphore TEXT NOT NULL, key TEXT NOT NULL,
+                   job TEXT NOT NULL, run_id TEXT NOT NULL, worker TEXT NOT NULL,
+                   task_id TEXT NOT NULL, state TEXT NOT NULL, fanout INTEGER NOT NULL,
+                   finished_at INTEGER NOT NULL, PRIMARY KEY (semaphore, key, job, run_id, worker));
+                 CREATE TABLE triggers (id TEXT PRIMARY KEY, semaphore TEXT NOT NULL,
+                   key TEXT NOT NULL, kind TEXT NOT NULL, job TEXT NOT NULL, params TEXT NOT NULL,
+                   parent_runs TEXT NOT NULL, run_id TEXT);
+                 CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 INSERT INTO meta VALUES ('high_water', 42);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.high_water().unwrap(), Some(42));
+        let fire = |id: &str, slot_ms| Fire {
+            id: id.into(),
+            schedule: "tick".into(),
+            slot_ms,
+            job: "ledger".into(),
+            params: [("slot".to_string(), slot_ms.to_string())].into(),
+            run_id: None,
+        };
+        let actions = [
+            ScheduleAction::Mark {
+                schedule: "tick".into(),
+                mark_ms: 5000,
+            },
+            ScheduleAction::Fire(fire("sch-tick-2", 2000)),
+            ScheduleAction::Fire(fire("sch-tick-4", 4000)),
+            ScheduleAction::Accepted {
+                id: "sch-tick-4".into(),
+                run_id: "run-4".into(),
+            },
+            ScheduleAction::Fire(fire("sch-tick-0", 0)),
+            ScheduleAction::Forget {
+                id: "sch-tick-0".into(),
+            },
+        ];
+        store
+            .apply(&Barriers::default(), &[], &actions, None)
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let (marks, mut fires) = store.load_schedules().unwrap();
+        assert_eq!(marks, [("tick".to_string(), 5000)].into());
+        fires.sort_by_key(|f| f.slot_ms);
+        let mut accepted = fire("sch-tick-4", 4000);
+        accepted.run_id = Some("run-4".into());
+        assert_eq!(fires, [fire("sch-tick-2", 2000), accepted]);
+    }
+
+    #[test]
     fn in_memory_store_works() {
         let mut store = Store::in_memory().unwrap();
-        store.apply(&Barriers::default(), &[], Some(1)).unwrap();
+        store
+            .apply(&Barriers::default(), &[], &[], Some(1))
+            .unwrap();
         assert_eq!(store.high_water().unwrap(), Some(1));
     }
 }

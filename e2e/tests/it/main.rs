@@ -19,4 +19,5 @@ mod pipeline;
 mod principals;
 mod restart;
 mod retention;
+mod schedules;
 mod semaphores;
