@@ -162,6 +162,7 @@ The demo mesh is running.
   dashboard:     $FRONTEND/
   runs:          $FRONTEND/runs
   workers:       $FRONTEND/workers
+  schedules:     $FRONTEND/schedules  (nightly_import, 02:30 Berlin time)
   worker logs:   tail -f $DEMO/demo-a/log/worker.log $DEMO/demo-b/log/worker.log
   step outputs:  $DEMO/demo-a/log/runs/ and $DEMO/demo-b/log/runs/
   process logs:  $DEMO/*.log

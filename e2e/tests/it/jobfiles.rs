@@ -58,6 +58,7 @@ fn jobz_v1_spec_example_still_parses() {
 fn every_file_in_jobs_d_parses_and_names_only_known_successors() {
     let dir = repo_root().join("jobs.d");
     let mut all: BTreeMap<String, JobSpec> = BTreeMap::new();
+    let mut schedules = Vec::new();
     let mut files = 0;
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -68,7 +69,9 @@ fn every_file_in_jobs_d_parses_and_names_only_known_successors() {
             continue;
         }
         files += 1;
-        for (name, job) in parse(&path).jobs {
+        let set = parse(&path);
+        schedules.extend(set.schedules.into_values());
+        for (name, job) in set.jobs {
             assert!(
                 all.insert(name.clone(), job).is_none(),
                 "{name} defined twice"
@@ -97,6 +100,23 @@ fn every_file_in_jobs_d_parses_and_names_only_known_successors() {
     assert_eq!(all["reindex"].on_success, vec!["warm_cache"]);
     assert_eq!(all["warm_cache"].delivery, Delivery::Local);
     assert_eq!(all["import_broken"].on_failure, vec!["alert_ops"]);
+
+    // Every schedule starts a known job with parameters that job accepts.
+    assert!(!schedules.is_empty(), "no example schedule in jobs.d");
+    for schedule in &schedules {
+        let job = all.get(&schedule.job).unwrap_or_else(|| {
+            panic!(
+                "schedule {} starts unknown job {}",
+                schedule.name, schedule.job
+            )
+        });
+        let slot = schedule.timing.next_after(jobz::now_ms()).unwrap();
+        let params = schedule.params_for(slot).unwrap();
+        let rules = jobz::jobfile::ParamRules::compile(job).unwrap();
+        rules
+            .validate_params(&params)
+            .unwrap_or_else(|e| panic!("schedule {}: {params:?}: {e}", schedule.name));
+    }
 }
 
 /// A pattern written without anchors, as job authors do: `[a-z]+`.
