@@ -395,6 +395,7 @@ mod tests {
             last_slot_ms,
             last_run: last_slot_ms.map(|s| format!("run-{s}")),
             pending: 0,
+            settled_ms: None,
             reporter: reporter.into(),
         }
     }

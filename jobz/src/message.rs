@@ -354,6 +354,11 @@ pub struct ScheduleView {
     pub last_run: Option<String>,
     /// Slots fired and not yet accepted by the broker.
     pub pending: u32,
+    /// Every slot up to this one (ms since the epoch) is settled by the reporter: fired
+    /// and accepted by the broker, or skipped by its `catch_up`. A process back from a
+    /// stop does not catch up on what another one settled.
+    #[serde(default)]
+    pub settled_ms: Option<i64>,
     /// Node id of the semaphore process that reported it.
     pub reporter: String,
 }

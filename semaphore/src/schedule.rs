@@ -16,6 +16,11 @@
 //!   [`STALL_MS`]) fires. A slot that fell due while it did not run is *missed*: `catch_up:
 //!   none` skips it, `one` fires the latest missed slot, `all` the latest `backlog` of them.
 //! - A new schedule (no mark yet) starts from now: slots before it existed are not missed.
+//! - Missed means missed by every process: at start, a schedule whose slots another process
+//!   reports settled up to some slot (fired and accepted, or skipped) has its mark moved there
+//!   ([`Schedules::note_peers`]), so a process back from a stop does not catch up on what
+//!   its partner served (the broker would ingest those once anyway, but only while it
+//!   remembers their ids).
 //! - Nothing older than [`MAX_SLOT_AGE_MS`] is fired, missed slots and unsent fires alike:
 //!   the broker remembers trigger ids for 24 h across a restart, and a slot fired twice
 //!   further apart than that could start two runs.
@@ -241,6 +246,43 @@ impl Schedules {
         }
     }
 
+    /// Takes in what other processes reported (`GET /schedules`, via the broker): slots up
+    /// to what another process settled (fired and accepted, or skipped by `catch_up`) were
+    /// served by it and are not this process's to catch up on.
+    pub fn note_peers(
+        &mut self,
+        views: &[ScheduleView],
+        own: &str,
+        now: i64,
+    ) -> Vec<ScheduleAction> {
+        let mut actions = Vec::new();
+        for view in views {
+            let served = match view.settled_ms {
+                Some(slot) if view.reporter != own => slot,
+                _ => continue,
+            };
+            let Some(spec) = self.specs.get(&view.schedule) else {
+                continue;
+            };
+            let Some(mark) = self.marks.get_mut(&view.schedule) else {
+                continue;
+            };
+            if served <= *mark || served > now {
+                continue;
+            }
+            info!(schedule = %view.schedule, served_until = %jobz::format_time_ms(served),
+                by = %view.reporter, "another semaphore process served this schedule; catching up from there");
+            *mark = served;
+            self.next
+                .insert(view.schedule.clone(), spec.timing.next_after(served));
+            actions.push(ScheduleAction::Mark {
+                schedule: view.schedule.clone(),
+                mark_ms: served,
+            });
+        }
+        actions
+    }
+
     /// Fires not yet accepted by the broker.
     pub fn pending(&self) -> impl Iterator<Item = &Fire> {
         self.fires.values().filter(|f| f.run_id.is_none())
@@ -302,6 +344,16 @@ impl Schedules {
                     .collect();
                 let last = fires.iter().max_by_key(|f| f.slot_ms);
                 let interval = spec.timing.interval();
+                let oldest_pending = fires
+                    .iter()
+                    .filter(|f| f.run_id.is_none())
+                    .map(|f| f.slot_ms)
+                    .min();
+                let mark = self.marks.get(&spec.name).copied();
+                let settled = match oldest_pending {
+                    Some(slot) => mark.map(|m| m.min(slot - 1)),
+                    None => mark,
+                };
                 ScheduleView {
                     schedule: spec.name.clone(),
                     job: spec.job.clone(),
@@ -314,6 +366,7 @@ impl Schedules {
                     last_slot_ms: last.map(|f| f.slot_ms),
                     last_run: last.and_then(|f| f.run_id.clone()),
                     pending: fires.iter().filter(|f| f.run_id.is_none()).count() as u32,
+                    settled_ms: settled,
                     reporter: reporter.to_owned(),
                 }
             })

@@ -53,6 +53,9 @@ const CATALOG_MIN_GAP: Duration = Duration::from_secs(1);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// A high-water mark that moved is stored at least this often (else with the next write).
 const HIGH_WATER_SAVE: Duration = Duration::from_secs(5);
+/// How long schedules wait at start for what other processes reported (then they decide
+/// on their own: the broker's ingest-once still holds).
+const PEERS_WAIT: Duration = Duration::from_secs(10);
 /// Most publications handled before their decisions are committed.
 const MAX_BATCH: usize = 1000;
 
@@ -96,6 +99,8 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         barriers,
         schedules,
         schedule_actions: Vec::new(),
+        peers: PeersCheck::Due,
+        peers_deadline: start + PEERS_WAIT,
         jobs,
         subscribed: BTreeSet::new(),
         high_water,
@@ -149,6 +154,14 @@ struct CatchUp {
     began_ms: i64,
 }
 
+/// The start-up question "what did other processes serve while this one was away?"
+/// ([`Schedules::note_peers`]); schedules decide and are reported only once it is `Done`.
+enum PeersCheck {
+    Due,
+    Asked(Receiver<Result<ReplyBody, ClientError>>),
+    Done,
+}
+
 /// Where the sending of one trigger is.
 struct Sending {
     reply: Option<Receiver<Result<ReplyBody, ClientError>>>,
@@ -166,6 +179,9 @@ struct Service {
     schedules: Schedules,
     /// Schedule decisions not yet committed.
     schedule_actions: Vec<ScheduleAction>,
+    /// Where the start-up look at other processes' schedules is.
+    peers: PeersCheck,
+    peers_deadline: Instant,
     jobs: JobDir,
     subscribed: BTreeSet<String>,
     high_water: i64,
@@ -216,6 +232,7 @@ impl Service {
             }
             self.commit(false)?;
             self.send_triggers(Instant::now());
+            self.report_status(Instant::now());
         }
     }
 
@@ -301,8 +318,11 @@ impl Service {
         self.poll_triggers(now);
         let actions = self.barriers.on_tick(jobz::now_ms());
         self.actions.extend(actions);
-        let actions = self.schedules.on_tick(jobz::now_ms());
-        self.schedule_actions.extend(actions);
+        self.check_peers(now);
+        if matches!(self.peers, PeersCheck::Done) {
+            let actions = self.schedules.on_tick(jobz::now_ms());
+            self.schedule_actions.extend(actions);
+        }
         if now >= self.next_prune {
             self.next_prune = now + PRUNE_EVERY;
             let actions = self.barriers.prune(jobz::now_ms());
@@ -314,25 +334,74 @@ impl Service {
             }
             self.actions.extend(actions);
         }
-        if now >= self.next_status && self.client.is_connected() {
-            self.next_status = now + self.config.status_interval;
-            let mut barriers = self.barriers.views(jobz::now_ms(), &self.config.node_id);
-            for view in &mut barriers {
-                // Show what the (first) `then` job would get, not everything the first
-                // completion carried.
-                let then = self
-                    .barriers
-                    .spec(&view.semaphore)
-                    .and_then(|s| s.then.first().cloned());
-                if let Some(job) = then {
-                    view.params = self.params_for(&view.semaphore, &job, &view.params);
-                }
+    }
+
+    /// Reports the barriers and schedules, when due. Called after a commit, so a report
+    /// shows nothing a crash could undo; and not before the peers check, which the broker
+    /// would otherwise answer with this process's own report.
+    fn report_status(&mut self, now: Instant) {
+        let peers_done = matches!(self.peers, PeersCheck::Done);
+        if now < self.next_status || !self.client.is_connected() || !peers_done {
+            return;
+        }
+        self.next_status = now + self.config.status_interval;
+        let mut barriers = self.barriers.views(jobz::now_ms(), &self.config.node_id);
+        for view in &mut barriers {
+            // Show what the (first) `then` job would get, not everything the first
+            // completion carried.
+            let then = self
+                .barriers
+                .spec(&view.semaphore)
+                .and_then(|s| s.then.first().cloned());
+            if let Some(job) = then {
+                view.params = self.params_for(&view.semaphore, &job, &view.params);
             }
-            let schedules = self.schedules.views(&self.config.node_id);
-            self.client.send(Message::SemaphoreStatus {
-                barriers,
-                schedules,
-            });
+        }
+        let schedules = self.schedules.views(&self.config.node_id);
+        self.client.send(Message::SemaphoreStatus {
+            barriers,
+            schedules,
+        });
+    }
+
+    /// Asks the broker once, at start, what the other processes reported of their
+    /// schedules, and lets the schedules skip what those served.
+    fn check_peers(&mut self, now: Instant) {
+        let answer = match &self.peers {
+            PeersCheck::Done => return,
+            PeersCheck::Due => {
+                if self.client.is_connected() {
+                    let reply = self
+                        .client
+                        .request_async(Message::Query(Query::Schedules), QUERY_TIMEOUT);
+                    self.peers = PeersCheck::Asked(reply);
+                } else if now >= self.peers_deadline {
+                    warn!("the broker did not answer in time: schedules start without knowing what other semaphores served");
+                    self.peers = PeersCheck::Done;
+                }
+                return;
+            }
+            PeersCheck::Asked(reply) => match reply.try_recv() {
+                Err(TryRecvError::Empty) => return,
+                Ok(answer) => answer,
+                Err(TryRecvError::Disconnected) => Err(ClientError::Closed),
+            },
+        };
+        self.peers = PeersCheck::Done;
+        match answer {
+            Ok(ReplyBody::Schedules(views)) => {
+                debug!(views = ?views, "schedules other semaphores reported");
+                let actions =
+                    self.schedules
+                        .note_peers(&views, &self.config.node_id, jobz::now_ms());
+                self.schedule_actions.extend(actions);
+            }
+            Ok(other) => {
+                warn!(reply = ?std::mem::discriminant(&other), "unexpected answer to a schedules query")
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot learn what other semaphores served; schedules start without it")
+            }
         }
     }
 

@@ -101,6 +101,7 @@ fn schedule(reporter: &str) -> ScheduleView {
         last_slot_ms: None,
         last_run: None,
         pending: 0,
+        settled_ms: None,
         reporter: reporter.into(),
     }
 }

@@ -201,6 +201,26 @@ fn slots_missed_while_both_semaphores_were_stopped_follow_catch_up() {
             });
         assert!(line.contains("missed=3"), "{line}");
     }
+    // sem-b comes back too, with the same catch_up: what sem-a served meanwhile is not
+    // missed (sem-a reported it through the broker), so sem-b catches up on nothing.
+    mesh.restart("sem-b");
+    mesh.wait_semaphore_ready("sem-b", 2);
+    let sem_b_back = now_s() as i64 + 1;
+    wait_slot(&mesh, "catch_all", sem_b_back + 1);
+    let log = mesh.stderr_of("sem-b");
+    let after_restart = log.rsplit("---- e2e: restarted ----").next().unwrap_or("");
+    assert!(
+        after_restart.contains("another semaphore process served this schedule"),
+        "sem-b did not learn what sem-a served:\n{after_restart}"
+    );
+    for line in after_restart.lines().filter(|l| l.contains("slots missed")) {
+        // At most the slot of the status report in flight when sem-b asked.
+        assert!(
+            line.contains("missed=1 ") || line.contains("missed=0 "),
+            "sem-b caught up on slots sem-a had served: {line}"
+        );
+    }
+
     let slots = ledger(mesh.dir());
     for (policy, expected) in [
         ("none", vec![]),

@@ -192,6 +192,11 @@ fn only_the_latest_accepted_fire_is_kept_and_shown() {
     assert_eq!(view.pending, 1);
     assert_eq!(view.next_fire_ms, Some(T0 + 6 * S));
     assert_eq!(view.reporter, "semaphore:s1/ab");
+    // Slot 2 is still pending: settled up to just before it.
+    assert_eq!(view.settled_ms, Some(T0 + 2 * S - 1));
+    let pending = s.pending().next().unwrap().id.clone();
+    s.on_accepted(&pending, "run-b");
+    assert_eq!(s.views("me")[0].settled_ms, Some(T0 + 4 * S));
 }
 
 #[test]
@@ -200,4 +205,47 @@ fn trigger_ids_fit_the_broker() {
     let id = trigger_id(&longest, i64::MAX);
     assert!(id.len() <= 256, "{}", id.len());
     assert_eq!(trigger_id("a-1", 5_000), "sch-a-1-5");
+}
+
+#[test]
+fn slots_another_process_served_are_not_caught_up() {
+    let specs = every_2s("all", 100);
+    let (marks, fires) = ran_until(&specs, T0 + 4 * S + 300);
+    let restart = T0 + 11 * S;
+    let peer = |settled_ms: Option<i64>, reporter: &str| ScheduleView {
+        schedule: "tick".into(),
+        job: "ledger".into(),
+        cron: None,
+        every_ms: Some(2000),
+        offset_ms: Some(0),
+        timezone: "UTC".into(),
+        catch_up: "all".into(),
+        next_fire_ms: None,
+        last_slot_ms: settled_ms,
+        last_run: None,
+        pending: 0,
+        settled_ms,
+        reporter: reporter.into(),
+    };
+    let own = "semaphore:s1/me";
+    let mut s = Schedules::restore(marks.clone(), fires.clone(), restart);
+    s.set_specs(&specs, restart);
+    // Reports that prove nothing: its own, one with nothing settled, one from the future.
+    let unproven = [
+        peer(Some(T0 + 10 * S), own),
+        peer(None, "semaphore:s2/b"),
+        peer(Some(restart + S), "semaphore:s2/b"),
+    ];
+    assert!(s.note_peers(&unproven, own, restart).is_empty());
+    assert_eq!(fired(&s.on_tick(restart)), [6, 8, 10]);
+
+    // Another process settled everything up to slot 8: only 10 is missed.
+    let mut s = Schedules::restore(marks, fires, restart);
+    s.set_specs(&specs, restart);
+    let served = [peer(Some(T0 + 8 * S), "semaphore:s2/b")];
+    assert_eq!(
+        mark_of(&s.note_peers(&served, own, restart)),
+        Some(T0 + 8 * S)
+    );
+    assert_eq!(fired(&s.on_tick(restart)), [10]);
 }
