@@ -92,6 +92,7 @@ pub fn schedule(s: &ScheduleView) -> Value {
         "last_slot": opt_time(s.last_slot_ms),
         "last_run": s.last_run,
         "pending": s.pending,
+        "settled": opt_time(s.settled_ms),
         "reporter": s.reporter,
     })
 }
