@@ -16,6 +16,8 @@
 //!   [`STALL_MS`]) fires. A slot that fell due while it did not run is *missed*: `catch_up:
 //!   none` skips it, `one` fires the latest missed slot, `all` the latest `backlog` of them.
 //! - A new schedule (no mark yet) starts from now: slots before it existed are not missed.
+//!   A schedule removed from `jobs.d` loses its mark, so one added back starts from then
+//!   too: a disabled schedule does not catch up.
 //! - Missed means missed by every process: at start, a schedule whose slots another process
 //!   reports settled up to some slot (fired and accepted, or skipped) has its mark moved there
 //!   ([`Schedules::note_peers`]), so a process back from a stop does not catch up on what
@@ -78,6 +80,11 @@ pub enum ScheduleAction {
         /// The run.
         run_id: String,
     },
+    /// The schedule is no longer defined: forget its mark.
+    Unmark {
+        /// The schedule.
+        schedule: String,
+    },
     /// A fire no longer kept (superseded, or too old to send).
     Forget {
         /// The fire's trigger id.
@@ -118,14 +125,25 @@ impl Schedules {
     }
 
     /// Replaces the definitions (after `jobs.d` changed). A schedule seen for the first
-    /// time starts from `now`. Fires already decided are sent even if their schedule is
-    /// gone: they were decided while it existed.
+    /// time starts from `now`; one no longer defined loses its mark. Fires already decided
+    /// are sent even if their schedule is gone: they were decided while it existed.
     pub fn set_specs(
         &mut self,
         specs: &BTreeMap<String, ScheduleSpec>,
         now: i64,
     ) -> Vec<ScheduleAction> {
         let mut actions = Vec::new();
+        let gone: Vec<String> = self
+            .marks
+            .keys()
+            .filter(|name| !specs.contains_key(*name))
+            .cloned()
+            .collect();
+        for schedule in gone {
+            info!(schedule = %schedule, "schedule no longer defined: forgotten");
+            self.marks.remove(&schedule);
+            actions.push(ScheduleAction::Unmark { schedule });
+        }
         self.specs = specs.clone();
         self.next.clear();
         for (name, spec) in specs {

@@ -415,6 +415,9 @@ fn apply_schedule_action(
                 params![schedule, mark_ms],
             )
             .with_context(|| format!("saving the mark of schedule {schedule}"))?,
+        ScheduleAction::Unmark { schedule } => tx
+            .execute("DELETE FROM schedules WHERE name = ?1", params![schedule])
+            .with_context(|| format!("forgetting schedule {schedule}"))?,
         ScheduleAction::Fire(f) => tx
             .execute(
                 "INSERT INTO schedule_fires (id, schedule, slot, job, params, run_id)
@@ -611,6 +614,13 @@ mod tests {
             ScheduleAction::Fire(fire("sch-tick-0", 0)),
             ScheduleAction::Forget {
                 id: "sch-tick-0".into(),
+            },
+            ScheduleAction::Mark {
+                schedule: "gone".into(),
+                mark_ms: 1,
+            },
+            ScheduleAction::Unmark {
+                schedule: "gone".into(),
             },
         ];
         store

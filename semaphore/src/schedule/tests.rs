@@ -104,6 +104,26 @@ fn a_new_schedule_starts_from_now() {
 }
 
 #[test]
+fn a_schedule_removed_and_added_back_starts_again_from_then() {
+    let specs = every_2s("all", 100);
+    let mut s = Schedules::restore(BTreeMap::new(), Vec::new(), T0);
+    s.set_specs(&specs, T0);
+    s.on_tick(T0 + 2 * S);
+    let actions = s.set_specs(&BTreeMap::new(), T0 + 3 * S);
+    assert_eq!(
+        actions,
+        [ScheduleAction::Unmark {
+            schedule: "tick".into()
+        }]
+    );
+    assert!(fired(&s.on_tick(T0 + 8 * S)).is_empty());
+    // Back at 9 s: slots 4 to 8, while it was not defined, are not missed.
+    assert_eq!(mark_of(&s.set_specs(&specs, T0 + 9 * S)), Some(T0 + 9 * S));
+    assert!(fired(&s.on_tick(T0 + 9 * S)).is_empty());
+    assert_eq!(fired(&s.on_tick(T0 + 10 * S)), [10]);
+}
+
+#[test]
 fn a_long_pause_counts_as_stopped() {
     let specs = every_2s("none", 100);
     let mut s = Schedules::restore(BTreeMap::new(), Vec::new(), T0 - S);
