@@ -1,5 +1,5 @@
-//! The result table: one row per figure, with the target it is held to (if any) and
-//! whether it met it.
+//! The result table: one row per figure, with the same figure of Celery + Redis and the
+//! ratio where one was measured, the target it is held to (if any) and whether it met it.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -37,6 +37,10 @@ pub struct Row {
     pub metric: String,
     /// The figure, printed.
     pub value: String,
+    /// The same figure measured on Celery + Redis in the same bench run (empty if none).
+    pub peer: String,
+    /// jobz / Celery, printed (empty if there is no Celery figure).
+    pub ratio: String,
     /// The target, printed (empty if none).
     pub target: String,
     /// Whether the target was met (`None`: no target).
@@ -50,6 +54,8 @@ impl Row {
             scenario: scenario.to_owned(),
             metric: metric.to_owned(),
             value: value.into(),
+            peer: String::new(),
+            ratio: String::new(),
             target: String::new(),
             met: None,
         }
@@ -64,11 +70,9 @@ impl Row {
             Target::AtMost(t) => (format!("<= {}", format(t, unit)), Some(value <= t)),
         };
         Row {
-            scenario: scenario.to_owned(),
-            metric: metric.to_owned(),
-            value: format(value, unit),
             target: target_text,
             met,
+            ..Row::info(scenario, metric, format(value, unit))
         }
     }
 
@@ -80,12 +84,44 @@ impl Row {
     /// A row saying a scenario could not be measured.
     pub fn failed(scenario: &str, error: &anyhow::Error) -> Row {
         Row {
-            scenario: scenario.to_owned(),
-            metric: String::from("FAILED"),
-            value: format!("{error:#}"),
-            target: String::new(),
             met: Some(false),
+            ..Row::info(scenario, FAILED, format!("{error:#}"))
         }
+    }
+
+    /// True for the row of a scenario that could not be measured.
+    pub fn is_failure(&self) -> bool {
+        self.metric == FAILED
+    }
+}
+
+/// The metric of a row saying a scenario could not be measured.
+pub const FAILED: &str = "FAILED";
+
+/// Where a scenario's rows go in the table: by the number its label starts with
+/// (`10 backlog drain` after `9 idle latency`); labels without one (the targets) first.
+pub fn section_rank(scenario: &str) -> u32 {
+    let digits: String = scenario.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or(0)
+}
+
+/// Sorts rows by section ([`section_rank`]), keeping the order measured within each.
+pub fn sort_by_section(rows: &mut [Row]) {
+    rows.sort_by_key(|r| section_rank(&r.scenario));
+}
+
+/// `jobz / peer` as printed in the ratio column: `0.44x`, `3.5x`.
+pub fn ratio(jobz: f64, peer: f64) -> String {
+    if peer <= 0.0 || !jobz.is_finite() {
+        return String::new();
+    }
+    let r = jobz / peer;
+    if r >= 10.0 {
+        format!("{r:.0}x")
+    } else if r >= 0.095 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.3}x")
     }
 }
 
@@ -102,21 +138,35 @@ pub fn format(value: f64, unit: Unit) -> String {
     }
 }
 
-/// The table as aligned text, one row per line, with a verdict column.
+/// Columns of the table.
+const COLUMNS: usize = 7;
+
+/// The table as aligned text, one row per line: scenario, metric, the jobz figure, the
+/// Celery figure, jobz / Celery, the target, and PASS or MISS.
 pub fn render(rows: &[Row]) -> String {
-    let headers = ["scenario", "metric", "value", "target", ""];
-    let cells: Vec<[String; 5]> = rows
+    let headers = [
+        "scenario",
+        "metric",
+        "jobz",
+        "Celery",
+        "jobz/Celery",
+        "target",
+        "",
+    ];
+    let cells: Vec<[String; COLUMNS]> = rows
         .iter()
         .map(|r| {
             let verdict = match r.met {
                 None => "",
-                Some(true) => "ok",
+                Some(true) => "PASS",
                 Some(false) => "MISS",
             };
             [
                 r.scenario.clone(),
                 r.metric.clone(),
                 r.value.clone(),
+                r.peer.clone(),
+                r.ratio.clone(),
                 r.target.clone(),
                 verdict.to_owned(),
             ]
@@ -129,11 +179,11 @@ pub fn render(rows: &[Row]) -> String {
         }
     }
     let mut out = String::new();
-    let mut line = |cols: [&str; 5]| {
+    let mut line = |cols: [&str; COLUMNS]| {
         let mut text = String::new();
         for (i, (cell, w)) in cols.iter().zip(widths).enumerate() {
             // Figures are right-aligned, words left-aligned.
-            if i == 2 {
+            if (2..=4).contains(&i) {
                 let _ = write!(text, "{cell:>w$}  ");
             } else {
                 let _ = write!(text, "{cell:<w$}  ");
@@ -144,13 +194,19 @@ pub fn render(rows: &[Row]) -> String {
     };
     line(headers);
     let rule = widths.map(|w| "-".repeat(w));
-    line([&rule[0], &rule[1], &rule[2], &rule[3], &rule[4]]);
+    line(std::array::from_fn(|i| rule[i].as_str()));
     let mut previous = "";
     for (row, r) in cells.iter().zip(rows) {
         // The scenario is named on its first row only.
         let scenario = if r.scenario == previous { "" } else { &row[0] };
         previous = &r.scenario;
-        line([scenario, &row[1], &row[2], &row[3], &row[4]]);
+        line(std::array::from_fn(|i| {
+            if i == 0 {
+                scenario
+            } else {
+                row[i].as_str()
+            }
+        }));
     }
     out
 }
@@ -200,10 +256,56 @@ mod tests {
         let text = render(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 5);
+        assert!(lines[0].starts_with("scenario   metric"));
+        assert!(lines[0].contains("jobz  Celery  jobz/Celery  target"));
         assert!(lines[2].starts_with("1 trigger  accepted/s"));
-        assert!(lines[2].ends_with("ok"));
+        assert!(lines[2].ends_with("PASS"));
         assert!(lines[3].starts_with("           p99"));
         assert!(lines[3].ends_with("MISS"));
         assert!(lines[4].starts_with("5 restart"));
+        assert!(lines[4].ends_with("2000"), "{:?}", lines[4]);
+    }
+
+    #[test]
+    fn celery_figures_and_ratios_line_up_right_aligned() {
+        let rows = vec![
+            Row {
+                peer: "703/s".into(),
+                ratio: ratio(245.0, 703.0),
+                ..Row::figure("t", "runs/s", 245.0, Unit::PerSec, Target::AtLeast(1406.0))
+            },
+            Row::info("t", "idle RSS", "8.0 MiB"),
+        ];
+        assert_eq!(rows[0].ratio, "0.35x");
+        let text = render(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        let celery = lines[0].find("Celery").unwrap();
+        // Right-aligned under their headers: both rows end their figure at the same column.
+        assert_eq!(&lines[2][celery..celery + 6], " 703/s");
+        assert!(lines[2].contains("0.35x  >= 1406/s  MISS"), "{}", lines[2]);
+        assert!(lines[3].trim_end().ends_with("8.0 MiB"));
+    }
+
+    #[test]
+    fn ratios_keep_two_significant_figures_or_so() {
+        assert_eq!(ratio(3.5, 1.0), "3.50x");
+        assert_eq!(ratio(1.0, 21.9), "0.046x");
+        assert_eq!(ratio(138.0, 5.0), "28x");
+        assert_eq!(ratio(1.0, 0.0), "");
+    }
+
+    #[test]
+    fn sections_sort_by_number_and_targets_come_first() {
+        let mut rows = vec![
+            Row::info("10 backlog drain", "a", "1"),
+            Row::info("9 idle latency", "b", "2"),
+            Row::info("targets", "c", "3"),
+            Row::info("1 trigger", "d", "4"),
+            Row::info("9 idle latency", "e", "5"),
+        ];
+        sort_by_section(&mut rows);
+        let order: Vec<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
+        assert_eq!(order, ["c", "d", "b", "e", "a"]);
+        assert!(Row::failed("3", &anyhow::anyhow!("x")).is_failure());
     }
 }

@@ -75,7 +75,7 @@ pub fn new_misses(plain_rows: &[Row], sealed_rows: Vec<Row>) -> Vec<Row> {
     };
     sealed_rows
         .into_iter()
-        .filter(|r| r.met == Some(false) && (r.metric == "FAILED" || !plain_missed(r)))
+        .filter(|r| r.met == Some(false) && (r.is_failure() || !plain_missed(r)))
         .collect()
 }
 
