@@ -1,5 +1,6 @@
 //! A jobz mesh of real processes on loopback for the bench: a broker (state in a temporary
-//! directory), a frontend and N workers, each with its own log file. A sealed mesh
+//! directory), a frontend, N workers and optionally a semaphore, each with its own log file
+//! (or a broker alone, [`Mesh::start_broker_alone`], for simulated workers). A sealed mesh
 //! ([`MeshConfig::sealed`]) gives the broker `--keys` and every node a key the broker has
 //! already accepted, the way Ansible pre-seeds them.
 //!
@@ -26,14 +27,17 @@ use crate::http;
 /// How long a single HTTP request to the frontend may take before it counts as failed.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Running children (PID) and temporary directories, for the signal handler.
+/// Running children (PID), process groups of children that lead one (the peers' drivers)
+/// and temporary directories, for the signal handler.
 struct Registry {
     pids: Vec<u32>,
+    groups: Vec<u32>,
     dirs: Vec<PathBuf>,
 }
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pids: Vec::new(),
+    groups: Vec::new(),
     dirs: Vec::new(),
 });
 
@@ -41,8 +45,9 @@ fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// On SIGINT, SIGTERM or SIGHUP: SIGKILL every running child by PID, remove the
-/// temporary directories, exit 130.
+/// On SIGINT, SIGTERM or SIGHUP: SIGKILL every running child by PID, SIGTERM (then, a
+/// second later, SIGKILL) every process group the bench started, remove the temporary
+/// directories, exit 130.
 pub fn install_cleanup() -> anyhow::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -61,6 +66,16 @@ pub fn install_cleanup() -> anyhow::Result<()> {
                     let _ = Command::new("kill")
                         .args(["-KILL", &pid.to_string()])
                         .status();
+                }
+                // A driver stops its own servers and workers on SIGTERM.
+                for group in &reg.groups {
+                    signal_group(*group, "-TERM");
+                }
+                if !reg.groups.is_empty() {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                for group in &reg.groups {
+                    signal_group(*group, "-KILL");
                 }
                 for dir in &reg.dirs {
                     let _ = fs::remove_dir_all(dir);
@@ -83,8 +98,10 @@ pub struct MeshConfig {
     pub slots: u32,
     /// `--heartbeat` of each worker.
     pub heartbeat: String,
-    /// The job file every worker loads.
+    /// The job file every worker loads; `@DIR@` stands for the mesh's directory.
     pub jobs_yaml: String,
+    /// The semaphores file of a `jobz-semaphore` to start (plain mesh only), if any.
+    pub semaphores_yaml: Option<String>,
     /// Keep the temporary directory.
     pub keep: bool,
     /// Seal every frame: broker `--keys`, frontend and workers with pre-accepted keys.
@@ -126,6 +143,21 @@ impl Proc {
         reg.pids.push(child.id());
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The exit status, if the process has ended.
+    /// A process found ended is reaped and forgotten (its PID may be reused).
+    fn exited(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait().context("waiting for a child")?;
+        if status.is_some() {
+            let pid = child.id();
+            self.child = None;
+            registry().pids.retain(|&p| p != pid);
+        }
+        Ok(status)
     }
 
     fn pid(&self) -> Option<u32> {
@@ -186,37 +218,15 @@ impl Mesh {
     /// Starts the broker and the frontend, waits for `/healthz`, starts the workers and
     /// waits until all of them are live.
     pub fn start(config: &MeshConfig) -> anyhow::Result<Mesh> {
-        for name in ["jobz-broker", "jobz-frontend", "jobz-worker"] {
-            let path = config.bin_dir.join(name);
-            if !path.is_file() {
-                bail!(
-                    "{} does not exist: build the binaries first (bench/run.sh does)",
-                    path.display()
-                );
-            }
+        let mut binaries = vec!["jobz-broker", "jobz-frontend", "jobz-worker"];
+        if config.semaphores_yaml.is_some() {
+            binaries.push("jobz-semaphore");
         }
-        let dir = tempfile::Builder::new()
-            .prefix("jobz-bench-")
-            .tempdir()
-            .context("creating a temporary directory")?;
-        let root = dir.path().to_owned();
-        registry().dirs.push(root.clone());
-        let base_port = free_ports(4, &[])?;
-        let frontend_port = free_ports(1, &[base_port])?;
-        let mut mesh = Mesh {
-            dir: Some(dir),
-            root: root.clone(),
-            base_port,
-            frontend_port,
-            procs: Vec::new(),
-            worker_names: Vec::new(),
-        };
-        if config.keep {
-            if let Some(dir) = mesh.dir.take() {
-                let kept = dir.keep();
-                registry().dirs.retain(|d| d != &kept);
-            }
-        }
+        check_binaries(&config.bin_dir, &binaries)?;
+        let mut mesh = Mesh::empty(config.keep)?;
+        let root = mesh.root.clone();
+        let base_port = mesh.base_port;
+        let frontend_port = mesh.frontend_port;
         let broker_addr = format!("127.0.0.1:{base_port}");
         let frontend_url = format!("http://127.0.0.1:{frontend_port}");
         let keys = if config.sealed {
@@ -260,8 +270,8 @@ impl Mesh {
             let jobs_dir = home.join("jobs.d");
             fs::create_dir_all(&jobs_dir)
                 .with_context(|| format!("creating {}", jobs_dir.display()))?;
-            fs::write(jobs_dir.join("bench.yaml"), &config.jobs_yaml)
-                .context("writing the job file")?;
+            let yaml = config.jobs_yaml.replace("@DIR@", &root.to_string_lossy());
+            fs::write(jobs_dir.join("bench.yaml"), yaml).context("writing the job file")?;
             let mut args: Vec<OsString> = vec![
                 "--broker".into(),
                 broker_addr.clone().into(),
@@ -288,7 +298,91 @@ impl Mesh {
             mesh.worker_names.push(name);
         }
         mesh.wait_workers_live(config.workers, Duration::from_secs(30))?;
+        if let (Some(yaml), false) = (&config.semaphores_yaml, config.sealed) {
+            let home = root.join("semaphore");
+            let jobs_dir = home.join("jobs.d");
+            fs::create_dir_all(&jobs_dir)
+                .with_context(|| format!("creating {}", jobs_dir.display()))?;
+            fs::write(jobs_dir.join("semaphores.yaml"), yaml)
+                .context("writing the semaphores file")?;
+            let args: Vec<OsString> = vec![
+                "--broker".into(),
+                broker_addr.clone().into(),
+                "--jobs-dir".into(),
+                jobs_dir.into(),
+                "--state".into(),
+                home.join("state").into(),
+            ];
+            mesh.add(SEMAPHORE, config.bin_dir.join("jobz-semaphore"), args)?;
+            mesh.wait_logged(SEMAPHORE, "semaphore ready", Duration::from_secs(30))?;
+        }
         Ok(mesh)
+    }
+
+    /// A broker alone (plain, `--state` in a temporary directory), for simulated workers:
+    /// ready once it has logged `broker started`.
+    pub fn start_broker_alone(bin_dir: &Path, keep: bool) -> anyhow::Result<Mesh> {
+        check_binaries(bin_dir, &["jobz-broker"])?;
+        let mut mesh = Mesh::empty(keep)?;
+        let args: Vec<OsString> = vec![
+            "--bind".into(),
+            format!("127.0.0.1:{}", mesh.base_port).into(),
+            "--state".into(),
+            mesh.root.join("broker").into(),
+        ];
+        mesh.add("broker", bin_dir.join("jobz-broker"), args)?;
+        mesh.wait_logged("broker", "broker started", Duration::from_secs(30))?;
+        Ok(mesh)
+    }
+
+    /// A mesh with no process yet: its directory and free ports.
+    fn empty(keep: bool) -> anyhow::Result<Mesh> {
+        let dir = tempfile::Builder::new()
+            .prefix("jobz-bench-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let root = dir.path().to_owned();
+        registry().dirs.push(root.clone());
+        let base_port = free_ports(4, &[])?;
+        let frontend_port = free_ports(1, &[base_port])?;
+        let mut mesh = Mesh {
+            dir: Some(dir),
+            root,
+            base_port,
+            frontend_port,
+            procs: Vec::new(),
+            worker_names: Vec::new(),
+        };
+        if keep {
+            if let Some(dir) = mesh.dir.take() {
+                let kept = dir.keep();
+                registry().dirs.retain(|d| d != &kept);
+            }
+        }
+        Ok(mesh)
+    }
+
+    /// Waits until the log of `name` holds `needle`.
+    pub fn wait_logged(
+        &mut self,
+        name: &str,
+        needle: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if self.log_of(name).contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.proc(name)?.exited()? {
+                bail!("{name} exited ({status}):\n{}", self.diagnostics(10));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!(
+            "{name} did not log {needle:?} within {timeout:?}:\n{}",
+            self.diagnostics(10)
+        )
     }
 
     /// The mesh's directory.
@@ -301,7 +395,7 @@ impl Mesh {
         &self.worker_names
     }
 
-    /// Every process's name and PID, broker and frontend first.
+    /// Every process's name and PID, broker and frontend first (the semaphore last).
     pub fn pids(&self) -> Vec<(String, u32)> {
         self.procs
             .iter()
@@ -416,6 +510,87 @@ impl Mesh {
         }
         out
     }
+}
+
+/// Sends `signal` (`-TERM`) to every process of the group `group` (its leader's PID).
+fn signal_group(group: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, "--", &format!("-{group}")])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A child that leads its own process group (`Command::process_group(0)`): a peer's
+/// driver with the servers and workers it starts. Stopping it, dropping it, or a signal to
+/// the bench sends the whole group SIGTERM, then SIGKILL.
+pub struct GroupChild {
+    child: Option<Child>,
+}
+
+/// Spawns `cmd`, which must have been given `process_group(0)`, and registers its group.
+pub fn spawn_group(cmd: &mut Command) -> anyhow::Result<GroupChild> {
+    let mut reg = registry();
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    reg.groups.push(child.id());
+    Ok(GroupChild { child: Some(child) })
+}
+
+impl GroupChild {
+    /// The exit status of the group's leader, if it has ended (then it is forgotten).
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child.try_wait().context("waiting for a child")?;
+        if status.is_some() {
+            let group = child.id();
+            self.child = None;
+            registry().groups.retain(|&g| g != group);
+        }
+        Ok(status)
+    }
+
+    /// SIGTERM to the group, up to 10 s for the leader to end, then SIGKILL to the group.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = child.id();
+        signal_group(group, "-TERM");
+        // The leader is not reaped before the group's SIGKILL: while it is a zombie its PID,
+        // the group's id, cannot be someone else's.
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) && !crate::procfs::is_zombie(group) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        signal_group(group, "-KILL");
+        let _ = child.wait();
+        registry().groups.retain(|&g| g != group);
+    }
+}
+
+impl Drop for GroupChild {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The name of the semaphore process in a mesh.
+pub const SEMAPHORE: &str = "semaphore";
+
+fn check_binaries(bin_dir: &Path, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            bail!(
+                "{} does not exist: build the binaries first (bench/run.sh does)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The keys of a sealed mesh: the broker's key directory (`broker.key`, `accepted/`) and the

@@ -68,6 +68,17 @@ pub fn threads(pid: u32) -> anyhow::Result<u64> {
     status_field(&text, "Threads:").with_context(|| format!("no Threads line in {path}"))
 }
 
+/// True if `pid` has ended and waits to be reaped (or cannot be read at all).
+pub fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100, Linux's USER_HZ, if that fails).
 pub fn ticks_per_second() -> u64 {
     Command::new("getconf")
@@ -155,5 +166,6 @@ mod tests {
         let a = cpu_ticks(me).unwrap();
         assert_eq!(a.since(a), CpuTicks::default());
         assert_eq!(ticks_to_duration(150, 100), Duration::from_millis(1500));
+        assert!(!is_zombie(me));
     }
 }

@@ -110,6 +110,19 @@ pub fn sort_by_section(rows: &mut [Row]) {
     rows.sort_by_key(|r| section_rank(&r.scenario));
 }
 
+/// `part` as a share of `whole` (0 when `whole` is not positive), and as printed:
+/// `135/s vs 150/s (90%)`.
+pub fn share_of(part: f64, whole: f64) -> (f64, String) {
+    let share = if whole > 0.0 { part / whole } else { 0.0 };
+    let text = format!(
+        "{} vs {} ({:.0}%)",
+        format(part, Unit::PerSec),
+        format(whole, Unit::PerSec),
+        share * 100.0
+    );
+    (share, text)
+}
+
 /// `jobz / peer` as printed in the ratio column: `0.44x`, `3.5x`.
 pub fn ratio(jobz: f64, peer: f64) -> String {
     if peer <= 0.0 || !jobz.is_finite() {
@@ -292,6 +305,11 @@ mod tests {
         assert_eq!(ratio(1.0, 21.9), "0.046x");
         assert_eq!(ratio(138.0, 5.0), "28x");
         assert_eq!(ratio(1.0, 0.0), "");
+        assert_eq!(
+            share_of(135.0, 150.0),
+            (0.9, String::from("135/s vs 150/s (90%)"))
+        );
+        assert_eq!(share_of(1.0, 0.0).0, 0.0);
     }
 
     #[test]

@@ -13,24 +13,14 @@ pub const SCENARIO: &str = "6 sealed";
 
 /// `sealed` as a share of `plain`, held to [`targets::SEALED_THROUGHPUT_SHARE`].
 fn throughput_row(metric: &str, plain: Option<f64>, sealed: Option<f64>) -> Option<Row> {
-    let (plain, sealed) = (plain?, sealed?);
-    let share = if plain > 0.0 { sealed / plain } else { 0.0 };
+    let (share, text) = report::share_of(sealed?, plain?);
     Some(Row {
         met: Some(share >= targets::SEALED_THROUGHPUT_SHARE),
         target: format!(
             ">= {:.0}% of plain",
             targets::SEALED_THROUGHPUT_SHARE * 100.0
         ),
-        ..Row::info(
-            SCENARIO,
-            metric,
-            format!(
-                "{} vs {} ({:.0}%)",
-                report::format(sealed, Unit::PerSec),
-                report::format(plain, Unit::PerSec),
-                share * 100.0
-            ),
-        )
+        ..Row::info(SCENARIO, metric, text)
     })
 }
 
