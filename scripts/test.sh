@@ -33,6 +33,19 @@ cargo build --workspace --bins
 step "cargo test --workspace --no-fail-fast"
 cargo test --workspace --no-fail-fast
 
+# ---- Bench smoke run (issue 12; README "Benchmark") ----
+# The bench's quick mode on the debug binaries just built, so the bench cannot rot: it fails
+# only when a scenario cannot complete. Its figures mean nothing (debug build, shared CI
+# machine) and no target is checked; the figures come from bench/run.sh on release builds.
+step "bench smoke run (bench --quick on the debug binaries: every scenario must complete; its figures mean nothing)"
+if [[ ${JOBZ_SKIP_BENCH_SMOKE:-0} == 1 ]]; then
+    echo "skipped (JOBZ_SKIP_BENCH_SMOKE=1)"
+else
+    debug_dir=${CARGO_TARGET_DIR:-target}/debug
+    "$debug_dir/bench" --quick --no-build --bin-dir "$debug_dir"
+fi
+# ---- end of bench smoke run ----
+
 # ---- Fuzzing and dependency audit (issue 6; README "Fuzzing and audit") ----
 # A short run of every fuzz target (scripts/fuzz.sh installs cargo-fuzz if missing).
 step "fuzzing (scripts/fuzz.sh ${JOBZ_FUZZ_SECONDS:-20}: every target, seconds each)"
