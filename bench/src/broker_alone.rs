@@ -225,7 +225,10 @@ fn scale_on(
     rows.push(Row::info(
         s,
         &format!("simulated workers (x {SCALE_SLOTS} slots) registered"),
-        format!("{workers} in {:.1} s", started.elapsed().as_secs_f64()),
+        format!(
+            "{workers} in {}",
+            crate::report::format(started.elapsed().as_secs_f64(), Unit::Time)
+        ),
     ));
     let pid = broker_pid(mesh)?;
     let slots = sim.total_slots();

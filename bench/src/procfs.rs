@@ -1,6 +1,7 @@
 //! What a process costs, read from `/proc/<pid>/status` (resident memory) and
 //! `/proc/<pid>/stat` (CPU time).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
@@ -43,22 +44,37 @@ pub fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     parse_stat_ticks(&text).with_context(|| format!("unexpected layout of {path}: {text:?}"))
 }
 
-/// Context switches of all threads of `pid` so far (voluntary and not): roughly how often
-/// its threads woke up. Threads that ended are not counted.
-pub fn context_switches(pid: u32) -> anyhow::Result<u64> {
+/// Context switches of each thread of a process so far, by thread id: roughly how often
+/// its threads woke up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Switches(BTreeMap<u64, u64>);
+
+impl Switches {
+    /// Switches between `earlier` and `self`, over the threads alive at both times (a
+    /// thread that ended or began in between would make a difference of totals wrong).
+    pub fn since(&self, earlier: &Switches) -> u64 {
+        self.0
+            .iter()
+            .filter_map(|(tid, now)| Some(now.saturating_sub(*earlier.0.get(tid)?)))
+            .sum()
+    }
+}
+
+/// Context switches of every thread of `pid` (voluntary and not).
+pub fn context_switches(pid: u32) -> anyhow::Result<Switches> {
     let dir = format!("/proc/{pid}/task");
-    let mut total = 0;
+    let mut threads = BTreeMap::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let path = entry
-            .with_context(|| format!("listing {dir}"))?
-            .path()
-            .join("status");
+        let entry = entry.with_context(|| format!("listing {dir}"))?;
+        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
         // A thread may end between the listing and the read.
-        if let Ok(text) = fs::read_to_string(&path) {
-            total += parse_switches(&text);
+        if let Ok(text) = fs::read_to_string(entry.path().join("status")) {
+            threads.insert(tid, parse_switches(&text));
         }
     }
-    Ok(total)
+    Ok(Switches(threads))
 }
 
 /// Threads of `pid` (`Threads:` of its status file).
@@ -158,10 +174,19 @@ mod tests {
     }
 
     #[test]
+    fn switches_count_only_threads_alive_before_and_after() {
+        let before = Switches(BTreeMap::from([(1, 100), (2, 500)]));
+        // Thread 2 ended, thread 3 began: only thread 1's 20 count.
+        let after = Switches(BTreeMap::from([(1, 120), (3, 7)]));
+        assert_eq!(after.since(&before), 20);
+    }
+
+    #[test]
     fn this_process_can_be_measured() {
         let me = std::process::id();
         assert!(threads(me).unwrap() >= 1);
-        assert!(context_switches(me).is_ok());
+        let switches = context_switches(me).unwrap();
+        assert!(switches.since(&switches) == 0);
         assert!(rss_kib(me).unwrap() > 0);
         let a = cpu_ticks(me).unwrap();
         assert_eq!(a.since(a), CpuTicks::default());

@@ -576,7 +576,7 @@ impl Bench {
     /// `judged`; returns broker, frontend and the busiest worker, per 10 s.
     pub fn idle_cpu_rows(&mut self, when: &str, judged: bool) -> anyhow::Result<[f64; 3]> {
         let window = self.config.idle;
-        let switches = |mesh: &Mesh| -> anyhow::Result<Vec<(String, u64)>> {
+        let switches = |mesh: &Mesh| -> anyhow::Result<Vec<(String, procfs::Switches)>> {
             mesh.pids()
                 .into_iter()
                 .map(|(name, pid)| Ok((name, procfs::context_switches(pid)?)))
@@ -639,8 +639,8 @@ impl Bench {
         let woke: Vec<(String, u64)> = switches_after
             .iter()
             .filter_map(|(name, a)| {
-                let b = switches_before.iter().find(|(n, _)| n == name)?.1;
-                Some((name.clone(), a.saturating_sub(b)))
+                let b = &switches_before.iter().find(|(n, _)| n == name)?.1;
+                Some((name.clone(), a.since(b)))
             })
             .collect();
         let (broker, frontend, workers) = by_role(&woke);
