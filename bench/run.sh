@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The jobz benchmark: builds the release binaries, then runs the bench against them.
 # Flags go to the bench: bench/run.sh --quick, bench/run.sh --peers, bench/run.sh --help.
-# The full run takes about 15 minutes (20 with --peers; see bench/README.md), --quick
+# The full run takes about 4.5 minutes (5.5 with --peers; see bench/README.md), --quick
 # under a minute; both use both CPUs hard: run it on a quiet machine.
 set -euo pipefail
 
