@@ -173,6 +173,7 @@ impl Workers {
                 slots: self.slots,
                 running: self.held[i].clone(),
                 version: String::from("bench-sim"),
+                counters: Default::default(),
             }),
         )
     }
