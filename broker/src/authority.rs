@@ -122,8 +122,14 @@ pub fn may_send(message: &Message) -> &'static [Role] {
         Message::Query(_) => &[Frontend, Semaphore, Client],
         Message::SemaphoreStatus { .. } => &[Semaphore],
         Message::RetryDead { .. } => &[Frontend],
-        // Broker → client messages: nobody sends them to the broker.
-        Message::Reply(_) | Message::Work(_) | Message::Event(_) => &[],
+        // Run control is the HTTP API's (which checks the token's scope); semaphores only
+        // trigger.
+        Message::CancelRun { .. } | Message::PrioritizeRun { .. } | Message::TrackRun { .. } => {
+            &[Frontend]
+        }
+        // Broker → client messages: nobody sends them to the broker. (A worker reports a
+        // cancelled attempt with `TaskFinished`, outcome `cancelled`.)
+        Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => &[],
     }
 }
 
@@ -230,8 +236,12 @@ fn message_name(message: &Message) -> &'static str {
         Message::Query(_) => "Query",
         Message::SemaphoreStatus { .. } => "SemaphoreStatus",
         Message::RetryDead { .. } => "RetryDead",
+        Message::CancelRun { .. } => "CancelRun",
+        Message::PrioritizeRun { .. } => "PrioritizeRun",
+        Message::TrackRun { .. } => "TrackRun",
         Message::Reply(_) => "Reply",
         Message::Work(_) => "Work",
+        Message::CancelWork(_) => "CancelWork",
         Message::Event(_) => "Event",
     }
 }

@@ -245,8 +245,14 @@ impl Engine {
                 self.count_by("semaphore_views_trimmed", recorded.trimmed as u64);
                 self.count_by("semaphore_reports_evicted", recorded.evicted as u64);
             }
+            Message::CancelRun { .. }
+            | Message::PrioritizeRun { .. }
+            | Message::TrackRun { .. } => {
+                let error = "run control is not supported by this broker yet".to_owned();
+                reply(&mut fx, &env, ReplyBody::Rejected { status: 501, error });
+            }
             // `authorize` lets none of these through; dropped all the same should it change.
-            Message::Reply(_) | Message::Work(_) | Message::Event(_) => {
+            Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
                 warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
             }

@@ -206,6 +206,13 @@ impl Run {
             finished_at_ms: self.finished_at_ms,
             steps,
             attempts,
+            priority: 0,
+            tags: Vec::new(),
+            tracked: false,
+            not_before_ms: None,
+            depends_on: Vec::new(),
+            waiting_for: Vec::new(),
+            reason: None,
         }
     }
 }

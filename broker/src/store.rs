@@ -744,7 +744,7 @@ mod tests {
             .runs(&RunFilter {
                 limit: 10,
                 state: Some(RunState::Succeeded),
-                job: None,
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(ok.len(), 1);

@@ -191,7 +191,7 @@ impl Api {
         let trigger = TriggerRequest {
             job: job.clone(),
             params,
-            parent_runs: Vec::new(),
+            ..Default::default()
         };
         let reply = self
             .broker
@@ -279,7 +279,12 @@ impl Api {
             limit,
         } = query;
         let runs = match tag {
-            None => self.runs(RunFilter { job, state, limit })?,
+            None => self.runs(RunFilter {
+                job,
+                state,
+                limit,
+                ..Default::default()
+            })?,
             Some(tag) => self.runs_with_tag(&tag, job, state, limit)?,
         };
         let runs: Vec<Value> = runs.iter().map(|r| views::run(r, false)).collect();
@@ -332,6 +337,7 @@ impl Api {
                     job: Some(job),
                     state,
                     limit,
+                    ..Default::default()
                 };
                 self.broker
                     .request_async(Message::Query(Query::Runs(filter)), self.request_timeout)
@@ -624,6 +630,7 @@ mod tests {
                 output_tail: "hello\n".into(),
             }],
             attempts: vec![],
+            ..Default::default()
         }
     }
 
@@ -642,6 +649,8 @@ mod tests {
                 retry_backoff_ms: 10,
                 tags: tags.iter().map(|t| t.to_string()).collect(),
                 run_as: None,
+                priority: 0,
+                max_concurrency: None,
             },
             workers: vec!["w1".into()],
         }
@@ -668,7 +677,7 @@ mod tests {
                     ("date".into(), "2026_01_02".into()),
                     ("note".into(), "$(id) x".into()),
                 ]),
-                parent_runs: vec![],
+                ..Default::default()
             })]
         );
     }
@@ -867,12 +876,14 @@ mod tests {
                 Message::Query(Query::Runs(RunFilter {
                     job: None,
                     state: None,
-                    limit: crate::route::DEFAULT_RUN_LIMIT
+                    limit: crate::route::DEFAULT_RUN_LIMIT,
+                    ..Default::default()
                 })),
                 Message::Query(Query::Runs(RunFilter {
                     job: Some("build".into()),
                     state: Some(RunState::Failed),
-                    limit: 1000
+                    limit: 1000,
+                    ..Default::default()
                 })),
             ]
         );
@@ -986,6 +997,7 @@ mod tests {
                 counters: BTreeMap::from([("frames_received".into(), 7)]),
                 active_runs: 1,
                 live_workers: 2,
+                ..Default::default()
             })),
             Message::Query(Query::Workers) => Ok(ReplyBody::Workers(vec![WorkerView {
                 name: "w1".into(),

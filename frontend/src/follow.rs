@@ -134,6 +134,7 @@ mod tests {
             finished_at_ms: None,
             steps,
             attempts: vec![],
+            ..Default::default()
         }
     }
 

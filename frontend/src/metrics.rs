@@ -288,6 +288,7 @@ mod tests {
             ]),
             active_runs: 2,
             live_workers: 5,
+            ..Default::default()
         });
         snapshot.link = Some(LinkStatus {
             connected: true,

@@ -513,7 +513,7 @@ fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
             bad_value(
                 "state",
                 &raw,
-                "state must be one of pending, running, succeeded, failed, cancelled".into(),
+                "state must be one of scheduled, waiting, pending, running, succeeded, failed, cancelled".into(),
             )
         })?),
     };

@@ -270,6 +270,7 @@ mod tests {
                 },
             ],
             attempts: vec![],
+            ..Default::default()
         }
     }
 
@@ -331,6 +332,8 @@ mod tests {
                 retry_backoff_ms: 10_000,
                 tags: vec!["etl".into()],
                 run_as: None,
+                priority: 0,
+                max_concurrency: None,
             },
             workers: vec!["w1".into(), "w2".into()],
         };

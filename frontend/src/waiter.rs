@@ -244,6 +244,7 @@ mod tests {
             finished_at_ms: None,
             steps: vec![],
             attempts: vec![],
+            ..Default::default()
         }
     }
 

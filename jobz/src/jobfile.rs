@@ -82,6 +82,14 @@ pub struct JobSpec {
     /// worker's `--default-run-as`, or the worker's own user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as: Option<String>,
+    /// Runs of this job start before lower ones and after higher ones when steps wait for
+    /// a slot (`priority:`, default 0); a trigger's `priority=` overrides it.
+    #[serde(default)]
+    pub priority: i32,
+    /// At most this many tasks of the job run at once across the mesh (`max_concurrency:`);
+    /// `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
 }
 
 /// Default `retry_backoff`: ten seconds.
@@ -394,8 +402,20 @@ pub fn is_valid_user_name(name: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Query names `/job_start` takes for itself: a job may not declare a parameter by one of
+/// these names (its value would never reach the job).
+pub const RESERVED_QUERY_NAMES: [&str; 7] = [
+    "job_name", "wait", "priority", "delay", "at", "depends", "tags",
+];
+
+/// Is `name` one of [`RESERVED_QUERY_NAMES`]?
+pub fn is_reserved_param_name(name: &str) -> bool {
+    RESERVED_QUERY_NAMES.contains(&name)
+}
+
 /// Parameter names become `JOBZ_PARAM_<NAME>` and URL query keys: letters, digits and `_`,
-/// not starting with a digit; `job_name` and `wait` belong to `/job_start` itself.
+/// not starting with a digit, and not one of the names `/job_start` takes for itself
+/// ([`RESERVED_QUERY_NAMES`]).
 pub fn is_valid_param_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     let first_ok = bytes
@@ -404,7 +424,19 @@ pub fn is_valid_param_name(name: &str) -> bool {
     first_ok
         && name.len() <= 64
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && !matches!(name, "job_name" | "wait")
+        && !is_reserved_param_name(name)
+}
+
+/// Why `name` cannot be a parameter name, for the error that refuses a job file.
+fn param_name_problem(name: &str) -> String {
+    if is_reserved_param_name(name) {
+        format!(
+            "parameter name {name:?} is reserved: /job_start takes {} for itself",
+            RESERVED_QUERY_NAMES.join(", ")
+        )
+    } else {
+        format!("parameter name {name:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}}")
+    }
 }
 
 // ---- The YAML forms ---------------------------------------------------------------------
@@ -435,6 +467,10 @@ struct RawJob {
     tags: Vec<String>,
     #[serde(default, deserialize_with = "optional_scalar_string")]
     run_as: Option<String>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    max_concurrency: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -769,9 +805,7 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
     let mut params = BTreeMap::new();
     for (pname, p) in raw.params {
         if !is_valid_param_name(&pname) {
-            return Err(context(format!(
-                "parameter name {pname:?} must match [A-Za-z_][A-Za-z0-9_]{{0,63}} and not be `job_name` or `wait`"
-            )).into());
+            return Err(context(param_name_problem(&pname)).into());
         }
         let pattern = p
             .pattern
@@ -789,7 +823,8 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
     for used in template.params() {
         if !is_valid_param_name(used) {
             return Err(context(format!(
-                "command: placeholder {{{used}}} is not a valid parameter name"
+                "command: placeholder {{{used}}}: {}",
+                param_name_problem(used)
             ))
             .into());
         }
@@ -808,6 +843,12 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
         ))
         .into());
     }
+    if raw.max_concurrency == Some(0) {
+        return Err(context(
+            "max_concurrency must be at least 1 (leave it out for no limit)".into(),
+        )
+        .into());
+    }
     let spec = JobSpec {
         timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
         name: name.clone(),
@@ -823,6 +864,8 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
             .unwrap_or(DEFAULT_RETRY_BACKOFF_MS),
         tags: raw.tags,
         run_as: raw.run_as,
+        priority: raw.priority,
+        max_concurrency: raw.max_concurrency,
     };
     // Compiled here to refuse the file now; whoever checks values compiles its own copy once.
     ParamRules::compile(&spec).map_err(|e| context(e.to_string()))?;
@@ -1707,13 +1750,64 @@ schedules:
     #[test]
     fn parameter_names_are_restricted() {
         assert!(is_valid_param_name("date") && is_valid_param_name("_x9"));
-        for bad in ["", "9a", "a-b", "a=b", "job_name", "wait", &"p".repeat(65)] {
+        for bad in ["", "9a", "a-b", "a=b", &"p".repeat(65)] {
             assert!(!is_valid_param_name(bad), "{bad:?}");
         }
         let err =
             parse("jobs:\n  - name: a\n    command: x\n    params: { a-b: {} }\n").unwrap_err();
         assert!(err.reason.contains("a-b"), "{err}");
         assert!(parse("jobs:\n  - name: a\n    command: 'x {wait}'\n").is_err());
+    }
+
+    #[test]
+    fn a_job_declaring_a_parameter_named_like_a_job_start_argument_is_refused_at_load() {
+        for reserved in RESERVED_QUERY_NAMES {
+            assert!(!is_valid_param_name(reserved), "{reserved}");
+            let declared =
+                format!("jobs:\n  - name: a\n    command: x\n    params: {{ {reserved}: {{}} }}\n");
+            let err = parse(&declared).unwrap_err();
+            assert!(
+                err.reason.contains(&format!("{reserved:?} is reserved"))
+                    && err
+                        .reason
+                        .contains("job_name, wait, priority, delay, at, depends, tags"),
+                "{reserved}: {err}"
+            );
+            // A placeholder declares a parameter too.
+            let placeholder = format!("jobs:\n  - name: a\n    command: 'echo {{{reserved}}}'\n");
+            let err = parse(&placeholder).unwrap_err();
+            assert!(err.reason.contains("is reserved"), "{reserved}: {err}");
+        }
+        // A name that only starts like one is fine.
+        assert!(parse("jobs:\n  - name: a\n    command: 'x {at_date} {tags_x}'\n").is_ok());
+    }
+
+    #[test]
+    fn priority_and_max_concurrency_are_read_and_default_to_none() {
+        let set = parse(
+            "jobs:\n  - name: a\n    command: x\n    priority: -5\n    max_concurrency: 2\n  - name: b\n    command: x\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (set.jobs["a"].priority, set.jobs["a"].max_concurrency),
+            (-5, Some(2))
+        );
+        assert_eq!(
+            (set.jobs["b"].priority, set.jobs["b"].max_concurrency),
+            (0, None)
+        );
+        let err =
+            parse("jobs:\n  - name: a\n    command: x\n    max_concurrency: 0\n").unwrap_err();
+        assert!(err.reason.contains("max_concurrency"), "{err}");
+        for bad in ["priority: high", "priority: 1.5", "max_concurrency: -1"] {
+            let text = format!("jobs:\n  - name: a\n    command: x\n    {bad}\n");
+            assert!(parse(&text).is_err(), "{bad}");
+        }
+        // A spec from an older worker (without either field) still decodes.
+        let mut old = serde_json::to_value(&set.jobs["b"]).unwrap();
+        old.as_object_mut().unwrap().remove("priority");
+        let back: JobSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(back, set.jobs["b"]);
     }
 
     #[test]

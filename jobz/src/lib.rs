@@ -47,3 +47,69 @@ pub fn format_time_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
+
+/// Parses an RFC 3339 time with its offset (`2026-11-23T10:00:00Z`,
+/// `2026-11-23T11:00:00.5+01:00`) into epoch milliseconds. A time without an offset is
+/// refused: whose local time it meant would be a guess.
+pub fn parse_time_ms(text: &str) -> Result<i64, String> {
+    let bad = |why: &str| format!("{text:?} is not an RFC 3339 time ({why})");
+    let bytes = text.as_bytes();
+    let (base, offset_min) = if let Some(base) = text.strip_suffix(['Z', 'z']) {
+        (base, 0)
+    } else if bytes.len() > 6
+        && matches!(bytes[bytes.len() - 6], b'+' | b'-')
+        && bytes[bytes.len() - 3] == b':'
+    {
+        let (base, offset) = text.split_at(text.len() - 6);
+        let number = |s: &str| {
+            s.parse::<i64>()
+                .ok()
+                .filter(|_| s.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let (Some(hours), Some(minutes)) = (number(&offset[1..3]), number(&offset[4..6])) else {
+            return Err(bad("bad offset"));
+        };
+        if hours > 23 || minutes > 59 {
+            return Err(bad("bad offset"));
+        }
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        (base, sign * (hours * 60 + minutes))
+    } else {
+        return Err(bad("it needs an offset: Z or ±HH:MM"));
+    };
+    let utc = humantime::parse_rfc3339(&format!("{base}Z")).map_err(|e| bad(&e.to_string()))?;
+    let ms = utc
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad("before 1970"))?
+        .as_millis();
+    let ms = i64::try_from(ms).map_err(|_| bad("too far away"))?;
+    Ok(ms - offset_min * 60_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_with_offsets_parse_to_the_same_instant() {
+        let utc = parse_time_ms("2026-11-23T10:00:00Z").unwrap();
+        assert_eq!(format_time_ms(utc), "2026-11-23T10:00:00.000Z");
+        assert_eq!(parse_time_ms("2026-11-23T11:00:00+01:00"), Ok(utc));
+        assert_eq!(parse_time_ms("2026-11-23T04:30:00-05:30"), Ok(utc));
+        assert_eq!(parse_time_ms("2026-11-23T10:00:00.250z"), Ok(utc + 250));
+        for bad in [
+            "2026-11-23T10:00:00",
+            "2026-11-23 10:00:00Z",
+            "2026-11-23T10:00:00+1:00",
+            "2026-11-23T10:00:00+24:00",
+            "2026-11-23T10:00:00+aa:00",
+            "2026-13-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "tomorrow",
+            "",
+            "+01:00",
+        ] {
+            assert!(parse_time_ms(bad).is_err(), "{bad:?}");
+        }
+    }
+}

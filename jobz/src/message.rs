@@ -54,6 +54,40 @@ pub enum Message {
         /// The dead task.
         task_id: String,
     },
+    /// Frontend → broker: cancel a run. A scheduled, waiting or pending run ends
+    /// `cancelled` at once; a running one is `cancelled` at once and ends when its workers
+    /// have killed its tasks ([`Message::CancelWork`]). Runs that depend on it fail. Answered
+    /// `Run(Some(run))` once journaled (also for a run cancelled before: cancelling is
+    /// idempotent), `Run(None)` for an unknown run, or `Rejected` with 409 when the run has
+    /// ended otherwise or other runs wait for it and `force` is false.
+    CancelRun {
+        /// The run.
+        run_id: String,
+        /// Cancel it even though other runs wait for it (they fail).
+        force: bool,
+    },
+    /// Frontend → broker: change the priority of an unfinished run; its steps waiting for a
+    /// slot move in line, and its later steps take it. Answered `Run(Some(run))`,
+    /// `Run(None)` for an unknown run, or `Rejected` with 409 for a finished one.
+    PrioritizeRun {
+        /// The run.
+        run_id: String,
+        /// The new priority: higher starts first.
+        priority: i32,
+    },
+    /// Frontend → broker: mark a run tracked or not (`/runs?tracked=1` lists the tracked
+    /// ones). Answered `Run(Some(run))`, or `Run(None)` for an unknown run.
+    TrackRun {
+        /// The run.
+        run_id: String,
+        /// Tracked from now on, or not.
+        tracked: bool,
+    },
+    /// Broker → workers (on the job's topic): stop these tasks of a cancelled run. A worker
+    /// kills the process group of each it runs, drops each it has queued, and refuses each
+    /// it has not seen yet; it reports every one with [`TaskOutcome::Cancelled`] (one it had
+    /// already finished is reported as it ended). Published again until reported.
+    CancelWork(CancelWork),
     /// Broker → one node (on the node's topic): the answer to a message it sent.
     Reply(Reply),
     /// Broker → workers (on the job's topic): tasks to run.
@@ -123,8 +157,9 @@ pub struct TaskRef {
     pub attempt: u32,
 }
 
-/// Request to start a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Request to start a run. Every field after `params` is optional on the wire, so a
+/// frontend or semaphore that does not know it still triggers as before.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TriggerRequest {
     /// The job to start.
     pub job: String,
@@ -133,6 +168,21 @@ pub struct TriggerRequest {
     /// Runs this one was waiting for (set by semaphores).
     #[serde(default)]
     pub parent_runs: Vec<String>,
+    /// Priority of the run's steps (`priority=`); `None`: the job's `priority:`.
+    #[serde(default)]
+    pub priority: Option<i32>,
+    /// Start no earlier than this long after the broker accepts the run (`delay=`).
+    #[serde(default)]
+    pub delay_ms: Option<u64>,
+    /// Start no earlier than this time, ms since the epoch (`at=`).
+    #[serde(default)]
+    pub at_ms: Option<i64>,
+    /// Runs that must all succeed before this one starts (`depends=`).
+    #[serde(default)]
+    pub depends: Vec<String>,
+    /// Labels of the run, added to its job's `tags:` (`tags=`).
+    #[serde(default)]
+    pub tags: Vec<String>,
 }
 
 /// A task's command started on a worker.
@@ -158,6 +208,9 @@ pub enum TaskOutcome {
     Failed,
     /// Ran past its `timeout`; its process group was killed.
     TimedOut,
+    /// Stopped because its run was cancelled ([`Message::CancelWork`]): its process group
+    /// was killed, or it never started.
+    Cancelled,
 }
 
 /// A task's command ended.
@@ -195,6 +248,19 @@ pub struct Work {
     /// Parameters of the run.
     pub params: Params,
     /// One entry per worker that must run it; a worker runs only its own.
+    pub assignments: Vec<Assignment>,
+}
+
+/// Tasks of one step of a cancelled run, published on the job's topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelWork {
+    /// The run.
+    pub run_id: String,
+    /// The step.
+    pub step_id: String,
+    /// The job (equal to the topic's job name).
+    pub job: String,
+    /// One entry per worker that must stop a task; a worker acts only on its own.
     pub assignments: Vec<Assignment>,
 }
 
@@ -253,6 +319,12 @@ pub struct RunFilter {
     pub state: Option<RunState>,
     /// At most this many (the broker caps it).
     pub limit: u32,
+    /// Only runs with this tag (their job's or their trigger's).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Only tracked runs (`Some(true)`) or untracked ones (`Some(false)`).
+    #[serde(default)]
+    pub tracked: Option<bool>,
 }
 
 /// The broker's answer to one message.
@@ -433,10 +505,15 @@ pub struct Completion {
 }
 
 /// State of a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
+    /// Accepted with a delay (`delay=`, `at=`): starts when it is due.
+    Scheduled,
+    /// Accepted, waiting for the runs it depends on (`depends=`) to succeed.
+    Waiting,
     /// Accepted, nothing started yet.
+    #[default]
     Pending,
     /// At least one step started, some still pending or running.
     Running,
@@ -444,7 +521,8 @@ pub enum RunState {
     Succeeded,
     /// Ended with at least one failed step.
     Failed,
-    /// Stopped by an operator.
+    /// Stopped by an operator (while its tasks are being killed, it is `cancelled` without
+    /// `finished_at`).
     Cancelled,
 }
 
@@ -460,6 +538,8 @@ pub enum TaskState {
     Succeeded,
     /// Anything else: non-zero exit, timeout, lost worker, unknown job.
     Failed,
+    /// Its run was cancelled: killed on its worker, or withdrawn before it started.
+    Cancelled,
 }
 
 macro_rules! state_names {
@@ -487,8 +567,8 @@ macro_rules! state_names {
     };
 }
 
-state_names!(RunState { Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
-state_names!(TaskState { Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed" });
+state_names!(RunState { Scheduled => "scheduled", Waiting => "waiting", Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
+state_names!(TaskState { Pending => "pending", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
 
 impl RunState {
     /// True once the run can change no more.
@@ -497,15 +577,33 @@ impl RunState {
     }
 }
 
+impl RunState {
+    /// Every state, in the order a run goes through them.
+    pub const ALL: [RunState; 7] = [
+        Self::Scheduled,
+        Self::Waiting,
+        Self::Pending,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    /// True while the run has not started because it is due later or waits for others.
+    pub fn is_held(self) -> bool {
+        matches!(self, Self::Scheduled | Self::Waiting)
+    }
+}
+
 impl TaskState {
     /// True once the task can change no more.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed)
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 }
 
 /// A run as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunView {
     /// Run id.
     pub run_id: String,
@@ -526,6 +624,27 @@ pub struct RunView {
     /// Earlier attempts of retried tasks, and late reports of superseded attempts.
     #[serde(default)]
     pub attempts: Vec<AttemptView>,
+    /// Priority of its steps when they wait for a slot: higher first.
+    #[serde(default)]
+    pub priority: i32,
+    /// Its labels: its job's `tags:` and its trigger's `tags=`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Marked for attention (`POST /runs/{id}/track`).
+    #[serde(default)]
+    pub tracked: bool,
+    /// Not started before this time (`delay=`, `at=`), ms since the epoch.
+    #[serde(default)]
+    pub not_before_ms: Option<i64>,
+    /// The runs it depends on (`depends=`).
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    /// Of those, the ones that have not succeeded yet (what a `waiting` run waits for).
+    #[serde(default)]
+    pub waiting_for: Vec<String>,
+    /// Why it ended so when no step says why: a dependency failed, it was cancelled.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// One finished attempt of a task.
@@ -624,4 +743,8 @@ pub struct HealthView {
     pub active_runs: u64,
     /// Workers with a heartbeat within the expiry.
     pub live_workers: u64,
+    /// Unfinished runs by state (`scheduled`, `waiting`, `pending`, `running`, and
+    /// `cancelled` while their tasks are being killed).
+    #[serde(default)]
+    pub runs_by_state: BTreeMap<String, u64>,
 }

@@ -673,6 +673,7 @@ impl Service {
                 job: trigger.job.clone(),
                 params,
                 parent_runs: trigger.parent_runs.clone(),
+                ..Default::default()
             };
             self.send_trigger(&trigger.id, request);
         }
@@ -687,7 +688,7 @@ impl Service {
                 let request = TriggerRequest {
                     job: f.job.clone(),
                     params: f.params.clone(),
-                    parent_runs: Vec::new(),
+                    ..Default::default()
                 };
                 (f.id.clone(), request)
             })

@@ -128,6 +128,8 @@ fn ended_event(result: &RunResult) -> String {
         (TaskOutcome::Failed, Some(error), _) => format!("failed: {error}"),
         (TaskOutcome::Failed, None, Some(code)) => format!("failed exit={code} in {secs:.2}s"),
         (TaskOutcome::Failed, None, None) => format!("failed in {secs:.2}s"),
+        (TaskOutcome::Cancelled, Some(error), _) => format!("cancelled: {error}"),
+        (TaskOutcome::Cancelled, None, _) => format!("cancelled in {secs:.2}s"),
     }
 }
 

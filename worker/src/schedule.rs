@@ -283,6 +283,8 @@ mod tests {
             retry_backoff_ms: 10,
             tags: vec![],
             run_as: None,
+            priority: 0,
+            max_concurrency: None,
         }
     }
 

@@ -337,6 +337,7 @@ enum OutcomeRecord {
     Succeeded,
     Failed,
     TimedOut,
+    Cancelled,
 }
 
 impl From<&OutboxEntry> for OutboxRecord {
@@ -353,6 +354,7 @@ impl From<&OutboxEntry> for OutboxRecord {
                 TaskOutcome::Succeeded => OutcomeRecord::Succeeded,
                 TaskOutcome::Failed => OutcomeRecord::Failed,
                 TaskOutcome::TimedOut => OutcomeRecord::TimedOut,
+                TaskOutcome::Cancelled => OutcomeRecord::Cancelled,
             },
             exit_code: r.exit_code,
             error: r.error.clone(),
@@ -413,6 +415,7 @@ fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, String> {
                 OutcomeRecord::Succeeded => TaskOutcome::Succeeded,
                 OutcomeRecord::Failed => TaskOutcome::Failed,
                 OutcomeRecord::TimedOut => TaskOutcome::TimedOut,
+                OutcomeRecord::Cancelled => TaskOutcome::Cancelled,
             },
             exit_code: r.exit_code,
             error: r.error,

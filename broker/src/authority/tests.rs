@@ -1,14 +1,14 @@
 use super::*;
 use jobz::message::{
-    BarrierView, Completion, Event, Query, Reply, ReplyBody, ScheduleView, TaskFinished,
-    TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
+    Assignment, BarrierView, CancelWork, Completion, Event, Query, Reply, ReplyBody, ScheduleView,
+    TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
 };
 
 const ROLES: [Role; 4] = [Role::Worker, Role::Frontend, Role::Semaphore, Role::Client];
 
 /// The table as the issue states it, written out (not derived from [`may_send`]):
 /// worker, frontend, semaphore, client.
-const EXPECTED: [(&str, [bool; 4]); 11] = [
+const EXPECTED: [(&str, [bool; 4]); 15] = [
     ("Hello", [true, true, true, true]),
     ("Heartbeat", [true, false, false, false]),
     ("Trigger", [false, true, true, false]),
@@ -17,8 +17,12 @@ const EXPECTED: [(&str, [bool; 4]); 11] = [
     ("Query", [false, true, true, true]),
     ("SemaphoreStatus", [false, false, true, false]),
     ("RetryDead", [false, true, false, false]),
+    ("CancelRun", [false, true, false, false]),
+    ("PrioritizeRun", [false, true, false, false]),
+    ("TrackRun", [false, true, false, false]),
     ("Reply", [false, false, false, false]),
     ("Work", [false, false, false, false]),
+    ("CancelWork", [false, false, false, false]),
     ("Event", [false, false, false, false]),
 ];
 
@@ -114,8 +118,7 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
         Message::Heartbeat(status(name)),
         Message::Trigger(TriggerRequest {
             job: "a".into(),
-            params: Default::default(),
-            parent_runs: vec![],
+            ..Default::default()
         }),
         Message::TaskStarted(started(name)),
         Message::TaskFinished(finished(name)),
@@ -127,6 +130,18 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
         Message::RetryDead {
             task_id: "t1".into(),
         },
+        Message::CancelRun {
+            run_id: "r1".into(),
+            force: true,
+        },
+        Message::PrioritizeRun {
+            run_id: "r1".into(),
+            priority: 5,
+        },
+        Message::TrackRun {
+            run_id: "r1".into(),
+            tracked: true,
+        },
         Message::Reply(Reply {
             in_reply_to: "m1".into(),
             body: ReplyBody::Ack,
@@ -137,6 +152,15 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
             job: "a".into(),
             params: Default::default(),
             assignments: vec![],
+        }),
+        Message::CancelWork(CancelWork {
+            run_id: "r1".into(),
+            step_id: "s1".into(),
+            job: "a".into(),
+            assignments: vec![Assignment {
+                worker: name.into(),
+                task: task(),
+            }],
         }),
         Message::Event(Event::TaskFinished(Completion {
             run_id: "r1".into(),

@@ -59,6 +59,7 @@ impl Engine {
             counters: self.counters.clone(),
             active_runs: self.active.run_count() as u64,
             live_workers: self.registry.live_count() as u64,
+            runs_by_state: Default::default(),
         }
     }
 }

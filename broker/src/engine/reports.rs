@@ -135,7 +135,9 @@ impl Engine {
     ) {
         let state = match finished.outcome {
             TaskOutcome::Succeeded => TaskState::Succeeded,
-            TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
+            TaskOutcome::Failed | TaskOutcome::TimedOut | TaskOutcome::Cancelled => {
+                TaskState::Failed
+            }
         };
         // A report that must not be applied, kept as history (the store fills in the run
         // of a task whose run has already ended).

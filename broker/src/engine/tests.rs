@@ -34,6 +34,8 @@ fn job(name: &str, delivery: Delivery, on_success: &[&str], on_failure: &[&str])
         retry_backoff_ms: 10,
         tags: vec![],
         run_as: None,
+        priority: 0,
+        max_concurrency: None,
     }
 }
 
@@ -115,7 +117,7 @@ impl Harness {
             Message::Trigger(TriggerRequest {
                 job: job.into(),
                 params: Params::new(),
-                parent_runs: vec![],
+                ..Default::default()
             }),
         );
         let run_id = replies(&fx).into_iter().find_map(|r| match r {
@@ -319,7 +321,7 @@ fn resent_trigger_is_ingested_once() {
         body: Message::Trigger(TriggerRequest {
             job: "a".into(),
             params: Params::new(),
-            parent_runs: vec![],
+            ..Default::default()
         }),
     };
     let first = h.deliver(env.clone());
@@ -1154,7 +1156,7 @@ fn triggers_check_parameters_with_the_patterns_compiled_at_registration() {
             Message::Trigger(TriggerRequest {
                 job: "p".into(),
                 params: [("v".to_string(), value.to_string())].into(),
-                parent_runs: vec![],
+                ..Default::default()
             }),
         );
         let reply = &replies(&fx)[0];

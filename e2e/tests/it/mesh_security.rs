@@ -122,7 +122,7 @@ pub(crate) fn echo_trigger(msg: &str) -> Message {
     Message::Trigger(TriggerRequest {
         job: "echo".into(),
         params: BTreeMap::from([("msg".to_owned(), msg.to_owned())]),
-        parent_runs: vec![],
+        ..Default::default()
     })
 }
 

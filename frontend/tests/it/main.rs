@@ -47,6 +47,7 @@ fn run_view(state: RunState, output: &str) -> RunView {
             output_tail: output.into(),
         }],
         attempts: vec![],
+        ..Default::default()
     }
 }
 
@@ -76,6 +77,7 @@ fn broker(polls_until_final: u32) -> FakeBroker {
             counters: BTreeMap::from([("frames_received".into(), 3)]),
             active_runs: 1,
             live_workers: 0,
+            ..Default::default()
         })),
         Message::Query(Query::Workers) => Some(ReplyBody::Workers(vec![])),
         _ => None,
