@@ -245,6 +245,14 @@ mod tests {
             )),
             "timed out after 2s"
         );
+        assert_eq!(
+            finished_event(&result(
+                TaskOutcome::Cancelled,
+                None,
+                Some("the run was cancelled; its process group was killed")
+            )),
+            "cancelled: the run was cancelled; its process group was killed"
+        );
         let mut cut = result(TaskOutcome::Succeeded, Some(0), None);
         cut.truncated = Some(1024);
         assert_eq!(

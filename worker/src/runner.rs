@@ -128,16 +128,28 @@ pub fn truncation_marker(kept: u64) -> String {
     format!("[jobz: {}]\n", truncated_note(kept))
 }
 
+/// Why the service stops a running command (sent on the channel [`run`] watches).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The task fails with this error (the worker shuts down).
+    Fail(String),
+    /// Its run was cancelled: the task is reported [`TaskOutcome::Cancelled`].
+    Cancel,
+}
+
+/// The error of a task whose command was killed because its run was cancelled.
+pub const CANCELLED_ERROR: &str = "the run was cancelled; its process group was killed";
+
 /// Why the runner killed a command before it ended by itself.
 enum Kill {
     Timeout(Duration),
-    Cancel(String),
+    Stop(Stop),
 }
 
 /// Runs `spec` to its end. `on_started` is called with the start time once the process is
-/// running. A message on `cancel` kills the process group and makes the task fail with that
-/// message as its error (a dropped sender cancels nothing).
-pub fn run(spec: &RunSpec, cancel: &Receiver<String>, on_started: impl FnOnce(i64)) -> RunResult {
+/// running. A message on `stop` kills the process group and makes the task fail with its
+/// error or end cancelled (a dropped sender stops nothing).
+pub fn run(spec: &RunSpec, stop: &Receiver<Stop>, on_started: impl FnOnce(i64)) -> RunResult {
     let user = match spec.run_as.as_deref().map(resolve_run_as).transpose() {
         Ok(user) => user,
         Err(e) => return RunResult::not_started(e),
@@ -151,7 +163,7 @@ pub fn run(spec: &RunSpec, cancel: &Receiver<String>, on_started: impl FnOnce(i6
             return RunResult::not_started(e);
         }
     };
-    let result = run_in(spec, user.as_ref(), output, offset, cancel, on_started);
+    let result = run_in(spec, user.as_ref(), output, offset, stop, on_started);
     remove_workdir(&spec.workdir);
     result
 }
@@ -161,7 +173,7 @@ fn run_in(
     user: Option<&RunAs>,
     output: File,
     offset: u64,
-    cancel: &Receiver<String>,
+    stop: &Receiver<Stop>,
     on_started: impl FnOnce(i64),
 ) -> RunResult {
     let mut child = match spawn(spec, user, output) {
@@ -199,13 +211,15 @@ fn run_in(
             started_at_ms,
             start,
             None,
-            Some(Kill::Cancel(format!("cannot watch the command: {e}"))),
+            Some(Kill::Stop(Stop::Fail(format!(
+                "cannot watch the command: {e}"
+            )))),
         );
     }
 
     let deadline = spec.timeout.map(|t| start + t);
     let timer = deadline.map(crossbeam_channel::at).unwrap_or_else(never);
-    let mut cancel = cancel.clone();
+    let mut stop = stop.clone();
     let mut kill = None;
     loop {
         select! {
@@ -214,12 +228,12 @@ fn run_in(
                 kill = spec.timeout.map(Kill::Timeout);
                 break;
             }
-            recv(cancel) -> reason => match reason {
-                Ok(reason) => {
-                    kill = Some(Kill::Cancel(reason));
+            recv(stop) -> why => match why {
+                Ok(why) => {
+                    kill = Some(Kill::Stop(why));
                     break;
                 }
-                Err(_) => cancel = never(),
+                Err(_) => stop = never(),
             },
         }
     }
@@ -261,7 +275,10 @@ fn finish(
             TaskOutcome::TimedOut,
             Some(format!("timed out after {}", humantime::format_duration(t))),
         ),
-        (Some(Kill::Cancel(reason)), _) => (TaskOutcome::Failed, Some(reason)),
+        (Some(Kill::Stop(Stop::Fail(reason))), _) => (TaskOutcome::Failed, Some(reason)),
+        (Some(Kill::Stop(Stop::Cancel)), _) => {
+            (TaskOutcome::Cancelled, Some(CANCELLED_ERROR.to_owned()))
+        }
         (None, Some(s)) if s.success() => (TaskOutcome::Succeeded, None),
         (None, Some(s)) => match s.signal() {
             Some(sig) => (TaskOutcome::Failed, Some(format!("killed by signal {sig}"))),
@@ -780,7 +797,7 @@ mod tests {
         std::fs::write(dir.path().join("file"), "").unwrap();
         spec.output = dir.path().join("file/sub/out.log");
         let mut called = false;
-        let (_keep, cancel) = bounded::<String>(1);
+        let (_keep, cancel) = bounded::<Stop>(1);
         let r = run(&spec, &cancel, |_| called = true);
         assert!(!called);
         assert!(!r.started);
@@ -794,7 +811,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(dir.path());
         let mut called = false;
-        let (_keep, cancel) = bounded::<String>(1);
+        let (_keep, cancel) = bounded::<Stop>(1);
         let r = run(&spec, &cancel, |_| called = true);
         assert!(!called);
         assert!(!r.started);

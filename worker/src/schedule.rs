@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use jobz::jobfile::{InvalidPattern, JobSpec, ParamRules};
-use jobz::message::{Params, TaskRef, Work};
+use jobz::message::{CancelWork, Params, TaskRef, Work};
 use jobz::template::Template;
 
 /// Remembered (task, attempt) pairs: the broker re-publishes pending assignments every
@@ -76,6 +76,11 @@ pub enum Action {
         /// Why, for the run's record.
         error: String,
     },
+    /// Kill the running command of this task: its run was cancelled (its result says so).
+    Kill(TaskRef),
+    /// Report the task cancelled without running it: it was queued, or not seen yet (a
+    /// later assignment of it is then a repeat and is ignored).
+    Withdraw(Task),
 }
 
 /// Deduplication, slots and the FIFO queue of one worker.
@@ -131,6 +136,35 @@ impl Scheduler {
             }
         }
         self.fill_slots(&mut actions);
+        actions
+    }
+
+    /// Tasks of a cancelled run, published on the topic of `cancel.job`: each of this
+    /// worker's is killed if it runs, withdrawn if it is queued or was never seen, and left
+    /// alone if it has ended (its result is reported as it ended).
+    pub fn on_cancel(&mut self, cancel: &CancelWork) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for assignment in cancel.assignments.iter().filter(|a| a.worker == self.me) {
+            let task_ref = &assignment.task;
+            if self.running.contains_key(task_ref) {
+                actions.push(Action::Kill(task_ref.clone()));
+            } else if let Some(at) = self.queue.iter().position(|t| t.task == *task_ref) {
+                if let Some(task) = self.queue.remove(at) {
+                    actions.push(Action::Withdraw(task));
+                }
+            } else if self.seen.insert(task_ref.clone()) {
+                actions.push(Action::Withdraw(Task {
+                    run_id: cancel.run_id.clone(),
+                    step_id: cancel.step_id.clone(),
+                    job: cancel.job.clone(),
+                    task: task_ref.clone(),
+                    params: Params::new(),
+                    command: String::new(),
+                    timeout: None,
+                    run_as: None,
+                }));
+            }
+        }
         actions
     }
 
@@ -315,6 +349,68 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn cancel(tasks: &[(&str, &str, u32)]) -> CancelWork {
+        let w = work("plain", tasks, &[]);
+        CancelWork {
+            run_id: w.run_id,
+            step_id: w.step_id,
+            job: w.job,
+            assignments: w.assignments,
+        }
+    }
+
+    #[test]
+    fn a_cancel_kills_what_runs_withdraws_what_waits_and_refuses_what_is_to_come() {
+        let mut s = Scheduler::new("w1", 1);
+        let served = served();
+        let a = s.on_work(
+            &work("plain", &[("w1", "t1", 1), ("w1", "t2", 1)], &[]),
+            &served,
+        );
+        assert_eq!(started(&a), ["t1.1"]);
+        let actions = s.on_cancel(&cancel(&[
+            ("w1", "t1", 1),
+            ("w1", "t2", 1),
+            ("w1", "t3", 1),
+            ("w2", "t4", 1),
+        ]));
+        let described: Vec<String> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Kill(t) => format!("kill {}", t.task_id),
+                Action::Withdraw(t) => format!("withdraw {}", t.task.task_id),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(described, ["kill t1", "withdraw t2", "withdraw t3"]);
+        assert_eq!(s.queued(), 0, "the queued task left the queue");
+        // The cancel comes again until the broker has the results: nothing more happens
+        // but another kill of what still runs.
+        let again = s.on_cancel(&cancel(&[
+            ("w1", "t1", 1),
+            ("w1", "t2", 1),
+            ("w1", "t3", 1),
+        ]));
+        assert!(
+            matches!(again.as_slice(), [Action::Kill(t)] if t.task_id == "t1"),
+            "{again:?}"
+        );
+        // The work of a withdrawn task arriving late is a repeat.
+        let late = s.on_work(&work("plain", &[("w1", "t3", 1)], &[]), &served);
+        assert!(late.is_empty(), "{late:?}");
+        // Once the killed one ends, the freed slot takes nothing cancelled.
+        assert!(s
+            .on_finished(&TaskRef {
+                task_id: "t1".into(),
+                attempt: 1
+            })
+            .is_empty());
+        assert!(
+            s.on_cancel(&cancel(&[("w1", "t1", 1)])).is_empty(),
+            "ended: left alone"
+        );
     }
 
     fn started(actions: &[Action]) -> Vec<String> {

@@ -28,7 +28,7 @@ use tracing::{debug, error, info, info_span, warn, Span};
 use crate::config::Config;
 use crate::eventlog::{self, EventLog};
 use crate::retention::{self, InUse, OutputRetention, Pruned};
-use crate::runner::{self, RunResult, RunSpec};
+use crate::runner::{self, RunResult, RunSpec, Stop};
 use crate::schedule::{is_valid_id, Action, Scheduler, ServedJob, Task};
 use crate::spool::{self, OutboxEntry, Recovered, RunningEntry, Spool};
 
@@ -45,6 +45,8 @@ const STARTED_TIMEOUT: Duration = Duration::from_secs(3600);
 const REAP_WAIT: Duration = Duration::from_secs(5);
 /// The error of tasks killed because the worker stops.
 pub const SHUTDOWN_ERROR: &str = "worker shut down";
+/// The error of a task withdrawn before it started because its run was cancelled.
+pub const WITHDRAWN_ERROR: &str = "the run was cancelled before the task started";
 /// The `worker.log` event of a queued task given back at shutdown.
 pub const HANDED_BACK_EVENT: &str = "handed back: not started before shutdown";
 
@@ -154,7 +156,7 @@ struct Running {
     task: Task,
     /// Held in `outputs_in_use` until the task ends.
     output: PathBuf,
-    cancel: Sender<String>,
+    stop: Sender<Stop>,
     started_at_ms: Option<i64>,
 }
 
@@ -249,7 +251,7 @@ impl Service {
                             "drain timeout: killing the commands still running"
                         );
                         for running in self.running.values() {
-                            let _ = running.cancel.try_send(SHUTDOWN_ERROR.to_owned());
+                            let _ = running.stop.try_send(Stop::Fail(SHUTDOWN_ERROR.to_owned()));
                         }
                         drain.killed_at = Some(now);
                     }
@@ -278,6 +280,14 @@ impl Service {
                 let actions = self.scheduler.on_work(&work, &self.served);
                 self.apply(actions);
             }
+            (Topic::Job(job), Message::CancelWork(cancel)) => {
+                if cancel.job != job {
+                    warn!(topic = %job, job = %eventlog::field(&cancel.job), "dropping a cancel whose job differs from its topic");
+                    return;
+                }
+                let actions = self.scheduler.on_cancel(&cancel);
+                self.apply(actions);
+            }
             (topic, body) => debug!(%topic, message = ?body, "ignoring a publication"),
         }
     }
@@ -300,6 +310,25 @@ impl Service {
                         });
                     }
                     self.finish(&task, RunResult::not_started(error));
+                }
+                Action::Kill(task_ref) => {
+                    if let Some(running) = self.running.get(&task_ref) {
+                        task_span(&running.task)
+                            .in_scope(|| info!("run cancelled: killing the task's process group"));
+                        // Full: a stop is already on its way (a cancel published again).
+                        let _ = running.stop.try_send(Stop::Cancel);
+                    }
+                }
+                Action::Withdraw(task) => {
+                    task_span(&task).in_scope(|| info!("run cancelled: task withdrawn unstarted"));
+                    if let Err(e) = self.spool.mark_seen(&task.task, jobz::now_ms()) {
+                        task_span(&task).in_scope(|| {
+                            warn!(error = %format!("{e:#}"), "cannot record the withdrawn attempt in the spool")
+                        });
+                    }
+                    let mut result = RunResult::not_started(WITHDRAWN_ERROR.to_owned());
+                    result.outcome = jobz::message::TaskOutcome::Cancelled;
+                    self.finish(&task, result);
                 }
             }
         }
@@ -336,7 +365,7 @@ impl Service {
         }
         let output = spec.output.clone();
         self.outputs_in_use.hold(&output);
-        let (cancel, cancelled) = bounded(1);
+        let (stop, stopped) = bounded(1);
         let events = self.events_tx.clone();
         let task_ref = task.task.clone();
         let span = task_span(&task);
@@ -345,7 +374,7 @@ impl Service {
             .spawn(move || {
                 let _span = span.entered();
                 let started = task_ref.clone();
-                let result = runner::run(&spec, &cancelled, |at_ms| {
+                let result = runner::run(&spec, &stopped, |at_ms| {
                     let _ = events.send(RunnerEvent::Started {
                         task: started,
                         at_ms,
@@ -363,7 +392,7 @@ impl Service {
                     Running {
                         task,
                         output,
-                        cancel,
+                        stop,
                         started_at_ms: None,
                     },
                 );

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crossbeam_channel::bounded;
 use jobz::message::TaskOutcome;
 use worker::leader::FLAG;
-use worker::runner::run;
+use worker::runner::{run, Stop};
 use worker::spool::LOST_ERROR;
 
 use crate::harness::{
@@ -113,7 +113,7 @@ fn a_leader_killed_with_sigkill_takes_its_group_along() {
         f.path("leader.pid").display(),
         f.path("child.pid").display()
     ));
-    let (_keep, cancel) = bounded::<String>(1);
+    let (_keep, cancel) = bounded::<Stop>(1);
     let runner = std::thread::spawn(move || run(&spec, &cancel, |_| {}));
     let leader_pid = read_pid(&f.path("leader.pid"));
     let sleep_pid = read_pid(&f.path("child.pid"));

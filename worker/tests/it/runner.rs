@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use crossbeam_channel::bounded;
 use jobz::message::TaskOutcome;
-use worker::runner::{run, RunResult, RunSpec, OUTPUT_TAIL_BYTES};
+use worker::runner::{run, RunResult, RunSpec, Stop, CANCELLED_ERROR, OUTPUT_TAIL_BYTES};
 
 use crate::harness::{is_alive, read_pid, wait_until, Fixture};
 
 fn run_plain(spec: &RunSpec) -> RunResult {
-    let (_keep, cancel) = bounded::<String>(1);
+    let (_keep, cancel) = bounded::<Stop>(1);
     run(spec, &cancel, |_| {})
 }
 
@@ -86,7 +86,7 @@ fn leftover_background_processes_die_when_the_command_ends() {
 fn cancel_kills_and_fails_with_the_reason() {
     let f = Fixture::new();
     let spec = f.spec("sleep 30");
-    let (tx, cancel) = bounded::<String>(1);
+    let (tx, cancel) = bounded::<Stop>(1);
     let (started_tx, started) = bounded(1);
     let handle = std::thread::spawn(move || {
         run(&spec, &cancel, |at| {
@@ -94,7 +94,7 @@ fn cancel_kills_and_fails_with_the_reason() {
         })
     });
     started.recv_timeout(Duration::from_secs(10)).unwrap();
-    tx.send("worker shut down".into()).unwrap();
+    tx.send(Stop::Fail("worker shut down".into())).unwrap();
     let r = handle.join().unwrap();
     assert_eq!(r.outcome, TaskOutcome::Failed);
     assert_eq!(r.error.as_deref(), Some("worker shut down"));
@@ -102,9 +102,31 @@ fn cancel_kills_and_fails_with_the_reason() {
 }
 
 #[test]
+fn a_cancelled_run_kills_the_whole_group_and_reports_cancelled() {
+    let f = Fixture::new();
+    let pidfile = f.dir.path().join("child.pid");
+    let spec = f.spec(&format!("sleep 30 & echo $! > {}; wait", pidfile.display()));
+    let (tx, stop) = bounded::<Stop>(1);
+    let (started_tx, started) = bounded(1);
+    let handle = std::thread::spawn(move || {
+        run(&spec, &stop, |at| {
+            started_tx.send(at).unwrap();
+        })
+    });
+    started.recv_timeout(Duration::from_secs(10)).unwrap();
+    let pid = read_pid(&pidfile);
+    tx.send(Stop::Cancel).unwrap();
+    let r = handle.join().unwrap();
+    assert_eq!(r.outcome, TaskOutcome::Cancelled);
+    assert_eq!(r.error.as_deref(), Some(CANCELLED_ERROR));
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    wait_until("the background sleep to die", || !is_alive(pid));
+}
+
+#[test]
 fn a_dropped_cancel_sender_cancels_nothing() {
     let f = Fixture::new();
-    let (tx, cancel) = bounded::<String>(1);
+    let (tx, cancel) = bounded::<Stop>(1);
     drop(tx);
     let r = run(&f.spec("sleep 0.2; exit 4"), &cancel, |_| {});
     assert_eq!(r.exit_code, Some(4));
@@ -272,7 +294,7 @@ fn run_as_an_unknown_user_fails_without_starting() {
     let mut spec = f.spec("touch ran");
     spec.run_as = Some("no-such-user-jobz".into());
     let mut called = false;
-    let (_keep, cancel) = bounded::<String>(1);
+    let (_keep, cancel) = bounded::<Stop>(1);
     let r = run(&spec, &cancel, |_| called = true);
     assert!(!called && !r.started);
     assert!(r.error.unwrap().contains("no such user"));
