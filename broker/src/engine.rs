@@ -13,18 +13,23 @@
 //! - `placement`: which workers a step goes to, waiting steps, (re)publishing work;
 //! - `retry`: failed and lost attempts, backoff, leases, lost workers;
 //! - `lifecycle`: steps start, tasks, steps and runs finish, successors follow;
+//! - `holds`: runs that wait before they start: scheduled until due (`delay=`, `at=`),
+//!   waiting for the runs they depend on (`depends=`);
+//! - `control`: what operators do to a run: cancel it, change its priority, track it;
 //! - `queries`: answers from memory, or reads handed to the store;
 //! - `pruned`: what the store pruned, counted and forgotten by the dead list.
 //!
 //! The state they share: `active` (`ActiveRuns`: runs, steps and tasks, kept consistent
 //! in one place, with the indexes placement needs: per-job lines of waiting steps in
-//! `waiting`, the load of each worker, tasks waiting for a retry), `dead` (the dead list),
-//! the worker `registry`; `effects` holds the types the rest of the broker sees.
+//! `waiting` ordered by priority then arrival, the load of each worker and each job,
+//! tasks waiting for a retry, scheduled runs by due time, dependents), `dead` (the dead
+//! list), `finished` (the final states of recently ended runs), the worker `registry`;
+//! `effects` holds the types the rest of the broker sees.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use jobz::envelope::{Envelope, MessageId};
-use jobz::message::{Message, ReplyBody, TaskState};
+use jobz::message::{Message, ReplyBody, RunState, TaskState};
 use tracing::{debug, info, warn};
 
 use crate::authority::Principal;
@@ -35,16 +40,20 @@ use crate::semaphore_reports::SemaphoreReports;
 use active::{ActiveRuns, ActiveTask, RetryWait};
 use dead::DeadList;
 use effects::reply;
-pub use effects::{Effects, Publish, ReadQuery, StoreRead, Write};
+pub use effects::{Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write};
+use holds::FinishedRuns;
 use trigger::RecentTriggers;
 
 mod active;
+mod control;
 mod dead;
 mod effects;
+mod holds;
 mod lifecycle;
 mod placement;
 mod pruned;
 mod queries;
+mod recent;
 mod reports;
 mod retry;
 mod trigger;
@@ -82,6 +91,8 @@ pub struct Snapshot {
     pub recent_requests: Vec<(MessageId, RunId)>,
     /// The newest dead tasks.
     pub dead: Vec<Dead>,
+    /// The states of the runs that scheduled and waiting runs depend on.
+    pub dependency_states: Vec<(RunId, RunState)>,
 }
 
 pub struct Engine {
@@ -97,6 +108,13 @@ pub struct Engine {
     semaphores: SemaphoreReports,
     /// The run each recent trigger (or dead-task retry) made, by message id.
     triggers: RecentTriggers,
+    /// How recently ended runs ended: what `depends=` needs without asking the store.
+    finished: FinishedRuns,
+    /// Cancelled runs taken up from the store, whose unfinished tasks the first tick stops.
+    resumed_cancels: Vec<RunId>,
+    /// Held runs taken up from the store whose dependency ended otherwise than in success
+    /// (the store should never hold one): the first tick fails them.
+    resumed_broken: Vec<(RunId, RunId, RunState)>,
     counters: BTreeMap<String, u64>,
     /// What placement has looked at (waiting steps, tasks counted, candidate workers): the
     /// work the drain test holds to a bound per placement, whatever the backlog.
@@ -119,40 +137,86 @@ impl Engine {
             dead: DeadList::restore(snapshot.dead),
             semaphores: SemaphoreReports::default(),
             triggers: RecentTriggers::default(),
+            finished: FinishedRuns::default(),
+            resumed_cancels: Vec::new(),
+            resumed_broken: Vec::new(),
             counters: BTreeMap::new(),
             placement_work: Default::default(),
         };
         for (request, run) in snapshot.recent_requests {
             engine.triggers.remember(request, run);
         }
-        engine.resume(snapshot.runs, snapshot.steps, snapshot.tasks, now_ms);
+        let dependency_states: HashMap<RunId, RunState> =
+            snapshot.dependency_states.into_iter().collect();
+        engine.resume(
+            snapshot.runs,
+            snapshot.steps,
+            snapshot.tasks,
+            &dependency_states,
+            now_ms,
+        );
         engine
     }
 
     /// Takes up the unfinished runs of a snapshot. A step or task whose run the snapshot
     /// does not hold cannot be finished or answered for: it is left out, with a warning.
-    fn resume(&mut self, runs: Vec<Run>, steps: Vec<Step>, tasks: Vec<Task>, now_ms: i64) {
+    /// A held run waits again for those of its dependencies still unfinished; a cancelled
+    /// one has its unfinished tasks stopped at the first tick.
+    fn resume(
+        &mut self,
+        runs: Vec<Run>,
+        steps: Vec<Step>,
+        tasks: Vec<Task>,
+        dependency_states: &HashMap<RunId, RunState>,
+        now_ms: i64,
+    ) {
+        let unfinished: BTreeSet<RunId> = runs.iter().map(|r| r.run_id.clone()).collect();
         for run in runs {
-            self.active.insert_run(run);
+            let mut waiting_for = BTreeSet::new();
+            if run.state.is_held() {
+                for dependency in &run.depends_on {
+                    if unfinished.contains(dependency) {
+                        waiting_for.insert(dependency.clone());
+                        continue;
+                    }
+                    // Gone from the store, it was pruned, so it had ended; had it failed,
+                    // this run would have failed in the same commit: it succeeded.
+                    match dependency_states.get(dependency) {
+                        Some(RunState::Succeeded) | None => {}
+                        Some(state) => self.resumed_broken.push((
+                            run.run_id.clone(),
+                            dependency.clone(),
+                            *state,
+                        )),
+                    }
+                }
+            }
+            if run.state == RunState::Cancelled {
+                self.resumed_cancels.push(run.run_id.clone());
+            }
+            self.active.insert_run(run, waiting_for);
         }
         let mut orphans = 0;
         for step in steps {
             let (step_id, pending) = (step.step_id.clone(), step.state == TaskState::Pending);
+            let cancelled = self.run_is_cancelled(&step.run_id);
             if !self.active.insert_step(step) {
                 orphans += 1;
-            } else if pending {
+            } else if pending && !cancelled {
                 self.active.wait(&step_id);
             }
         }
         for record in tasks {
+            let cancelled = self.run_is_cancelled(&record.run_id);
             let mut task = ActiveTask::new(record);
             // Leases restart with the broker: each worker gets a full lease to renew.
             if task.record.state == TaskState::Running {
                 task.lease_expires_ms = Some(now_ms + self.config.lease_timeout_ms);
             }
             // A pending task may never have reached its worker before the broker stopped:
-            // publish it again at the first tick (placed ones) or place it (retries).
-            if task.record.state == TaskState::Pending {
+            // publish it again at the first tick (placed ones) or place it (retries). The
+            // tasks of a cancelled run are stopped instead (`resumed_cancels`).
+            if task.record.state == TaskState::Pending && !cancelled {
                 if task.record.worker.is_some() {
                     task.last_sent_ms = Some(i64::MIN / 2);
                 } else {
@@ -209,6 +273,13 @@ impl Engine {
         self.active.run_count()
     }
 
+    /// Whether `run_id` is active and cancelled (its tasks are being stopped).
+    fn run_is_cancelled(&self, run_id: &RunId) -> bool {
+        self.active
+            .run(run_id)
+            .is_some_and(|r| r.state == RunState::Cancelled)
+    }
+
     /// Handles one message that [`crate::authority::authorize`] let through for `from`: its
     /// sender may send it and every name in it is the sender's own.
     pub fn on_envelope(&mut self, env: Envelope, from: &Principal, now: i64) -> Effects {
@@ -245,11 +316,14 @@ impl Engine {
                 self.count_by("semaphore_views_trimmed", recorded.trimmed as u64);
                 self.count_by("semaphore_reports_evicted", recorded.evicted as u64);
             }
-            Message::CancelRun { .. }
-            | Message::PrioritizeRun { .. }
-            | Message::TrackRun { .. } => {
-                let error = "run control is not supported by this broker yet".to_owned();
-                reply(&mut fx, &env, ReplyBody::Rejected { status: 501, error });
+            Message::CancelRun { run_id, force } => {
+                self.on_cancel_run(&mut fx, &env, &RunId::from(run_id), force, from, now)
+            }
+            Message::PrioritizeRun { run_id, priority } => {
+                self.on_prioritize_run(&mut fx, &env, &RunId::from(run_id), priority)
+            }
+            Message::TrackRun { run_id, tracked } => {
+                self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked)
             }
             // `authorize` lets none of these through; dropped all the same should it change.
             Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => {
@@ -260,9 +334,25 @@ impl Engine {
         fx
     }
 
-    /// Periodic duties: expire silent workers, republish unstarted tasks, place waiting steps.
+    /// A trigger handed back by the journal with the states of the runs it depends on
+    /// that only the store knew (see [`RunLookup`]).
+    pub fn on_lookup(&mut self, lookup: RunLookup, now: i64) -> Effects {
+        let mut fx = Effects::default();
+        let RunLookup { env, known, .. } = lookup;
+        match env.body.clone() {
+            Message::Trigger(request) => self.trigger(&mut fx, &env, request, known, now),
+            _ => {
+                warn!(sender = %env.sender, "a lookup for something other than a trigger; dropped")
+            }
+        }
+        fx
+    }
+
+    /// Periodic duties: expire silent workers, republish unstarted tasks and cancels,
+    /// start runs that came due, place waiting steps.
     pub fn tick(&mut self, now: i64) -> Effects {
         let mut fx = Effects::default();
+        self.resume_fixups(&mut fx, now);
         let expiry = self.config.worker_expiry_ms;
         for worker in self.registry.expire(now, expiry) {
             warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
@@ -275,6 +365,7 @@ impl Engine {
         }
         self.expire_leases(&mut fx, now);
         self.redeliver(&mut fx, now);
+        self.release_due(&mut fx, now);
         self.place_retries(&mut fx, now);
         self.dispatch_waiting(&mut fx, now);
         self.semaphores.prune(now);

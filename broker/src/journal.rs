@@ -3,7 +3,9 @@
 //! It takes [`Effects`] in order, commits the writes of everything queued so far in one
 //! transaction (group commit: one fsync for many messages under load), and only then
 //! hands their publications to the publisher and answers their reads. So an `Accepted`
-//! or an `Ack` never leaves the broker before what it acknowledges is on disk.
+//! or an `Ack` never leaves the broker before what it acknowledges is on disk. A trigger
+//! that needs the states of runs only the store holds ([`RunLookup`]) goes back to the
+//! server loop with them, for the engine to decide.
 //!
 //! Between commits it prunes history ([`Pruning`]): one small transaction at a time, a
 //! batch per broker tick while a backlog lasts, then only a look every
@@ -14,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use jobz::message::{Message, Reply, ReplyBody};
+use jobz::message::{Message, Reply, ReplyBody, RunState};
 use jobz::topic::Topic;
 use tracing::{debug, error};
 
-use crate::engine::{Effects, Publish, ReadQuery, StoreRead};
+use crate::engine::{Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
 use crate::store::{Pruned, Retention, Store, StoreError};
 
 /// Most effects committed in one transaction.
@@ -47,6 +49,7 @@ pub fn spawn(
     effects: Receiver<Effects>,
     publish: Sender<Publish>,
     pruning: Pruning,
+    looked_up: Sender<RunLookup>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new()
         .name("journal".into())
@@ -55,7 +58,7 @@ pub fn spawn(
             loop {
                 let wait = next_prune.saturating_duration_since(Instant::now());
                 match effects.recv_timeout(wait) {
-                    Ok(first) => commit(store.as_mut(), first, &effects, &publish)?,
+                    Ok(first) => commit(store.as_mut(), first, &effects, &publish, &looked_up)?,
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
@@ -87,12 +90,13 @@ fn next_prune_after(result: &Result<Pruned, StoreError>, every: Duration) -> Dur
 }
 
 /// Commits `first` and whatever else is queued (up to [`MAX_BATCH`]) in one transaction,
-/// then publishes and answers for them.
+/// then publishes and answers for them, and hands back their lookups answered.
 fn commit(
     store: &mut dyn Store,
     first: Effects,
     effects: &Receiver<Effects>,
     publish: &Sender<Publish>,
+    looked_up: &Sender<RunLookup>,
 ) -> anyhow::Result<()> {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
@@ -125,8 +129,50 @@ fn commit(
                 anyhow::bail!("publisher stopped");
             }
         }
+        for lookup in fx.lookups {
+            match look_up(&*store, lookup) {
+                Ok(lookup) => {
+                    if looked_up.send(lookup).is_err() {
+                        anyhow::bail!("the server loop stopped");
+                    }
+                }
+                Err(refusal) => {
+                    if publish.send(*refusal).is_err() {
+                        anyhow::bail!("publisher stopped");
+                    }
+                }
+            }
+        }
     }
     Ok(())
+}
+
+/// The lookup with the store's answers in `known`, or the 503 its trigger gets when the
+/// store cannot be read.
+fn look_up(store: &dyn Store, mut lookup: RunLookup) -> Result<RunLookup, Box<Publish>> {
+    match store.run_states(&lookup.ask) {
+        Ok(states) => {
+            let states: std::collections::HashMap<_, _> = states.into_iter().collect();
+            for run_id in std::mem::take(&mut lookup.ask) {
+                let state = states.get(&run_id).copied();
+                lookup.known.insert(run_id, state);
+            }
+            Ok(lookup)
+        }
+        Err(e) => {
+            error!(error = %e, "store read failed");
+            Err(Box::new(Publish {
+                topic: Topic::Node(lookup.env.sender.clone()),
+                body: Message::Reply(Reply {
+                    in_reply_to: lookup.env.id.clone(),
+                    body: ReplyBody::Rejected {
+                        status: 503,
+                        error: e.to_string(),
+                    },
+                }),
+            }))
+        }
+    }
 }
 
 fn answer(store: &dyn Store, read: StoreRead) -> Publish {
@@ -140,6 +186,23 @@ fn answer(store: &dyn Store, read: StoreRead) -> Publish {
         } => store
             .completions(jobs, *since_ms, *limit)
             .map(ReplyBody::Completions),
+        ReadQuery::EndedRun { run_id, action } => {
+            store.run(run_id.as_str()).map(|view| match view {
+                None => ReplyBody::Run(None),
+                // Cancelling a cancelled run changes nothing: it is answered as it stands.
+                Some(view) if *action == RunAction::Cancel && view.state == RunState::Cancelled => {
+                    ReplyBody::Run(Some(view))
+                }
+                Some(view) => ReplyBody::Rejected {
+                    status: 409,
+                    error: format!(
+                        "run {run_id} has {}: it cannot be {} any more",
+                        view.state,
+                        action.done_to_it()
+                    ),
+                },
+            })
+        }
     }
     .unwrap_or_else(|e| {
         error!(error = %e, "store read failed");
@@ -159,25 +222,29 @@ fn answer(store: &dyn Store, read: StoreRead) -> Publish {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use crossbeam_channel::unbounded;
-    use jobz::message::RunState;
+    use jobz::envelope::Envelope;
+    use jobz::message::TriggerRequest;
 
     use super::*;
     use crate::engine::Write;
+    use crate::ids::RunId;
     use crate::model::Run;
     use crate::store::SqliteStore;
 
     fn run(id: &str, state: RunState, finished_at_ms: Option<i64>) -> Write {
-        Write::Run(Run {
-            run_id: id.into(),
-            job: "a".into(),
-            params: Default::default(),
+        let mut run = Run::new(
+            id.into(),
+            "a",
+            Default::default(),
             state,
-            parent_runs: vec![],
-            request_id: format!("req-{id}"),
-            created_at_ms: 1,
-            finished_at_ms,
-        })
+            format!("req-{id}"),
+            1,
+        );
+        run.finished_at_ms = finished_at_ms;
+        Write::Run(run)
     }
 
     #[test]
@@ -199,7 +266,8 @@ mod tests {
             every: Duration::from_secs(3600),
             report: report_tx,
         };
-        let journal = spawn(Box::new(store), effects_rx, publish_tx, pruning).unwrap();
+        let (looked_up, _) = unbounded();
+        let journal = spawn(Box::new(store), effects_rx, publish_tx, pruning, looked_up).unwrap();
 
         // A run triggered meanwhile is committed and acknowledged between batches.
         let ack = Publish {
@@ -213,7 +281,7 @@ mod tests {
             .send(Effects {
                 writes: vec![run("active", RunState::Running, None)],
                 publish: vec![ack.clone()],
-                reads: vec![],
+                ..Effects::default()
             })
             .unwrap();
         assert_eq!(
@@ -253,5 +321,79 @@ mod tests {
         assert_eq!(next_prune_after(&Ok(Pruned::default()), every), every);
         let failed = Err(StoreError::Io("disk".into()));
         assert_eq!(next_prune_after(&failed, every), every);
+    }
+
+    fn store_with(runs: &[(&str, RunState)]) -> SqliteStore {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let writes: Vec<Write> = runs
+            .iter()
+            .map(|(id, state)| {
+                let mut run = Run::new(
+                    (*id).into(),
+                    "a",
+                    Default::default(),
+                    *state,
+                    id.to_string(),
+                    1,
+                );
+                run.finished_at_ms = state.is_final().then_some(2);
+                Write::Run(run)
+            })
+            .collect();
+        store.apply(&writes).unwrap();
+        store
+    }
+
+    fn body(publish: &Publish) -> &ReplyBody {
+        match &publish.body {
+            Message::Reply(reply) => &reply.body,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_control_request_for_an_ended_run_is_answered_by_how_it_ended() {
+        let store = store_with(&[("done", RunState::Succeeded), ("off", RunState::Cancelled)]);
+        let ask = |run_id: &str, action| {
+            let read = StoreRead {
+                reply_to: "frontend:f".into(),
+                in_reply_to: "m1".into(),
+                query: ReadQuery::EndedRun {
+                    run_id: run_id.into(),
+                    action,
+                },
+            };
+            body(&answer(&store, read)).clone()
+        };
+        assert!(
+            matches!(ask("off", RunAction::Cancel), ReplyBody::Run(Some(r)) if r.state == RunState::Cancelled)
+        );
+        assert!(matches!(ask("done", RunAction::Cancel),
+            ReplyBody::Rejected { status: 409, error } if error.contains("succeeded") && error.contains("cancelled")));
+        assert!(matches!(
+            ask("off", RunAction::Prioritize),
+            ReplyBody::Rejected { status: 409, .. }
+        ));
+        assert_eq!(ask("nope", RunAction::Cancel), ReplyBody::Run(None));
+    }
+
+    #[test]
+    fn a_lookup_gets_the_state_of_each_run_asked_or_none() {
+        let store = store_with(&[("done", RunState::Succeeded)]);
+        let lookup = RunLookup {
+            env: Envelope::new("frontend:f", Message::Trigger(TriggerRequest::default())),
+            known: BTreeMap::from([(RunId::from("before"), None)]),
+            ask: vec!["done".into(), "nope".into()],
+        };
+        let answered = look_up(&store, lookup).unwrap();
+        assert!(answered.ask.is_empty());
+        assert_eq!(
+            answered.known,
+            BTreeMap::from([
+                (RunId::from("before"), None),
+                (RunId::from("done"), Some(RunState::Succeeded)),
+                (RunId::from("nope"), None),
+            ])
+        );
     }
 }

@@ -23,6 +23,47 @@ pub struct Run {
     pub request_id: String,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
+    /// Its steps' place in the waiting line: higher first.
+    pub priority: i32,
+    /// Its job's tags and its trigger's.
+    pub tags: Vec<String>,
+    /// Marked for attention by an operator.
+    pub tracked: bool,
+    /// Not started before this time (`delay=`, `at=`).
+    pub not_before_ms: Option<i64>,
+    /// Runs that had to succeed before it could start.
+    pub depends_on: Vec<RunId>,
+    /// Why it ended as it did when no step says so.
+    pub reason: Option<String>,
+}
+
+impl Run {
+    /// A new run of `job` in `state`, with no priority, tags, delay or dependencies.
+    pub fn new(
+        run_id: RunId,
+        job: &str,
+        params: Params,
+        state: RunState,
+        request_id: String,
+        now: i64,
+    ) -> Run {
+        Run {
+            run_id,
+            job: job.to_owned(),
+            params,
+            state,
+            parent_runs: Vec::new(),
+            request_id,
+            created_at_ms: now,
+            finished_at_ms: None,
+            priority: 0,
+            tags: Vec::new(),
+            tracked: false,
+            not_before_ms: None,
+            depends_on: Vec::new(),
+            reason: None,
+        }
+    }
 }
 
 /// One step of a run.
@@ -176,17 +217,26 @@ impl Task {
 }
 
 impl Step {
-    /// The placeholder the API shows for a step that has no task yet.
+    /// The placeholder the API shows for a step that has no task: one waiting for a live
+    /// worker, a free slot or its job's `max_concurrency`, or one cancelled while it waited.
     pub fn waiting_view(&self) -> StepView {
+        let (state, error) = match self.state {
+            TaskState::Cancelled => (TaskState::Cancelled, "cancelled before it was placed"),
+            _ => (
+                TaskState::Pending,
+                "waiting for a live worker that serves this job, a free slot, or room under \
+                 the job's max_concurrency",
+            ),
+        };
         StepView {
             step_id: self.step_id.to_string(),
             task_id: String::new(),
             job: self.job.clone(),
             worker: None,
-            state: TaskState::Pending,
+            state,
             attempt: 0,
             exit_code: None,
-            error: Some("waiting for a live worker that serves this job".into()),
+            error: Some(error.into()),
             started_at_ms: None,
             finished_at_ms: None,
             output_tail: String::new(),
@@ -195,7 +245,14 @@ impl Step {
 }
 
 impl Run {
-    pub fn view(&self, steps: Vec<StepView>, attempts: Vec<AttemptView>) -> RunView {
+    /// The run as the API shows it; `waiting_for` are the runs it depends on that have not
+    /// succeeded yet (only a held run has any).
+    pub fn view(
+        &self,
+        steps: Vec<StepView>,
+        attempts: Vec<AttemptView>,
+        waiting_for: Vec<String>,
+    ) -> RunView {
         RunView {
             run_id: self.run_id.to_string(),
             job: self.job.clone(),
@@ -206,13 +263,13 @@ impl Run {
             finished_at_ms: self.finished_at_ms,
             steps,
             attempts,
-            priority: 0,
-            tags: Vec::new(),
-            tracked: false,
-            not_before_ms: None,
-            depends_on: Vec::new(),
-            waiting_for: Vec::new(),
-            reason: None,
+            priority: self.priority,
+            tags: self.tags.clone(),
+            tracked: self.tracked,
+            not_before_ms: self.not_before_ms,
+            depends_on: self.depends_on.iter().map(RunId::to_string).collect(),
+            waiting_for,
+            reason: self.reason.clone(),
         }
     }
 }

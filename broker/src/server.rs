@@ -14,7 +14,7 @@ use jobz::socket::{self, BrokerAddr};
 use tracing::{error, info, warn};
 
 use crate::authority::{self, Principal};
-use crate::engine::{Effects, Engine, EngineConfig, Publish};
+use crate::engine::{Effects, Engine, EngineConfig, Publish, RunLookup};
 use crate::guard::{self, Inbound, Outbound, Refusal, Security};
 use crate::ids::Uuid7Ids;
 use crate::journal::{self, Pruning};
@@ -88,6 +88,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let (publish_tx, publish_rx) = unbounded();
     let (effects_tx, effects_rx) = unbounded();
     let (pruned_tx, pruned_rx) = unbounded();
+    let (looked_up_tx, looked_up) = unbounded();
     let publisher = spawn_publisher(pub_socket, publish_rx, outbound)?;
     let pruning = Pruning {
         retention: config.history.clone(),
@@ -95,16 +96,25 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         report: pruned_tx,
     };
     engine.note_pruned(0, &[]); // the counters show from the start
-    let journal = journal::spawn(Box::new(store), effects_rx, publish_tx, pruning)?;
+    let journal = journal::spawn(
+        Box::new(store),
+        effects_rx,
+        publish_tx,
+        pruning,
+        looked_up_tx,
+    )?;
 
     let result = serve(
         &mut engine,
         &mut inbound,
         &pull,
-        &effects_tx,
-        &pruned_rx,
-        &journal,
-        &shutdown,
+        Loop {
+            effects: &effects_tx,
+            pruned: &pruned_rx,
+            looked_up: &looked_up,
+            journal: &journal,
+            shutdown: &shutdown,
+        },
     );
     // Closing the effects channel lets the journal commit what is queued and stop; its
     // end closes the publisher's channel, and the publisher flushes within its linger.
@@ -117,15 +127,31 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     result.and(journal_result)
 }
 
+/// The channels the server loop talks over.
+struct Loop<'a> {
+    /// To the journal: what each event makes the broker do.
+    effects: &'a Sender<Effects>,
+    /// From the journal: what it pruned.
+    pruned: &'a Receiver<Pruned>,
+    /// From the journal: triggers with the states of the runs they depend on.
+    looked_up: &'a Receiver<RunLookup>,
+    journal: &'a JoinHandle<anyhow::Result<()>>,
+    shutdown: &'a Receiver<()>,
+}
+
 fn serve(
     engine: &mut Engine,
     inbound: &mut Inbound,
     pull: &zmq::Socket,
-    effects: &Sender<Effects>,
-    pruned: &Receiver<Pruned>,
-    journal: &JoinHandle<anyhow::Result<()>>,
-    shutdown: &Receiver<()>,
+    channels: Loop<'_>,
 ) -> anyhow::Result<()> {
+    let Loop {
+        effects,
+        pruned,
+        looked_up,
+        journal,
+        shutdown,
+    } = channels;
     let mut next_tick = Instant::now();
     let mut drops = DropLog::default();
     let send = |fx: Effects| -> anyhow::Result<()> {
@@ -172,6 +198,10 @@ fn serve(
                     }
                 }
             }
+        }
+        // Triggers the journal looked runs up for (at most a poll interval late).
+        while let Ok(lookup) = looked_up.try_recv() {
+            send(engine.on_lookup(lookup, jobz::now_ms()))?;
         }
         if Instant::now() >= next_tick {
             let now = jobz::now_ms();

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use jobz::jobfile::JobSpec;
-use jobz::message::{AttemptView, Completion, Params, RunFilter, RunView, StepView, TaskState};
+use jobz::message::{
+    AttemptView, Completion, Params, RunFilter, RunState, RunView, StepView, TaskState,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
@@ -23,7 +25,12 @@ mod retention;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
 
 /// Version of the schema this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// The runs the broker holds in memory: not finished. A cancelled run is unfinished until
+/// its workers have reported its tasks.
+const UNFINISHED_RUNS: &str = "(runs.state IN ('scheduled', 'waiting', 'pending', 'running') \
+     OR (runs.state = 'cancelled' AND runs.finished_at IS NULL))";
 
 /// A failure of the store. The broker stops on a failed write (its memory would be ahead
 /// of its disk); it answers a failed read with an error.
@@ -71,6 +78,9 @@ pub trait Store: Send {
     fn load(&self) -> Result<Snapshot, StoreError>;
     /// One run with all its tasks.
     fn run(&self, run_id: &str) -> Result<Option<RunView>, StoreError>;
+    /// The states of those of `run_ids` the store holds (what a trigger's `depends=` needs
+    /// of runs no longer in memory).
+    fn run_states(&self, run_ids: &[RunId]) -> Result<Vec<(RunId, RunState)>, StoreError>;
     /// Runs, newest first, without tasks.
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError>;
     /// Tasks of `jobs` that ended for good at or after `since_ms`, oldest first.
@@ -130,10 +140,7 @@ impl SqliteStore {
                 "database schema {version} is newer than this broker understands ({SCHEMA_VERSION})"
             )));
         }
-        if version == 1 {
-            self.migrate_v1_to_v2()?;
-        }
-        if version < 1 {
+        if version == 0 {
             self.conn
                 .execute_batch(
                     "BEGIN;
@@ -179,6 +186,11 @@ impl SqliteStore {
                      COMMIT;",
                 )
                 .context("creating schema")?;
+        } else if version == 1 {
+            self.migrate_v1_to_v2()?;
+        }
+        if version < 3 {
+            self.migrate_v2_to_v3()?;
         }
         self.conn
             .execute_batch(retention::SCHEMA)
@@ -215,6 +227,41 @@ impl SqliteStore {
             )
             .context("migrating the schema from version 1 to 2")?;
         tracing::info!("store migrated from schema version 1 to 2");
+        Ok(())
+    }
+
+    /// Version 3 added run control: each run's priority, tags (also in `run_tags`, by tag:
+    /// a run's older than this version get its job's tags), tracked flag, due time,
+    /// dependencies and the reason it ended. `run_tags` follows deleted runs by trigger, so
+    /// whatever prunes runs need not know it.
+    fn migrate_v2_to_v3(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE runs ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+                 ALTER TABLE runs ADD COLUMN tracked INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE runs ADD COLUMN not_before INTEGER;
+                 ALTER TABLE runs ADD COLUMN depends_on TEXT NOT NULL DEFAULT '[]';
+                 ALTER TABLE runs ADD COLUMN reason TEXT;
+                 UPDATE runs SET tags = COALESCE(
+                    (SELECT json_extract(jobs.spec, '$.tags') FROM jobs WHERE jobs.name = runs.job),
+                    '[]');
+                 CREATE TABLE IF NOT EXISTS run_tags (
+                    tag TEXT NOT NULL, run_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+                    PRIMARY KEY (tag, run_id)) WITHOUT ROWID;
+                 CREATE INDEX IF NOT EXISTS run_tags_by_time ON run_tags (tag, created_at);
+                 INSERT OR IGNORE INTO run_tags (tag, run_id, created_at)
+                    SELECT t.value, runs.run_id, runs.created_at FROM runs, json_each(runs.tags) AS t
+                    WHERE t.type = 'text';
+                 CREATE INDEX IF NOT EXISTS runs_tracked ON runs (created_at) WHERE tracked = 1;
+                 CREATE TRIGGER IF NOT EXISTS run_tags_follow_runs AFTER DELETE ON runs
+                    BEGIN DELETE FROM run_tags WHERE run_id = old.run_id; END;
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )
+            .context("migrating the schema from version 2 to 3")?;
+        tracing::info!("store migrated from schema version 2 to 3");
         Ok(())
     }
 }
@@ -260,14 +307,34 @@ fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, StoreEr
 
 fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
-        Write::Run(r) => tx
-            .execute(
-                "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at",
-                params![r.run_id, r.job, json(&r.params), r.state.as_str(), parent_runs_json(&r.parent_runs), r.request_id, r.created_at_ms, r.finished_at_ms],
+        Write::Run(r) => {
+            tx.execute(
+                "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at,
+                                   priority, tags, tracked, not_before, depends_on, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at,
+                    priority = excluded.priority, tracked = excluded.tracked,
+                    not_before = excluded.not_before, reason = excluded.reason",
+                params![r.run_id, r.job, json(&r.params), r.state.as_str(), parent_runs_json(&r.parent_runs), r.request_id,
+                        r.created_at_ms, r.finished_at_ms, r.priority, json(&r.tags), r.tracked, r.not_before_ms,
+                        parent_runs_json(&r.depends_on), r.reason],
             )
-            .context("writing a run"),
+            .context("writing a run")?;
+            for tag in &r.tags {
+                tx.execute(
+                    "INSERT OR IGNORE INTO run_tags (tag, run_id, created_at) VALUES (?1, ?2, ?3)",
+                    params![tag, r.run_id, r.created_at_ms],
+                )
+                .context("writing a run's tag")?;
+            }
+            Ok(1)
+        }
+        Write::Tracked { run_id, tracked } => tx
+            .execute(
+                "UPDATE runs SET tracked = ?2 WHERE run_id = ?1",
+                params![run_id, tracked],
+            )
+            .context("tracking a run"),
         Write::Step(s) => tx
             .execute(
                 "INSERT INTO steps (step_id, run_id, job, delivery, state, origin_task, created_at, finished_at)
@@ -336,8 +403,9 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
     .map(|_| ())
 }
 
-const RUN_COLUMNS: &str =
-    "run_id, job, params, state, parent_runs, request_id, created_at, finished_at";
+const RUN_COLUMNS: &str = "runs.run_id, runs.job, runs.params, runs.state, runs.parent_runs, \
+     runs.request_id, runs.created_at, runs.finished_at, runs.priority, runs.tags, runs.tracked, \
+     runs.not_before, runs.depends_on, runs.reason";
 const STEP_COLUMNS: &str =
     "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
 const TASK_COLUMNS: &str =
@@ -360,7 +428,21 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> Result<Run, StoreError> {
         request_id: row.get(5)?,
         created_at_ms: row.get(6)?,
         finished_at_ms: row.get(7)?,
+        priority: row.get(8)?,
+        tags: from_json(&row.get::<_, String>(9)?, "run tags")?,
+        tracked: row.get(10)?,
+        not_before_ms: row.get(11)?,
+        depends_on: from_json::<Vec<String>>(&row.get::<_, String>(12)?, "run dependencies")?
+            .into_iter()
+            .map(RunId::from)
+            .collect(),
+        reason: row.get(13)?,
     })
+}
+
+fn state_from_row(row: &rusqlite::Row<'_>) -> Result<(RunId, RunState), StoreError> {
+    let state: String = row.get(1)?;
+    Ok((row.get(0)?, parse_state(&state)?))
 }
 
 fn step_from_row(row: &rusqlite::Row<'_>) -> Result<Step, StoreError> {
@@ -436,24 +518,32 @@ impl Store for SqliteStore {
     }
 
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let active = "('pending', 'running')";
+        let active = UNFINISHED_RUNS;
         let runs = self.select(
-            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE state IN {active} ORDER BY created_at"),
+            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE {active} ORDER BY created_at, rowid"),
             [],
             run_from_row,
             "loading active runs",
         )?;
         let steps = self.select(
-            &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id IN (SELECT run_id FROM runs WHERE state IN {active}) ORDER BY rowid"),
+            &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id IN (SELECT run_id FROM runs WHERE {active}) ORDER BY rowid"),
             [],
             step_from_row,
             "loading active steps",
         )?;
         let tasks = self.select(
-            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE run_id IN (SELECT run_id FROM runs WHERE state IN {active}) ORDER BY rowid"),
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE run_id IN (SELECT run_id FROM runs WHERE {active}) ORDER BY rowid"),
             [],
             task_from_row,
             "loading active tasks",
+        )?;
+        let dependency_states = self.select(
+            "SELECT run_id, state FROM runs WHERE run_id IN (
+                SELECT d.value FROM runs AS held, json_each(held.depends_on) AS d
+                WHERE held.state IN ('scheduled', 'waiting'))",
+            [],
+            state_from_row,
+            "loading the states of the runs held runs depend on",
         )?;
         let workers = self.select(
             "SELECT name, instance, jobs, capabilities, slots, version, last_seen FROM workers",
@@ -527,6 +617,7 @@ impl Store for SqliteStore {
         )?;
         Ok(Snapshot {
             dead,
+            dependency_states,
             runs,
             steps,
             tasks,
@@ -551,10 +642,13 @@ impl Store for SqliteStore {
             "reading a run's tasks",
         )?;
         let steps = self.select(
-            &format!("SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND state = 'pending' ORDER BY rowid"),
+            &format!(
+                "SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ?1 AND state IN ('pending', 'cancelled')
+                 AND step_id NOT IN (SELECT step_id FROM tasks WHERE run_id = ?1) ORDER BY rowid"
+            ),
             [run_id],
             step_from_row,
-            "reading a run's waiting steps",
+            "reading a run's steps without tasks",
         )?;
         let mut views: Vec<StepView> = tasks.iter().map(Task::view).collect();
         views.extend(steps.iter().map(Step::waiting_view));
@@ -579,24 +673,63 @@ impl Store for SqliteStore {
             },
             "reading a run's attempts",
         )?;
-        Ok(Some(run.view(views, attempts)))
+        let waiting_for = if run.state.is_held() {
+            self.select(
+                // One no longer in the store was pruned after it succeeded (see
+                // `Engine::restore`): nothing to wait for.
+                "SELECT d.value FROM json_each(?1) AS d
+                 WHERE EXISTS (SELECT 1 FROM runs WHERE run_id = d.value AND state != 'succeeded')",
+                [parent_runs_json(&run.depends_on)],
+                |row| Ok(row.get::<_, String>(0)?),
+                "reading what a run waits for",
+            )?
+        } else {
+            Vec::new()
+        };
+        Ok(Some(run.view(views, attempts, waiting_for)))
+    }
+
+    fn run_states(&self, run_ids: &[RunId]) -> Result<Vec<(RunId, RunState)>, StoreError> {
+        let ids: Vec<&str> = run_ids.iter().map(RunId::as_str).collect();
+        self.select(
+            "SELECT run_id, state FROM runs WHERE run_id IN (SELECT value FROM json_each(?1))",
+            [json(&ids)],
+            state_from_row,
+            "reading the states of runs",
+        )
     }
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError> {
         let limit = filter.limit.clamp(1, 1000) as i64;
-        let runs = self.select(
-            &format!(
-                "SELECT {RUN_COLUMNS} FROM runs
-                 WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR state = ?2)
-                 ORDER BY created_at DESC, rowid DESC LIMIT ?3"
+        let conditions = "(?1 IS NULL OR runs.job = ?1) AND (?2 IS NULL OR runs.state = ?2)
+                          AND (?4 IS NULL OR runs.tracked = ?4)";
+        // With a tag, the tag's own index leads: a rare tag must not walk every run.
+        let sql = match filter.tag {
+            None => format!(
+                "SELECT {RUN_COLUMNS} FROM runs WHERE {conditions} AND ?5 IS NULL
+                 ORDER BY runs.created_at DESC, runs.rowid DESC LIMIT ?3"
             ),
-            params![filter.job, filter.state.map(|s| s.as_str()), limit],
+            Some(_) => format!(
+                "SELECT {RUN_COLUMNS} FROM run_tags JOIN runs ON runs.run_id = run_tags.run_id
+                 WHERE run_tags.tag = ?5 AND {conditions}
+                 ORDER BY run_tags.created_at DESC, runs.rowid DESC LIMIT ?3"
+            ),
+        };
+        let runs = self.select(
+            &sql,
+            params![
+                filter.job,
+                filter.state.map(|s| s.as_str()),
+                limit,
+                filter.tracked,
+                filter.tag
+            ],
             run_from_row,
             "listing runs",
         )?;
         Ok(runs
             .into_iter()
-            .map(|r| r.view(Vec::new(), Vec::new()))
+            .map(|r| r.view(Vec::new(), Vec::new(), Vec::new()))
             .collect())
     }
 
@@ -652,19 +785,16 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use jobz::jobfile::Delivery;
-    use jobz::message::RunState;
 
     pub(super) fn run(id: &str, state: RunState, created: i64) -> Run {
-        Run {
-            run_id: id.into(),
-            job: "a".into(),
-            params: [("date".to_string(), "2026_11_23".to_string())].into(),
+        Run::new(
+            id.into(),
+            "a",
+            [("date".to_string(), "2026_11_23".to_string())].into(),
             state,
-            parent_runs: vec![],
-            request_id: format!("req-{id}"),
-            created_at_ms: created,
-            finished_at_ms: None,
-        }
+            format!("req-{id}"),
+            created,
+        )
     }
 
     pub(super) fn step(id: &str, run: &str, state: TaskState) -> Step {
@@ -785,15 +915,26 @@ mod tests {
             .is_empty());
     }
 
+    /// A store opened on a database that `sql` made, in a directory of its own.
+    fn opened_from(sql: &str) -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("broker.sqlite3")).unwrap();
+        conn.execute_batch(sql).unwrap();
+        drop(conn);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn schema_version(store: &SqliteStore) -> i64 {
+        store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn a_version_1_database_is_migrated_and_its_run_resumes() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let conn = Connection::open(dir.path().join("broker.sqlite3")).unwrap();
-            conn.execute_batch(include_str!("../tests/data/schema-v1.sql"))
-                .unwrap();
-        }
-        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let (dir, mut store) = opened_from(include_str!("../tests/data/schema-v1.sql"));
         let snap = store.load().unwrap();
         assert_eq!(snap.runs.len(), 1);
         assert_eq!(snap.tasks.len(), 1);
@@ -805,11 +946,7 @@ mod tests {
         t.recorded_at_ms = Some(5000);
         store.apply(&[Write::Task(t)]).unwrap();
         assert_eq!(store.completions(&["a".into()], 0, 10).unwrap().len(), 1);
-        let version: i64 = store
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(schema_version(&store), SCHEMA_VERSION);
         drop(store);
         SqliteStore::open(dir.path()).unwrap(); // opening again is a no-op
     }
@@ -874,5 +1011,167 @@ mod tests {
         }
         let store = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(store.load().unwrap().runs.len(), 1);
+    }
+
+    #[test]
+    fn a_version_2_database_is_migrated_and_its_runs_take_their_jobs_tags() {
+        let (dir, mut store) = opened_from(include_str!("../tests/data/schema-v2.sql"));
+        let snap = store.load().unwrap();
+        assert_eq!(snap.runs.len(), 1);
+        assert_eq!(snap.runs[0].priority, 0);
+        assert_eq!(snap.runs[0].tags, ["etl", "nightly"]);
+        let tagged = |store: &SqliteStore, tag: &str| -> Vec<String> {
+            let filter = RunFilter {
+                limit: 10,
+                tag: Some(tag.into()),
+                ..Default::default()
+            };
+            store
+                .runs(&filter)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.run_id)
+                .collect()
+        };
+        assert_eq!(tagged(&store, "nightly"), ["r1", "r0"], "finished runs too");
+        assert!(tagged(&store, "web").is_empty());
+        // And it takes version-3 writes.
+        let mut new = run("r2", RunState::Scheduled, 2000);
+        new.tags = vec!["web".into()];
+        new.not_before_ms = Some(5000);
+        store.apply(&[Write::Run(new)]).unwrap();
+        assert_eq!(tagged(&store, "web"), ["r2"]);
+        assert_eq!(schema_version(&store), SCHEMA_VERSION);
+        drop(store);
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.load().unwrap().runs.len(),
+            2,
+            "r1 and the scheduled r2"
+        );
+    }
+
+    #[test]
+    fn held_and_cancelling_runs_are_unfinished_and_their_dependencies_are_loaded() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut done = run("dep-done", RunState::Succeeded, 1);
+        done.finished_at_ms = Some(2);
+        let dep_active = run("dep-active", RunState::Running, 2);
+        let mut waiting = run("waiting", RunState::Waiting, 3);
+        waiting.depends_on = vec!["dep-done".into(), "dep-active".into(), "gone".into()];
+        let mut scheduled = run("scheduled", RunState::Scheduled, 4);
+        scheduled.not_before_ms = Some(99);
+        let cancelling = run("cancelling", RunState::Cancelled, 5);
+        let mut cancelled = run("cancelled", RunState::Cancelled, 6);
+        cancelled.finished_at_ms = Some(7);
+        cancelled.reason = Some("cancelled through frontend:f".into());
+        store
+            .apply(&[
+                Write::Run(done),
+                Write::Run(dep_active),
+                Write::Run(waiting),
+                Write::Run(scheduled),
+                Write::Run(cancelling),
+                Write::Run(cancelled),
+            ])
+            .unwrap();
+        let snap = store.load().unwrap();
+        let ids: Vec<&str> = snap.runs.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids, ["dep-active", "waiting", "scheduled", "cancelling"]);
+        let mut states = snap.dependency_states.clone();
+        states.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            states,
+            [
+                (RunId::from("dep-active"), RunState::Running),
+                (RunId::from("dep-done"), RunState::Succeeded)
+            ]
+        );
+        let view = store.run("waiting").unwrap().unwrap();
+        assert_eq!(view.depends_on, ["dep-done", "dep-active", "gone"]);
+        assert_eq!(
+            view.waiting_for,
+            ["dep-active"],
+            "gone: pruned after it succeeded"
+        );
+        let view = store.run("cancelled").unwrap().unwrap();
+        assert_eq!(view.reason.as_deref(), Some("cancelled through frontend:f"));
+        assert!(view.waiting_for.is_empty());
+        let mut known = store
+            .run_states(&["dep-done".into(), "nope".into(), "waiting".into()])
+            .unwrap();
+        known.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            known,
+            [
+                (RunId::from("dep-done"), RunState::Succeeded),
+                (RunId::from("waiting"), RunState::Waiting)
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_are_listed_by_tag_and_by_tracked_and_a_run_is_tracked_in_place() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut writes = Vec::new();
+        for i in 0..6 {
+            let mut r = run(&format!("r{i}"), RunState::Succeeded, i);
+            r.tags = match i % 3 {
+                0 => vec!["a".into()],
+                1 => vec!["a".into(), "b".into()],
+                _ => vec![],
+            };
+            r.tracked = i == 4;
+            writes.push(Write::Run(r));
+        }
+        store.apply(&writes).unwrap();
+        store
+            .apply(&[
+                Write::Tracked {
+                    run_id: "r1".into(),
+                    tracked: true,
+                },
+                Write::Tracked {
+                    run_id: "nope".into(),
+                    tracked: true,
+                },
+            ])
+            .unwrap();
+        // The runs listed with a tag and a tracked filter.
+        let list = |store: &SqliteStore, tag: Option<&str>, tracked: Option<bool>| {
+            let filter = RunFilter {
+                limit: 10,
+                tag: tag.map(str::to_owned),
+                tracked,
+                ..Default::default()
+            };
+            let runs = store.runs(&filter).unwrap();
+            runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+        };
+        assert_eq!(list(&store, Some("a"), None), ["r4", "r3", "r1", "r0"]);
+        assert_eq!(list(&store, Some("b"), None), ["r4", "r1"]);
+        assert_eq!(list(&store, None, Some(true)), ["r4", "r1"]);
+        assert_eq!(list(&store, Some("b"), Some(true)), ["r4", "r1"]);
+        assert_eq!(list(&store, Some("a"), Some(false)), ["r3", "r0"]);
+        assert_eq!(list(&store, None, Some(false)).len(), 4);
+        // Rewriting a run keeps its tag rows once.
+        let mut again = run("r0", RunState::Succeeded, 0);
+        again.tags = vec!["a".into()];
+        store.apply(&[Write::Run(again)]).unwrap();
+        assert_eq!(list(&store, Some("a"), None).len(), 4);
+        // Deleting a run (as pruning does) takes its tags with it.
+        store
+            .conn
+            .execute("DELETE FROM runs WHERE run_id = 'r1'", [])
+            .unwrap();
+        let rows: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM run_tags WHERE run_id = 'r1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 0);
     }
 }

@@ -4,12 +4,17 @@
 //! [`ActiveRuns`] is the only place runs, steps and tasks are added or removed: a step
 //! belongs to an active run, a task to an active step, and removing a run removes all of
 //! it. What the engine needs to find without scanning (tasks waiting for a retry, steps
-//! waiting for a worker or a slot, the load of each worker) is indexed here and updated
-//! by the same methods that change what it indexes, so no caller can let an index drift:
-//! a task is changed only through [`TaskMut`], which re-indexes it when dropped.
+//! waiting for a worker or a slot, the load of each worker and of each job, scheduled runs
+//! by due time, the runs each run is waited for by) is indexed here and updated by the same
+//! methods that change what it indexes, so no caller can let an index drift: a task is
+//! changed only through [`TaskMut`], which re-indexes it when dropped, and a run's priority
+//! only through [`ActiveRuns::set_priority`], which moves its waiting steps and retries.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::{Deref, DerefMut};
+
+use jobz::message::RunState;
 
 use super::waiting::{Head, Position, WaitingSteps};
 use crate::ids::{RunId, StepId, TaskId};
@@ -27,6 +32,9 @@ pub struct ActiveTask {
     pub lease_expires_ms: Option<i64>,
     /// Set while the task waits for a retry: its backoff, or a worker to retry on.
     pub retry: Option<RetryWait>,
+    /// When its worker was last told to stop it (its run was cancelled), while it has not
+    /// reported it.
+    pub cancel_sent_ms: Option<i64>,
 }
 
 /// A task waiting to be tried again.
@@ -46,10 +54,12 @@ impl ActiveTask {
             last_sent_ms: None,
             lease_expires_ms: None,
             retry: None,
+            cancel_sent_ms: None,
         }
     }
 
     /// The worker whose slot this task occupies: the one it is placed on, until it ends.
+    /// The same task counts against its job's `max_concurrency`.
     fn occupies(&self) -> Option<&str> {
         match self.record.state.is_final() {
             true => None,
@@ -63,6 +73,8 @@ struct ActiveRun {
     run: Run,
     /// Its steps, in the order they were made.
     steps: Vec<StepId>,
+    /// The runs it depends on that have not succeeded yet (only a held run has any).
+    waiting_for: BTreeSet<RunId>,
 }
 
 #[derive(Debug)]
@@ -76,42 +88,66 @@ struct ActiveStep {
     waiting: bool,
 }
 
+/// Where a task waiting for a retry stands: higher priority first, then in the order the
+/// tasks were made (ids are time-ordered).
+type RetryKey = (Reverse<i32>, TaskId);
+
 /// What [`ActiveRuns`] keeps to find things without a scan. Changed only by its methods.
 #[derive(Debug, Default)]
 struct Index {
-    /// Tasks with a [`RetryWait`], in the order they were made (ids are time-ordered).
-    retrying: BTreeSet<TaskId>,
-    /// Steps waiting for a live worker or a free slot, by job, each job's in line.
+    /// Tasks with a [`RetryWait`].
+    retrying: BTreeSet<RetryKey>,
+    /// Steps waiting for a live worker, a free slot or room under their job's
+    /// `max_concurrency`, by job, each job's in line.
     waiting: WaitingSteps,
     /// Per worker, the unfinished tasks placed on it: what occupies its slots.
     load: HashMap<String, u32>,
+    /// Per job, the same tasks: what its `max_concurrency` counts.
+    job_load: HashMap<String, u32>,
+    /// Scheduled runs, by the time they are due.
+    due: BTreeSet<(i64, RunId)>,
+    /// Per run, the held runs that wait for it to succeed.
+    dependents: HashMap<RunId, BTreeSet<RunId>>,
+}
+
+/// Adds one to a count in `map`.
+fn count_up(map: &mut HashMap<String, u32>, key: &str) {
+    match map.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            map.insert(key.to_owned(), 1);
+        }
+    }
+}
+
+/// Takes one from a count in `map`, forgetting it at zero.
+fn count_down(map: &mut HashMap<String, u32>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 impl Index {
-    fn retry_changed(&mut self, task_id: &TaskId, retrying: bool) {
+    fn retry_changed(&mut self, task_id: &TaskId, priority: i32, retrying: bool) {
+        let key = (Reverse(priority), task_id.clone());
         if retrying {
-            self.retrying.insert(task_id.clone());
+            self.retrying.insert(key);
         } else {
-            self.retrying.remove(task_id);
+            self.retrying.remove(&key);
         }
     }
 
-    fn occupy(&mut self, worker: &str) {
-        match self.load.get_mut(worker) {
-            Some(n) => *n += 1,
-            None => {
-                self.load.insert(worker.to_owned(), 1);
-            }
-        }
+    fn occupy(&mut self, worker: &str, job: &str) {
+        count_up(&mut self.load, worker);
+        count_up(&mut self.job_load, job);
     }
 
-    fn vacate(&mut self, worker: &str) {
-        if let Some(n) = self.load.get_mut(worker) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.load.remove(worker);
-            }
-        }
+    fn vacate(&mut self, worker: &str, job: &str) {
+        count_down(&mut self.load, worker);
+        count_down(&mut self.job_load, job);
     }
 }
 
@@ -135,10 +171,18 @@ impl ActiveRuns {
         self.tasks.len()
     }
 
+    /// Every active run, in no particular order.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.runs.values().map(|r| &r.run)
+    }
+
     pub fn run(&self, run_id: &RunId) -> Option<&Run> {
         self.runs.get(run_id).map(|r| &r.run)
     }
 
+    /// The run to change. Its priority changes only through [`ActiveRuns::set_priority`];
+    /// a scheduled run leaves the due index through [`ActiveRuns::take_due`] before its
+    /// state changes.
     pub fn run_mut(&mut self, run_id: &RunId) -> Option<&mut Run> {
         self.runs.get_mut(run_id).map(|r| &mut r.run)
     }
@@ -158,11 +202,16 @@ impl ActiveRuns {
     /// The task to change; its indexes follow when the returned guard is dropped.
     pub fn task_mut(&mut self, task_id: &TaskId) -> Option<TaskMut<'_>> {
         let task = self.tasks.get_mut(task_id)?;
+        let priority = self
+            .runs
+            .get(&task.record.run_id)
+            .map_or(0, |r| r.run.priority);
         let was_retrying = task.retry.is_some();
         let occupied = task.occupies().map(str::to_owned);
         Some(TaskMut {
             task,
             index: &mut self.index,
+            priority,
             was_retrying,
             occupied,
         })
@@ -200,9 +249,10 @@ impl ActiveRuns {
             .filter_map(|id| self.tasks.get(id))
     }
 
-    /// Tasks waiting for a retry, in the order they were made.
+    /// Tasks waiting for a retry: the higher their run's priority the sooner, and among
+    /// equals in the order they were made.
     pub fn retrying(&self) -> impl Iterator<Item = &TaskId> {
-        self.index.retrying.iter()
+        self.index.retrying.iter().map(|(_, id)| id)
     }
 
     pub fn has_waiting(&self) -> bool {
@@ -237,7 +287,7 @@ impl ActiveRuns {
         self.index.waiting.insert(job, position, step_id.clone())
     }
 
-    /// Takes a step out of line (it was placed).
+    /// Takes a step out of line (it was placed, or its run was cancelled).
     pub fn stop_waiting(&mut self, step_id: &StepId) {
         if let Some(step) = self.steps.get_mut(step_id).filter(|s| s.waiting) {
             step.waiting = false;
@@ -250,18 +300,118 @@ impl ActiveRuns {
         self.index.load.get(worker).copied().unwrap_or(0)
     }
 
-    pub fn insert_run(&mut self, run: Run) {
+    /// The unfinished tasks of `job` placed on a worker, across the mesh.
+    pub fn load_of_job(&self, job: &str) -> u32 {
+        self.index.job_load.get(job).copied().unwrap_or(0)
+    }
+
+    /// Changes a run's priority: its steps waiting in line move to their new place, its
+    /// tasks waiting for a retry too, and its later steps take the new one. False if the
+    /// run is not active.
+    pub fn set_priority(&mut self, run_id: &RunId, priority: i32) -> bool {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut run.run.priority, priority);
+        for step_id in &run.steps {
+            let Some(step) = self.steps.get_mut(step_id) else {
+                continue;
+            };
+            let moved = Position {
+                priority,
+                ..step.position
+            };
+            if step.waiting {
+                self.index.waiting.remove(&step.step.job, step.position);
+                self.index
+                    .waiting
+                    .insert(&step.step.job, moved, step_id.clone());
+            }
+            step.position = moved;
+            for task_id in &step.tasks {
+                if self.tasks.get(task_id).is_some_and(|t| t.retry.is_some()) {
+                    self.index.retry_changed(task_id, old, false);
+                    self.index.retry_changed(task_id, priority, true);
+                }
+            }
+        }
+        true
+    }
+
+    /// Adds a run. A scheduled one is indexed by its due time; `waiting_for` are the
+    /// active runs it depends on that have not succeeded yet.
+    pub fn insert_run(&mut self, run: Run, waiting_for: BTreeSet<RunId>) {
         let run_id = run.run_id.clone();
+        if run.state == RunState::Scheduled {
+            let due = run.not_before_ms.unwrap_or(i64::MIN);
+            self.index.due.insert((due, run_id.clone()));
+        }
+        for dependency in &waiting_for {
+            self.index
+                .dependents
+                .entry(dependency.clone())
+                .or_default()
+                .insert(run_id.clone());
+        }
         self.runs.insert(
             run_id,
             ActiveRun {
                 run,
                 steps: Vec::new(),
+                waiting_for,
             },
         );
     }
 
-    /// Adds a step to its run; false (and nothing added) if the run is not active.
+    /// Scheduled runs due at `now`, earliest first, taken out of the due index (the caller
+    /// moves each on: it waits for its dependencies or starts).
+    pub fn take_due(&mut self, now: i64) -> Vec<RunId> {
+        let mut due = Vec::new();
+        while let Some(first) = self.index.due.first() {
+            if first.0 > now {
+                break;
+            }
+            if let Some((_, run_id)) = self.index.due.pop_first() {
+                due.push(run_id);
+            }
+        }
+        due
+    }
+
+    /// The runs `run_id` depends on that have not succeeded yet.
+    pub fn waiting_for(&self, run_id: &RunId) -> impl Iterator<Item = &RunId> {
+        self.runs
+            .get(run_id)
+            .into_iter()
+            .flat_map(|r| r.waiting_for.iter())
+    }
+
+    /// The held runs waiting for `run_id`, in id order.
+    pub fn dependents_of(&self, run_id: &RunId) -> impl Iterator<Item = &RunId> {
+        self.index.dependents.get(run_id).into_iter().flatten()
+    }
+
+    /// `run_id` has ended: the runs that waited for it stop waiting for it. Returns each
+    /// with the number of runs it still waits for, in id order.
+    pub fn take_dependents(&mut self, run_id: &RunId) -> Vec<(RunId, usize)> {
+        let dependents = self.index.dependents.remove(run_id).unwrap_or_default();
+        dependents
+            .into_iter()
+            .map(|dependent| {
+                let left = match self.runs.get_mut(&dependent) {
+                    Some(run) => {
+                        run.waiting_for.remove(run_id);
+                        run.waiting_for.len()
+                    }
+                    None => 0,
+                };
+                (dependent, left)
+            })
+            .collect()
+    }
+
+    /// Adds a step to its run, in line after every step made before it among those of its
+    /// run's priority; false (and nothing added) if the run is not active.
     pub fn insert_step(&mut self, step: Step) -> bool {
         let Some(run) = self.runs.get_mut(&step.run_id) else {
             return false;
@@ -275,6 +425,7 @@ impl ActiveRuns {
                 step,
                 tasks: Vec::new(),
                 position: Position {
+                    priority: run.run.priority,
                     arrival: self.arrivals,
                 },
                 waiting: false,
@@ -288,19 +439,37 @@ impl ActiveRuns {
         let Some(step) = self.steps.get_mut(&task.record.step_id) else {
             return false;
         };
+        let priority = self
+            .runs
+            .get(&task.record.run_id)
+            .map_or(0, |r| r.run.priority);
         let task_id = task.record.task_id.clone();
         step.tasks.push(task_id.clone());
-        self.index.retry_changed(&task_id, task.retry.is_some());
+        self.index
+            .retry_changed(&task_id, priority, task.retry.is_some());
         if let Some(worker) = task.occupies() {
-            self.index.occupy(worker);
+            self.index.occupy(worker, &task.record.job);
         }
         self.tasks.insert(task_id, task);
         true
     }
 
-    /// Removes a run with all its steps and tasks, and everything indexed of them.
+    /// Removes a run with all its steps and tasks, and everything indexed of them. The
+    /// runs waiting for it are left to [`ActiveRuns::take_dependents`].
     pub fn remove_run(&mut self, run_id: &RunId) -> Option<Run> {
         let run = self.runs.remove(run_id)?;
+        let priority = run.run.priority;
+        if let Some(due) = run.run.not_before_ms {
+            self.index.due.remove(&(due, run_id.clone()));
+        }
+        for dependency in &run.waiting_for {
+            if let Some(set) = self.index.dependents.get_mut(dependency) {
+                set.remove(run_id);
+                if set.is_empty() {
+                    self.index.dependents.remove(dependency);
+                }
+            }
+        }
         for step_id in &run.steps {
             self.stop_waiting(step_id);
             let Some(step) = self.steps.remove(step_id) else {
@@ -310,9 +479,9 @@ impl ActiveRuns {
                 let Some(task) = self.tasks.remove(task_id) else {
                     continue;
                 };
-                self.index.retry_changed(task_id, false);
+                self.index.retry_changed(task_id, priority, false);
                 if let Some(worker) = task.occupies() {
-                    self.index.vacate(worker);
+                    self.index.vacate(worker, &task.record.job);
                 }
             }
         }
@@ -326,9 +495,11 @@ impl ActiveRuns {
     /// tests check after each event.
     pub fn assert_consistent(&self) {
         let mut load: HashMap<String, u32> = HashMap::new();
+        let mut job_load: HashMap<String, u32> = HashMap::new();
         for t in self.tasks.values() {
             if let Some(w) = t.occupies() {
                 *load.entry(w.to_owned()).or_default() += 1;
+                *job_load.entry(t.record.job.clone()).or_default() += 1;
             }
             let step = &self.steps[&t.record.step_id];
             assert!(
@@ -337,18 +508,24 @@ impl ActiveRuns {
             );
         }
         assert_eq!(self.index.load, load, "load counters drifted");
-        let retrying: BTreeSet<TaskId> = self
+        assert_eq!(self.index.job_load, job_load, "job load counters drifted");
+        let retrying: BTreeSet<RetryKey> = self
             .tasks
             .values()
             .filter(|t| t.retry.is_some())
-            .map(|t| t.record.task_id.clone())
+            .map(|t| {
+                let priority = self.runs[&t.record.run_id].run.priority;
+                (Reverse(priority), t.record.task_id.clone())
+            })
             .collect();
         assert_eq!(self.index.retrying, retrying, "retry index drifted");
         let mut waiting = 0;
         for (id, s) in &self.steps {
-            assert!(
-                self.runs[&s.step.run_id].steps.contains(id),
-                "step not in its run"
+            let run = &self.runs[&s.step.run_id];
+            assert!(run.steps.contains(id), "step not in its run");
+            assert_eq!(
+                s.position.priority, run.run.priority,
+                "step priority drifted"
             );
             if s.waiting {
                 waiting += 1;
@@ -356,6 +533,33 @@ impl ActiveRuns {
             }
         }
         assert_eq!(self.index.waiting.len(), waiting, "waiting line drifted");
+        let due: BTreeSet<(i64, RunId)> = self
+            .runs
+            .values()
+            .filter(|r| r.run.state == RunState::Scheduled)
+            .map(|r| {
+                (
+                    r.run.not_before_ms.unwrap_or(i64::MIN),
+                    r.run.run_id.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(self.index.due, due, "due index drifted");
+        let mut dependents: HashMap<RunId, BTreeSet<RunId>> = HashMap::new();
+        for r in self.runs.values() {
+            assert!(
+                r.waiting_for.is_empty() || r.run.state.is_held(),
+                "a run that is not held waits for others"
+            );
+            for dependency in &r.waiting_for {
+                assert!(self.runs.contains_key(dependency), "waits for an ended run");
+                dependents
+                    .entry(dependency.clone())
+                    .or_default()
+                    .insert(r.run.run_id.clone());
+            }
+        }
+        assert_eq!(self.index.dependents, dependents, "dependents drifted");
     }
 }
 
@@ -364,6 +568,8 @@ impl ActiveRuns {
 pub struct TaskMut<'a> {
     task: &'a mut ActiveTask,
     index: &'a mut Index,
+    /// Its run's priority (the retry index orders by it).
+    priority: i32,
     was_retrying: bool,
     /// The worker whose slot it occupied when the guard was made.
     occupied: Option<String>,
@@ -388,15 +594,16 @@ impl Drop for TaskMut<'_> {
         let retrying = self.task.retry.is_some();
         if retrying != self.was_retrying {
             self.index
-                .retry_changed(&self.task.record.task_id, retrying);
+                .retry_changed(&self.task.record.task_id, self.priority, retrying);
         }
         let occupies = self.task.occupies();
         if occupies != self.occupied.as_deref() {
+            let job = &self.task.record.job;
             if let Some(before) = &self.occupied {
-                self.index.vacate(before);
+                self.index.vacate(before, job);
             }
             if let Some(now) = occupies {
-                self.index.occupy(now);
+                self.index.occupy(now, job);
             }
         }
     }
@@ -405,21 +612,19 @@ impl Drop for TaskMut<'_> {
 #[cfg(test)]
 mod tests {
     use jobz::jobfile::Delivery;
-    use jobz::message::{RunState, TaskState};
+    use jobz::message::TaskState;
 
     use super::*;
 
     fn run(id: &str) -> Run {
-        Run {
-            run_id: id.into(),
-            job: "a".into(),
-            params: Default::default(),
-            state: RunState::Pending,
-            parent_runs: vec![],
-            request_id: format!("m-{id}"),
-            created_at_ms: 0,
-            finished_at_ms: None,
-        }
+        Run::new(
+            id.into(),
+            "a",
+            Default::default(),
+            RunState::Pending,
+            format!("m-{id}"),
+            0,
+        )
     }
 
     fn step(id: &str, run: &str) -> Step {
@@ -467,8 +672,8 @@ mod tests {
     /// Two runs: r1 with steps s1 (tasks t1, t2) and s2 (waiting), r2 with s3 (task t3).
     fn two_runs() -> ActiveRuns {
         let mut active = ActiveRuns::default();
-        active.insert_run(run("r1"));
-        active.insert_run(run("r2"));
+        active.insert_run(run("r1"), BTreeSet::new());
+        active.insert_run(run("r2"), BTreeSet::new());
         for (s, r) in [("s1", "r1"), ("s2", "r1"), ("s3", "r2")] {
             assert!(active.insert_step(step(s, r)));
         }
@@ -525,5 +730,64 @@ mod tests {
             .collect();
         assert_eq!(tasks, ["t1", "t2"]);
         assert_eq!(active.step_count(&"r1".into()), 2);
+    }
+
+    #[test]
+    fn a_new_priority_moves_the_waiting_steps_and_the_retries_of_a_run() {
+        let mut active = two_runs();
+        active.insert_step(step("s4", "r2"));
+        active.wait(&"s4".into());
+        let order = |a: &ActiveRuns| {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            while let Some(head) = a.next_waiting(cursor.as_ref()) {
+                seen.push(head.step_id.to_string());
+                cursor = Some(head);
+            }
+            seen
+        };
+        // Both in the line of job a: s2 (r1) came first.
+        assert_eq!(order(&active), ["s2"], "one job, one head");
+        assert!(active.set_priority(&"r2".into(), 5));
+        assert_eq!(order(&active), ["s4"], "r2's step now leads its job's line");
+        let retrying: Vec<&str> = active.retrying().map(TaskId::as_str).collect();
+        assert_eq!(retrying, ["t3", "t1", "t2"], "r2's retry comes first");
+        active.assert_consistent();
+        // A step made after the change stands at the new priority.
+        assert!(active.insert_step(step("s5", "r2")));
+        active.wait(&"s5".into());
+        active.assert_consistent();
+        assert!(!active.set_priority(&"r9".into(), 1));
+    }
+
+    #[test]
+    fn scheduled_runs_come_due_in_time_order_and_dependents_follow_their_dependencies() {
+        let mut active = ActiveRuns::default();
+        active.insert_run(run("d"), BTreeSet::new());
+        for (id, due) in [("s2", 20), ("s1", 10), ("s3", 30)] {
+            let mut r = run(id);
+            r.state = RunState::Scheduled;
+            r.not_before_ms = Some(due);
+            active.insert_run(r, BTreeSet::from([RunId::from("d")]));
+        }
+        active.assert_consistent();
+        let due = active.take_due(20);
+        assert_eq!(due, [RunId::from("s1"), RunId::from("s2")]);
+        for id in &due {
+            active.run_mut(id).unwrap().state = RunState::Waiting;
+        }
+        active.assert_consistent();
+        assert_eq!(active.dependents_of(&"d".into()).count(), 3);
+        // s3 is cancelled while scheduled: it leaves both indexes.
+        active.remove_run(&"s3".into());
+        active.assert_consistent();
+        let freed = active.take_dependents(&"d".into());
+        assert_eq!(
+            freed,
+            [(RunId::from("s1"), 0), (RunId::from("s2"), 0)],
+            "each waits for nothing more"
+        );
+        assert_eq!(active.waiting_for(&"s1".into()).count(), 0);
+        assert!(active.take_due(i64::MAX).is_empty());
     }
 }

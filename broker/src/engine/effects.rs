@@ -2,7 +2,9 @@
 //! publish once those are durable, and reads the store answers.
 
 use jobz::envelope::{Envelope, MessageId};
-use jobz::message::{Message, Reply, ReplyBody, RunFilter};
+use std::collections::BTreeMap;
+
+use jobz::message::{Message, Reply, ReplyBody, RunFilter, RunState};
 use jobz::topic::Topic;
 
 use crate::ids::RunId;
@@ -23,6 +25,12 @@ pub enum Write {
     /// is a plain duplicate). `run_id` is filled in by the store.
     ResultAfterRunEnd(Attempt),
     Dead(Dead),
+    /// A run marked tracked or not; nothing if the store does not hold it (the read that
+    /// follows answers 404).
+    Tracked {
+        run_id: RunId,
+        tracked: bool,
+    },
 }
 
 /// A message to publish.
@@ -50,20 +58,61 @@ pub enum ReadQuery {
         since_ms: i64,
         limit: u32,
     },
+    /// A run-control request for a run no longer in memory (ended, or never made): the run
+    /// if `action` leaves it as it is (cancelling a cancelled run), else 409 saying how it
+    /// ended, or `Run(None)` when the store does not hold it.
+    EndedRun {
+        run_id: RunId,
+        action: RunAction,
+    },
+}
+
+/// What a run-control request asked of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunAction {
+    Cancel,
+    Prioritize,
+}
+
+impl RunAction {
+    /// "cancelled", "given a new priority": for the 409 of an ended run.
+    pub fn done_to_it(self) -> &'static str {
+        match self {
+            RunAction::Cancel => "cancelled",
+            RunAction::Prioritize => "given a new priority",
+        }
+    }
+}
+
+/// A trigger that needs the states of runs only the store knows (its `depends=` names runs
+/// that ended long ago): the journal reads them after committing what came before, and
+/// hands the trigger back to the engine with the answers ([`crate::engine::Engine::on_lookup`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunLookup {
+    /// The trigger, as it came.
+    pub env: Envelope,
+    /// What is known so far of the runs it depends on: `None`, the store does not hold it.
+    pub known: BTreeMap<RunId, Option<RunState>>,
+    /// The runs to look up.
+    pub ask: Vec<RunId>,
 }
 
 /// What one event makes the broker do, in order: journal `writes` in one transaction,
-/// then publish `publish`, then answer `reads`.
+/// then publish `publish`, then answer `reads` and look up what `lookups` need.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub writes: Vec<Write>,
     pub publish: Vec<Publish>,
     pub reads: Vec<StoreRead>,
+    pub lookups: Vec<RunLookup>,
 }
 
 impl Effects {
     pub fn is_empty(&self) -> bool {
-        self.writes.is_empty() && self.publish.is_empty() && self.reads.is_empty()
+        self.writes.is_empty()
+            && self.publish.is_empty()
+            && self.reads.is_empty()
+            && self.lookups.is_empty()
     }
 }
 
@@ -75,5 +124,15 @@ pub(super) fn reply(fx: &mut Effects, env: &Envelope, body: ReplyBody) {
             in_reply_to: env.id.clone(),
             body,
         }),
+    });
+}
+
+/// Answers the sender of `env` with what the store reads for `query`, after the writes
+/// before it are committed.
+pub(super) fn read(fx: &mut Effects, env: &Envelope, query: ReadQuery) {
+    fx.reads.push(StoreRead {
+        reply_to: env.sender.clone(),
+        in_reply_to: env.id.clone(),
+        query,
     });
 }

@@ -1,6 +1,7 @@
 //! How runs move on: a step starts (placed, or failed at once when it cannot run), a
 //! task finishes (its successors follow), a step finishes when all its tasks have, and a
-//! run ends when none of its steps is pending or running.
+//! run ends when none of its steps is pending or running. Nothing follows a task of a
+//! cancelled run, and a cancelled run ends `cancelled`.
 
 use jobz::jobfile::Delivery;
 use jobz::message::{Event, Message, RunState, TaskState};
@@ -72,18 +73,12 @@ impl Engine {
         };
         match spec.delivery {
             Delivery::Local => match origin_worker {
-                Some(worker) => {
-                    let serves = self
-                        .registry
-                        .worker(&worker)
-                        .is_some_and(|w| w.jobs.contains(job));
-                    if serves {
-                        self.assign(fx, &step_id, vec![worker], now);
-                    } else {
-                        let reason = format!("worker {worker} does not serve local job {job:?}");
-                        self.fail_unplaced(fx, &step_id, Some(worker), reason, now);
-                    }
+                // At its job's max_concurrency: it waits in line for room, on its worker.
+                Some(_) if !self.job_has_room(job, 1) => {
+                    self.active.wait(&step_id);
+                    info!(run_id = %run_id, step_id = %step_id, job = %job, "step waits for room under the job's max_concurrency");
                 }
+                Some(worker) => self.place_local(fx, &step_id, worker, now),
                 None => {
                     let reason =
                         format!("job {job:?} has delivery `local` but no predecessor task");
@@ -116,6 +111,7 @@ impl Engine {
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
             worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
         fx.writes.push(Write::Task(task.clone()));
+        // A cancelled task did not fail: no dead-list entry, no completion for semaphores.
         if state == TaskState::Failed {
             let dead = Dead {
                 task_id: task.task_id.clone(),
@@ -137,7 +133,11 @@ impl Engine {
             fx.writes.push(Write::Dead(dead.clone()));
             self.dead.remember(dead);
         }
-        if let Some(run) = self.active.run(&task.run_id) {
+        if let Some(run) = self
+            .active
+            .run(&task.run_id)
+            .filter(|_| state != TaskState::Cancelled)
+        {
             fx.publish.push(Publish {
                 topic: Topic::Events(task.job.clone()),
                 body: Message::Event(Event::TaskFinished(task.completion(run.params.clone()))),
@@ -169,6 +169,9 @@ impl Engine {
         let Some(spec) = self.registry.job(job) else {
             return Vec::new();
         };
+        if self.run_is_cancelled(run_id) {
+            return Vec::new();
+        }
         if self.active.step_count(run_id) >= MAX_STEPS_PER_RUN {
             warn!(run_id = %run_id, "run reached {MAX_STEPS_PER_RUN} steps; no more successors start");
             return Vec::new();
@@ -188,7 +191,7 @@ impl Engine {
             .collect()
     }
 
-    fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
+    pub(super) fn finish_step_if_done(&mut self, fx: &mut Effects, step_id: &StepId, now: i64) {
         let Some(step) = self.active.step(step_id) else {
             return;
         };
@@ -205,8 +208,10 @@ impl Engine {
         }
         let state = if states.iter().all(|s| *s == TaskState::Succeeded) {
             TaskState::Succeeded
-        } else {
+        } else if states.contains(&TaskState::Failed) {
             TaskState::Failed
+        } else {
+            TaskState::Cancelled
         };
         let (run_id, job) = (step.run_id.clone(), step.job.clone());
         if let Some(step) = self.active.step_mut(step_id) {
@@ -227,26 +232,30 @@ impl Engine {
         for step in self.active.steps_of(run_id) {
             match step.state {
                 TaskState::Succeeded => {}
-                TaskState::Failed => failed = true,
-                _ => return,
+                TaskState::Failed | TaskState::Cancelled => failed = true,
+                TaskState::Pending | TaskState::Running => return,
             }
         }
         // The run is durable from here on; the store answers for it.
         let Some(mut run) = self.active.remove_run(run_id) else {
             return;
         };
-        run.state = if failed {
-            RunState::Failed
-        } else {
-            RunState::Succeeded
+        run.state = match (run.state, failed) {
+            // Counted when it was cancelled.
+            (RunState::Cancelled, _) => RunState::Cancelled,
+            (_, true) => {
+                self.count("runs_failed");
+                RunState::Failed
+            }
+            (_, false) => {
+                self.count("runs_succeeded");
+                RunState::Succeeded
+            }
         };
         run.finished_at_ms = Some(now);
         info!(run_id = %run_id, job = %run.job, state = %run.state, "run finished");
-        self.count(if failed {
-            "runs_failed"
-        } else {
-            "runs_succeeded"
-        });
+        let state = run.state;
         fx.writes.push(Write::Run(run));
+        self.run_ended(fx, run_id, state, now);
     }
 }

@@ -1,5 +1,11 @@
 //! Where work goes: the workers of a broadcast or queue step, steps that wait for a live
-//! worker or a free slot, and work published (and published again until started).
+//! worker, a free slot or room under their job's `max_concurrency`, and work published
+//! (and published again until started).
+//!
+//! `max_concurrency: N` counts the unfinished tasks of the job placed on workers, across
+//! the mesh. A queue or local step needs one place; a broadcast step one per live worker
+//! it goes to, all at once (a broadcast is never split). A broadcast wider than N runs
+//! when nothing else of its job does, so that it can run at all.
 
 use std::collections::BTreeMap;
 
@@ -17,15 +23,32 @@ use crate::model::Task;
 
 impl Engine {
     /// Publishes again each task published `redeliver_after` ago that its worker has not
-    /// reported started (it may have missed it: a slow joiner, a reconnect, a restart).
+    /// reported started (it may have missed it: a slow joiner, a reconnect, a restart), and
+    /// each cancel its worker has not answered by reporting the task.
     pub(super) fn redeliver(&mut self, fx: &mut Effects, now: i64) {
+        let after = self.config.redeliver_after_ms;
+        let again = |sent: Option<i64>| sent.is_some_and(|sent| now - sent >= after);
+        let mut cancels: BTreeMap<StepId, Vec<TaskId>> = BTreeMap::new();
+        for t in self.active.tasks().filter(|t| again(t.cancel_sent_ms)) {
+            if !t.record.state.is_final() {
+                let step = cancels.entry(t.record.step_id.clone()).or_default();
+                step.push(t.record.task_id.clone());
+            }
+        }
+        for (step_id, mut task_ids) in cancels {
+            task_ids.sort();
+            self.count("cancel_redeliveries");
+            self.publish_cancel(fx, &step_id, &task_ids);
+            for task_id in &task_ids {
+                if let Some(mut task) = self.active.task_mut(task_id) {
+                    task.cancel_sent_ms = Some(now);
+                }
+            }
+        }
         let due: Vec<TaskId> = self
             .active
             .tasks()
-            .filter(|t| {
-                t.last_sent_ms
-                    .is_some_and(|sent| now - sent >= self.config.redeliver_after_ms)
-            })
+            .filter(|t| again(t.last_sent_ms))
             .map(|t| t.record.task_id.clone())
             .collect();
         let mut by_step: BTreeMap<StepId, Vec<TaskId>> = BTreeMap::new();
@@ -67,36 +90,71 @@ impl Engine {
             }
             return;
         }
-        // First come, first served: a queue step does not overtake steps of its job that
-        // already wait for a slot.
+        // First come, first served: a step does not overtake steps of its job that
+        // already wait; it joins the line at its priority.
         self.placement_work(1);
-        if step.delivery == Delivery::Queue
-            && !self.active.is_waiting(step_id)
-            && self.active.has_waiting_of(&step.job)
-        {
+        if !self.active.is_waiting(step_id) && self.active.has_waiting_of(&step.job) {
             self.active.wait(step_id);
             return;
         }
+        let job = step.job.clone();
         let workers = match step.delivery {
             // Credits: a queue step goes only to a worker with a free slot, else it waits.
-            Delivery::Queue => match self.pick_queue_worker(&step.job, None) {
-                Some(w) => vec![w],
-                None => {
-                    self.active.wait(step_id);
-                    return;
-                }
-            },
-            _ => live,
+            Delivery::Queue if self.job_has_room(&job, 1) => {
+                self.pick_queue_worker(&job, None).map(|w| vec![w])
+            }
+            Delivery::Queue => None,
+            _ => self.job_has_room(&job, live.len()).then_some(live),
         };
-        self.assign(fx, step_id, workers, now);
+        match workers {
+            Some(workers) => self.assign(fx, step_id, workers, now),
+            None => {
+                self.active.wait(step_id);
+            }
+        }
     }
 
-    /// Places waiting steps, first come first served across jobs: it walks the jobs in the
-    /// order of their first waiting step, places that step if the job has a live worker
-    /// (and, for a queue step, a free slot), and meets the job again at its next step; a
-    /// job that cannot place its first step is passed over for the rest of the walk. So a
-    /// pass looks at each job with waiting steps once, plus once per step it places,
-    /// however many steps wait.
+    /// Whether `needed` more tasks of `job` may be placed under its `max_concurrency`:
+    /// always when it has none, or nothing of it is placed (a broadcast wider than the
+    /// limit runs alone rather than never).
+    pub(super) fn job_has_room(&self, job: &str, needed: usize) -> bool {
+        let Some(max) = self.registry.job(job).and_then(|s| s.max_concurrency) else {
+            return true;
+        };
+        let placed = self.active.load_of_job(job);
+        placed == 0 || placed as usize + needed <= max as usize
+    }
+
+    /// Runs a `local` step on the worker of the task it follows, if that worker serves its
+    /// job; else it fails at once.
+    pub(super) fn place_local(
+        &mut self,
+        fx: &mut Effects,
+        step_id: &StepId,
+        worker: String,
+        now: i64,
+    ) {
+        let Some(job) = self.active.step(step_id).map(|s| s.job.clone()) else {
+            return;
+        };
+        let serves = self
+            .registry
+            .worker(&worker)
+            .is_some_and(|w| w.jobs.contains(&job));
+        if serves {
+            self.assign(fx, step_id, vec![worker], now);
+        } else {
+            let reason = format!("worker {worker} does not serve local job {job:?}");
+            self.fail_unplaced(fx, step_id, Some(worker), reason, now);
+        }
+    }
+
+    /// Places waiting steps, by priority then first come first served across jobs: it
+    /// walks the jobs in the order of their first waiting step, places that step if the job
+    /// has a live worker (and, for a queue step, a free slot) and room under its
+    /// `max_concurrency`, and meets the job again at its next step; a job that cannot place
+    /// its first step is passed over for the rest of the walk. So a pass looks at each job
+    /// with waiting steps once, plus once per step it places, however many steps wait.
     pub(super) fn dispatch_waiting(&mut self, fx: &mut Effects, now: i64) {
         if !self.active.has_waiting() {
             return;
@@ -109,11 +167,30 @@ impl Engine {
                 continue; // cannot be: a step leaves the line when it leaves ActiveRuns
             };
             let workers = match delivery {
-                Delivery::Queue => self.pick_queue_worker(&head.job, None).map(|w| vec![w]),
-                Delivery::Broadcast | Delivery::Local => {
+                Delivery::Queue if self.job_has_room(&head.job, 1) => {
+                    self.pick_queue_worker(&head.job, None).map(|w| vec![w])
+                }
+                Delivery::Queue => None,
+                Delivery::Broadcast => {
                     let live = self.registry.live_workers_for(&head.job);
                     self.placement_work(live.len());
-                    (!live.is_empty()).then(|| live.iter().map(|w| w.name.clone()).collect())
+                    let room = self.job_has_room(&head.job, live.len());
+                    (!live.is_empty() && room)
+                        .then(|| live.iter().map(|w| w.name.clone()).collect())
+                }
+                // A local step waits only for room; it runs where the task it follows ran.
+                Delivery::Local => {
+                    if self.job_has_room(&head.job, 1) {
+                        let origin = self.origin_worker(&head.step_id);
+                        match origin {
+                            Some(worker) => self.place_local(fx, &head.step_id, worker, now),
+                            None => {
+                                let reason = "the task this local step follows is gone".into();
+                                self.fail_unplaced(fx, &head.step_id, None, reason, now);
+                            }
+                        }
+                    }
+                    None
                 }
             };
             if let Some(workers) = workers {
@@ -148,6 +225,12 @@ impl Engine {
                 .map(|(_, n)| n.to_string())
         };
         best(avoid).or_else(|| best(None))
+    }
+
+    /// The worker of the task a `local` step follows.
+    fn origin_worker(&self, step_id: &StepId) -> Option<String> {
+        let origin = self.active.step(step_id)?.origin_task.as_ref()?;
+        self.active.task(origin)?.record.worker.clone()
     }
 
     /// How many tasks the broadcast behind a new task of `step_id` reached: the step's own
@@ -281,6 +364,7 @@ impl Engine {
         now: i64,
     ) {
         warn!(step_id = %step_id, %reason, "step cannot run");
+        self.active.stop_waiting(step_id);
         let fanout = self.fanout_of(step_id, 1);
         if let Some(task_id) = self.new_task(step_id, worker, fanout, now) {
             if let Some(step) = self.active.step_mut(step_id) {

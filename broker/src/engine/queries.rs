@@ -2,22 +2,17 @@
 //! handed to the store as a read that is answered after the writes before it commit.
 
 use jobz::envelope::Envelope;
-use jobz::message::{HealthView, Query, ReplyBody};
+use jobz::message::{HealthView, Query, ReplyBody, RunState};
 
-use super::effects::{reply, Effects, ReadQuery, StoreRead};
+use super::effects::{read, reply, Effects, ReadQuery};
 use super::Engine;
 use crate::model::Dead;
 
 impl Engine {
     pub(super) fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query, now: i64) {
-        let read = |query| StoreRead {
-            reply_to: env.sender.clone(),
-            in_reply_to: env.id.clone(),
-            query,
-        };
         match query {
-            Query::Run { run_id } => fx.reads.push(read(ReadQuery::Run(run_id.into()))),
-            Query::Runs(filter) => fx.reads.push(read(ReadQuery::Runs(filter))),
+            Query::Run { run_id } => read(fx, env, ReadQuery::Run(run_id.into())),
+            Query::Runs(filter) => read(fx, env, ReadQuery::Runs(filter)),
             Query::Jobs => reply(fx, env, ReplyBody::Jobs(self.registry.job_views())),
             Query::Workers => reply(fx, env, ReplyBody::Workers(self.registry.worker_views())),
             Query::Health => {
@@ -34,7 +29,7 @@ impl Engine {
                     since_ms,
                     limit: limit.clamp(1, 10_000),
                 };
-                fx.reads.push(read(query));
+                read(fx, env, query);
             }
             Query::Semaphores => {
                 let barriers = self.semaphores.views(now);
@@ -59,7 +54,20 @@ impl Engine {
             counters: self.counters.clone(),
             active_runs: self.active.run_count() as u64,
             live_workers: self.registry.live_count() as u64,
-            runs_by_state: Default::default(),
+            runs_by_state: self.runs_by_state(),
         }
+    }
+
+    /// The unfinished runs by state, every unfinished state named (zero included).
+    fn runs_by_state(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut counts: std::collections::BTreeMap<String, u64> = RunState::ALL
+            .iter()
+            .filter(|s| !s.is_final() || **s == RunState::Cancelled)
+            .map(|s| (s.to_string(), 0))
+            .collect();
+        for run in self.active.runs() {
+            *counts.entry(run.state.to_string()).or_default() += 1;
+        }
+        counts
     }
 }

@@ -135,9 +135,8 @@ impl Engine {
     ) {
         let state = match finished.outcome {
             TaskOutcome::Succeeded => TaskState::Succeeded,
-            TaskOutcome::Failed | TaskOutcome::TimedOut | TaskOutcome::Cancelled => {
-                TaskState::Failed
-            }
+            TaskOutcome::Cancelled => TaskState::Cancelled,
+            TaskOutcome::Failed | TaskOutcome::TimedOut => TaskState::Failed,
         };
         // A report that must not be applied, kept as history (the store fills in the run
         // of a task whose run has already ended).
@@ -200,15 +199,19 @@ impl Engine {
         self.count("tasks_finished");
         // Ack first: it is published after the commit that records the result.
         reply(fx, env, ReplyBody::Ack);
-        if state == TaskState::Failed {
+        // A worker stops a task as cancelled only when its run was; said of a run that was
+        // not, it is a failure like any other.
+        let cancelled = state == TaskState::Cancelled && self.run_is_cancelled(&run_id);
+        if state == TaskState::Succeeded || cancelled {
+            self.finish_task(fx, &task_id, state, now);
+        } else {
             let reason = match (finished.outcome, finished.exit_code) {
                 (TaskOutcome::TimedOut, _) => "timed out".to_owned(),
+                (TaskOutcome::Cancelled, _) => "cancelled on the worker".to_owned(),
                 (_, Some(code)) => format!("exit code {code}"),
                 (_, None) => "failed".to_owned(),
             };
             self.task_failed(fx, &task_id, Failure::Ran, &reason, now);
-        } else {
-            self.finish_task(fx, &task_id, state, now);
         }
     }
 }

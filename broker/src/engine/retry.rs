@@ -149,9 +149,15 @@ impl Engine {
                 }
                 None => {
                     let avoid = task.retry.as_ref().and_then(|r| r.avoid.as_deref());
-                    match self.pick_queue_worker(&task.record.job, avoid) {
+                    let job = &task.record.job;
+                    let picked = match self.job_has_room(job, 1) {
+                        true => self.pick_queue_worker(job, avoid),
+                        false => None,
+                    };
+                    match picked {
                         Some(w) => w,
-                        None => continue, // nobody has a free slot: try again next tick
+                        // No free slot, or the job is at its max_concurrency: next tick.
+                        None => continue,
                     }
                 }
             };
@@ -169,7 +175,8 @@ impl Engine {
     }
 
     /// An attempt failed: retry the task if its job and the kind of failure allow, else
-    /// record it failed for good.
+    /// record it failed for good. A task of a cancelled run is never tried again: it ends
+    /// cancelled.
     pub(super) fn task_failed(
         &mut self,
         fx: &mut Effects,
@@ -193,7 +200,11 @@ impl Engine {
             .registry
             .job(&task.job)
             .map_or((0, 0), |s| (s.retries, s.retry_backoff_ms));
-        let plan = RetryPlan::after(failure, delivery, task.failures < retries);
+        let cancelled = self.run_is_cancelled(&task.run_id);
+        let plan = match cancelled {
+            true => RetryPlan::GiveUp,
+            false => RetryPlan::after(failure, delivery, task.failures < retries),
+        };
         let Some(mut active) = self.active.task_mut(task_id) else {
             return;
         };
@@ -224,7 +235,11 @@ impl Engine {
         else {
             task.finished_at_ms = task.finished_at_ms.or(Some(now));
             drop(active);
-            self.finish_task(fx, task_id, TaskState::Failed, now);
+            let state = match cancelled {
+                true => TaskState::Cancelled,
+                false => TaskState::Failed,
+            };
+            self.finish_task(fx, task_id, state, now);
             return;
         };
         if uses_budget {

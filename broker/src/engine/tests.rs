@@ -1200,3 +1200,5 @@ fn a_job_definition_with_an_oversized_pattern_is_refused_and_counted() {
         Some(&1)
     );
 }
+
+mod run_control;

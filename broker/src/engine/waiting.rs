@@ -1,5 +1,7 @@
-//! Steps waiting for a live worker or a free slot: one line per job, and the jobs in
-//! the order of the first step in their line.
+//! Steps waiting for a live worker, a free slot or room under their job's
+//! `max_concurrency`: one line per job, and the jobs in the order of the first step in
+//! their line. A line is ordered by priority (higher first), then by arrival (first come,
+//! first served among equals).
 //!
 //! Placement takes the first step of the first job, and after placing it the next first
 //! step: each costs O(log n) however many steps wait. A job that cannot place its first
@@ -9,13 +11,30 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::ids::StepId;
 
-/// Where a waiting step stands in line: the lower, the sooner. Steps are in line in the
-/// order they were made (first come, first served); a priority, when there is one, will
-/// come before that order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// Where a waiting step stands in line: the lower, the sooner. A higher priority comes
+/// first; among equal priorities, steps are in the order they were made (first come,
+/// first served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Position {
+    /// Its run's priority.
+    pub priority: i32,
     /// The step's place among every step made (or restored) by this engine.
     pub arrival: u64,
+}
+
+impl Ord for Position {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .priority
+            .cmp(&self.priority)
+            .then(self.arrival.cmp(&other.arrival))
+    }
+}
+
+impl PartialOrd for Position {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// The first waiting step of a job, as placement sees it.
@@ -126,7 +145,10 @@ mod tests {
     use super::*;
 
     fn at(arrival: u64) -> Position {
-        Position { arrival }
+        Position {
+            priority: 0,
+            arrival,
+        }
     }
 
     fn walk(waiting: &WaitingSteps) -> Vec<(u64, String)> {
@@ -184,5 +206,47 @@ mod tests {
         }
         assert_eq!(placed, ["s1", "s2", "s3"]);
         assert_eq!(walk(&w), [(2_000, "b".to_string())]);
+    }
+
+    #[test]
+    fn a_higher_priority_stands_before_every_lower_one_and_equals_keep_their_order() {
+        let mut w = WaitingSteps::default();
+        let at = |priority, arrival| Position { priority, arrival };
+        for (priority, arrival, job) in [
+            (0, 1, "a"),
+            (5, 2, "b"),
+            (0, 3, "a"),
+            (5, 4, "a"),
+            (-1, 5, "c"),
+        ] {
+            assert!(w.insert(
+                job,
+                at(priority, arrival),
+                StepId::from(format!("s{arrival}"))
+            ));
+        }
+        // Job b's head (priority 5, arrival 2) before a's (5, 4): equal priority, earlier
+        // first; c's (-1) last.
+        let heads: Vec<String> = {
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            while let Some(head) = w.next_head(cursor.as_ref()) {
+                seen.push(head.step_id.to_string());
+                cursor = Some(head);
+            }
+            seen
+        };
+        assert_eq!(heads, ["s2", "s4", "s5"]);
+        // Draining a's line gives its steps in priority, then arrival, order.
+        let mut drained = Vec::new();
+        while let Some(head) = w.next_head(None).filter(|h| h.job == "a" || w.has_job("a")) {
+            if head.job != "a" {
+                w.remove(&head.job, head.position);
+                continue;
+            }
+            drained.push(head.step_id.to_string());
+            w.remove(&head.job, head.position);
+        }
+        assert_eq!(drained, ["s4", "s1", "s3"]);
     }
 }
