@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use jobz::client::ClientError;
-use jobz::message::{Message, Query, ReplyBody, RunFilter, RunState, RunView, TriggerRequest};
+use jobz::message::{Message, Query, ReplyBody, RunFilter, RunView, TriggerRequest};
 
 use crate::broker::Broker;
 use crate::metrics::{self, Stats};
@@ -28,9 +28,6 @@ pub const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// How long `/healthz` and `/metrics` wait for the broker.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Most jobs a `tag=` filter may match (one broker query each).
-pub const MAX_TAGGED_JOBS: usize = 100;
 
 /// `Content-Type` of JSON answers.
 pub const JSON: &str = "application/json";
@@ -156,6 +153,27 @@ impl Api {
             Route::Workers => self.list_workers(),
             Route::Dead { limit } => self.list_dead(limit),
             Route::RetryDead { task_id } => self.retry_dead(&task_id),
+            Route::CancelRun { run_id, force } => self.control(
+                &run_id,
+                Message::CancelRun {
+                    run_id: run_id.clone(),
+                    force,
+                },
+            ),
+            Route::PrioritizeRun { run_id, priority } => self.control(
+                &run_id,
+                Message::PrioritizeRun {
+                    run_id: run_id.clone(),
+                    priority,
+                },
+            ),
+            Route::TrackRun { run_id, tracked } => self.control(
+                &run_id,
+                Message::TrackRun {
+                    run_id: run_id.clone(),
+                    tracked,
+                },
+            ),
             Route::Semaphores => self.list_semaphores(),
             Route::Schedules => self.list_schedules(),
             Route::Healthz => Ok(self.healthz()),
@@ -172,7 +190,16 @@ impl Api {
     }
 
     fn job_start(&self, request: JobStart) -> Handled {
-        let JobStart { job, params, wait } = request;
+        let JobStart {
+            job,
+            params,
+            wait,
+            priority,
+            delay,
+            at_ms,
+            depends,
+            tags,
+        } = request;
         let param_count = params.len();
         // A PUSH socket queues messages before its connection exists, so a trigger sent to
         // a broker that was never reached could be delivered (and run) long after this
@@ -191,7 +218,12 @@ impl Api {
         let trigger = TriggerRequest {
             job: job.clone(),
             params,
-            ..Default::default()
+            parent_runs: Vec::new(),
+            priority,
+            delay_ms: delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            at_ms,
+            depends,
+            tags,
         };
         let reply = self
             .broker
@@ -276,16 +308,19 @@ impl Api {
             job,
             state,
             tag,
+            tracked,
             limit,
         } = query;
-        let runs = match tag {
-            None => self.runs(RunFilter {
-                job,
-                state,
-                limit,
-                ..Default::default()
-            })?,
-            Some(tag) => self.runs_with_tag(&tag, job, state, limit)?,
+        let filter = RunFilter {
+            job,
+            state,
+            limit,
+            tag,
+            tracked,
+        };
+        let runs = match self.ask(Query::Runs(filter))? {
+            ReplyBody::Runs(runs) => runs,
+            other => return Err(unexpected(&other)),
         };
         let runs: Vec<Value> = runs.iter().map(|r| views::run(r, false)).collect();
         Ok(Outcome::Reply(HttpReply::json(
@@ -294,66 +329,41 @@ impl Api {
         )))
     }
 
-    fn runs(&self, filter: RunFilter) -> Result<Vec<RunView>, HttpReply> {
-        match self.ask(Query::Runs(filter))? {
-            ReplyBody::Runs(runs) => Ok(runs),
+    /// Cancels, reprioritizes or tracks a run: the broker answers with the run as it is
+    /// once the change is durable, `Run(None)` for an unknown run, or why not (409).
+    fn control(&self, run_id: &str, message: Message) -> Handled {
+        let what = match &message {
+            Message::CancelRun { .. } => "cancelled",
+            Message::PrioritizeRun { .. } => "reprioritized",
+            _ => "tracking changed",
+        };
+        match self
+            .broker
+            .request(message, self.request_timeout)
+            .map_err(|e| broker_error(&e))?
+        {
+            ReplyBody::Run(Some(run)) => {
+                info!(run_id = %run_id, state = %run.state, "run {what}");
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &views::run(&run, true),
+                )))
+            }
+            ReplyBody::Run(None) => Err(unknown_run(run_id)),
+            ReplyBody::Rejected { status, error } => {
+                let status = if (400..=599).contains(&status) {
+                    status
+                } else {
+                    502
+                };
+                Err(HttpReply::error(
+                    status,
+                    &error,
+                    &[("run_id", json!(run_id))],
+                ))
+            }
             other => Err(unexpected(&other)),
         }
-    }
-
-    /// The broker filters runs by job, not by tag: find the jobs with the tag, ask for each
-    /// one's newest runs (in parallel), and merge.
-    fn runs_with_tag(
-        &self,
-        tag: &str,
-        job: Option<String>,
-        state: Option<RunState>,
-        limit: u32,
-    ) -> Result<Vec<RunView>, HttpReply> {
-        let jobs = match self.ask(Query::Jobs)? {
-            ReplyBody::Jobs(jobs) => jobs,
-            other => return Err(unexpected(&other)),
-        };
-        let names: Vec<String> = jobs
-            .into_iter()
-            .filter(|j| j.spec.tags.iter().any(|t| t == tag))
-            .map(|j| j.spec.name)
-            .filter(|name| job.as_deref().is_none_or(|j| j == name))
-            .collect();
-        if names.len() > MAX_TAGGED_JOBS {
-            return Err(HttpReply::error(
-                400,
-                &format!(
-                    "tag matches {} jobs, at most {MAX_TAGGED_JOBS}: add job=",
-                    names.len()
-                ),
-                &[("tag", json!(tag))],
-            ));
-        }
-        let pending: Vec<_> = names
-            .into_iter()
-            .map(|job| {
-                let filter = RunFilter {
-                    job: Some(job),
-                    state,
-                    limit,
-                    ..Default::default()
-                };
-                self.broker
-                    .request_async(Message::Query(Query::Runs(filter)), self.request_timeout)
-            })
-            .collect();
-        let mut runs = Vec::new();
-        for rx in pending {
-            match rx.recv().unwrap_or(Err(ClientError::Closed)) {
-                Ok(ReplyBody::Runs(found)) => runs.extend(found),
-                Ok(other) => return Err(unexpected(&other)),
-                Err(e) => return Err(broker_error(&e)),
-            }
-        }
-        runs.sort_by(|a, b| (b.created_at_ms, &b.run_id).cmp(&(a.created_at_ms, &a.run_id)));
-        runs.truncate(limit as usize);
-        Ok(runs)
     }
 
     fn list_jobs(&self) -> Handled {
@@ -566,7 +576,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use jobz::jobfile::{Delivery, JobSpec};
-    use jobz::message::{HealthView, JobView, Params, StepView, TaskState, WorkerView};
+    use jobz::message::{HealthView, JobView, Params, RunState, StepView, TaskState, WorkerView};
 
     use super::*;
     use crate::broker::fake::FakeBroker;
@@ -808,10 +818,10 @@ mod tests {
     #[test]
     fn only_get_and_head_are_allowed_and_head_never_triggers() {
         let (api, broker) = new_api(accepting());
-        let post = send(&api, Method::Other("POST".into()), "/job_start?job_name=a");
+        let post = send(&api, Method::Post, "/job_start?job_name=a");
         let r = reply(post);
         assert_eq!(r.status, 405);
-        assert!(r.headers.contains(&("Allow", "GET, HEAD".into())));
+        assert!(r.headers.contains(&("Allow", "GET".into())));
         let head = send(&api, Method::Head, "/job_start?job_name=a");
         let r = reply(head);
         assert_eq!(r.status, 405);
@@ -901,41 +911,110 @@ mod tests {
     }
 
     #[test]
-    fn tag_filter_merges_the_runs_of_the_tagged_jobs_newest_first() {
+    fn tag_and_tracked_filters_go_to_the_broker() {
         let (api, broker) = new_api(FakeBroker::new(|m| match m {
-            Message::Query(Query::Jobs) => Ok(ReplyBody::Jobs(vec![
-                job_view("a", &["etl"]),
-                job_view("b", &["web"]),
-                job_view("c", &["etl", "web"]),
-            ])),
-            Message::Query(Query::Runs(f)) => {
-                let job = f.job.clone().unwrap();
-                let base = if job == "a" { 10 } else { 15 };
-                Ok(ReplyBody::Runs(
-                    (0..3)
-                        .map(|i| RunView {
-                            run_id: format!("{job}{i}"),
-                            job: job.clone(),
-                            created_at_ms: base - i,
-                            ..sample_run(RunState::Succeeded)
-                        })
-                        .collect(),
-                ))
+            Message::Query(Query::Runs(_)) => Ok(ReplyBody::Runs(vec![])),
+            other => panic!("{other:?}"),
+        }));
+        let b = body(&reply(get(&api, "/runs?tag=etl&tracked=1&limit=4")));
+        assert_eq!(b, json!({"runs": []}));
+        assert_eq!(
+            broker.seen(),
+            vec![Message::Query(Query::Runs(RunFilter {
+                job: None,
+                state: None,
+                limit: 4,
+                tag: Some("etl".into()),
+                tracked: Some(true),
+            }))]
+        );
+    }
+
+    #[test]
+    fn job_start_passes_the_run_options_to_the_broker() {
+        let (api, broker) = new_api(accepting());
+        let target = "/job_start?job_name=a&priority=5&delay=2s&depends=r1,r2&tags=x";
+        assert_eq!(reply(get(&api, target)).status, 202);
+        let Message::Trigger(t) = &broker.seen()[0] else {
+            panic!()
+        };
+        assert_eq!(
+            (t.priority, t.delay_ms, t.at_ms),
+            (Some(5), Some(2_000), None)
+        );
+        assert_eq!(
+            (t.depends.clone(), t.tags.clone()),
+            (
+                vec!["r1".to_string(), "r2".to_string()],
+                vec!["x".to_string()]
+            )
+        );
+        assert!(t.params.is_empty(), "no option is a parameter");
+    }
+
+    #[test]
+    fn run_control_answers_with_the_run_or_the_brokers_refusal() {
+        let (api, broker) = new_api(FakeBroker::new(|m| match m {
+            Message::CancelRun { run_id, .. } if run_id == "run-1" => {
+                Ok(ReplyBody::Run(Some(sample_run(RunState::Cancelled))))
+            }
+            Message::CancelRun { run_id, .. } if run_id == "busy" => Ok(ReplyBody::Rejected {
+                status: 409,
+                error: "runs wait for run busy: r2".into(),
+            }),
+            Message::CancelRun { .. } => Ok(ReplyBody::Run(None)),
+            Message::PrioritizeRun { .. } | Message::TrackRun { .. } => {
+                Ok(ReplyBody::Run(Some(sample_run(RunState::Waiting))))
             }
             other => panic!("{other:?}"),
         }));
-        let b = body(&reply(get(&api, "/runs?tag=etl&limit=4")));
-        let ids: Vec<&str> = b["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["run_id"].as_str().unwrap())
-            .collect();
-        assert_eq!(ids, ["c0", "c1", "c2", "a0"]);
-        // Jobs, then one query per tagged job.
-        assert_eq!(broker.seen().len(), 3);
-        let b = body(&reply(get(&api, "/runs?tag=nothing")));
-        assert_eq!(b, json!({"runs": []}));
+        let r = reply(send(&api, Method::Post, "/runs/run-1/cancel?force=1"));
+        assert_eq!(r.status, 200);
+        assert_eq!(body(&r)["state"], "cancelled");
+        let r = reply(send(&api, Method::Post, "/runs/busy/cancel"));
+        assert_eq!(r.status, 409);
+        assert_eq!(body(&r)["run_id"], "busy");
+        assert_eq!(
+            reply(send(&api, Method::Post, "/runs/nope/cancel")).status,
+            404
+        );
+        assert_eq!(
+            reply(send(&api, Method::Post, "/runs/run-1/priority?value=3")).status,
+            200
+        );
+        assert_eq!(
+            reply(send(&api, Method::Post, "/runs/run-1/untrack")).status,
+            200
+        );
+        // GET on a POST endpoint reaches nothing.
+        let r = reply(get(&api, "/runs/run-1/cancel"));
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("Allow", "POST".into())));
+        assert_eq!(
+            broker.seen(),
+            vec![
+                Message::CancelRun {
+                    run_id: "run-1".into(),
+                    force: true
+                },
+                Message::CancelRun {
+                    run_id: "busy".into(),
+                    force: false
+                },
+                Message::CancelRun {
+                    run_id: "nope".into(),
+                    force: false
+                },
+                Message::PrioritizeRun {
+                    run_id: "run-1".into(),
+                    priority: 3
+                },
+                Message::TrackRun {
+                    run_id: "run-1".into(),
+                    tracked: false
+                },
+            ]
+        );
     }
 
     #[test]

@@ -115,13 +115,28 @@ pub fn render(snapshot: &Snapshot) -> String {
             "Workers with a recent heartbeat.",
         );
         let _ = writeln!(out, "jobz_broker_live_workers {}", health.live_workers);
+        if !health.runs_by_state.is_empty() {
+            family(
+                &mut out,
+                "jobz_broker_runs",
+                "gauge",
+                "Unfinished runs by state (scheduled, waiting, pending, running, cancelled while their tasks are stopped).",
+            );
+            for (state, count) in &health.runs_by_state {
+                let state = metric_name(state);
+                let _ = writeln!(out, "jobz_broker_runs{{state=\"{state}\"}} {count}");
+            }
+        }
         // Two raw names may sanitise to the same metric name; the first one wins.
         let mut written = std::collections::BTreeSet::new();
         for (raw, value) in &health.counters {
             let name = format!("jobz_broker_{}", metric_name(raw));
             if matches!(
                 name.as_str(),
-                "jobz_broker_up" | "jobz_broker_active_runs" | "jobz_broker_live_workers"
+                "jobz_broker_up"
+                    | "jobz_broker_active_runs"
+                    | "jobz_broker_live_workers"
+                    | "jobz_broker_runs"
             ) || !written.insert(name.clone())
             {
                 continue;
@@ -288,7 +303,7 @@ mod tests {
             ]),
             active_runs: 2,
             live_workers: 5,
-            ..Default::default()
+            runs_by_state: BTreeMap::from([("scheduled".into(), 4), ("waiting".into(), 1)]),
         });
         snapshot.link = Some(LinkStatus {
             connected: true,
@@ -304,6 +319,9 @@ mod tests {
             "jobz_broker_active_runs 2",
             "# TYPE jobz_broker_live_workers gauge",
             "jobz_broker_live_workers 5",
+            "# TYPE jobz_broker_runs gauge",
+            "jobz_broker_runs{state=\"scheduled\"} 4",
+            "jobz_broker_runs{state=\"waiting\"} 1",
             "jobz_frontend_broker_connected 1",
             "jobz_frontend_http_requests_total{code=\"202\"} 2",
             "jobz_frontend_connections_closed_total{reason=\"idle\"} 2",

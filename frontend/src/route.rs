@@ -19,6 +19,11 @@
 //!   and control characters;
 //! - the query is parsed strictly ([`crate::query::parse_query`]) and each endpoint takes
 //!   only its own parameters.
+//!
+//! Methods: reads and `/job_start` (SPEC) take `GET` and `HEAD` (which never starts
+//! anything); what changes a run takes `POST` only, its arguments in the query string
+//! (`POST /runs/{id}/cancel`, `/priority`, `/track`, `/untrack`). Any other method, or a
+//! method an endpoint does not take, is 405 with the endpoint's `Allow`.
 
 use std::time::Duration;
 
@@ -54,8 +59,22 @@ pub enum Method {
     Get,
     /// `HEAD`: answered like `GET`; the server drops the body. Never starts anything.
     Head,
+    /// `POST`: only what changes a run, with an empty body.
+    Post,
     /// Anything else: refused with 405.
     Other(String),
+}
+
+impl Method {
+    /// The method's name, for logs.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Other(other) => other,
+        }
+    }
 }
 
 /// The endpoints, without their arguments: what decides the scope.
@@ -71,6 +90,14 @@ pub enum Endpoint {
     Run,
     /// `/runs/{id}/log`.
     RunLog,
+    /// `POST /runs/{id}/cancel`.
+    CancelRun,
+    /// `POST /runs/{id}/priority`.
+    PrioritizeRun,
+    /// `POST /runs/{id}/track`.
+    TrackRun,
+    /// `POST /runs/{id}/untrack`.
+    UntrackRun,
     /// `/jobs`.
     Jobs,
     /// `/workers`.
@@ -94,8 +121,13 @@ impl Endpoint {
     pub fn scope(self) -> Option<Scope> {
         match self {
             Endpoint::Healthz => None,
-            Endpoint::JobStart => Some(Scope::Trigger),
-            Endpoint::RetryDead => Some(Scope::Admin),
+            // What one could trigger, one may delay, cancel and watch.
+            Endpoint::JobStart
+            | Endpoint::CancelRun
+            | Endpoint::TrackRun
+            | Endpoint::UntrackRun => Some(Scope::Trigger),
+            // Reordering the line affects everybody's runs.
+            Endpoint::RetryDead | Endpoint::PrioritizeRun => Some(Scope::Admin),
             Endpoint::Dashboard
             | Endpoint::Runs
             | Endpoint::Run
@@ -113,28 +145,62 @@ impl Endpoint {
     pub fn is_health(self) -> bool {
         matches!(self, Endpoint::Healthz | Endpoint::Metrics)
     }
+
+    /// True for what changes a run: `POST` only, guarded against cross-site requests
+    /// ([`crate::security::guard_post`]).
+    pub fn is_post(self) -> bool {
+        matches!(
+            self,
+            Endpoint::CancelRun
+                | Endpoint::PrioritizeRun
+                | Endpoint::TrackRun
+                | Endpoint::UntrackRun
+        )
+    }
+
+    /// The methods it takes (its `Allow` header).
+    pub fn allow(self) -> &'static str {
+        match self {
+            _ if self.is_post() => "POST",
+            // HEAD must not start anything (link checkers and proxies send it freely).
+            Endpoint::JobStart | Endpoint::RetryDead => "GET",
+            _ => "GET, HEAD",
+        }
+    }
 }
 
 /// `GET /job_start?job_name=J&k=v…`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobStart {
     /// The job.
     pub job: String,
-    /// Every other parameter but `wait`, for the job.
+    /// Every other parameter but the reserved ones, for the job.
     pub params: Params,
     /// `wait=SECONDS`, when given and not zero.
     pub wait: Option<Duration>,
+    /// `priority=N`: before lower ones in the waiting line.
+    pub priority: Option<i32>,
+    /// `delay=DURATION`: start no earlier than this long from now (the broker's now).
+    pub delay: Option<Duration>,
+    /// `at=RFC3339`: start no earlier than this time, ms since the epoch.
+    pub at_ms: Option<i64>,
+    /// `depends=RUN_ID[,RUN_ID…]`: start once all of these have succeeded.
+    pub depends: Vec<String>,
+    /// `tags=a,b`: labels added to the job's own.
+    pub tags: Vec<String>,
 }
 
-/// `GET /runs?job=&state=&tag=&limit=`.
+/// `GET /runs?job=&state=&tag=&tracked=&limit=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunsQuery {
     /// Only runs of this job.
     pub job: Option<String>,
     /// Only runs in this state.
     pub state: Option<RunState>,
-    /// Only runs of jobs with this tag.
+    /// Only runs with this tag (their job's or their trigger's).
     pub tag: Option<String>,
+    /// Only tracked (or untracked) runs.
+    pub tracked: Option<bool>,
     /// At most this many.
     pub limit: u32,
 }
@@ -174,6 +240,27 @@ pub enum Route {
         /// The dead task.
         task_id: String,
     },
+    /// Cancel a run.
+    CancelRun {
+        /// Its id.
+        run_id: String,
+        /// `force=1`: even though other runs wait for it (they fail).
+        force: bool,
+    },
+    /// Change an unfinished run's priority.
+    PrioritizeRun {
+        /// Its id.
+        run_id: String,
+        /// `value=N`.
+        priority: i32,
+    },
+    /// Mark a run tracked (`/track`) or not (`/untrack`).
+    TrackRun {
+        /// Its id.
+        run_id: String,
+        /// Tracked from now on.
+        tracked: bool,
+    },
     /// Barrier keys.
     Semaphores,
     /// Schedules, their next and last slots.
@@ -197,6 +284,10 @@ impl Route {
             Route::Workers => Endpoint::Workers,
             Route::Dead { .. } => Endpoint::Dead,
             Route::RetryDead { .. } => Endpoint::RetryDead,
+            Route::CancelRun { .. } => Endpoint::CancelRun,
+            Route::PrioritizeRun { .. } => Endpoint::PrioritizeRun,
+            Route::TrackRun { tracked: true, .. } => Endpoint::TrackRun,
+            Route::TrackRun { tracked: false, .. } => Endpoint::UntrackRun,
             Route::Semaphores => Endpoint::Semaphores,
             Route::Schedules => Endpoint::Schedules,
             Route::Healthz => Endpoint::Healthz,
@@ -272,6 +363,12 @@ pub enum RouteError {
     /// `job_name=`.
     #[error("job_name is empty")]
     EmptyJobName,
+    /// `/job_start` with both `delay` and `at`.
+    #[error("give delay or at, not both")]
+    DelayAndAt,
+    /// `/runs/{id}/priority` without `value`.
+    #[error("missing value: the new priority, a whole number")]
+    MissingValue,
 }
 
 impl RouteError {
@@ -383,6 +480,10 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         ["runs"] => Some(Endpoint::Runs),
         ["runs", _] => Some(Endpoint::Run),
         ["runs", _, "log"] => Some(Endpoint::RunLog),
+        ["runs", _, "cancel"] => Some(Endpoint::CancelRun),
+        ["runs", _, "priority"] => Some(Endpoint::PrioritizeRun),
+        ["runs", _, "track"] => Some(Endpoint::TrackRun),
+        ["runs", _, "untrack"] => Some(Endpoint::UntrackRun),
         ["jobs"] => Some(Endpoint::Jobs),
         ["workers"] => Some(Endpoint::Workers),
         ["dead"] => Some(Endpoint::Dead),
@@ -394,23 +495,19 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         _ => None,
     };
     let aimed = |error: RouteError| Invalid { endpoint, error };
-    match method {
-        Method::Get => {}
-        Method::Other(other) => {
-            return Err(aimed(RouteError::Method {
-                method: other.chars().take(32).collect(),
-                allow: "GET, HEAD",
-            }))
-        }
-        // HEAD must not start anything (link checkers and proxies send it freely).
-        Method::Head => {
-            if matches!(endpoint, Some(Endpoint::JobStart | Endpoint::RetryDead)) {
-                return Err(aimed(RouteError::Method {
-                    method: "HEAD".into(),
-                    allow: "GET",
-                }));
-            }
-        }
+    // The methods the endpoint takes (an unknown path: those of the reads).
+    let allow = endpoint.map_or("GET, HEAD", Endpoint::allow);
+    let allowed = match method {
+        Method::Get => allow.contains("GET"),
+        Method::Head => allow.contains("HEAD"),
+        Method::Post => allow == "POST",
+        Method::Other(_) => false,
+    };
+    if !allowed {
+        return Err(aimed(RouteError::Method {
+            method: method.as_str().chars().take(32).collect(),
+            allow,
+        }));
     }
     let Some(endpoint) = endpoint else {
         return Err(unaimed(RouteError::NotFound {
@@ -484,7 +581,82 @@ fn arguments(
             only(&query, &[])?;
             Route::RetryDead { task_id: second() }
         }
+        Endpoint::CancelRun => {
+            only(&query, &["force"])?;
+            let force = flag(&mut query, "force")?.unwrap_or(false);
+            Route::CancelRun {
+                run_id: second(),
+                force,
+            }
+        }
+        Endpoint::PrioritizeRun => {
+            only(&query, &["value"])?;
+            let raw = query.remove("value").ok_or(RouteError::MissingValue)?;
+            Route::PrioritizeRun {
+                run_id: second(),
+                priority: parse_priority("value", &raw)?,
+            }
+        }
+        Endpoint::TrackRun | Endpoint::UntrackRun => {
+            only(&query, &[])?;
+            Route::TrackRun {
+                run_id: second(),
+                tracked: endpoint == Endpoint::TrackRun,
+            }
+        }
     })
+}
+
+/// A yes/no parameter: `1`, `true`, `yes` or empty; `0`, `false`, `no`.
+fn flag(query: &mut QueryParams, name: &'static str) -> Result<Option<bool>, RouteError> {
+    match query.remove(name).as_deref() {
+        None => Ok(None),
+        Some("1") | Some("true") | Some("yes") | Some("") => Ok(Some(true)),
+        Some("0") | Some("false") | Some("no") => Ok(Some(false)),
+        Some(other) => Err(bad_value(name, other, format!("{name} must be 1 or 0"))),
+    }
+}
+
+/// A priority: a whole number (higher first).
+fn parse_priority(name: &'static str, raw: &str) -> Result<i32, RouteError> {
+    raw.parse::<i32>().map_err(|_| {
+        bad_value(
+            name,
+            raw,
+            format!(
+                "{name} must be a whole number from {} to {}",
+                i32::MIN,
+                i32::MAX
+            ),
+        )
+    })
+}
+
+/// `delay=DURATION`: `90s`, `5m`, `1h 30m` (or a number of seconds).
+fn parse_delay(raw: &str) -> Result<Duration, RouteError> {
+    let seconds = raw
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok());
+    seconds
+        .or_else(|| humantime::parse_duration(raw.trim()).ok())
+        .ok_or_else(|| {
+            bad_value(
+                "delay",
+                raw,
+                "delay must be a duration such as 90s, 5m or 1h 30m".into(),
+            )
+        })
+}
+
+/// A comma-separated list; empty items are dropped (`a,,b`, a trailing comma).
+fn list(raw: &str) -> Vec<String> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn job_start(mut query: QueryParams) -> Result<JobStart, RouteError> {
@@ -497,15 +669,40 @@ fn job_start(mut query: QueryParams) -> Result<JobStart, RouteError> {
         None => None,
         Some(raw) => Some(parse_wait(&raw)?).filter(|w| !w.is_zero()),
     };
+    let priority = match query.remove("priority") {
+        None => None,
+        Some(raw) => Some(parse_priority("priority", &raw)?),
+    };
+    let delay = match query.remove("delay") {
+        None => None,
+        Some(raw) => Some(parse_delay(&raw)?),
+    };
+    let at_ms = match query.remove("at") {
+        None => None,
+        Some(raw) => Some(jobz::parse_time_ms(&raw).map_err(|e| bad_value("at", &raw, e))?),
+    };
+    if delay.is_some() && at_ms.is_some() {
+        return Err(RouteError::DelayAndAt);
+    }
+    let depends = query
+        .remove("depends")
+        .map_or_else(Vec::new, |raw| list(&raw));
+    let tags = query.remove("tags").map_or_else(Vec::new, |raw| list(&raw));
     Ok(JobStart {
         job,
         params: query,
         wait,
+        priority,
+        delay,
+        at_ms,
+        depends,
+        tags,
     })
 }
 
 fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
-    only(&query, &["job", "state", "tag", "limit"])?;
+    only(&query, &["job", "state", "tag", "tracked", "limit"])?;
+    let tracked = flag(&mut query, "tracked")?;
     let limit = limit(&mut query, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?;
     let state = match query.remove("state").filter(|s| !s.is_empty()) {
         None => None,
@@ -521,6 +718,7 @@ fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
         job: query.remove("job").filter(|j| !j.is_empty()),
         state,
         tag: query.remove("tag").filter(|t| !t.is_empty()),
+        tracked,
         limit,
     })
 }
@@ -682,6 +880,7 @@ mod tests {
                 job: "build".into(),
                 params: Params::from([("date".into(), "2026_01_02".into())]),
                 wait: Some(Duration::from_millis(2500)),
+                ..Default::default()
             }))
         );
         assert!(matches!(
@@ -694,6 +893,7 @@ mod tests {
                 job: Some("build".into()),
                 state: Some(RunState::Failed),
                 tag: None,
+                tracked: None,
                 limit: 1000,
             }))
         );
@@ -767,7 +967,7 @@ mod tests {
         // The query string cannot make a path look like /healthz.
         assert_eq!(scope(&get, "/job_start?/healthz"), Some(Scope::Trigger));
         // Refusals say nothing to a caller without a token, even on /healthz.
-        let post = Method::Other("POST".into());
+        let post = Method::Post;
         assert_eq!(scope(&post, "/healthz"), Some(Scope::Read));
         assert_eq!(scope(&get, "/healthz?%zz"), Some(Scope::Read));
         assert_eq!(scope(&post, "/nowhere"), Some(Scope::Read));
@@ -815,7 +1015,7 @@ mod tests {
                         let route = parsed.route.unwrap_or_else(|e| panic!("{target}: {e:?}"));
                         assert!(is_route(&route), "{target}: {route:?}");
                         // The same target as HEAD or POST keeps the scope and is refused.
-                        for method in [Method::Head, Method::Other("POST".into())] {
+                        for method in [Method::Head, Method::Post] {
                             let parsed = parse(&method, &target);
                             assert_eq!(parsed.scope(), Some(scope_needed), "{method:?} {target}");
                             let error = parsed.route.unwrap_err().error;
@@ -931,8 +1131,157 @@ mod tests {
     }
 
     #[test]
+    fn job_start_takes_the_run_options_out_of_the_parameters() {
+        let route = get(
+            "/job_start?job_name=a&date=1&priority=-3&delay=1m+30s&depends=r1,+r2,&tags=x,y&wait=1",
+        );
+        assert_eq!(
+            route,
+            Ok(Route::JobStart(JobStart {
+                job: "a".into(),
+                params: Params::from([("date".into(), "1".into())]),
+                wait: Some(Duration::from_secs(1)),
+                priority: Some(-3),
+                delay: Some(Duration::from_secs(90)),
+                at_ms: None,
+                depends: vec!["r1".into(), "r2".into()],
+                tags: vec!["x".into(), "y".into()],
+            }))
+        );
+        let Ok(Route::JobStart(at)) = get("/job_start?job_name=a&at=2026-11-23T11:00:00%2B01:00")
+        else {
+            panic!("at");
+        };
+        assert_eq!(at.at_ms, jobz::parse_time_ms("2026-11-23T10:00:00Z").ok());
+        let Ok(Route::JobStart(seconds)) = get("/job_start?job_name=a&delay=2.5&depends=&tags=")
+        else {
+            panic!("delay in seconds");
+        };
+        assert_eq!(seconds.delay, Some(Duration::from_millis(2500)));
+        assert!(seconds.depends.is_empty() && seconds.tags.is_empty());
+        for (target, needle) in [
+            (
+                "/job_start?job_name=a&priority=high",
+                "priority must be a whole number",
+            ),
+            (
+                "/job_start?job_name=a&priority=",
+                "priority must be a whole number",
+            ),
+            (
+                "/job_start?job_name=a&priority=99999999999",
+                "priority must be a whole number",
+            ),
+            (
+                "/job_start?job_name=a&delay=soon",
+                "delay must be a duration",
+            ),
+            ("/job_start?job_name=a&delay=-1", "delay must be a duration"),
+            ("/job_start?job_name=a&at=tomorrow", "RFC 3339"),
+            ("/job_start?job_name=a&at=2026-11-23T10:00:00", "offset"),
+            (
+                "/job_start?job_name=a&delay=1s&at=2026-11-23T10:00:00Z",
+                "not both",
+            ),
+        ] {
+            let error = get(target).unwrap_err().error;
+            assert_eq!(error.status(), 400, "{target}");
+            assert!(error.to_string().contains(needle), "{target}: {error}");
+        }
+    }
+
+    #[test]
+    fn what_changes_a_run_is_post_only_with_its_scope() {
+        let post = Method::Post;
+        assert_eq!(
+            parse(&post, "/runs/r1/cancel?force=1").route,
+            Ok(Route::CancelRun {
+                run_id: "r1".into(),
+                force: true
+            })
+        );
+        assert_eq!(
+            parse(&post, "/runs/r1/cancel").route,
+            Ok(Route::CancelRun {
+                run_id: "r1".into(),
+                force: false
+            })
+        );
+        assert_eq!(
+            parse(&post, "/runs/r1/priority?value=-7").route,
+            Ok(Route::PrioritizeRun {
+                run_id: "r1".into(),
+                priority: -7
+            })
+        );
+        for (target, tracked) in [("/runs/r1/track", true), ("/runs/r1/untrack", false)] {
+            assert_eq!(
+                parse(&post, target).route,
+                Ok(Route::TrackRun {
+                    run_id: "r1".into(),
+                    tracked
+                })
+            );
+        }
+        for (target, scope_needed) in [
+            ("/runs/r1/cancel", Scope::Trigger),
+            ("/runs/r1/track", Scope::Trigger),
+            ("/runs/r1/untrack", Scope::Trigger),
+            ("/runs/r1/priority?value=1", Scope::Admin),
+        ] {
+            assert_eq!(scope(&post, target), Some(scope_needed), "{target}");
+            // GET or HEAD (a link, a prefetch, an image tag) never changes a run: 405,
+            // told with the endpoint's scope.
+            for method in [Method::Get, Method::Head, Method::Other("PUT".into())] {
+                let parsed = parse(&method, target);
+                assert_eq!(parsed.scope(), Some(scope_needed), "{method:?} {target}");
+                let error = parsed.route.unwrap_err().error;
+                assert_eq!(
+                    (error.status(), error.allow()),
+                    (405, Some("POST")),
+                    "{target}"
+                );
+            }
+        }
+        for (target, needle) in [
+            ("/runs/r1/cancel?force=maybe", "force must be 1 or 0"),
+            ("/runs/r1/cancel?now=1", "unknown parameter"),
+            ("/runs/r1/priority", "missing value"),
+            ("/runs/r1/priority?value=1.5", "whole number"),
+            ("/runs/r1/track?x=1", "unknown parameter"),
+        ] {
+            let error = parse(&post, target).route.unwrap_err().error;
+            assert_eq!(error.status(), 400, "{target}");
+            assert!(error.to_string().contains(needle), "{target}: {error}");
+        }
+        // Reads and /job_start are not changed by POST.
+        for (target, allow) in [
+            ("/runs", "GET, HEAD"),
+            ("/job_start?job_name=a", "GET"),
+            ("/runs/r1", "GET, HEAD"),
+        ] {
+            let error = parse(&post, target).route.unwrap_err().error;
+            assert_eq!(
+                (error.status(), error.allow()),
+                (405, Some(allow)),
+                "{target}"
+            );
+        }
+        assert_eq!(
+            get("/runs?tracked=1"),
+            Ok(Route::Runs(RunsQuery {
+                job: None,
+                state: None,
+                tag: None,
+                tracked: Some(true),
+                limit: DEFAULT_RUN_LIMIT,
+            }))
+        );
+    }
+
+    #[test]
     fn only_get_and_head_are_allowed_and_head_never_starts_anything() {
-        let post = Method::Other("POST".into());
+        let post = Method::Post;
         let error = parse(&post, "/runs").route.unwrap_err().error;
         assert_eq!((error.status(), error.allow()), (405, Some("GET, HEAD")));
         let error = parse(&post, "/nowhere").route.unwrap_err().error;

@@ -6,6 +6,18 @@
 //! and `/metrics` only, to anyone. On the main listener with tokens, every request but
 //! `/healthz` needs a token with the scope of its route (see [`crate::route`] and
 //! [`crate::auth`]).
+//!
+//! What changes a run is `POST` only, and [`guard_post`] stands between such a request and
+//! its handler against cross-site request forgery: a browser that holds Basic credentials
+//! for this frontend sends them with any request a page elsewhere makes it send, and a
+//! plain HTML form may POST across sites without a preflight. So a POST is refused (403)
+//! when the browser says it comes from another site (`Sec-Fetch-Site` other than
+//! `same-origin` or `none`) or names an `Origin` other than this frontend's own (scheme,
+//! and the `Host` it was sent to), `null` included; a request from a script or `curl`
+//! carries neither and passes. On a frontend without credentials (protected mode, loopback
+//! only) a page could still reach it by DNS rebinding, where its origin *is* the `Host` it
+//! names: there a POST must name a loopback `Host`. A POST takes no body (400): its
+//! arguments are in the query string, where the route checks them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -271,6 +283,107 @@ pub fn gate(
     }
 }
 
+/// Where a POST says it comes from: the headers [`guard_post`] judges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostHeaders<'a> {
+    /// `Origin`.
+    pub origin: Option<&'a str>,
+    /// `Sec-Fetch-Site`.
+    pub sec_fetch_site: Option<&'a str>,
+    /// `Host`.
+    pub host: Option<&'a str>,
+    /// The request body's length (`Content-Length`), if it has one.
+    pub body_length: Option<usize>,
+}
+
+/// How this listener is reached, for the origin a POST must come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnOrigin {
+    /// HTTPS.
+    pub tls: bool,
+    /// No credentials are asked for (protected mode): only a loopback `Host` may POST.
+    pub loopback_only: bool,
+}
+
+impl OwnOrigin {
+    /// The origin of the main listener as `prepared` sets it up.
+    pub fn of(prepared: &Prepared) -> OwnOrigin {
+        OwnOrigin {
+            tls: prepared.tls.is_some(),
+            loopback_only: prepared.exposure == Exposure::LoopbackOnly,
+        }
+    }
+}
+
+/// Refuses a POST that a page on another site could have made a browser send (see the
+/// module documentation), or one with a body.
+pub fn guard_post(own: OwnOrigin, request: &PostHeaders<'_>) -> Result<(), HttpReply> {
+    let forbidden = |why: String| {
+        Err(HttpReply::error(
+            403,
+            &format!("cross-site request refused: {why}"),
+            &[],
+        ))
+    };
+    if request.body_length.is_some_and(|n| n > 0) {
+        return Err(HttpReply::error(
+            400,
+            "this endpoint takes no request body: its arguments go in the query string",
+            &[],
+        ));
+    }
+    if let Some(site) = request.sec_fetch_site {
+        let site = site.trim();
+        if !(site.eq_ignore_ascii_case("same-origin") || site.eq_ignore_ascii_case("none")) {
+            return forbidden(format!("Sec-Fetch-Site is {site:?}"));
+        }
+    }
+    let scheme = if own.tls { "https" } else { "http" };
+    if let Some(origin) = request.origin {
+        let Some(host) = request.host else {
+            return forbidden("an Origin without a Host".into());
+        };
+        let own_origin = normalized_origin(&format!("{scheme}://{host}"), own.tls);
+        if normalized_origin(origin, own.tls) != own_origin {
+            return forbidden(format!("Origin {origin:?} is not {own_origin:?}"));
+        }
+    }
+    if own.loopback_only {
+        if let Some(host) = request.host.filter(|h| !is_loopback_host(h)) {
+            return forbidden(format!(
+                "Host {host:?} is not a loopback name, and this frontend asks for no credentials"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An origin in lower case without its scheme's default port, for comparing.
+fn normalized_origin(origin: &str, tls: bool) -> String {
+    let origin = origin.trim().to_ascii_lowercase();
+    let default_port = if tls { ":443" } else { ":80" };
+    origin
+        .strip_suffix(default_port)
+        .map_or(origin.clone(), str::to_owned)
+}
+
+/// `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -415,6 +528,105 @@ mod tests {
         ] {
             let reply = gate(Listener::Health, Some(&tokens), &get(target), Some(&bearer));
             assert_eq!(reply.unwrap_err().status, 404, "{target}");
+        }
+    }
+
+    #[test]
+    fn a_post_from_another_site_is_refused_and_one_from_a_script_or_this_origin_passes() {
+        let own = OwnOrigin {
+            tls: false,
+            loopback_only: false,
+        };
+        let post = |origin, site, host| PostHeaders {
+            origin,
+            sec_fetch_site: site,
+            host,
+            body_length: None,
+        };
+        let host = Some("jobz.example:6769");
+        // Passes: curl (nothing), the dashboard (same origin), a typed URL (none).
+        for ok in [
+            post(None, None, host),
+            post(None, None, None),
+            post(Some("http://jobz.example:6769"), Some("same-origin"), host),
+            post(Some("HTTP://JOBZ.example:6769"), None, host),
+            post(None, Some("none"), host),
+        ] {
+            assert_eq!(guard_post(own, &ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(
+            guard_post(
+                own,
+                &post(Some("http://jobz.example"), None, Some("jobz.example:80"))
+            ),
+            Ok(()),
+            "the default port is the same origin"
+        );
+        for bad in [
+            post(Some("https://evil.example"), None, host),
+            post(Some("http://jobz.example:6769.evil.example"), None, host),
+            post(Some("https://jobz.example:6769"), None, host),
+            post(Some("http://jobz.example:6770"), None, host),
+            post(Some("null"), None, host),
+            post(Some("http://jobz.example:6769"), None, None),
+            post(None, Some("cross-site"), host),
+            post(None, Some("same-site"), host),
+            post(Some("http://jobz.example:6769"), Some("cross-site"), host),
+        ] {
+            let refused = guard_post(own, &bad).unwrap_err();
+            assert_eq!(refused.status, 403, "{bad:?}");
+        }
+        let with_body = PostHeaders {
+            body_length: Some(3),
+            ..post(None, None, host)
+        };
+        assert_eq!(guard_post(own, &with_body).unwrap_err().status, 400);
+        let empty_body = PostHeaders {
+            body_length: Some(0),
+            ..post(None, None, host)
+        };
+        assert_eq!(guard_post(own, &empty_body), Ok(()));
+        // Over TLS, the origin is https.
+        let tls = OwnOrigin { tls: true, ..own };
+        assert_eq!(
+            guard_post(tls, &post(Some("https://jobz.example:6769"), None, host)),
+            Ok(())
+        );
+        assert!(guard_post(tls, &post(Some("http://jobz.example:6769"), None, host)).is_err());
+    }
+
+    #[test]
+    fn without_credentials_a_post_must_name_a_loopback_host() {
+        // DNS rebinding: a page at evil.example re-resolved to 127.0.0.1 is "same origin".
+        let own = OwnOrigin {
+            tls: false,
+            loopback_only: true,
+        };
+        let judged = |host: &str| {
+            let origin = format!("http://{host}");
+            let post = PostHeaders {
+                origin: Some(&origin),
+                host: Some(host),
+                ..PostHeaders::default()
+            };
+            guard_post(own, &post).map_err(|r| r.status)
+        };
+        for ok in [
+            "127.0.0.1:6769",
+            "localhost:6769",
+            "LOCALHOST",
+            "[::1]:6769",
+            "127.1.2.3",
+        ] {
+            assert_eq!(judged(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "evil.example:6769",
+            "10.0.0.1:6769",
+            "localhost.evil.example",
+            "[::2]:1",
+        ] {
+            assert_eq!(judged(bad), Err(403), "{bad}");
         }
     }
 }

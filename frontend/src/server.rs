@@ -27,7 +27,7 @@ use crate::follow;
 use crate::metrics::Stats;
 use crate::relay::{ConnectionPolicy, Credentials, OpenCount, Relay};
 use crate::route::{self, Method};
-use crate::security::{self, Exposure, Listener, Prepared, Security};
+use crate::security::{self, Exposure, Listener, OwnOrigin, PostHeaders, Prepared, Security};
 use crate::waiter::{self, Responder};
 
 /// How long an HTTP thread blocks for a request before it looks at the shutdown flag.
@@ -262,6 +262,7 @@ impl Frontend {
                     shutdown: shutdown.clone(),
                     listener: endpoint.listener,
                     tokens: self.prepared.tokens.clone(),
+                    own_origin: OwnOrigin::of(&self.prepared),
                 };
                 let name = match endpoint.listener {
                     Listener::Main => format!("http-{n}"),
@@ -320,6 +321,8 @@ struct Shell {
     shutdown: Arc<AtomicBool>,
     listener: Listener,
     tokens: Option<Arc<Tokens>>,
+    /// What a POST must come from.
+    own_origin: OwnOrigin,
 }
 
 impl Shell {
@@ -341,15 +344,22 @@ impl Shell {
         let method = match request.method() {
             tiny_http::Method::Get => Method::Get,
             tiny_http::Method::Head => Method::Head,
+            tiny_http::Method::Post => Method::Post,
             other => Method::Other(other.as_str().to_owned()),
         };
         // The one reading of the target: the gate and the handlers both take this.
         let parsed = route::parse(&method, request.url());
-        let authorization = request
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Authorization"))
-            .map(|h| h.value.as_str().to_owned());
+        let header = |name: &'static str| {
+            request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv(name))
+                .map(|h| h.value.as_str().to_owned())
+        };
+        let authorization = header("Authorization");
+        let (origin, sec_fetch_site, host) =
+            (header("Origin"), header("Sec-Fetch-Site"), header("Host"));
+        let body_length = request.body_length();
         let pending = Pending {
             request,
             stats: self.api.stats.clone(),
@@ -367,6 +377,23 @@ impl Shell {
             info!(status = reply.status, path = %parsed.log_path, "request not authorised");
             pending.respond(reply);
             return;
+        }
+        // What changes a run must not come from a page on another site (CSRF).
+        if parsed.endpoint().is_some_and(|e| e.is_post()) && parsed.route.is_ok() {
+            let post = PostHeaders {
+                origin: origin.as_deref(),
+                sec_fetch_site: sec_fetch_site.as_deref(),
+                host: host.as_deref(),
+                body_length,
+            };
+            if let Err(reply) = security::guard_post(self.own_origin, &post) {
+                warn!(status = reply.status, path = %parsed.log_path,
+                    origin = origin.as_deref().unwrap_or("-"),
+                    sec_fetch_site = sec_fetch_site.as_deref().unwrap_or("-"),
+                    "POST refused");
+                pending.respond(reply);
+                return;
+            }
         }
         match self.api.handle(parsed.route) {
             Outcome::Reply(reply) => pending.respond(reply),
@@ -453,12 +480,7 @@ impl Responder for Pending {
     fn respond(self, reply: HttpReply) {
         let status = reply.status;
         self.stats.record(status);
-        let method = match &self.method {
-            Method::Get => "GET",
-            Method::Head => "HEAD",
-            Method::Other(other) => other.as_str(),
-        }
-        .to_owned();
+        let method = self.method.as_str().to_owned();
         let path = self.path;
         let elapsed_ms = self.started.elapsed().as_millis() as u64;
         if let Err(e) = self.request.respond(to_response(reply)) {

@@ -40,7 +40,14 @@ pub fn run(run: &RunView, with_steps: bool) -> Value {
         "state": run.state.as_str(),
         "parent_runs": run.parent_runs,
         "created_at": time(run.created_at_ms),
-                "finished_at": opt_time(run.finished_at_ms),
+        "finished_at": opt_time(run.finished_at_ms),
+        "priority": run.priority,
+        "tags": run.tags,
+        "tracked": run.tracked,
+        "due_at": opt_time(run.not_before_ms),
+        "depends_on": run.depends_on,
+        "waiting_for": run.waiting_for,
+        "reason": run.reason,
         "steps": steps,
         "attempts": run.attempts.iter().map(attempt).collect::<Vec<_>>(),
     })
@@ -287,6 +294,13 @@ mod tests {
                 "parent_runs": ["p0"],
                 "created_at": "1970-01-01T00:00:00.000Z",
                 "finished_at": null,
+                "priority": 0,
+                "tags": [],
+                "tracked": false,
+                "due_at": null,
+                "depends_on": [],
+                "waiting_for": [],
+                "reason": null,
                 "steps": [
                     {
                         "step_id": "s1", "task_id": "t1", "job": "build", "worker": "web1",
@@ -303,6 +317,28 @@ mod tests {
                 "attempts": []
             })
         );
+    }
+
+    #[test]
+    fn a_held_run_shows_when_it_is_due_and_what_it_waits_for() {
+        let held = RunView {
+            state: jobz::message::RunState::Waiting,
+            priority: -2,
+            tags: vec!["etl".into()],
+            tracked: true,
+            not_before_ms: Some(1_500),
+            depends_on: vec!["r0".into(), "r9".into()],
+            waiting_for: vec!["r9".into()],
+            reason: None,
+            ..sample_run()
+        };
+        let v = run(&held, false);
+        assert_eq!(v["state"], "waiting");
+        assert_eq!(v["priority"], -2);
+        assert_eq!(v["tags"], json!(["etl"]));
+        assert_eq!(v["tracked"], true);
+        assert_eq!(v["due_at"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(v["waiting_for"], json!(["r9"]));
     }
 
     #[test]

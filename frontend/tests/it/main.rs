@@ -203,9 +203,13 @@ fn broker_down_means_503_after_the_request_timeout() {
 fn http_edge_cases_through_the_real_server() {
     let broker = broker(1);
     let frontend = Frontend::start(broker.base_port, &[]);
+    // /job_start takes GET only (HEAD never starts anything, POST is for run control).
     let r = request(frontend.port, "POST", "/job_start?job_name=build");
     assert_eq!(r.status, 405);
-    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = request(frontend.port, "GET", "/runs/run-1/cancel");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
     let r = request(frontend.port, "DELETE", "/runs/run-1");
     assert_eq!(r.status, 405);
 
