@@ -600,11 +600,12 @@ impl MeshBuilder {
                 home.join("log").into(),
                 "--heartbeat".into(),
                 HEARTBEAT.into(),
-                "--slots".into(),
-                "4".into(),
                 "--frontend".into(),
                 frontend_url.clone().into(),
             ];
+            if !extra.iter().any(|a| a == "--slots") {
+                args.extend(["--slots".into(), "4".into()]);
+            }
             if self.sealed {
                 let key = home.join("node.key");
                 if self.unenrolled.contains(&name) {
@@ -808,6 +809,24 @@ impl Mesh {
             Ok(v) => (status, v),
             Err(e) => panic!("GET {path}: {status} with a body that is not JSON ({e}): {body:?}"),
         }
+    }
+
+    /// `POST path` on the frontend with an empty body and `headers` (each `Name: value`):
+    /// status and JSON body (`null` when the body is not JSON).
+    pub fn http_post(&self, path: &str, headers: &[&str]) -> (u16, Value) {
+        let mut raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: 0\r\n",
+            self.frontend_port
+        );
+        for header in headers {
+            raw.push_str(header);
+            raw.push_str("\r\n");
+        }
+        raw.push_str("\r\n");
+        let response = http_request(self.frontend_port, raw.as_bytes(), DEADLINE)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let body = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        (response.status, body)
     }
 
     /// `GET /job_start` with these parameters: status and JSON body.

@@ -20,4 +20,5 @@ mod principals;
 mod restart;
 mod retention;
 mod schedules;
+mod scheduling;
 mod semaphores;
