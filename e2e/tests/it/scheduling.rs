@@ -280,7 +280,8 @@ jobs:
     delivery: queue
     command: "true"
 "#;
-    let mesh = Mesh::builder().worker("w1", jobs).start();
+    // Sealed: the cancel reaches the worker as a group frame, like work.
+    let mesh = Mesh::builder().sealed().worker("w1", jobs).start();
     mesh.wait_workers_live(1);
     let run_id = mesh.start_run("long", &[]);
     let pid = |file: &str| number_in(&mesh, file) as u32;
