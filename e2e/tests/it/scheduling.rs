@@ -172,6 +172,11 @@ jobs:
         soon_started - restarted
     );
     let later_started = started("later");
+    eprintln!(
+        "overdue run started {} ms after the restart; the other {} ms after its time",
+        soon_started - restarted,
+        later_started - later_due
+    );
     assert!(
         later_started >= later_due,
         "started {} ms early",
