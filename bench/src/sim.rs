@@ -672,8 +672,7 @@ fn run_frontend(
             FRONTEND_ID,
             Message::Trigger(TriggerRequest {
                 job: SIM_JOB.to_owned(),
-                params: Default::default(),
-                parent_runs: Vec::new(),
+                ..Default::default()
             }),
         )
     };
