@@ -44,7 +44,10 @@ pub fn new_id() -> String {
 
 /// Formats epoch milliseconds as RFC 3339 UTC, e.g. `2026-11-23T10:00:00.123Z`.
 pub fn format_time_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    // RFC 3339 has four-digit years (humantime panics past 9999): a time that came from a
+    // peer's clock is clamped to the range it can be written in, never a panic.
+    const LAST_MS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.clamp(0, LAST_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -111,5 +114,13 @@ mod tests {
         ] {
             assert!(parse_time_ms(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_time_from_a_peer_is_written_whatever_its_value() {
+        // A worker reports its own clock: any i64 must format, never panic.
+        assert_eq!(format_time_ms(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(format_time_ms(i64::MIN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time_ms(-1), "1970-01-01T00:00:00.000Z");
     }
 }
