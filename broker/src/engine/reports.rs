@@ -55,15 +55,22 @@ impl Engine {
             {
                 continue;
             }
+            let mut started_run = None;
             if task.record.state == TaskState::Pending {
                 task.record.state = TaskState::Running;
                 task.record.started_at_ms = Some(now);
                 task.record.instance = Some(status.instance.clone());
                 task.last_sent_ms = None;
                 fx.writes.push(Write::Task(task.record.clone()));
+                started_run = Some(task.record.run_id.clone());
             }
             if task.record.state == TaskState::Running {
                 task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
+            }
+            drop(task);
+            // As `TaskStarted` would: the run runs once any of its tasks does.
+            if let Some(run_id) = started_run {
+                self.mark_run_running(fx, &run_id);
             }
         }
         if reg.restarted_from.is_some() {
