@@ -10,12 +10,13 @@
 //! sequence of events replays to exactly the same decisions.
 
 use std::fmt;
+use std::sync::Arc;
 
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             pub fn as_str(&self) -> &str {
@@ -31,38 +32,38 @@ macro_rules! id_type {
 
         impl From<String> for $name {
             fn from(id: String) -> Self {
-                $name(id)
+                $name(Arc::from(id))
             }
         }
 
         impl From<&str> for $name {
             fn from(id: &str) -> Self {
-                $name(id.to_owned())
+                $name(Arc::from(id))
             }
         }
 
         /// Compared with the text it was made from (a wire field, a test's literal).
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
 
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
-                self.0 == *other
+                &*self.0 == *other
             }
         }
 
         impl PartialEq<String> for $name {
             fn eq(&self, other: &String) -> bool {
-                &self.0 == other
+                &*self.0 == other.as_str()
             }
         }
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
     };
@@ -89,15 +90,15 @@ pub trait IdSource: Send {
     fn next_id(&mut self) -> String;
 
     fn run_id(&mut self) -> RunId {
-        RunId(self.next_id())
+        RunId::from(self.next_id())
     }
 
     fn step_id(&mut self) -> StepId {
-        StepId(self.next_id())
+        StepId::from(self.next_id())
     }
 
     fn task_id(&mut self) -> TaskId {
-        TaskId(self.next_id())
+        TaskId::from(self.next_id())
     }
 }
 

@@ -154,8 +154,10 @@ impl Index {
 /// The unfinished runs, their steps and their tasks.
 #[derive(Debug, Default)]
 pub struct ActiveRuns {
-    runs: HashMap<RunId, ActiveRun>,
-    steps: HashMap<StepId, ActiveStep>,
+    // Boxed: a map's empty buckets then cost a pointer, not a whole record (a million
+    // waiting runs leave up to half of each table empty after it grows).
+    runs: HashMap<RunId, Box<ActiveRun>>,
+    steps: HashMap<StepId, Box<ActiveStep>>,
     tasks: HashMap<TaskId, ActiveTask>,
     index: Index,
     /// Steps made so far: the next one's place in line.
@@ -355,11 +357,11 @@ impl ActiveRuns {
         }
         self.runs.insert(
             run_id,
-            ActiveRun {
+            Box::new(ActiveRun {
                 run,
                 steps: Vec::new(),
                 waiting_for,
-            },
+            }),
         );
     }
 
@@ -421,7 +423,7 @@ impl ActiveRuns {
         self.arrivals += 1;
         self.steps.insert(
             step_id,
-            ActiveStep {
+            Box::new(ActiveStep {
                 step,
                 tasks: Vec::new(),
                 position: Position {
@@ -429,7 +431,7 @@ impl ActiveRuns {
                     arrival: self.arrivals,
                 },
                 waiting: false,
-            },
+            }),
         );
         true
     }
