@@ -123,6 +123,8 @@ impl SqliteStore {
     }
 
     fn init(&self) -> Result<(), StoreError> {
+        // Every write and read statement stays prepared (rusqlite's default keeps 16).
+        self.conn.set_prepared_statement_cache_capacity(64);
         self.conn
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -305,10 +307,20 @@ fn parse_state<T: std::str::FromStr<Err = String>>(s: &str) -> Result<T, StoreEr
     s.parse().map_err(StoreError::Corrupt)
 }
 
+/// Runs one statement through the connection's statement cache: the hot writes are the
+/// same few statements, and preparing each anew cost more than executing it.
+fn execute_cached(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
+}
+
 fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Run(r) => {
-            tx.execute(
+            execute_cached(tx,
                 "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at,
                                    priority, tags, tracked, not_before, depends_on, reason)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
@@ -321,7 +333,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
             )
             .context("writing a run")?;
             for tag in &r.tags {
-                tx.execute(
+                execute_cached(tx,
                     "INSERT OR IGNORE INTO run_tags (tag, run_id, created_at) VALUES (?1, ?2, ?3)",
                     params![tag, r.run_id, r.created_at_ms],
                 )
@@ -329,22 +341,19 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
             }
             Ok(1)
         }
-        Write::Tracked { run_id, tracked } => tx
-            .execute(
+        Write::Tracked { run_id, tracked } => execute_cached(tx,
                 "UPDATE runs SET tracked = ?2 WHERE run_id = ?1",
                 params![run_id, tracked],
             )
             .context("tracking a run"),
-        Write::Step(s) => tx
-            .execute(
+        Write::Step(s) => execute_cached(tx,
                 "INSERT INTO steps (step_id, run_id, job, delivery, state, origin_task, created_at, finished_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (step_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at",
                 params![s.step_id, s.run_id, s.job, delivery_name(s.delivery), s.state.as_str(), s.origin_task, s.created_at_ms, s.finished_at_ms],
             )
             .context("writing a step"),
-        Write::Task(t) => tx
-            .execute(
+        Write::Task(t) => execute_cached(tx,
                                 "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
                                     created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
@@ -358,21 +367,18 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout, t.recorded_at_ms],
             )
             .context("writing a task"),
-        Write::Worker(w) => tx
-            .execute(
+        Write::Worker(w) => execute_cached(tx,
                 "INSERT OR REPLACE INTO workers (name, instance, jobs, capabilities, slots, version, last_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![w.name, w.instance, json(&w.jobs), json(&w.capabilities), w.slots, w.version, w.last_seen_ms],
             )
             .context("writing a worker"),
-        Write::Job(c) => tx
-            .execute(
+        Write::Job(c) => execute_cached(tx,
                 "INSERT OR REPLACE INTO jobs (name, spec, source, updated_at) VALUES (?1, ?2, ?3, ?4)",
                 params![c.spec.name, json(&c.spec), c.source, c.updated_at_ms],
             )
                         .context("writing a job"),
-        Write::Attempt(a) => tx
-            .execute(
+        Write::Attempt(a) => execute_cached(tx,
                 "INSERT OR REPLACE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
                                                   started_at, finished_at, late)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -380,8 +386,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         a.started_at_ms, a.finished_at_ms, a.late],
             )
             .context("writing an attempt"),
-                Write::ResultAfterRunEnd(a) => tx
-            .execute(
+                Write::ResultAfterRunEnd(a) => execute_cached(tx,
                 "INSERT OR IGNORE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
                                                  started_at, finished_at, late)
                  SELECT ?1, run_id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1 FROM tasks
@@ -390,8 +395,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         a.started_at_ms, a.finished_at_ms],
             )
             .context("recording a result that came after its run ended"),
-        Write::Dead(d) => tx
-            .execute(
+        Write::Dead(d) => execute_cached(tx,
                 "INSERT OR REPLACE INTO dead (task_id, run_id, step_id, job, worker, params, attempts, error,
                                               exit_code, failed_at, retried_as)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
