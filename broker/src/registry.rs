@@ -247,11 +247,10 @@ impl Registry {
     }
 
     /// Live workers that serve `job`, in name order.
-    pub fn live_workers_for(&self, job: &str) -> Vec<&Worker> {
+    pub fn live_workers_for<'a>(&'a self, job: &'a str) -> impl Iterator<Item = &'a Worker> + 'a {
         self.workers
             .values()
-            .filter(|w| w.live && w.jobs.contains(job))
-            .collect()
+            .filter(move |w| w.live && w.jobs.contains(job))
     }
 
     pub fn live_count(&self) -> usize {
@@ -381,14 +380,14 @@ mod tests {
         assert_eq!(refused, ["huge", "broken"]);
         assert!(reg.refused[0].1.contains("size limit"), "{:?}", reg.refused);
         assert!(r.job("small").is_some());
-        assert_eq!(r.live_workers_for("small").len(), 1);
+        assert_eq!(r.live_workers_for("small").count(), 1);
         for refused in ["huge", "broken"] {
             assert!(
                 r.job(refused).is_none(),
                 "{refused} must not be in the catalog"
             );
             assert!(
-                r.live_workers_for(refused).is_empty(),
+                r.live_workers_for(refused).next().is_none(),
                 "w1 must not be given {refused}"
             );
         }
@@ -400,7 +399,7 @@ mod tests {
         hb.jobs[1] = with_pattern(spec("huge"), r"^(?-u:\w){100}$");
         let reg = r.heartbeat(&hb, 200);
         assert!(reg.changed && reg.refused.is_empty(), "{reg:?}");
-        assert_eq!(r.live_workers_for("huge").len(), 1);
+        assert_eq!(r.live_workers_for("huge").count(), 1);
     }
 
     #[test]
@@ -427,14 +426,14 @@ mod tests {
         let mut r = Registry::default();
         let reg = r.heartbeat(&status("a", "i1", &["x"]), 0);
         assert!(reg.became_live && reg.changed);
-        assert_eq!(r.live_workers_for("x").len(), 1);
+        assert_eq!(r.live_workers_for("x").count(), 1);
         assert_eq!(
             r.heartbeat(&status("a", "i1", &["x"]), 100),
             Registration::default()
         );
         assert_eq!(r.expire(1000, 2000), Vec::<String>::new());
         assert_eq!(r.expire(3000, 2000), vec!["a".to_string()]);
-        assert!(r.live_workers_for("x").is_empty());
+        assert!(r.live_workers_for("x").next().is_none());
         let reg = r.heartbeat(&status("a", "i2", &["x", "y"]), 3100);
         assert!(reg.became_live);
         assert_eq!(reg.restarted_from.as_deref(), Some("i1"));

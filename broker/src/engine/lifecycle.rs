@@ -6,7 +6,7 @@
 use jobz::jobfile::Delivery;
 use jobz::message::{Event, Message, RunState, TaskState};
 use jobz::topic::Topic;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::effects::{Effects, Publish, Write};
 use super::{Engine, MAX_STEPS_PER_RUN};
@@ -42,26 +42,26 @@ impl Engine {
         origin: Option<(&TaskId, &str)>,
         now: i64,
     ) {
-        let spec = self.registry.job(job).cloned();
+        let delivery = self.registry.job(job).map(|s| s.delivery);
         let step = Step {
             step_id: self.ids.step_id(),
             run_id: run_id.clone(),
             job: job.to_owned(),
-            delivery: spec.as_ref().map(|s| s.delivery).unwrap_or_default(),
+            delivery: delivery.unwrap_or_default(),
             state: TaskState::Pending,
             origin_task: origin.map(|(task, _)| task.clone()),
             created_at_ms: now,
             finished_at_ms: None,
         };
         let step_id = step.step_id.clone();
-        info!(run_id = %run_id, step_id = %step_id, job = %job, "step created");
+        debug!(run_id = %run_id, step_id = %step_id, job = %job, "step created");
         if !self.active.insert_step(step.clone()) {
             return; // the run is not active: nothing may start in it
         }
         fx.writes.push(Write::Step(step));
 
         let origin_worker = origin.map(|(_, w)| w.to_owned());
-        let Some(spec) = spec else {
+        let Some(delivery) = delivery else {
             self.fail_unplaced(
                 fx,
                 &step_id,
@@ -71,7 +71,7 @@ impl Engine {
             );
             return;
         };
-        match spec.delivery {
+        match delivery {
             Delivery::Local => match origin_worker {
                 // At its job's max_concurrency: it waits in line for room, on its worker.
                 Some(_) if !self.job_has_room(job, 1) => {

@@ -77,13 +77,8 @@ impl Engine {
         let Some(step) = self.active.step(step_id) else {
             return;
         };
-        let live: Vec<String> = self
-            .registry
-            .live_workers_for(&step.job)
-            .iter()
-            .map(|w| w.name.clone())
-            .collect();
-        if live.is_empty() {
+        let live = self.registry.live_workers_for(&step.job).count();
+        if live == 0 {
             let (run_id, job) = (step.run_id.clone(), step.job.clone());
             if self.active.wait(step_id) {
                 info!(run_id = %run_id, step_id = %step_id, job = %job, "step waits for a live worker");
@@ -104,7 +99,12 @@ impl Engine {
                 self.pick_queue_worker(&job, None).map(|w| vec![w])
             }
             Delivery::Queue => None,
-            _ => self.job_has_room(&job, live.len()).then_some(live),
+            _ => self.job_has_room(&job, live).then(|| {
+                self.registry
+                    .live_workers_for(&job)
+                    .map(|w| w.name.clone())
+                    .collect()
+            }),
         };
         match workers {
             Some(workers) => self.assign(fx, step_id, workers, now),
@@ -172,7 +172,8 @@ impl Engine {
                 }
                 Delivery::Queue => None,
                 Delivery::Broadcast => {
-                    let live = self.registry.live_workers_for(&head.job);
+                    let live: Vec<&crate::registry::Worker> =
+                        self.registry.live_workers_for(&head.job).collect();
                     self.placement_work(live.len());
                     let room = self.job_has_room(&head.job, live.len());
                     (!live.is_empty() && room)
@@ -202,29 +203,26 @@ impl Engine {
     /// The live worker serving `job` with a free slot and the lightest load; ties go by
     /// name. `avoid` is taken only if no other worker can.
     pub(super) fn pick_queue_worker(&self, job: &str, avoid: Option<&str>) -> Option<String> {
-        let candidates: Vec<(u32, &str)> = self
-            .registry
-            .live_workers_for(job)
-            .into_iter()
-            .map(|w| {
-                self.placement_work(1);
-                (
-                    self.active.load_of(&w.name),
-                    w.slots.max(1),
-                    w.name.as_str(),
-                )
-            })
-            .filter(|(used, slots, _)| used < slots)
-            .map(|(used, _, name)| (used, name))
-            .collect();
-        let best = |skip: Option<&str>| {
-            candidates
-                .iter()
-                .filter(|(_, n)| Some(*n) != skip)
-                .min()
-                .map(|(_, n)| n.to_string())
-        };
-        best(avoid).or_else(|| best(None))
+        // The least loaded worker with a free slot (by name among equals), other than
+        // `avoid` if there is one; found in one pass, without collecting the candidates.
+        let mut best: Option<(u32, &str)> = None;
+        let mut best_avoided: Option<(u32, &str)> = None;
+        for w in self.registry.live_workers_for(job) {
+            self.placement_work(1);
+            let used = self.active.load_of(&w.name);
+            if used >= w.slots.max(1) {
+                continue;
+            }
+            let candidate = Some((used, w.name.as_str()));
+            let slot = match avoid == Some(w.name.as_str()) {
+                true => &mut best_avoided,
+                false => &mut best,
+            };
+            if slot.is_none() || candidate < *slot {
+                *slot = candidate;
+            }
+        }
+        best.or(best_avoided).map(|(_, name)| name.to_owned())
     }
 
     /// The worker of the task a `local` step follows.

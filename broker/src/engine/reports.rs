@@ -5,7 +5,7 @@
 use jobz::envelope::Envelope;
 use jobz::jobfile::is_valid_name;
 use jobz::message::{ReplyBody, TaskFinished, TaskOutcome, TaskStarted, TaskState, WorkerStatus};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::effects::{reply, Effects, Write};
 use super::retry::Failure;
@@ -124,7 +124,7 @@ impl Engine {
             task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             task.last_sent_ms = None;
             let t = &task.record;
-            info!(run_id = %t.run_id, task_id = %t.task_id, job = %t.job, worker = %started.worker, "task started");
+            debug!(run_id = %t.run_id, task_id = %t.task_id, job = %t.job, worker = %started.worker, "task started");
             let run_id = t.run_id.clone();
             fx.writes.push(Write::Task(t.clone()));
             drop(task);
