@@ -40,7 +40,7 @@ use crate::semaphore_reports::SemaphoreReports;
 use active::{ActiveRuns, ActiveTask, RetryWait};
 use dead::DeadList;
 use effects::reply;
-pub use effects::{Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write};
+pub use effects::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write};
 use holds::FinishedRuns;
 use trigger::RecentTriggers;
 

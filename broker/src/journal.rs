@@ -1,7 +1,8 @@
 //! The journal thread: the only owner of the store.
 //!
 //! It takes [`Effects`] in order, commits the writes of everything queued so far in one
-//! transaction (group commit: one fsync for many messages under load), and only then
+//! transaction (group commit: one fsync for many messages under load; a record written
+//! more than once in it is written once, in its last state: [`coalesce`]), and only then
 //! hands their publications to the publisher and answers their reads. So an `Accepted`
 //! or an `Ack` never leaves the broker before what it acknowledges is on disk. A trigger
 //! that needs the states of runs only the store holds ([`RunLookup`]) goes back to the
@@ -20,7 +21,7 @@ use jobz::message::{Message, Reply, ReplyBody, RunState};
 use jobz::topic::Topic;
 use tracing::{debug, error};
 
-use crate::engine::{Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
+use crate::engine::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
 use crate::store::{Pruned, Retention, Store, StoreError};
 
 /// Most effects committed in one transaction.
@@ -109,6 +110,7 @@ fn commit(
         .iter_mut()
         .flat_map(|fx| std::mem::take(&mut fx.writes))
         .collect();
+    let writes = coalesce(writes);
     if let Err(e) = store.apply(&writes) {
         error!(error = %e, "journal commit failed; stopping the broker");
         return Err(e).context("committing the journal");

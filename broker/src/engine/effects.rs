@@ -33,6 +33,44 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// What a write replaces whole: a later write with the same key leaves nothing of an
+    /// earlier one (each carries its whole record, and the fields an upsert leaves alone
+    /// never change). `None` for writes that update part of a row or depend on what is
+    /// already stored.
+    fn whole_record_key(&self) -> Option<(u8, &str, u32)> {
+        match self {
+            Write::Run(r) => Some((0, r.run_id.as_str(), 0)),
+            Write::Step(s) => Some((1, s.step_id.as_str(), 0)),
+            Write::Task(t) => Some((2, t.task_id.as_str(), 0)),
+            Write::Worker(w) => Some((3, w.name.as_str(), 0)),
+            Write::Job(c) => Some((4, c.spec.name.as_str(), 0)),
+            Write::Attempt(a) => Some((5, a.task_id.as_str(), a.attempt)),
+            Write::Dead(d) => Some((6, d.task_id.as_str(), 0)),
+            Write::ResultAfterRunEnd(_) | Write::Tracked { .. } => None,
+        }
+    }
+}
+
+/// The writes of one commit without those a later write of the same record replaces:
+/// under load a task is often started and finished, or a run made and ended, within one
+/// group commit, and only its last state needs writing. What is left keeps its order
+/// (each record at the place of its last write), so the store ends in the same state.
+pub fn coalesce(writes: Vec<Write>) -> Vec<Write> {
+    let mut seen = std::collections::HashSet::new();
+    let mut keep = vec![true; writes.len()];
+    for (i, write) in writes.iter().enumerate().rev() {
+        if let Some(key) = write.whole_record_key() {
+            keep[i] = seen.insert(key);
+        }
+    }
+    let mut keep = keep.into_iter();
+    writes
+        .into_iter()
+        .filter(|_| keep.next().unwrap_or(true))
+        .collect()
+}
+
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Publish {
@@ -135,4 +173,57 @@ pub(super) fn read(fx: &mut Effects, env: &Envelope, query: ReadQuery) {
         in_reply_to: env.id.clone(),
         query,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jobz::message::TaskState;
+
+    fn task_write(id: &str, state: TaskState) -> Write {
+        Write::Task(Task {
+            task_id: id.into(),
+            step_id: "s".into(),
+            run_id: "r".into(),
+            job: "j".into(),
+            worker: None,
+            state,
+            attempt: 1,
+            failures: 0,
+            fanout: 1,
+            exit_code: None,
+            error: None,
+            instance: None,
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            recorded_at_ms: None,
+            output_tail: String::new(),
+        })
+    }
+
+    #[test]
+    fn only_the_last_write_of_a_record_is_kept_at_its_place() {
+        let tracked = Write::Tracked {
+            run_id: "r".into(),
+            tracked: true,
+        };
+        let writes = vec![
+            task_write("t1", TaskState::Pending),
+            task_write("t2", TaskState::Pending),
+            tracked.clone(),
+            task_write("t1", TaskState::Running),
+            tracked.clone(),
+            task_write("t1", TaskState::Succeeded),
+        ];
+        assert_eq!(
+            coalesce(writes),
+            vec![
+                task_write("t2", TaskState::Pending),
+                tracked.clone(),
+                tracked,
+                task_write("t1", TaskState::Succeeded),
+            ]
+        );
+    }
 }

@@ -1220,3 +1220,86 @@ fn a_run_is_running_when_a_heartbeat_reports_its_task_before_task_started_does()
     let fx = h.finish(&a, TaskOutcome::Succeeded);
     assert_eq!(final_run_write(&fx), Some(RunState::Succeeded));
 }
+
+/// The store after `writes`, each effect's writes committed on their own.
+fn store_after(batches: &[Vec<Write>]) -> crate::store::SqliteStore {
+    use crate::store::Store;
+    let mut store = crate::store::SqliteStore::in_memory().unwrap();
+    for writes in batches {
+        store.apply(writes).unwrap();
+    }
+    store
+}
+
+/// Everything a client can read of `store`: each run with its tasks, the run list, the
+/// snapshot a restart resumes from.
+fn readable(store: &crate::store::SqliteStore) -> String {
+    use crate::store::Store;
+    let filter = jobz::message::RunFilter {
+        limit: 1000,
+        ..Default::default()
+    };
+    let runs = store.runs(&filter).unwrap();
+    let each: Vec<_> = runs.iter().map(|r| store.run(&r.run_id).unwrap()).collect();
+    format!("{runs:?}\n{each:?}\n{:?}", store.load().unwrap())
+}
+
+#[test]
+fn a_coalesced_commit_leaves_the_store_as_the_writes_one_by_one_do() {
+    let jobs = vec![
+        with_retries(job("a", Delivery::Queue, &["b"], &["f"]), 1, 10),
+        job("b", Delivery::Broadcast, &[], &[]),
+        job("f", Delivery::Queue, &[], &[]),
+    ];
+    let mut h = Harness::new(jobs, &["w1", "w2"]);
+    let mut batches: Vec<Vec<Write>> = Vec::new();
+    let mut keep = |fx: &Effects| batches.push(fx.writes.clone());
+    // A run that succeeds through a broadcast successor.
+    let (fx, _) = h.trigger("a");
+    keep(&fx);
+    let a = works(&fx).remove(0).assignments.remove(0);
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    keep(&fx);
+    for b in works(&fx).remove(0).assignments {
+        keep(&h.finish(&b, TaskOutcome::Succeeded));
+    }
+    // A run that fails, is retried, fails for good, runs its failure handler, and whose
+    // dead task is re-run.
+    let (fx, _) = h.trigger("a");
+    keep(&fx);
+    let a = works(&fx).remove(0).assignments.remove(0);
+    keep(&h.finish(&a, TaskOutcome::Failed));
+    h.now += 100;
+    let fx = h.engine.tick(h.now);
+    keep(&fx);
+    let a2 = works(&fx).remove(0).assignments.remove(0);
+    let fx = h.finish(&a2, TaskOutcome::Failed);
+    keep(&fx);
+    let f = works(&fx).remove(0).assignments.remove(0);
+    keep(&h.finish(&f, TaskOutcome::Succeeded));
+    let fx = h.send(
+        "frontend:x",
+        Message::RetryDead {
+            task_id: a2.task.task_id.clone(),
+        },
+    );
+    keep(&fx);
+    // A run left unfinished, tracked.
+    let (fx, run_id) = h.trigger("f");
+    keep(&fx);
+    keep(&h.send(
+        "frontend:x",
+        Message::TrackRun {
+            run_id: run_id.unwrap(),
+            tracked: true,
+        },
+    ));
+
+    let all: Vec<Write> = batches.concat();
+    let coalesced = super::effects::coalesce(all.clone());
+    assert!(coalesced.len() < all.len(), "nothing was coalesced");
+    assert_eq!(
+        readable(&store_after(&[coalesced])),
+        readable(&store_after(&batches))
+    );
+}
