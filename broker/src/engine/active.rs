@@ -418,6 +418,11 @@ impl ActiveRuns {
         let Some(run) = self.runs.get_mut(&step.run_id) else {
             return false;
         };
+        // Most runs have one step: room for exactly one first (a Vec's first push makes
+        // room for four, which a million waiting runs pay for).
+        if run.steps.capacity() == 0 {
+            run.steps.reserve_exact(1);
+        }
         run.steps.push(step.step_id.clone());
         let step_id = step.step_id.clone();
         self.arrivals += 1;
