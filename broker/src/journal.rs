@@ -50,7 +50,7 @@ pub fn spawn(
     effects: Receiver<Effects>,
     publish: Sender<Publish>,
     pruning: Pruning,
-    looked_up: Sender<RunLookup>,
+    looked_up: Sender<Option<RunLookup>>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new()
         .name("journal".into())
@@ -97,7 +97,7 @@ fn commit(
     first: Effects,
     effects: &Receiver<Effects>,
     publish: &Sender<Publish>,
-    looked_up: &Sender<RunLookup>,
+    looked_up: &Sender<Option<RunLookup>>,
 ) -> anyhow::Result<()> {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
@@ -132,17 +132,19 @@ fn commit(
             }
         }
         for lookup in fx.lookups {
-            match look_up(&*store, lookup) {
-                Ok(lookup) => {
-                    if looked_up.send(lookup).is_err() {
-                        anyhow::bail!("the server loop stopped");
-                    }
-                }
+            // Every lookup is handed back, answered or not (`None`: refused here), so the
+            // server knows when none is out.
+            let answered = match look_up(&*store, lookup) {
+                Ok(lookup) => Some(lookup),
                 Err(refusal) => {
                     if publish.send(*refusal).is_err() {
                         anyhow::bail!("publisher stopped");
                     }
+                    None
                 }
+            };
+            if looked_up.send(answered).is_err() {
+                anyhow::bail!("the server loop stopped");
             }
         }
     }

@@ -46,6 +46,9 @@ pub struct Config {
 /// How often the engine's periodic duties run.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How often the loop looks for the journal's answers while lookups are out.
+const LOOKUP_POLL: Duration = Duration::from_millis(1);
+
 /// Runs the broker until `shutdown` receives a message or is closed.
 pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let store = SqliteStore::open(&config.state_dir)
@@ -134,7 +137,7 @@ struct Loop<'a> {
     /// From the journal: what it pruned.
     pruned: &'a Receiver<Pruned>,
     /// From the journal: triggers with the states of the runs they depend on.
-    looked_up: &'a Receiver<RunLookup>,
+    looked_up: &'a Receiver<Option<RunLookup>>,
     journal: &'a JoinHandle<anyhow::Result<()>>,
     shutdown: &'a Receiver<()>,
 }
@@ -154,10 +157,14 @@ fn serve(
     } = channels;
     let mut next_tick = Instant::now();
     let mut drops = DropLog::default();
+    // Lookups handed to the journal whose answers have not come back: while there are
+    // any, PULL is polled briefly so that an answer waits a millisecond, not a tick.
+    let lookups_out = std::cell::Cell::new(0usize);
     let send = |fx: Effects| -> anyhow::Result<()> {
         if fx.is_empty() {
             return Ok(());
         }
+        lookups_out.set(lookups_out.get() + fx.lookups.len());
         effects
             .send(fx)
             .map_err(|_| anyhow::anyhow!("the journal has stopped"))
@@ -173,7 +180,10 @@ fn serve(
         if journal.is_finished() {
             anyhow::bail!("the journal has stopped");
         }
-        let wait = next_tick.saturating_duration_since(Instant::now());
+        let mut wait = next_tick.saturating_duration_since(Instant::now());
+        if lookups_out.get() > 0 {
+            wait = wait.min(LOOKUP_POLL);
+        }
         // Rounded up: rounding down polled with timeout 0 in a loop for the last sub-millisecond
         // before each tick (found by the bench: the idle broker spun).
         let wait_ms = wait.as_micros().div_ceil(1000) as i64;
@@ -199,8 +209,12 @@ fn serve(
                 }
             }
         }
-        // Triggers the journal looked runs up for (at most a poll interval late).
-        while let Ok(lookup) = looked_up.try_recv() {
+        // Triggers the journal looked runs up for (at most LOOKUP_POLL late).
+        while let Ok(answer) = looked_up.try_recv() {
+            lookups_out.set(lookups_out.get().saturating_sub(1));
+            let Some(lookup) = answer else {
+                continue; // refused by the journal, which answered its sender
+            };
             send(engine.on_lookup(lookup, jobz::now_ms()))?;
         }
         if Instant::now() >= next_tick {
