@@ -90,6 +90,17 @@ pub struct JobSpec {
     /// `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    /// Resources a step of the job reads (`inputs:`, templates over its parameters): it
+    /// starts only once each exists and no step is writing it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// Resources a step of the job writes (`outputs:`): held exclusively while it runs,
+    /// marked written when it succeeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+    /// How long a written output counts as existing (`output_ttl:`); `None`: until cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_ttl_ms: Option<u64>,
 }
 
 /// Default `retry_backoff`: ten seconds.
@@ -388,6 +399,42 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// Longest resource name (after its parameters are filled in).
+pub const MAX_RESOURCE_NAME: usize = 200;
+
+/// Is this a valid resource name: 1 to [`MAX_RESOURCE_NAME`] ASCII letters, digits, `_`,
+/// `.`, `-` and `:` (no `/`: a name is one segment of `/resources/{name}`).
+pub fn is_valid_resource_name(name: &str) -> bool {
+    (1..=MAX_RESOURCE_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b':'))
+}
+
+/// A resource template of a job: its placeholders are declared parameters, and its
+/// literal text alone is a valid name (values are checked once filled in, per step).
+fn check_resource_template(text: &str, params: &BTreeMap<String, ParamSpec>) -> Result<(), String> {
+    let template = Template::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+    for used in template.params() {
+        if !params.contains_key(used) {
+            return Err(format!(
+                "{text:?}: placeholder {{{used}}} is not a parameter of the job (declare it under params:)"
+            ));
+        }
+    }
+    let literal: BTreeMap<String, String> = template
+        .params()
+        .into_iter()
+        .map(|p| (p.to_owned(), "x".to_owned()))
+        .collect();
+    match template.render_plain(&literal) {
+        Ok(name) if is_valid_resource_name(&name) => Ok(()),
+        _ => Err(format!(
+            "{text:?} is not a valid resource name (1 to {MAX_RESOURCE_NAME} of A-Z a-z 0-9 _ . - :)"
+        )),
+    }
+}
+
 /// Is this a plausible local user name for `run_as:` (the portable POSIX form, as
 /// `useradd` accepts by default: `[A-Za-z_][A-Za-z0-9_.-]{0,31}`, optionally ending in `$`)?
 /// Numeric ids, path separators, NUL and anything a shell would read are refused.
@@ -471,6 +518,12 @@ struct RawJob {
     priority: i32,
     #[serde(default)]
     max_concurrency: Option<u32>,
+    #[serde(default)]
+    inputs: Vec<String>,
+    #[serde(default)]
+    outputs: Vec<String>,
+    #[serde(default)]
+    output_ttl: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -849,6 +902,15 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
         )
         .into());
     }
+    for (what, names) in [("inputs", &raw.inputs), ("outputs", &raw.outputs)] {
+        for name in names {
+            check_resource_template(name, &params).map_err(|e| context(format!("{what}: {e}")))?;
+        }
+    }
+    let output_ttl_ms = parse_duration("output_ttl", raw.output_ttl).map_err(context)?;
+    if output_ttl_ms.is_some() && raw.outputs.is_empty() {
+        return Err(context("output_ttl without outputs".into()).into());
+    }
     let spec = JobSpec {
         timeout_ms: parse_duration("timeout", raw.timeout).map_err(context)?,
         name: name.clone(),
@@ -866,6 +928,9 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
         run_as: raw.run_as,
         priority: raw.priority,
         max_concurrency: raw.max_concurrency,
+        inputs: raw.inputs,
+        outputs: raw.outputs,
+        output_ttl_ms,
     };
     // Compiled here to refuse the file now; whoever checks values compiles its own copy once.
     ParamRules::compile(&spec).map_err(|e| context(e.to_string()))?;
@@ -1780,6 +1845,33 @@ schedules:
         }
         // A name that only starts like one is fine.
         assert!(parse("jobs:\n  - name: a\n    command: 'x {at_date} {tags_x}'\n").is_ok());
+    }
+
+    #[test]
+    fn inputs_outputs_and_output_ttl_are_read_and_checked_at_load() {
+        let set = parse(
+            "jobs:\n  - name: a\n    command: x {day}\n    inputs: [\"raw.{day}\"]\n    outputs: [\"clean.{day}\", done]\n    output_ttl: 1h\n",
+        )
+        .unwrap();
+        let a = &set.jobs["a"];
+        assert_eq!(a.inputs, vec!["raw.{day}".to_string()]);
+        assert_eq!(
+            a.outputs,
+            vec!["clean.{day}".to_string(), "done".to_string()]
+        );
+        assert_eq!(a.output_ttl_ms, Some(3_600_000));
+        for (bad, needle) in [
+            ("inputs: [\"raw.{nope}\"]", "not a parameter"),
+            ("outputs: [\"a/b\"]", "not a valid resource name"),
+            ("outputs: [\"\"]", "not a valid resource name"),
+            ("outputs: [\"a b\"]", "not a valid resource name"),
+            ("output_ttl: 1h", "output_ttl without outputs"),
+            ("outputs: [x]\n    output_ttl: soon", "output_ttl"),
+        ] {
+            let text = format!("jobs:\n  - name: a\n    command: x\n    {bad}\n");
+            let err = parse(&text).unwrap_err();
+            assert!(err.reason.contains(needle), "{bad}: {err}");
+        }
     }
 
     #[test]
