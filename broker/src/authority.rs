@@ -124,9 +124,10 @@ pub fn may_send(message: &Message) -> &'static [Role] {
         Message::RetryDead { .. } => &[Frontend],
         // Run control is the HTTP API's (which checks the token's scope); semaphores only
         // trigger.
-        Message::CancelRun { .. } | Message::PrioritizeRun { .. } | Message::TrackRun { .. } => {
-            &[Frontend]
-        }
+        Message::CancelRun { .. }
+        | Message::PrioritizeRun { .. }
+        | Message::TrackRun { .. }
+        | Message::ControlResource { .. } => &[Frontend],
         // Broker → client messages: nobody sends them to the broker. (A worker reports a
         // cancelled attempt with `TaskFinished`, outcome `cancelled`.)
         Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => &[],
@@ -239,6 +240,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::CancelRun { .. } => "CancelRun",
         Message::PrioritizeRun { .. } => "PrioritizeRun",
         Message::TrackRun { .. } => "TrackRun",
+        Message::ControlResource { .. } => "ControlResource",
         Message::Reply(_) => "Reply",
         Message::Work(_) => "Work",
         Message::CancelWork(_) => "CancelWork",

@@ -42,12 +42,15 @@ use dead::DeadList;
 use effects::reply;
 pub use effects::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write};
 use holds::FinishedRuns;
+use resources::Resources;
+pub use resources::{Edge, Written};
 use trigger::RecentTriggers;
 
 mod active;
 mod control;
 mod dead;
 mod effects;
+mod gates;
 mod holds;
 mod lifecycle;
 mod placement;
@@ -55,6 +58,7 @@ mod pruned;
 mod queries;
 mod recent;
 mod reports;
+mod resources;
 mod retry;
 mod trigger;
 mod waiting;
@@ -93,6 +97,10 @@ pub struct Snapshot {
     pub dead: Vec<Dead>,
     /// The states of the runs that scheduled and waiting runs depend on.
     pub dependency_states: Vec<(RunId, RunState)>,
+    /// Resources written (or created) and not cleared.
+    pub resources: Vec<Written>,
+    /// The lineage graph's edges.
+    pub edges: Vec<Edge>,
 }
 
 pub struct Engine {
@@ -116,6 +124,8 @@ pub struct Engine {
     /// (the store should never hold one): the first tick fails them.
     resumed_broken: Vec<(RunId, RunId, RunState)>,
     counters: BTreeMap<String, u64>,
+    /// Resources: which exist, which steps hold them, which wait (jobs' inputs/outputs).
+    resources: Resources,
     /// What placement has looked at (waiting steps, tasks counted, candidate workers): the
     /// work the drain test holds to a bound per placement, whatever the backlog.
     placement_work: std::cell::Cell<u64>,
@@ -142,6 +152,14 @@ impl Engine {
             resumed_broken: Vec::new(),
             counters: BTreeMap::new(),
             placement_work: Default::default(),
+            resources: Resources::restore(
+                snapshot
+                    .resources
+                    .into_iter()
+                    .filter(|w| w.expires_at_ms.is_none_or(|t| t > now_ms))
+                    .collect(),
+                snapshot.edges,
+            ),
         };
         for (request, run) in snapshot.recent_requests {
             engine.triggers.remember(request, run);
@@ -197,8 +215,12 @@ impl Engine {
             self.active.insert_run(run, waiting_for);
         }
         let mut orphans = 0;
+        let mut unfinished_steps = Vec::new();
         for step in steps {
             let (step_id, pending) = (step.step_id.clone(), step.state == TaskState::Pending);
+            if !step.state.is_final() {
+                unfinished_steps.push(step_id.clone());
+            }
             let cancelled = self.run_is_cancelled(&step.run_id);
             if !self.active.insert_step(step) {
                 orphans += 1;
@@ -230,6 +252,7 @@ impl Engine {
                 orphans += 1;
             }
         }
+        self.resume_resources(&unfinished_steps, now_ms);
         if orphans > 0 {
             warn!(
                 orphans,
@@ -325,6 +348,9 @@ impl Engine {
             Message::TrackRun { run_id, tracked } => {
                 self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked)
             }
+            Message::ControlResource { name, action } => {
+                self.on_control_resource(&mut fx, &env, name, action, now)
+            }
             // `authorize` lets none of these through; dropped all the same should it change.
             Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
@@ -369,6 +395,9 @@ impl Engine {
         self.place_retries(&mut fx, now);
         self.dispatch_waiting(&mut fx, now);
         self.semaphores.prune(now);
+        // Expired outputs count as missing already; this forgets them (the store keeps
+        // them, with their expiry, and leaves them out at the next start).
+        self.resources.expire(now);
         fx
     }
 

@@ -340,6 +340,9 @@ mod tests {
             run_as: None,
             priority: 0,
             max_concurrency: None,
+            inputs: vec![],
+            outputs: vec![],
+            output_ttl_ms: None,
         }
     }
 

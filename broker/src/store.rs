@@ -14,7 +14,7 @@ use jobz::message::{
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 
-use crate::engine::{Snapshot, Write};
+use crate::engine::{Edge, Snapshot, Write, Written};
 use crate::ids::{RunId, StepId, TaskId};
 #[cfg(test)]
 use crate::model::Attempt;
@@ -25,7 +25,7 @@ mod retention;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
 
 /// Version of the schema this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// The runs the broker holds in memory: not finished. A cancelled run is unfinished until
 /// its workers have reported its tasks.
@@ -194,6 +194,9 @@ impl SqliteStore {
         if version < 3 {
             self.migrate_v2_to_v3()?;
         }
+        if version < 4 {
+            self.migrate_v3_to_v4()?;
+        }
         self.conn
             .execute_batch(retention::SCHEMA)
             .context("creating the retention indexes")?;
@@ -229,6 +232,26 @@ impl SqliteStore {
             )
             .context("migrating the schema from version 1 to 2")?;
         tracing::info!("store migrated from schema version 1 to 2");
+        Ok(())
+    }
+
+    /// Version 4 added resources (jobs' inputs and outputs): those written or created, and
+    /// the lineage graph's edges. Nothing older changes.
+    fn migrate_v3_to_v4(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS resources (
+                    name TEXT PRIMARY KEY, written_at INTEGER NOT NULL, expires_at INTEGER,
+                    run_id TEXT, job TEXT);
+                 CREATE TABLE IF NOT EXISTS resource_edges (
+                    kind TEXT NOT NULL, from_node TEXT NOT NULL, to_node TEXT NOT NULL,
+                    PRIMARY KEY (kind, from_node, to_node)) WITHOUT ROWID;
+                 PRAGMA user_version = 4;
+                 COMMIT;",
+            )
+            .context("migrating the schema from version 3 to 4")?;
+        tracing::info!("store migrated from schema version 3 to 4");
         Ok(())
     }
 
@@ -403,6 +426,28 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         d.exit_code, d.failed_at_ms, d.retried_as],
             )
             .context("writing a dead task"),
+        Write::Resource(w) => execute_cached(tx,
+            "INSERT OR REPLACE INTO resources (name, written_at, expires_at, run_id, job)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![w.name, w.written_at_ms, w.expires_at_ms, w.run_id, w.job],
+        )
+        .context("writing a resource"),
+        Write::ResourceCleared { name } => execute_cached(tx,
+            "DELETE FROM resources WHERE name = ?1",
+            params![name],
+        )
+        .context("clearing a resource"),
+        Write::Edge(edge) => {
+            let (kind, from, to) = match edge {
+                Edge::Reads { resource, job } => ("reads", resource, job),
+                Edge::Writes { job, resource } => ("writes", job, resource),
+            };
+            execute_cached(tx,
+                "INSERT OR IGNORE INTO resource_edges (kind, from_node, to_node) VALUES (?1, ?2, ?3)",
+                params![kind, from, to],
+            )
+            .context("writing a lineage edge")
+        }
     }
     .map(|_| ())
 }
@@ -619,7 +664,43 @@ impl Store for SqliteStore {
             },
             "loading dead tasks",
         )?;
+        let resources = self.select(
+            "SELECT name, written_at, expires_at, run_id, job FROM resources ORDER BY name",
+            [],
+            |row| {
+                Ok(Written {
+                    name: row.get(0)?,
+                    written_at_ms: row.get(1)?,
+                    expires_at_ms: row.get(2)?,
+                    run_id: row.get(3)?,
+                    job: row.get(4)?,
+                })
+            },
+            "loading resources",
+        )?;
+        let edges = self.select(
+            "SELECT kind, from_node, to_node FROM resource_edges",
+            [],
+            |row| {
+                let kind: String = row.get(0)?;
+                let (from, to): (String, String) = (row.get(1)?, row.get(2)?);
+                match kind.as_str() {
+                    "reads" => Ok(Edge::Reads {
+                        resource: from,
+                        job: to,
+                    }),
+                    "writes" => Ok(Edge::Writes {
+                        job: from,
+                        resource: to,
+                    }),
+                    other => Err(StoreError::Corrupt(format!("lineage edge kind {other:?}"))),
+                }
+            },
+            "loading lineage edges",
+        )?;
         Ok(Snapshot {
+            resources,
+            edges,
             dead,
             dependency_states,
             runs,

@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use jobz::client::ClientError;
-use jobz::message::{Message, Query, ReplyBody, RunFilter, RunView, TriggerRequest};
+use jobz::message::{
+    Message, Query, ReplyBody, ResourceAction, RunFilter, RunView, TriggerRequest,
+};
 
 use crate::broker::Broker;
 use crate::metrics::{self, Stats};
@@ -176,6 +178,9 @@ impl Api {
             ),
             Route::Semaphores => self.list_semaphores(),
             Route::Schedules => self.list_schedules(),
+            Route::Resources => self.list_resources(),
+            Route::ControlResource { name, action } => self.control_resource(name, action),
+            Route::Graph { dot } => self.graph(dot),
             Route::Healthz => Ok(self.healthz()),
             Route::Metrics => Ok(self.metrics()),
         };
@@ -351,16 +356,7 @@ impl Api {
             }
             ReplyBody::Run(None) => Err(unknown_run(run_id)),
             ReplyBody::Rejected { status, error } => {
-                let status = if (400..=599).contains(&status) {
-                    status
-                } else {
-                    502
-                };
-                Err(HttpReply::error(
-                    status,
-                    &error,
-                    &[("run_id", json!(run_id))],
-                ))
+                Err(rejected(status, &error, ("run_id", json!(run_id))))
             }
             other => Err(unexpected(&other)),
         }
@@ -399,6 +395,70 @@ impl Api {
                 Ok(Outcome::Reply(HttpReply::json(
                     200,
                     &json!({ "schedules": schedules }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn list_resources(&self) -> Handled {
+        match self.ask(Query::Resources)? {
+            ReplyBody::Resources(resources) => {
+                let resources: Vec<Value> = resources.iter().map(views::resource).collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "resources": resources }),
+                )))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn control_resource(&self, name: String, action: ResourceAction) -> Handled {
+        let message = Message::ControlResource {
+            name: name.clone(),
+            action,
+        };
+        match self
+            .broker
+            .request(message, self.request_timeout)
+            .map_err(|e| broker_error(&e))?
+        {
+            ReplyBody::Resources(mut views) if views.len() == 1 => {
+                info!(resource = %name, ?action, "resource changed");
+                let view = views.remove(0);
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &views::resource(&view),
+                )))
+            }
+            // Cleared and neither held nor waited for: nothing left to show.
+            ReplyBody::Resources(_) => Ok(Outcome::Reply(HttpReply::json(
+                200,
+                &json!({ "name": name, "exists": false, "holders": [], "waiters": [] }),
+            ))),
+            ReplyBody::Rejected { status, error } => {
+                Err(rejected(status, &error, ("resource", json!(name))))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn graph(&self, dot: bool) -> Handled {
+        match self.ask(Query::ResourceGraph)? {
+            ReplyBody::ResourceGraph(edges) if dot => Ok(Outcome::Reply(HttpReply::text(
+                200,
+                "text/vnd.graphviz; charset=utf-8",
+                views::lineage_dot(&edges),
+            ))),
+            ReplyBody::ResourceGraph(edges) => {
+                let edges: Vec<Value> = edges
+                    .iter()
+                    .map(|e| json!({ "from": e.from, "to": e.to, "kind": e.kind }))
+                    .collect();
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "edges": edges }),
                 )))
             }
             other => Err(unexpected(&other)),
@@ -535,6 +595,17 @@ fn broker_error(error: &ClientError) -> HttpReply {
     }
 }
 
+/// The broker's refusal as an HTTP error (a status outside 4xx/5xx is the broker's
+/// fault: 502), naming what it was about.
+fn rejected(status: u16, error: &str, about: (&str, Value)) -> HttpReply {
+    let status = if (400..=599).contains(&status) {
+        status
+    } else {
+        502
+    };
+    HttpReply::error(status, error, &[about])
+}
+
 fn reply_kind(body: &ReplyBody) -> &'static str {
     match body {
         ReplyBody::Welcome { .. } => "Welcome",
@@ -550,6 +621,8 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Completions(_) => "Completions",
         ReplyBody::Semaphores(_) => "Semaphores",
         ReplyBody::Schedules(_) => "Schedules",
+        ReplyBody::Resources(_) => "Resources",
+        ReplyBody::ResourceGraph(_) => "ResourceGraph",
     }
 }
 
@@ -661,6 +734,9 @@ mod tests {
                 run_as: None,
                 priority: 0,
                 max_concurrency: None,
+                inputs: vec![],
+                outputs: vec![],
+                output_ttl_ms: None,
             },
             workers: vec!["w1".into()],
         }

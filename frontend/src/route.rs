@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use jobz::message::{Params, RunState};
+use jobz::message::{Params, ResourceAction, RunState};
 use serde_json::{json, Value};
 use thiserror::Error;
 
@@ -110,6 +110,12 @@ pub enum Endpoint {
     Semaphores,
     /// `/schedules`.
     Schedules,
+    /// `/resources`.
+    Resources,
+    /// `POST /resources/{name}?action=create|clear`.
+    ControlResource,
+    /// `/graph?format=dot`.
+    Graph,
     /// `/healthz`.
     Healthz,
     /// `/metrics`.
@@ -126,8 +132,10 @@ impl Endpoint {
             | Endpoint::CancelRun
             | Endpoint::TrackRun
             | Endpoint::UntrackRun => Some(Scope::Trigger),
-            // Reordering the line affects everybody's runs.
-            Endpoint::RetryDead | Endpoint::PrioritizeRun => Some(Scope::Admin),
+            // Reordering the line, or making data exist or vanish, affects everybody's runs.
+            Endpoint::RetryDead | Endpoint::PrioritizeRun | Endpoint::ControlResource => {
+                Some(Scope::Admin)
+            }
             Endpoint::Dashboard
             | Endpoint::Runs
             | Endpoint::Run
@@ -137,6 +145,8 @@ impl Endpoint {
             | Endpoint::Dead
             | Endpoint::Semaphores
             | Endpoint::Schedules
+            | Endpoint::Resources
+            | Endpoint::Graph
             | Endpoint::Metrics => Some(Scope::Read),
         }
     }
@@ -155,6 +165,7 @@ impl Endpoint {
                 | Endpoint::PrioritizeRun
                 | Endpoint::TrackRun
                 | Endpoint::UntrackRun
+                | Endpoint::ControlResource
         )
     }
 
@@ -265,6 +276,20 @@ pub enum Route {
     Semaphores,
     /// Schedules, their next and last slots.
     Schedules,
+    /// Resources written, held or waited for.
+    Resources,
+    /// An operator creates or clears a resource.
+    ControlResource {
+        /// Its name.
+        name: String,
+        /// `action=create|clear`.
+        action: ResourceAction,
+    },
+    /// The lineage graph (`format=dot`: Graphviz text; else JSON edges).
+    Graph {
+        /// DOT text rather than JSON.
+        dot: bool,
+    },
     /// Liveness.
     Healthz,
     /// Prometheus metrics.
@@ -290,6 +315,9 @@ impl Route {
             Route::TrackRun { tracked: false, .. } => Endpoint::UntrackRun,
             Route::Semaphores => Endpoint::Semaphores,
             Route::Schedules => Endpoint::Schedules,
+            Route::Resources => Endpoint::Resources,
+            Route::ControlResource { .. } => Endpoint::ControlResource,
+            Route::Graph { .. } => Endpoint::Graph,
             Route::Healthz => Endpoint::Healthz,
             Route::Metrics => Endpoint::Metrics,
         }
@@ -490,6 +518,9 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         ["dead", _, "retry"] => Some(Endpoint::RetryDead),
         ["semaphores"] => Some(Endpoint::Semaphores),
         ["schedules"] => Some(Endpoint::Schedules),
+        ["resources"] => Some(Endpoint::Resources),
+        ["resources", _] => Some(Endpoint::ControlResource),
+        ["graph"] => Some(Endpoint::Graph),
         ["healthz"] => Some(Endpoint::Healthz),
         ["metrics"] => Some(Endpoint::Metrics),
         _ => None,
@@ -571,6 +602,44 @@ fn arguments(
         Endpoint::Schedules => {
             only(&query, &[])?;
             Route::Schedules
+        }
+        Endpoint::Resources => {
+            only(&query, &[])?;
+            Route::Resources
+        }
+        Endpoint::ControlResource => {
+            only(&query, &["action"])?;
+            let raw = query.remove("action").ok_or(RouteError::MissingValue)?;
+            let action = match raw.as_str() {
+                "create" => ResourceAction::Create,
+                "clear" => ResourceAction::Clear,
+                _ => {
+                    return Err(bad_value(
+                        "action",
+                        &raw,
+                        "action must be create or clear".into(),
+                    ))
+                }
+            };
+            Route::ControlResource {
+                name: second(),
+                action,
+            }
+        }
+        Endpoint::Graph => {
+            only(&query, &["format"])?;
+            let dot = match query.remove("format").as_deref() {
+                None | Some("json") => false,
+                Some("dot") => true,
+                Some(other) => {
+                    return Err(bad_value(
+                        "format",
+                        other,
+                        "format must be dot or json".into(),
+                    ))
+                }
+            };
+            Route::Graph { dot }
         }
         Endpoint::Dead => {
             only(&query, &["limit"])?;
@@ -957,6 +1026,8 @@ mod tests {
             "/dead",
             "/semaphores",
             "/schedules",
+            "/resources",
+            "/graph?format=dot",
             "/metrics",
             "/no/such",
         ] {
@@ -1027,6 +1098,36 @@ mod tests {
             }
         }
         assert!(checked > 100, "{checked}");
+    }
+
+    #[test]
+    fn an_encoded_resources_path_keeps_the_admin_scope_and_its_name() {
+        let mut checked = 0;
+        for encoded in encodings("resources") {
+            for target in [
+                format!("/{encoded}/data.1?action=create"),
+                format!("http://x/{encoded}/data.1?action=create"),
+            ] {
+                let parsed = parse(&Method::Post, &target);
+                assert_eq!(parsed.scope(), Some(Scope::Admin), "{target}");
+                assert_eq!(
+                    parsed.route,
+                    Ok(Route::ControlResource {
+                        name: "data.1".into(),
+                        action: ResourceAction::Create
+                    }),
+                    "{target}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 10, "{checked}");
+        // A name with an encoded separator is refused, not split.
+        let error = parse(&Method::Post, "/resources/a%2Fb?action=create")
+            .route
+            .unwrap_err()
+            .error;
+        assert_eq!(error.status(), 400);
     }
 
     #[test]
@@ -1228,6 +1329,8 @@ mod tests {
             ("/runs/r1/track", Scope::Trigger),
             ("/runs/r1/untrack", Scope::Trigger),
             ("/runs/r1/priority?value=1", Scope::Admin),
+            ("/resources/data.1?action=create", Scope::Admin),
+            ("/resources/data.1?action=clear", Scope::Admin),
         ] {
             assert_eq!(scope(&post, target), Some(scope_needed), "{target}");
             // GET or HEAD (a link, a prefetch, an image tag) never changes a run: 405,

@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 
 use jobz::jobfile::Delivery;
 use jobz::message::{
-    AttemptView, BarrierView, DeadView, HealthView, JobView, RunView, ScheduleView, StepView,
-    WorkerView,
+    AttemptView, BarrierView, DeadView, HealthView, JobView, LineageEdge, ResourceHolder,
+    ResourceView, RunView, ScheduleView, StepView, WorkerView,
 };
 
 /// Epoch milliseconds as an RFC 3339 string.
@@ -102,6 +102,88 @@ pub fn schedule(s: &ScheduleView) -> Value {
         "settled": opt_time(s.settled_ms),
         "reporter": s.reporter,
     })
+}
+
+/// One resource: whether it exists, who wrote it, who holds it, who waits.
+pub fn resource(r: &ResourceView) -> Value {
+    let step = |h: &ResourceHolder| json!({ "step_id": h.step_id, "run_id": h.run_id, "job": h.job, "mode": h.mode });
+    json!({
+        "name": r.name,
+        "exists": r.exists,
+        "written_at": opt_time(r.written_at_ms),
+        "expires_at": opt_time(r.expires_at_ms),
+        "written_by_run": r.written_by_run,
+        "written_by_job": r.written_by_job,
+        "holders": r.holders.iter().map(step).collect::<Vec<_>>(),
+        "waiters": r.waiters.iter().map(step).collect::<Vec<_>>(),
+    })
+}
+
+/// The lineage graph as Graphviz DOT: jobs are boxes, resources ellipses, an edge for
+/// each resource a job reads and each it writes. Names are quoted and escaped (a node's
+/// id says what it is, so a job and a resource of the same name stay two nodes).
+pub fn lineage_dot(edges: &[LineageEdge]) -> String {
+    fn quoted(text: &str) -> String {
+        let mut out = String::with_capacity(text.len() + 2);
+        out.push('"');
+        for c in text.chars() {
+            match c {
+                '"' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                '\n' | '\r' => out.push(' '),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+    let mut jobs = std::collections::BTreeSet::new();
+    let mut resources = std::collections::BTreeSet::new();
+    let mut lines = Vec::new();
+    for edge in edges {
+        let (from, to) = match edge.kind.as_str() {
+            "reads" => {
+                resources.insert(edge.from.as_str());
+                jobs.insert(edge.to.as_str());
+                (
+                    format!("resource:{}", edge.from),
+                    format!("job:{}", edge.to),
+                )
+            }
+            _ => {
+                jobs.insert(edge.from.as_str());
+                resources.insert(edge.to.as_str());
+                (
+                    format!("job:{}", edge.from),
+                    format!("resource:{}", edge.to),
+                )
+            }
+        };
+        lines.push(format!("  {} -> {};", quoted(&from), quoted(&to)));
+    }
+    let mut out = String::from("digraph jobz {\n  rankdir=LR;\n");
+    for job in jobs {
+        out.push_str(&format!(
+            "  {} [label={}, shape=box];\n",
+            quoted(&format!("job:{job}")),
+            quoted(job)
+        ));
+    }
+    for resource in resources {
+        out.push_str(&format!(
+            "  {} [label={}, shape=ellipse];\n",
+            quoted(&format!("resource:{resource}")),
+            quoted(resource)
+        ));
+    }
+    for line in lines {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str("}\n");
+    out
 }
 
 /// A task that failed for good.
@@ -231,6 +313,25 @@ pub fn run_log(run: &RunView) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_lineage_graph_quotes_every_name_and_keeps_jobs_apart_from_resources() {
+        use jobz::message::LineageEdge;
+        let edge = |from: &str, to: &str, kind: &str| LineageEdge {
+            from: from.into(),
+            to: to.into(),
+            kind: kind.into(),
+        };
+        let dot = lineage_dot(&[edge("a\"b", "x", "reads"), edge("x", "x", "writes")]);
+        assert!(dot.contains(r#""resource:a\"b" -> "job:x";"#), "{dot}");
+        assert!(dot.contains(r#""job:x" -> "resource:x";"#), "{dot}");
+        assert!(dot.contains(r#""job:x" [label="x", shape=box];"#), "{dot}");
+        assert!(
+            dot.contains(r#""resource:x" [label="x", shape=ellipse];"#),
+            "{dot}"
+        );
+        assert!(dot.ends_with("}\n"));
+    }
+
     use std::collections::BTreeMap;
 
     use jobz::jobfile::{JobSpec, ParamSpec};
@@ -370,6 +471,9 @@ mod tests {
                 run_as: None,
                 priority: 0,
                 max_concurrency: None,
+                inputs: vec![],
+                outputs: vec![],
+                output_ttl_ms: None,
             },
             workers: vec!["w1".into(), "w2".into()],
         };

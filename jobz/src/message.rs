@@ -83,6 +83,15 @@ pub enum Message {
         /// Tracked from now on, or not.
         tracked: bool,
     },
+    /// Frontend → broker: an operator creates a resource (it exists from now on, as if a
+    /// step had written it) or clears one (it is missing until written again). Answered
+    /// `Resources` with that resource's view.
+    ControlResource {
+        /// The resource name.
+        name: String,
+        /// Create or clear.
+        action: ResourceAction,
+    },
     /// Broker → workers (on the job's topic): stop these tasks of a cancelled run. A worker
     /// kills the process group of each it runs, drops each it has queued, and refuses each
     /// it has not seen yet; it reports every one with [`TaskOutcome::Cancelled`] (one it had
@@ -308,6 +317,10 @@ pub enum Query {
     Semaphores,
     /// The schedules the semaphores last reported.
     Schedules,
+    /// Resources written, held or waited for.
+    Resources,
+    /// The lineage graph: which jobs read and write which resources.
+    ResourceGraph,
 }
 
 /// Filter for [`Query::Runs`].
@@ -376,6 +389,65 @@ pub enum ReplyBody {
     Semaphores(Vec<BarrierView>),
     /// Answer to `Query::Schedules`.
     Schedules(Vec<ScheduleView>),
+    /// Answer to `Query::Resources` and `Message::ControlResource`.
+    Resources(Vec<ResourceView>),
+    /// Answer to `Query::ResourceGraph`.
+    ResourceGraph(Vec<LineageEdge>),
+}
+
+/// What an operator does to a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResourceAction {
+    /// It exists from now on.
+    Create,
+    /// It is missing from now on.
+    Clear,
+}
+
+/// One resource (`GET /resources`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceView {
+    /// Its name.
+    pub name: String,
+    /// Written (or created) and not expired.
+    pub exists: bool,
+    /// When it was last written, ms since the epoch.
+    pub written_at_ms: Option<i64>,
+    /// When it stops counting as written.
+    pub expires_at_ms: Option<i64>,
+    /// The run that wrote it (none: an operator created it).
+    pub written_by_run: Option<String>,
+    /// The job that wrote it.
+    pub written_by_job: Option<String>,
+    /// Steps holding it now.
+    pub holders: Vec<ResourceHolder>,
+    /// Steps waiting for it, first come first.
+    pub waiters: Vec<ResourceHolder>,
+}
+
+/// A step holding or waiting for a resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceHolder {
+    /// The step.
+    pub step_id: String,
+    /// Its run.
+    pub run_id: String,
+    /// Its job.
+    pub job: String,
+    /// `read` or `write`.
+    pub mode: String,
+}
+
+/// One edge of the lineage graph: `from` -> `to`, between a resource (digit runs
+/// collapsed to `*`) and a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageEdge {
+    /// A resource a job reads, or a job that writes a resource.
+    pub from: String,
+    /// The job that reads it, or the resource written.
+    pub to: String,
+    /// `reads` or `writes`.
+    pub kind: String,
 }
 
 /// One barrier key as a semaphore reports it.

@@ -319,6 +319,9 @@ mod tests {
             run_as: None,
             priority: 0,
             max_concurrency: None,
+            inputs: vec![],
+            outputs: vec![],
+            output_ttl_ms: None,
         }
     }
 

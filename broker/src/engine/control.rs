@@ -98,8 +98,9 @@ impl Engine {
                 .map(|t| t.record.task_id.clone())
                 .collect();
             if self.active.tasks_of(&step_id).next().is_none() {
-                // It never had a task: it waited for a worker, a slot or room.
+                // It never had a task: it waited for a worker, a slot, room or resources.
                 self.active.stop_waiting(&step_id);
+                self.release_resources(fx, &step_id, false, now);
                 if let Some(step) = self.active.step_mut(&step_id) {
                     step.state = TaskState::Cancelled;
                     step.finished_at_ms = Some(now);

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use jobz::message::{Message, Reply, ReplyBody, RunFilter, RunState};
 use jobz::topic::Topic;
 
+use super::resources::{Edge, Written};
 use crate::ids::RunId;
 use crate::model::{Attempt, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
@@ -31,6 +32,14 @@ pub enum Write {
         run_id: RunId,
         tracked: bool,
     },
+    /// A resource written by a step or created by an operator.
+    Resource(Written),
+    /// A resource an operator cleared.
+    ResourceCleared {
+        name: String,
+    },
+    /// A lineage edge seen for the first time.
+    Edge(Edge),
 }
 
 impl Write {
@@ -47,7 +56,10 @@ impl Write {
             Write::Job(c) => Some((4, c.spec.name.as_str(), 0)),
             Write::Attempt(a) => Some((5, a.task_id.as_str(), a.attempt)),
             Write::Dead(d) => Some((6, d.task_id.as_str(), 0)),
-            Write::ResultAfterRunEnd(_) | Write::Tracked { .. } => None,
+            // Written or cleared: the last one says what the resource is.
+            Write::Resource(w) => Some((7, w.name.as_str(), 0)),
+            Write::ResourceCleared { name } => Some((7, name.as_str(), 0)),
+            Write::ResultAfterRunEnd(_) | Write::Tracked { .. } | Write::Edge(_) => None,
         }
     }
 }

@@ -71,21 +71,42 @@ impl Engine {
             );
             return;
         };
+        // A job with inputs or outputs starts only once it holds them (see `gates`).
+        if !self.gate_step(fx, &step_id, run_id, job, origin_worker.clone(), now) {
+            return;
+        }
+        self.place_new_step(fx, &step_id, delivery, origin_worker, now);
+    }
+
+    /// Places a step that may start: on the worker it follows (`local`), or on workers
+    /// chosen by its delivery; else it waits in line for them.
+    pub(super) fn place_new_step(
+        &mut self,
+        fx: &mut Effects,
+        step_id: &StepId,
+        delivery: Delivery,
+        origin_worker: Option<String>,
+        now: i64,
+    ) {
+        let Some(step) = self.active.step(step_id) else {
+            return;
+        };
+        let (run_id, job) = (step.run_id.clone(), step.job.clone());
         match delivery {
             Delivery::Local => match origin_worker {
                 // At its job's max_concurrency: it waits in line for room, on its worker.
-                Some(_) if !self.job_has_room(job, 1) => {
-                    self.active.wait(&step_id);
+                Some(_) if !self.job_has_room(&job, 1) => {
+                    self.active.wait(step_id);
                     info!(run_id = %run_id, step_id = %step_id, job = %job, "step waits for room under the job's max_concurrency");
                 }
-                Some(worker) => self.place_local(fx, &step_id, worker, now),
+                Some(worker) => self.place_local(fx, step_id, worker, now),
                 None => {
                     let reason =
                         format!("job {job:?} has delivery `local` but no predecessor task");
-                    self.fail_unplaced(fx, &step_id, None, reason, now);
+                    self.fail_unplaced(fx, step_id, None, reason, now);
                 }
             },
-            Delivery::Broadcast | Delivery::Queue => self.place(fx, &step_id, now),
+            Delivery::Broadcast | Delivery::Queue => self.place(fx, step_id, now),
         }
     }
 
@@ -219,6 +240,8 @@ impl Engine {
             step.finished_at_ms = Some(now);
             fx.writes.push(Write::Step(step.clone()));
         }
+        // Before its successors start: they may read what it wrote.
+        self.release_resources(fx, step_id, state == TaskState::Succeeded, now);
         for next in self.successors(&job, state, &run_id, Follow::WholeStep) {
             self.start_step(fx, &run_id, &next, None, now);
         }

@@ -226,7 +226,7 @@ impl Engine {
     }
 
     /// The worker of the task a `local` step follows.
-    fn origin_worker(&self, step_id: &StepId) -> Option<String> {
+    pub(super) fn origin_worker(&self, step_id: &StepId) -> Option<String> {
         let origin = self.active.step(step_id)?.origin_task.as_ref()?;
         self.active.task(origin)?.record.worker.clone()
     }

@@ -39,6 +39,8 @@ impl Engine {
                 let schedules = self.semaphores.schedules(now);
                 reply(fx, env, ReplyBody::Schedules(schedules));
             }
+            Query::Resources => reply(fx, env, ReplyBody::Resources(self.resources.views(now))),
+            Query::ResourceGraph => reply(fx, env, ReplyBody::ResourceGraph(self.lineage())),
             Query::Dead { limit } => {
                 let limit = limit.clamp(1, 1000) as usize;
                 let views = self.dead.newest().take(limit).map(Dead::view).collect();

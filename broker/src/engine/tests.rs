@@ -36,6 +36,9 @@ fn job(name: &str, delivery: Delivery, on_success: &[&str], on_failure: &[&str])
         run_as: None,
         priority: 0,
         max_concurrency: None,
+        inputs: vec![],
+        outputs: vec![],
+        output_ttl_ms: None,
     }
 }
 
@@ -1302,4 +1305,55 @@ fn a_coalesced_commit_leaves_the_store_as_the_writes_one_by_one_do() {
         readable(&store_after(&[coalesced])),
         readable(&store_after(&batches))
     );
+}
+
+#[test]
+fn after_a_restart_a_placed_writer_still_holds_its_output_and_the_next_one_waits() {
+    let mut writer = job("w", Delivery::Queue, &[], &[]);
+    writer.outputs = vec!["out".into()];
+    let mut h = Harness::new(vec![writer.clone()], &["w1"]);
+    let (fx, first) = h.trigger("w");
+    let placed = works(&fx).remove(0).assignments.remove(0);
+    let (fx, second) = h.trigger("w");
+    assert!(
+        works(&fx).is_empty(),
+        "the second writer waits for the output"
+    );
+    let runs: Vec<Run> = [&first, &second]
+        .into_iter()
+        .map(|r| h.run(r.as_deref().unwrap()).clone())
+        .collect();
+    let snapshot = Snapshot {
+        runs,
+        steps: h.engine.active.steps().cloned().collect(),
+        tasks: h.engine.active.tasks().map(|t| t.record.clone()).collect(),
+        catalog: vec![CatalogEntry {
+            spec: writer,
+            source: "w1".into(),
+            updated_at_ms: 0,
+        }],
+        ..Default::default()
+    };
+    let ids = Box::new(SequentialIds::after(1_000));
+    h.engine = Engine::restore(config(), snapshot, ids, h.now);
+    h.heartbeat("w1", "i1");
+    let fx = h.engine.tick(h.now);
+    let republished: Vec<String> = works(&fx)
+        .into_iter()
+        .flat_map(|w| w.assignments)
+        .map(|a| a.task.task_id)
+        .collect();
+    assert_eq!(
+        republished,
+        vec![placed.task.task_id.clone()],
+        "only the placed writer goes out again"
+    );
+    let fx = h.finish(&placed, TaskOutcome::Succeeded);
+    let next = works(&fx);
+    assert_eq!(
+        next.len(),
+        1,
+        "the second writer starts once the first ends"
+    );
+    assert_eq!(next[0].run_id, second.unwrap());
 }

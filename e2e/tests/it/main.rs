@@ -17,6 +17,7 @@ mod jobfiles;
 mod mesh_security;
 mod pipeline;
 mod principals;
+mod resources;
 mod restart;
 mod retention;
 mod schedules;

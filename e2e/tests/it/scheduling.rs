@@ -22,7 +22,7 @@ const GATE: &str = r#"
 "#;
 
 /// The lines of `<dir>/ledger` so far.
-fn ledger(mesh: &Mesh) -> Vec<String> {
+pub(crate) fn ledger(mesh: &Mesh) -> Vec<String> {
     fs::read_to_string(mesh.dir().join("ledger"))
         .unwrap_or_default()
         .lines()
