@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use jobz::envelope::{Envelope, MessageId};
 use jobz::jobfile::{is_valid_name, Delivery};
-use jobz::message::{Params, ReplyBody, RunState, TriggerRequest};
+use jobz::message::{Message, Params, ReplyBody, RunState, TriggerRequest};
 use tracing::{info, warn};
 
 use super::effects::{reply, Effects, RunLookup, Write};
@@ -248,11 +248,12 @@ impl Engine {
         }
         if !ask.is_empty() {
             self.count("trigger_lookups");
-            fx.lookups.push(RunLookup {
-                env: env.clone(),
-                known,
-                ask,
-            });
+            // The trigger goes with it (the engine took the body out of `env`).
+            let env = Envelope {
+                body: Message::Trigger(request),
+                ..env.clone()
+            };
+            fx.lookups.push(RunLookup { env, known, ask });
             return;
         }
         if !unknown.is_empty() {
