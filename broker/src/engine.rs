@@ -45,6 +45,7 @@ use holds::FinishedRuns;
 use resources::Resources;
 pub use resources::{Edge, Written};
 use trigger::RecentTriggers;
+use watchers::RunWatchers;
 
 mod active;
 mod control;
@@ -62,6 +63,7 @@ mod resources;
 mod retry;
 mod trigger;
 mod waiting;
+mod watchers;
 
 /// A run may not grow beyond this many steps: it stops a successor cycle (`a` → `a`).
 pub const MAX_STEPS_PER_RUN: usize = 1000;
@@ -124,6 +126,8 @@ pub struct Engine {
     /// (the store should never hold one): the first tick fails them.
     resumed_broken: Vec<(RunId, RunId, RunState)>,
     counters: BTreeMap<String, u64>,
+    /// Queries held until their run ends (`Query::RunEnd`).
+    watchers: RunWatchers,
     /// Resources: which exist, which steps hold them, which wait (jobs' inputs/outputs).
     resources: Resources,
     /// What placement has looked at (waiting steps, tasks counted, candidate workers): the
@@ -152,6 +156,7 @@ impl Engine {
             resumed_broken: Vec::new(),
             counters: BTreeMap::new(),
             placement_work: Default::default(),
+            watchers: RunWatchers::default(),
             resources: Resources::restore(
                 snapshot
                     .resources
@@ -360,6 +365,7 @@ impl Engine {
                 warn!(sender = %env.sender, "dropping a broker-to-client message sent to the broker");
             }
         }
+        self.answer_watchers(&mut fx);
         fx
     }
 
@@ -375,6 +381,7 @@ impl Engine {
                 warn!(sender = %env.sender, "a lookup for something other than a trigger; dropped")
             }
         }
+        self.answer_watchers(&mut fx);
         fx
     }
 
@@ -402,6 +409,8 @@ impl Engine {
         // Expired outputs count as missing already; this forgets them (the store keeps
         // them, with their expiry, and leaves them out at the next start).
         self.resources.expire(now);
+        self.answer_watchers(&mut fx);
+        self.watchers.expire(now);
         fx
     }
 
@@ -416,6 +425,7 @@ impl Engine {
             let reason = format!("worker {worker} lost before starting the task: key revoked");
             self.fail_unstarted_of(&mut fx, worker, &reason, now);
         }
+        self.answer_watchers(&mut fx);
         fx
     }
 }

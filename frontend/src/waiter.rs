@@ -1,17 +1,20 @@
 //! `job_start?wait=SECONDS`: requests held open until their run ends.
 //!
 //! Waiting requests are handed from the HTTP threads to one waiter thread, so that a few
-//! long waits cannot occupy every HTTP thread. [`Waiters`] is the decision part: it holds
-//! the open requests, polls each run (`Query::Run`) every [`POLL_EVERY`] with at most one
-//! query in flight per run, answers 200 with the run once it is final, and 202 (the
-//! accepted answer) when the wait runs out, on shutdown, or when too many are waiting.
-//! Time is a parameter, so it is tested without sockets or sleeping.
+//! long waits cannot occupy every HTTP thread. [`Waiters`] is the decision part: for each
+//! open request it asks the broker for the run's end (`Query::RunEnd`, which the broker
+//! holds until the run ends and then answers with the final run: completion is an event,
+//! not a poll), answers 200 with the run once it is final, and 202 (the accepted answer)
+//! when the wait runs out, on shutdown, or when too many are waiting. An answer that is
+//! not final (the broker had no room to hold the query), an error or a timeout is asked
+//! again after [`POLL_EVERY`]. The thread sleeps until a new request, an answer or the
+//! next deadline. Time is a parameter, so it is tested without sockets or sleeping.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, Select, TryRecvError};
 use jobz::message::{Message, Query, ReplyBody};
 use tracing::{debug, info};
 
@@ -20,11 +23,11 @@ use crate::broker::{Broker, ReplyReceiver};
 use crate::metrics::Stats;
 use crate::views;
 
-/// How often a waiting run is polled.
+/// How soon a run's end is asked again after an answer that was not it.
 pub const POLL_EVERY: Duration = Duration::from_millis(100);
 
-/// How long one poll may take before it is given up (and the next one sent).
-pub const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest the waiter thread sleeps without looking at the shutdown flag.
+const IDLE_LOOK: Duration = Duration::from_millis(200);
 
 /// Most requests waiting at once; beyond it `wait` is not honoured (202 at once).
 pub const MAX_WAITING: usize = 256;
@@ -131,14 +134,32 @@ impl<R: Responder> Waiters<R> {
                 continue;
             }
             if entry.in_flight.is_none() && now >= entry.next_poll {
-                let query = Message::Query(Query::Run {
+                let left = entry.deadline.saturating_duration_since(now);
+                let query = Message::Query(Query::RunEnd {
                     run_id: entry.run_id.clone(),
+                    wait_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
                 });
-                entry.in_flight = Some(broker.request_async(query, POLL_TIMEOUT));
+                entry.in_flight = Some(broker.request_async(query, left));
                 entry.next_poll = now + POLL_EVERY;
             }
             i += 1;
         }
+    }
+
+    /// When the next thing is due without an answer: the earliest deadline or re-ask.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.entries
+            .iter()
+            .map(|e| match e.in_flight {
+                Some(_) => e.deadline,
+                None => e.deadline.min(e.next_poll),
+            })
+            .min()
+    }
+
+    /// The answers being waited for.
+    fn in_flight(&self) -> impl Iterator<Item = &ReplyReceiver> {
+        self.entries.iter().filter_map(|e| e.in_flight.as_ref())
     }
 
     /// Answers every open request with its 202 (shutdown).
@@ -159,16 +180,27 @@ pub fn run<R: Responder>(
 ) {
     let mut waiters = Waiters::new(MAX_WAITING);
     loop {
-        // Idle: block longer; busy: wake often enough to see poll answers promptly.
-        let nap = if waiters.is_empty() {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_millis(10)
-        };
-        match incoming.recv_timeout(nap) {
-            Ok((responder, wait)) => waiters.add(responder, wait, Instant::now()),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
+        // Sleeps until a new request, an answer, the next deadline, or a look at the
+        // shutdown flag (at least every 200 ms).
+        let now = Instant::now();
+        let nap = waiters
+            .next_due()
+            .map_or(IDLE_LOOK, |due| due.saturating_duration_since(now))
+            .min(IDLE_LOOK);
+        let mut select = Select::new();
+        let new_request = select.recv(&incoming);
+        for answer in waiters.in_flight() {
+            select.recv(answer);
+        }
+        // Answers are taken by `tick`; here only a new request is received.
+        if let Ok(ready) = select.ready_timeout(nap) {
+            if ready == new_request {
+                match incoming.try_recv() {
+                    Ok((responder, wait)) => waiters.add(responder, wait, Instant::now()),
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
         }
         if shutdown.load(Ordering::Relaxed) {
             break;
@@ -248,20 +280,37 @@ mod tests {
         }
     }
 
-    /// Runs whose id starts with `done` are final, `gone` unknown, others running.
+    /// Runs whose id starts with `done` are final, `gone` unknown, others running (the
+    /// fake answers a run's end at once, as a broker with no room to hold the query does).
     fn broker() -> FakeBroker {
         FakeBroker::new(|m| match m {
-            Message::Query(Query::Run { run_id }) if run_id.starts_with("done") => {
+            Message::Query(Query::RunEnd { run_id, .. }) if run_id.starts_with("done") => {
                 Ok(ReplyBody::Run(Some(run_in(RunState::Succeeded, run_id))))
             }
-            Message::Query(Query::Run { run_id }) if run_id.starts_with("gone") => {
+            Message::Query(Query::RunEnd { run_id, .. }) if run_id.starts_with("gone") => {
                 Ok(ReplyBody::Run(None))
             }
-            Message::Query(Query::Run { run_id }) => {
+            Message::Query(Query::RunEnd { run_id, .. }) => {
                 Ok(ReplyBody::Run(Some(run_in(RunState::Running, run_id))))
             }
             other => panic!("{other:?}"),
         })
+    }
+
+    #[test]
+    fn the_run_end_is_asked_for_the_time_left_to_wait() {
+        let broker = broker();
+        let mut w = Waiters::new(10);
+        let t0 = Instant::now();
+        w.add(Answers::default().probe("a"), wait("running-2", 60), t0);
+        w.tick(t0 + Duration::from_secs(20), &broker);
+        assert_eq!(
+            broker.seen(),
+            vec![Message::Query(Query::RunEnd {
+                run_id: "running-2".into(),
+                wait_ms: 40_000
+            })]
+        );
     }
 
     #[test]
@@ -281,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn polls_every_interval_with_one_query_in_flight_and_202_at_the_deadline() {
+    fn asks_again_after_an_answer_that_is_not_the_end_and_202_at_the_deadline() {
         let answers = Answers::default();
         let broker = broker();
         let mut w = Waiters::new(10);

@@ -317,6 +317,16 @@ pub enum Query {
     Semaphores,
     /// The schedules the semaphores last reported.
     Schedules,
+    /// The run once it has ended: answered `Run(Some(run))` after the commit that ends it
+    /// (at once if it has ended; `Run(None)` if unknown). The broker holds the query
+    /// meanwhile, at most `wait_ms` (and an hour); when it cannot hold more it answers at
+    /// once with the run as it is, and the asker polls.
+    RunEnd {
+        /// The run.
+        run_id: String,
+        /// How long the asker waits.
+        wait_ms: u64,
+    },
     /// Resources written, held or waited for.
     Resources,
     /// The lineage graph: which jobs read and write which resources.

@@ -162,6 +162,9 @@ pub struct ActiveRuns {
     index: Index,
     /// Steps made so far: the next one's place in line.
     arrivals: u64,
+    /// Runs removed since [`ActiveRuns::take_removed`] last looked (whoever waits for a
+    /// run's end learns it from here, whichever way it ended).
+    removed: Vec<RunId>,
 }
 
 impl ActiveRuns {
@@ -461,10 +464,16 @@ impl ActiveRuns {
         true
     }
 
+    /// The runs removed since the last call.
+    pub fn take_removed(&mut self) -> Vec<RunId> {
+        std::mem::take(&mut self.removed)
+    }
+
     /// Removes a run with all its steps and tasks, and everything indexed of them. The
     /// runs waiting for it are left to [`ActiveRuns::take_dependents`].
     pub fn remove_run(&mut self, run_id: &RunId) -> Option<Run> {
         let run = self.runs.remove(run_id)?;
+        self.removed.push(run_id.clone());
         let priority = run.run.priority;
         if let Some(due) = run.run.not_before_ms {
             self.index.due.remove(&(due, run_id.clone()));

@@ -4,14 +4,34 @@
 use jobz::envelope::Envelope;
 use jobz::message::{HealthView, Query, ReplyBody, RunState};
 
+use super::effects::StoreRead;
 use super::effects::{read, reply, Effects, ReadQuery};
+use super::watchers::{Watcher, MAX_WATCH_MS};
 use super::Engine;
+use crate::ids::RunId;
 use crate::model::Dead;
 
 impl Engine {
     pub(super) fn on_query(&mut self, fx: &mut Effects, env: &Envelope, query: Query, now: i64) {
         match query {
             Query::Run { run_id } => read(fx, env, ReadQuery::Run(run_id.into())),
+            Query::RunEnd { run_id, wait_ms } => {
+                let run_id = RunId::from(run_id);
+                let wait_ms = i64::try_from(wait_ms).unwrap_or(i64::MAX);
+                let watcher = Watcher {
+                    reply_to: env.sender.clone(),
+                    in_reply_to: env.id.clone(),
+                    until_ms: now.saturating_add(wait_ms.min(MAX_WATCH_MS)),
+                };
+                let held =
+                    self.active.run(&run_id).is_some() && self.watchers.watch(&run_id, watcher);
+                if held {
+                    self.count("run_end_queries_held");
+                } else {
+                    // Ended, unknown, or no room to hold it: the run as the store has it.
+                    read(fx, env, ReadQuery::Run(run_id));
+                }
+            }
             Query::Runs(filter) => read(fx, env, ReadQuery::Runs(filter)),
             Query::Jobs => reply(fx, env, ReplyBody::Jobs(self.registry.job_views())),
             Query::Workers => reply(fx, env, ReplyBody::Workers(self.registry.worker_views())),
@@ -45,6 +65,25 @@ impl Engine {
                 let limit = limit.clamp(1, 1000) as usize;
                 let views = self.dead.newest().take(limit).map(Dead::view).collect();
                 reply(fx, env, ReplyBody::Dead(views));
+            }
+        }
+    }
+
+    /// Answers the queries held for runs that ended since the last look: the store reads
+    /// each run after the commit that ended it.
+    pub(super) fn answer_watchers(&mut self, fx: &mut Effects) {
+        let removed = self.active.take_removed();
+        if self.watchers.is_empty() {
+            return;
+        }
+        for run_id in removed {
+            for watcher in self.watchers.take(&run_id) {
+                self.count("run_end_queries_answered");
+                fx.reads.push(StoreRead {
+                    reply_to: watcher.reply_to,
+                    in_reply_to: watcher.in_reply_to,
+                    query: ReadQuery::Run(run_id.clone()),
+                });
             }
         }
     }

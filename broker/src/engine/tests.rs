@@ -1357,3 +1357,38 @@ fn after_a_restart_a_placed_writer_still_holds_its_output_and_the_next_one_waits
     );
     assert_eq!(next[0].run_id, second.unwrap());
 }
+
+#[test]
+fn a_run_end_query_is_held_until_the_run_ends_then_read_from_the_store() {
+    use super::effects::ReadQuery;
+    let mut h = Harness::new(vec![job("a", Delivery::Queue, &[], &[])], &["w1"]);
+    let (fx, run_id) = h.trigger("a");
+    let run_id = run_id.unwrap();
+    let a = works(&fx).remove(0).assignments.remove(0);
+    let ask = |h: &mut Harness| {
+        h.send(
+            "frontend:f",
+            Message::Query(Query::RunEnd {
+                run_id: run_id.clone(),
+                wait_ms: 60_000,
+            }),
+        )
+    };
+    let held = ask(&mut h);
+    assert!(
+        held.reads.is_empty() && held.publish.is_empty(),
+        "answered before the run ended"
+    );
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    let reads: Vec<_> = fx.reads.iter().map(|r| (&r.reply_to, &r.query)).collect();
+    assert_eq!(
+        reads,
+        vec![(
+            &"frontend:f".to_string(),
+            &ReadQuery::Run(RunId::from(run_id.as_str()))
+        )],
+        "the run's end answers the held query, from the store"
+    );
+    // Asked again once it has ended (or for an unknown run): read at once.
+    assert_eq!(ask(&mut h).reads.len(), 1);
+}

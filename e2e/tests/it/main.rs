@@ -23,3 +23,4 @@ mod retention;
 mod schedules;
 mod scheduling;
 mod semaphores;
+mod waiting;
