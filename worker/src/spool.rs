@@ -2,9 +2,10 @@
 //!
 //! Layout under `--spool` (beside the per-task working directories under `work/`):
 //! - `seen.log`: every attempt this worker accepted (started, or refused with a valid id),
-//!   one line each, `<task_id> <attempt> <accepted_at_ms> <crc32 hex>`. Appended and
-//!   fsynced before the command starts, so a re-published assignment is never run twice,
-//!   not even after a restart. Bounded: on open, and whenever the file has grown to twice
+//!   one line each, `<task_id> <attempt> <accepted_at_ms> <crc32 hex>`. Appended before
+//!   the command starts, so a re-published assignment is never run twice, not even after a
+//!   restart: fsynced for a refused attempt; for a started one the fsynced running entry
+//!   (then its outbox entry) stands for the line until the broker has the result. Bounded: on open, and whenever the file has grown to twice
 //!   [`SEEN_CAPACITY`] lines, it is rewritten without the entries older than
 //!   [`SEEN_RETENTION_MS`] and beyond the newest [`SEEN_CAPACITY`].
 //! - `running/<task_id>.<attempt>.json`: one file per attempt whose command may be running,
@@ -42,6 +43,15 @@ use crate::schedule::{is_valid_id, SEEN_CAPACITY};
 /// How long an accepted attempt is remembered: far longer than the broker keeps offering
 /// an assignment nobody started.
 pub const SEEN_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Whether a `seen.log` line is fsynced before the append returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Now: nothing else records the attempt durably.
+    Now,
+    /// Not: a spool entry fsynced just before records it (see [`Spool::start`]).
+    Covered,
+}
 
 /// The error reported for an attempt found running at start.
 pub const LOST_ERROR: &str = "worker restarted while the task ran; attempt lost";
@@ -163,7 +173,7 @@ impl Spool {
             .chain(outbox_entries.iter().map(|e| &e.result.task));
         for task in pending {
             if is_valid_id(&task.task_id) && !seen.contains(task) {
-                seen.append(task, now_ms)?;
+                seen.append(task, now_ms, Sync::Now)?;
             }
         }
 
@@ -198,7 +208,12 @@ impl Spool {
         let bytes = encode(&RunningRecord::from(entry))?;
         write_atomically(&path, &bytes)?;
         self.running.insert(entry.task.clone(), path);
-        self.seen.append(&entry.task, now_ms)?;
+        // Not fsynced: until the broker has the attempt's result, the running entry just
+        // written (fsynced) or the outbox entry that replaces it carries the attempt across
+        // a crash (`open` counts both as seen); once both are gone the broker has
+        // acknowledged the result and never offers the attempt again. One fsync fewer per
+        // step.
+        self.seen.append(&entry.task, now_ms, Sync::Covered)?;
         Ok(())
     }
 
@@ -206,7 +221,7 @@ impl Spool {
     /// not valid are not remembered: refusing them again after a restart is harmless.
     pub fn mark_seen(&mut self, task: &TaskRef, now_ms: i64) -> anyhow::Result<()> {
         if is_valid_id(&task.task_id) {
-            self.seen.append(task, now_ms)?;
+            self.seen.append(task, now_ms, Sync::Now)?;
         }
         Ok(())
     }
@@ -598,7 +613,7 @@ impl SeenLog {
     }
 
     /// Appends `task` and fsyncs; a task already remembered is not written again.
-    fn append(&mut self, task: &TaskRef, now_ms: i64) -> anyhow::Result<()> {
+    fn append(&mut self, task: &TaskRef, now_ms: i64, sync: Sync) -> anyhow::Result<()> {
         if self.members.contains(task) {
             return Ok(());
         }
@@ -606,7 +621,10 @@ impl SeenLog {
         let written = self
             .file
             .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| match sync {
+                Sync::Now => self.file.sync_data(),
+                Sync::Covered => Ok(()),
+            });
         if let Err(e) = written {
             // Cut a partial line back off, so the next append starts on a line of its own.
             let _ = self.file.set_len(self.len);
@@ -985,11 +1003,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = SeenLog::open(dir.path(), NOW, 3, SEEN_RETENTION_MS).unwrap();
         for i in 0..5 {
-            log.append(&t(&format!("t{i}"), 1), NOW).unwrap();
+            log.append(&t(&format!("t{i}"), 1), NOW, Sync::Now).unwrap();
         }
         assert_eq!(log.tasks(), vec![t("t2", 1), t("t3", 1), t("t4", 1)]);
         assert_eq!(log.lines, 5, "not yet compacted");
-        log.append(&t("t5", 1), NOW).unwrap();
+        log.append(&t("t5", 1), NOW, Sync::Now).unwrap();
         assert_eq!(log.lines, 3, "compacted at twice the capacity");
         let text = std::fs::read_to_string(dir.path().join(SEEN_FILE)).unwrap();
         assert_eq!(text.lines().count(), 3);
