@@ -50,6 +50,39 @@ use std::process::{Command, ExitStatus, Stdio};
 use crossbeam_channel::unbounded;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 
+/// The small step-leader binary, installed beside `jobz-worker`.
+pub const STEP_BINARY: &str = "jobz-step";
+
+/// The program the worker starts as each step's leader: `jobz-step` when it is installed
+/// beside the worker's binary (a small binary starts in about half the time of the
+/// worker's own, which loads libzmq and libstdc++), else the worker's own binary. Either
+/// is opened now and started through `/proc/self/fd/N`, so an upgrade that replaces the
+/// files while this worker runs never pairs it with another version's leader.
+pub fn program() -> std::path::PathBuf {
+    static KEPT_OPEN: std::sync::OnceLock<Option<File>> = std::sync::OnceLock::new();
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(STEP_BINARY)));
+    let opened = KEPT_OPEN.get_or_init(|| {
+        open_step_binary(beside.as_deref()).or_else(|| File::open("/proc/self/exe").ok())
+    });
+    match opened {
+        // Opened close-on-exec: `/proc/self/fd/N` still names it while the leader's
+        // exec resolves the path, and no step inherits the descriptor.
+        Some(file) => std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())),
+        None => std::path::PathBuf::from("/proc/self/exe"),
+    }
+}
+
+/// The step binary at `path`, opened, if it is an executable file.
+pub fn open_step_binary(path: Option<&std::path::Path>) -> Option<File> {
+    use std::os::unix::fs::PermissionsExt;
+    path.and_then(|path| File::open(path).ok()).filter(|file| {
+        file.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
 /// The first argument that makes `jobz-worker` a step leader.
 pub const FLAG: &str = "--lead-step";
 

@@ -163,6 +163,7 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.output_retention = args.output_retention;
     config.prune_every = args.prune_every;
     config.identity = args.keys.identity()?;
+    config.leader = worker::leader::program();
     config.validate()?;
     if let Some(why) =
         args.keys.key.as_deref().and_then(|key| {

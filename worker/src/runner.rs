@@ -315,6 +315,8 @@ fn spawn(spec: &RunSpec, user: Option<&RunAs>, output: File) -> std::io::Result<
     let stderr = output.try_clone()?;
     let mut command = Command::new(&spec.leader);
     command
+        // What `ps` shows, whichever file runs (`/proc/self/fd/N` names it).
+        .arg0(crate::leader::STEP_BINARY)
         .arg(crate::leader::FLAG)
         .arg(std::process::id().to_string())
         .arg(crate::leader::MAX_OUTPUT)

@@ -372,3 +372,57 @@ fn a_step_run_as_another_user_reaches_its_workdir_by_its_absolute_path() {
         "work/ is traversable, not listable: {mode:o}"
     );
 }
+
+/// The small `jobz-step` binary, opened and named through `/proc/self/fd/N` as the worker
+/// does (`worker::leader::program`).
+fn step_binary() -> (std::fs::File, std::path::PathBuf) {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_jobz-step"));
+    let file = worker::leader::open_step_binary(Some(path)).expect("jobz-step is executable");
+    let named = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    (file, named)
+}
+
+#[test]
+fn the_small_step_binary_leads_a_step_as_the_workers_own_does() {
+    let f = Fixture::new();
+    let (_open, leader) = step_binary();
+    let mut spec = f.spec("echo hello; echo oops >&2; exit 3");
+    spec.leader = leader.clone();
+    let r = run_plain(&spec);
+    assert_eq!((r.outcome, r.exit_code), (TaskOutcome::Failed, Some(3)));
+    assert_eq!(r.output_tail, "hello\noops\n");
+    // Its output cap and the group kill on a timeout work the same.
+    let pidfile = f.path("child.pid");
+    let mut spec = f.spec(&format!(
+        "head -c 5000 /dev/zero | tr '\\0' x; sleep 30 & echo $! > {}; wait",
+        pidfile.display()
+    ));
+    spec.leader = leader;
+    spec.max_output = 1000;
+    spec.timeout = Some(Duration::from_millis(300));
+    let r = run_plain(&spec);
+    assert_eq!(r.outcome, TaskOutcome::TimedOut);
+    assert_eq!(r.truncated, Some(1000));
+    wait_until("the background sleep to die", || {
+        !is_alive(read_pid(&pidfile))
+    });
+}
+
+#[test]
+fn only_an_executable_file_is_taken_as_the_step_binary() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let plain = f.path("jobz-step");
+    std::fs::write(&plain, b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(worker::leader::open_step_binary(Some(&plain)).is_none());
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(worker::leader::open_step_binary(Some(&plain)).is_some());
+    assert!(
+        worker::leader::open_step_binary(Some(f.dir.path())).is_none(),
+        "a directory"
+    );
+    assert!(worker::leader::open_step_binary(Some(&f.path("missing"))).is_none());
+    assert!(worker::leader::open_step_binary(None).is_none());
+}
