@@ -163,6 +163,7 @@ The demo mesh is running.
   runs:          $FRONTEND/runs
   workers:       $FRONTEND/workers
   schedules:     $FRONTEND/schedules  (nightly_import, 02:30 Berlin time)
+  resources:     $FRONTEND/resources  (lineage: curl -s '$FRONTEND/graph?format=dot' | dot -Tsvg > flow.svg)
   worker logs:   tail -f $DEMO/demo-a/log/worker.log $DEMO/demo-b/log/worker.log
   step outputs:  $DEMO/demo-a/log/runs/ and $DEMO/demo-b/log/runs/
   process logs:  $DEMO/*.log
