@@ -203,7 +203,7 @@ build() {
         BIN=$target/debug
     fi
     local b
-    for b in jobz-broker jobz-frontend jobz-worker jobz-semaphore; do
+    for b in jobz-broker jobz-frontend jobz-worker jobz-step jobz-semaphore; do
         [[ -x $BIN/$b ]] || { echo "missing $BIN/$b" >&2; exit 1; }
     done
 }
@@ -213,7 +213,7 @@ build() {
 stage_binaries() {
     local b
     mkdir -p "$WORK/bin"
-    for b in jobz-broker jobz-frontend jobz-worker jobz-semaphore; do
+    for b in jobz-broker jobz-frontend jobz-worker jobz-step jobz-semaphore; do
         strip -o "$WORK/bin/$b" "$BIN/$b" 2>/dev/null || cp "$BIN/$b" "$WORK/bin/$b"
     done
     BIN=$WORK/bin
