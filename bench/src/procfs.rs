@@ -15,7 +15,8 @@ pub struct CpuTicks {
     pub own: u64,
     /// `stime`: the part of `own` spent in the kernel (system calls, fsync, fork).
     pub system: u64,
-    /// `cutime + cstime`: children it has waited for (a worker's step leaders and commands).
+    /// Its children: `cutime + cstime` (those it has waited for) and everything its live
+    /// children used so far (a worker's step supervisor and, through it, the commands).
     pub children: u64,
 }
 
@@ -37,11 +38,35 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     parse_rss_kib(&text).with_context(|| format!("no VmRSS line in {path}"))
 }
 
-/// CPU ticks used so far by `pid`.
+/// CPU ticks used so far by `pid`, its live children's included in `children`.
 pub fn cpu_ticks(pid: u32) -> anyhow::Result<CpuTicks> {
     let path = format!("/proc/{pid}/stat");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_stat_ticks(&text).with_context(|| format!("unexpected layout of {path}: {text:?}"))
+    let mut ticks = parse_stat_ticks(&text)
+        .with_context(|| format!("unexpected layout of {path}: {text:?}"))?;
+    for child in live_children(pid) {
+        // A child that ended meanwhile is counted in `cutime` once its parent reaps it.
+        if let Ok(child) = cpu_ticks(child) {
+            ticks.children += child.own + child.children;
+        }
+    }
+    Ok(ticks)
+}
+
+/// The pids of `pid`'s children now (`/proc/<pid>/task/*/children`).
+fn live_children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// Context switches of each thread of a process so far, by thread id: roughly how often

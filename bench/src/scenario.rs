@@ -354,7 +354,7 @@ pub struct CpuPerRun {
     pub workers_ms: f64,
     /// Share of the workers' in the kernel (fsync, fork).
     pub workers_system: f64,
-    /// The workers' children they waited for: step leaders and the commands under them.
+    /// The workers' children: the step supervisor and the commands it started.
     pub children_ms: f64,
 }
 
@@ -427,7 +427,7 @@ impl CpuPerRun {
                 ),
             ),
             row(
-                "workers' children (step leader, sh)",
+                "workers' children (step supervisor, sh)",
                 format!("{:.2} ms", self.children_ms),
             ),
             row("all of these", format!("{:.2} ms", self.total_ms())),

@@ -52,10 +52,11 @@ pub struct Config {
     /// At shutdown, how long to wait for the broker to acknowledge what was sent (results
     /// not acknowledged stay in the spool). Not a flag: 5 s in production.
     pub ack_wait: Duration,
-    /// The step leader's program, the worker's own binary ([`crate::leader`]). Not a flag:
-    /// `/proc/self/exe`, which still runs this worker's binary after an upgrade replaced
-    /// the file; tests point it at the built `jobz-worker`.
-    pub leader: PathBuf,
+    /// The step supervisor's program ([`crate::supervisor::program`]: `jobz-step` beside
+    /// the worker, else the worker's own binary). Not a flag: `/proc/self/exe` by default,
+    /// which still runs this worker's binary after an upgrade replaced the file; tests
+    /// point it at the built `jobz-step`.
+    pub step_program: PathBuf,
     /// Names passed from the worker's environment to every step, besides the fixed
     /// allow-list (`--env-allow`; see [`crate::runner::step_env`]).
     pub env_allow: Vec<String>,
@@ -89,7 +90,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(5),
             ack_wait: Duration::from_secs(5),
-            leader: PathBuf::from("/proc/self/exe"),
+            step_program: PathBuf::from("/proc/self/exe"),
             env_allow: Vec::new(),
             max_step_output: DEFAULT_MAX_STEP_OUTPUT,
             default_run_as: None,

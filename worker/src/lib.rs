@@ -26,11 +26,11 @@
 //!   `worker restarted while the task ran; attempt lost` (and `failed: worker restarted;
 //!   attempt lost` in `worker.log`); it is not run again (the broker decides about a retry,
 //!   which is a new attempt).
-//! - **A dead worker leaves no command running.** Every command runs under a step leader
-//!   ([`leader`]) that kills the command's whole process group when the worker dies, by
-//!   whatever signal: a step retried elsewhere never runs twice at the same time. A
-//!   command that leaves its process group (`setsid`) escapes this, as it escapes
-//!   timeouts.
+//! - **A dead worker leaves no command running.** Every command is started by the worker's
+//!   step supervisor ([`supervisor`]), which kills every command's whole process group
+//!   when the worker dies, by whatever signal (and the worker kills them if the supervisor
+//!   dies): a step retried elsewhere never runs twice at the same time. A command that
+//!   leaves its process group (`setsid`) escapes this, as it escapes timeouts.
 //! - **Shutdown hands back what it did not start.** On SIGTERM the worker takes no new
 //!   work; queued tasks are not recorded in the spool, so the broker offers them again (to
 //!   this worker once it is back). Running commands get `--drain-timeout`, then are killed
@@ -57,7 +57,7 @@
 //! - [`schedule`]: pure decisions: deduplication, id checks, slots, the FIFO queue.
 //! - [`spool`]: the durable part: seen attempts, running attempts, the outbox.
 //! - [`runner`]: one command: spawn, timeout, kill of the process group, output tail.
-//! - [`leader`]: the step leader each command runs under (`jobz-worker --lead-step`).
+//! - [`supervisor`]: the step supervisor that starts every command (`jobz-step`).
 //! - [`retention`]: the background pruning of old step outputs.
 //! - [`eventlog`]: the `worker.log` line format and writer.
 //! - [`config`]: settings and their defaults.
@@ -68,13 +68,13 @@
 pub mod check;
 pub mod config;
 pub mod eventlog;
-pub mod leader;
 pub mod retention;
 pub mod runner;
 pub mod schedule;
 pub mod secrets;
 pub mod service;
 pub mod spool;
+pub mod supervisor;
 
 pub use config::Config;
 pub use service::run;

@@ -98,11 +98,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    // The hidden step-leader mode (see worker::leader), before any flag parsing: the worker
+    // The hidden step-supervisor mode (see worker::supervisor), before any flag parsing: the
+    // worker starts its own binary this way when `jobz-step` is not installed beside it.
     // starts its own binary this way under each task.
     let mut raw = std::env::args_os();
-    if raw.nth(1).as_deref() == Some(std::ffi::OsStr::new(worker::leader::FLAG)) {
-        worker::leader::main(raw.collect());
+    if raw.nth(1).as_deref() == Some(std::ffi::OsStr::new(worker::supervisor::FLAG)) {
+        worker::supervisor::main(raw.collect());
     }
     // Before any secret is read: a step running as this user must not read the worker's
     // environment or memory through /proc (see worker::secrets).
@@ -163,7 +164,7 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.output_retention = args.output_retention;
     config.prune_every = args.prune_every;
     config.identity = args.keys.identity()?;
-    config.leader = worker::leader::program();
+    config.step_program = worker::supervisor::program();
     config.validate()?;
     if let Some(why) =
         args.keys.key.as_deref().and_then(|key| {

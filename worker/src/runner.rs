@@ -1,31 +1,30 @@
-//! Running one command: step leader, process group, output file, working directory,
-//! timeout and kill.
+//! Running one command: process group, output file, working directory, timeout and kill.
 //!
 //! [`run`] blocks until the command has ended and its process group is gone, so the service
-//! calls it on a thread of its own per task. The worker's own binary is started as the
-//! task's step leader ([`crate::leader`]) in a new process group, stdin a pipe the leader
-//! watches (the worker's death closes it and the leader kills the group), stdout and stderr
-//! appended to one file, in a fresh working directory that is removed afterwards. The
-//! leader runs `/bin/sh -c <rendered>` in the same group and ends the way the shell ends.
-//!
-//! The leader is waited for with `waitid(WNOWAIT)`, which leaves it a zombie until the
-//! group has been signalled: its pid, and so the group id, cannot be reused while this
-//! module may still send signals to it. Whatever the command left running in its group when
-//! it ends (background children) is killed: a task owns nothing after it has finished.
+//! calls it on a thread of its own per task. The worker's step supervisor
+//! ([`crate::supervisor`]) starts `/bin/sh -c <rendered>` as the leader of a new process
+//! group, stdout and stderr appended to one file, in a fresh working directory that is
+//! removed afterwards; a timeout or a cancel signals the whole group through it. Whatever
+//! the command left running in its group when it ends (background children) is killed: a
+//! task owns nothing after it has finished.
 
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, bounded, never, select, Receiver};
+use crossbeam_channel::{after, never, select, Receiver};
 use jobz::message::TaskOutcome;
 use tracing::warn;
+
+use crate::supervisor::{
+    path_bytes, SpawnRequest, StepEvent, StepSupervisor, SUPERVISOR_LOST_ERROR,
+};
 
 /// How much of the output's end goes into a task's result.
 pub const OUTPUT_TAIL_BYTES: usize = 4096;
@@ -45,8 +44,8 @@ const MAX_FILE_NAME: usize = 255;
 pub struct RunSpec {
     /// The rendered command, given to `/bin/sh -c`.
     pub command: String,
-    /// The step leader's program: the worker's own binary (`/proc/self/exe`).
-    pub leader: PathBuf,
+    /// The worker's step supervisor, which starts the shell.
+    pub steps: Arc<StepSupervisor>,
     /// The task's own variables (`JOBZ_*`), on top of the allow-listed ones ([`step_env`]).
     pub env: Vec<(String, String)>,
     /// Further names passed through from the worker's environment (`--env-allow`).
@@ -123,7 +122,7 @@ pub fn truncated_note(kept: u64) -> String {
     format!("output truncated after {kept} bytes")
 }
 
-/// The line the step leader appends to an output it cut after `kept` bytes.
+/// The line the step supervisor appends to an output it cut after `kept` bytes.
 pub fn truncation_marker(kept: u64) -> String {
     format!("[jobz: {}]\n", truncated_note(kept))
 }
@@ -156,14 +155,14 @@ pub fn run(spec: &RunSpec, stop: &Receiver<Stop>, on_started: impl FnOnce(i64)) 
     };
     let switch = user.as_ref().and_then(|u| u.switch.as_ref());
     let prepared = prepare_workdir(&spec.workdir, switch).and_then(|()| open_output(&spec.output));
-    let (output, offset) = match prepared {
-        Ok(x) => x,
+    let offset = match prepared {
+        Ok(offset) => offset,
         Err(e) => {
             remove_workdir(&spec.workdir);
             return RunResult::not_started(e);
         }
     };
-    let result = run_in(spec, user.as_ref(), output, offset, stop, on_started);
+    let result = run_in(spec, user.as_ref(), offset, stop, on_started);
     remove_workdir(&spec.workdir);
     result
 }
@@ -171,59 +170,43 @@ pub fn run(spec: &RunSpec, stop: &Receiver<Stop>, on_started: impl FnOnce(i64)) 
 fn run_in(
     spec: &RunSpec,
     user: Option<&RunAs>,
-    output: File,
     offset: u64,
     stop: &Receiver<Stop>,
     on_started: impl FnOnce(i64),
 ) -> RunResult {
-    let mut child = match spawn(spec, user, output) {
-        Ok(child) => child,
-        Err(e) => {
-            return RunResult::not_started(format!(
-                "cannot start the step leader {}: {e}",
-                spec.leader.display()
-            ))
-        }
+    let request = SpawnRequest {
+        id: 0, // chosen by the supervisor's handle
+        command: spec.command.clone(),
+        env: step_env(
+            |name| std::env::var_os(name),
+            &spec.env_allow,
+            user.map(|u| &u.user),
+            &spec.env,
+        )
+        .into_iter()
+        .map(|(name, value)| (name.into_vec(), value.into_vec()))
+        .collect(),
+        workdir: path_bytes(&spec.workdir),
+        output: path_bytes(&spec.output),
+        max_output: spec.max_output,
+        run_as: user.and_then(|u| u.switch.as_ref()).map(Switch::to_arg),
     };
-    // Held until the leader has ended: closing it tells the leader the worker is gone.
-    let control = child.stdin.take();
+    let step = match spec.steps.start(request) {
+        Ok(step) => step,
+        Err(e) => return RunResult::not_started(format!("cannot start the command: {e}")),
+    };
     let started_at_ms = jobz::now_ms();
     let start = Instant::now();
     on_started(started_at_ms);
-    let pgid = child.id() as i32;
-
-    // A thread waits for the leader without reaping it (see the module docs).
-    let (exited_tx, exited) = bounded(1);
-    let waiter = std::thread::Builder::new()
-        .name(format!("wait-{pgid}"))
-        .spawn(move || {
-            wait_no_reap(pgid);
-            let _ = exited_tx.send(());
-        });
-    if let Err(e) = waiter {
-        // Without a waiter there is no safe way to time the command: stop it now.
-        signal_group(pgid, libc::SIGKILL);
-        let _ = child.wait();
-        drop(control);
-        return finish(
-            spec,
-            offset,
-            started_at_ms,
-            start,
-            None,
-            Some(Kill::Stop(Stop::Fail(format!(
-                "cannot watch the command: {e}"
-            )))),
-        );
-    }
 
     let deadline = spec.timeout.map(|t| start + t);
     let timer = deadline.map(crossbeam_channel::at).unwrap_or_else(never);
     let mut stop = stop.clone();
     let mut kill = None;
-    loop {
+    let mut ended = None;
+    while ended.is_none() {
         select! {
-            recv(exited) -> _ => break,
+            recv(step.events) -> event => ended = Some(event.unwrap_or(StepEvent::Lost)),
             recv(timer) -> _ => {
                 kill = spec.timeout.map(Kill::Timeout);
                 break;
@@ -237,26 +220,23 @@ fn run_in(
             },
         }
     }
-    if kill.is_some() {
-        signal_group(pgid, libc::SIGTERM);
+    if ended.is_none() {
+        step.signal(libc::SIGTERM);
         select! {
-            recv(exited) -> _ => {}
+            recv(step.events) -> event => ended = Some(event.unwrap_or(StepEvent::Lost)),
             recv(after(spec.kill_grace)) -> _ => {
-                signal_group(pgid, libc::SIGKILL);
-                let _ = exited.recv();
+                step.signal(libc::SIGKILL);
+                ended = Some(step.events.recv().unwrap_or(StepEvent::Lost));
             }
         }
     }
-    // The leader is a zombie now: its group id is still ours. Leftovers of the group die.
-    signal_group(pgid, libc::SIGKILL);
-    let status = match child.wait() {
-        Ok(status) => Some(status),
-        Err(e) => {
-            warn!(pid = pgid, error = %e, "cannot reap the command");
+    let status = match ended {
+        Some(StepEvent::Exited(status)) => Some(status),
+        Some(StepEvent::Lost) | None => {
+            kill = Some(Kill::Stop(Stop::Fail(SUPERVISOR_LOST_ERROR.to_owned())));
             None
         }
     };
-    drop(control);
     finish(spec, offset, started_at_ms, start, status, kill)
 }
 
@@ -293,7 +273,7 @@ fn finish(
     let written = std::fs::metadata(&spec.output)
         .map(|m| m.len().saturating_sub(offset))
         .unwrap_or(0);
-    // The leader keeps at most `max_output` bytes and then appends the marker, so a cut
+    // The supervisor keeps at most `max_output` bytes and then appends the marker, so a cut
     // output is longer than the limit and ends with the marker.
     let truncated = (written > spec.max_output
         && output_tail.ends_with(&truncation_marker(spec.max_output)))
@@ -308,81 +288,6 @@ fn finish(
         output_tail,
         started: true,
         truncated,
-    }
-}
-
-fn spawn(spec: &RunSpec, user: Option<&RunAs>, output: File) -> std::io::Result<Child> {
-    let stderr = output.try_clone()?;
-    let mut command = Command::new(&spec.leader);
-    command
-        // What `ps` shows, whichever file runs (`/proc/self/fd/N` names it).
-        .arg0(crate::leader::STEP_BINARY)
-        .arg(crate::leader::FLAG)
-        .arg(std::process::id().to_string())
-        .arg(crate::leader::MAX_OUTPUT)
-        .arg(spec.max_output.to_string());
-    if let Some(switch) = user.and_then(|u| u.switch.as_ref()) {
-        command.arg(crate::leader::RUN_AS).arg(switch.to_arg());
-    }
-    command
-        .arg(&spec.command)
-        .stdin(Stdio::piped())
-        .stdout(output)
-        .stderr(stderr)
-        .current_dir(&spec.workdir)
-        .env_clear()
-        .envs(step_env(
-            |name| std::env::var_os(name),
-            &spec.env_allow,
-            user.map(|u| &u.user),
-            &spec.env,
-        ));
-    // A group of its own, led by the step leader, so a timeout kills the command's
-    // children too, and the leader can kill them all if the worker dies.
-    command.process_group(0);
-    command.spawn()
-}
-
-/// Sends `signal` to every process of group `pgid`. A group already gone is not an error.
-fn signal_group(pgid: i32, signal: libc::c_int) {
-    if pgid <= 1 {
-        return; // never signal "every process" or init's group
-    }
-    // SAFETY: kill(2) takes plain integers and has no memory effects. The group id is the
-    // leader's pid, which stays reserved while the leader is an unreaped zombie.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::kill(-pgid, signal) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            warn!(pgid, signal, error = %e, "cannot signal a command's process group");
-        }
-    }
-}
-
-/// Blocks until process `pid` (our child) has exited, without reaping it.
-fn wait_no_reap(pid: i32) {
-    loop {
-        // SAFETY: waitid writes only into the siginfo we own, which is plain old data and
-        // valid when zeroed.
-        #[allow(unsafe_code)]
-        let rc = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            return;
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            // ECHILD: already reaped or not ours; nothing left to wait for.
-            return;
-        }
     }
 }
 
@@ -442,7 +347,9 @@ fn remove_workdir(dir: &Path) {
 }
 
 /// Opens the output file for appending; returns it and its length before this run.
-fn open_output(path: &Path) -> Result<(File, u64), String> {
+/// Creates the output file (and its directory) if needed; returns its length, where this
+/// run's output will begin.
+fn open_output(path: &Path) -> Result<u64, String> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create output directory {}: {e}", parent.display()))?;
@@ -452,8 +359,7 @@ fn open_output(path: &Path) -> Result<(File, u64), String> {
         .append(true)
         .open(path)
         .map_err(|e| format!("cannot open output file {}: {e}", path.display()))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    Ok((file, len))
+    Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
 }
 
 /// The last [`OUTPUT_TAIL_BYTES`] of the file written after `offset`; empty (and a warning)
@@ -558,7 +464,7 @@ pub struct User {
     pub home: PathBuf,
 }
 
-/// The credentials the step leader takes before it starts the shell.
+/// The credentials a step's shell takes before it runs (see [`crate::supervisor`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Switch {
     /// User id.
@@ -570,7 +476,7 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// The leader's `--run-as` argument: `UID:GID:G1,G2,…`.
+    /// The wire form: `UID:GID:G1,G2,…`.
     pub fn to_arg(&self) -> String {
         let groups: Vec<String> = self.groups.iter().map(u32::to_string).collect();
         format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
@@ -773,14 +679,15 @@ pub fn workdir_path(spool: &Path, task_id: &str, attempt: u32) -> Result<PathBuf
 
 #[cfg(test)]
 mod tests {
-    // Tests that run commands are in `tests/it/runner.rs`: they need the `jobz-worker`
-    // binary as the step leader, which only integration tests can name.
+    // Tests that run commands are in `tests/it/runner.rs`: they need the `jobz-step`
+    // binary as the step supervisor, which only integration tests can name.
     use super::*;
+    use crossbeam_channel::bounded;
 
     fn spec(dir: &Path) -> RunSpec {
         RunSpec {
             command: "true".into(),
-            leader: dir.join("no-such-leader"),
+            steps: StepSupervisor::new(dir.join("no-such-supervisor")),
             env: vec![],
             env_allow: vec![],
             run_as: None,
@@ -809,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_leader_fails_the_task_without_starting_it() {
+    fn a_missing_supervisor_fails_the_task_without_starting_it() {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(dir.path());
         let mut called = false;
@@ -818,8 +725,11 @@ mod tests {
         assert!(!called);
         assert!(!r.started);
         let error = r.error.unwrap();
-        assert!(error.contains("cannot start the step leader"), "{error}");
-        assert!(error.contains("no-such-leader"), "{error}");
+        assert!(
+            error.contains("cannot start the step supervisor"),
+            "{error}"
+        );
+        assert!(error.contains("no-such-supervisor"), "{error}");
         assert!(!spec.workdir.exists());
     }
 
@@ -995,7 +905,7 @@ mod tests {
     }
 
     #[test]
-    fn the_leader_credentials_argument_round_trips() {
+    fn the_credentials_wire_form_round_trips() {
         for switch in [
             Switch {
                 uid: 65534,

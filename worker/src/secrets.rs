@@ -9,8 +9,9 @@
 //! The price: the worker leaves no core dump.
 //!
 //! `execve` makes a process dumpable again when it runs a binary its user may read with
-//! its own credentials, so the step leader and every command of a step are ordinary,
-//! inspectable processes: they hold nothing of the worker's.
+//! its own credentials, so every command of a step is an ordinary, inspectable process
+//! holding nothing of the worker's. The step supervisor, which passes every step's
+//! variables, makes itself non-dumpable too and starts with an empty environment.
 //!
 //! What a step running as the worker's user still reaches: every file that user may
 //! read (the `--key` file, the spool, the logs, `jobs.d`) and signals to the worker. Only

@@ -31,6 +31,7 @@ use crate::retention::{self, InUse, OutputRetention, Pruned};
 use crate::runner::{self, RunResult, RunSpec, Stop};
 use crate::schedule::{is_valid_id, Action, Scheduler, ServedJob, Task};
 use crate::spool::{self, OutboxEntry, Recovered, RunningEntry, Spool};
+use crate::supervisor::StepSupervisor;
 
 /// How often the loop wakes without any message.
 const TICK: Duration = Duration::from_millis(100);
@@ -54,12 +55,10 @@ pub const HANDED_BACK_EVENT: &str = "handed back: not started before shutdown";
 /// the jobs, connects, serves work, then drains. Errors only if it cannot start.
 pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::metadata(&config.leader).with_context(|| {
-        format!(
-            "the step leader {} (the worker's own binary) is not there",
-            config.leader.display()
-        )
-    })?;
+    // Started now, on this thread, which lives as long as the worker: its parent-death
+    // signal then means the worker's end, and a broken installation shows at once.
+    let steps = StepSupervisor::new(config.step_program.clone());
+    steps.ensure_started().map_err(anyhow::Error::msg)?;
     let (spool, recovered) = Spool::open(&config.spool, jobz::now_ms())
         .with_context(|| format!("opening the spool {}", config.spool.display()))?;
     let work_root = config.spool.join("work");
@@ -85,6 +84,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         instance: jobz::new_id(),
         scheduler: Scheduler::new(config.name.clone(), config.slots as usize),
         spool,
+        steps,
         config,
         client,
         jobs,
@@ -199,6 +199,8 @@ struct Service {
     jobs_dir_readable: bool,
     scheduler: Scheduler,
     spool: Spool,
+    /// Starts every step's command (see [`crate::supervisor`]).
+    steps: Arc<StepSupervisor>,
     log: EventLog,
     events_tx: Sender<RunnerEvent>,
     events: Receiver<RunnerEvent>,
@@ -415,7 +417,7 @@ impl Service {
     fn run_spec(&self, task: &Task) -> Result<RunSpec, String> {
         Ok(RunSpec {
             command: task.command.clone(),
-            leader: self.config.leader.clone(),
+            steps: self.steps.clone(),
             env: self.task_env(task),
             env_allow: self.config.env_allow.clone(),
             run_as: task

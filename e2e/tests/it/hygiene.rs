@@ -70,16 +70,17 @@ fn restart_as(mesh: &mut Mesh, name: &str, (uid, gid): (u32, u32), env: &[(&str,
 }
 
 /// What a hostile step tries against its worker, written as `sh SNOOP OUT KEY`: it finds
-/// the worker through its process tree (the parent of its step leader, the process whose
-/// first argument is `--lead-step`), records the pid, tries to read the worker's
-/// environment, open files and memory map, and the key file KEY, each with its exit
-/// status; and, as a control, has a child read the step's own environment.
+/// the worker through its process tree (the parent of its step supervisor, the process whose
+/// first argument is `--supervise-steps`), records the pid, tries to read the worker's
+/// environment, open files and memory map, the supervisor's environment and memory map
+/// (it carries other steps' variables), and the key file KEY, each with its exit status;
+/// and, as a control, has a child read the step's own environment.
 const SNOOP: &str = r#"out=$1 key=$2
-p=$$ worker=
+p=$$ worker= supervisor=
 while [ "$p" -gt 1 ]; do
     parent=$(awk '/^PPid:/ {print $2}' "/proc/$p/status")
-    if [ "$(tr '\0' '\n' <"/proc/$p/cmdline" | sed -n 2p)" = --lead-step ]; then
-        worker=$parent
+    if [ "$(tr '\0' '\n' <"/proc/$p/cmdline" | sed -n 2p)" = --supervise-steps ]; then
+        worker=$parent supervisor=$p
         break
     fi
     p=$parent
@@ -88,6 +89,8 @@ echo "$worker" >"$out/worker_pid"
 cat "/proc/$worker/environ" >"$out/environ" 2>&1; echo $? >"$out/environ.rc"
 ls "/proc/$worker/fd" >"$out/fd" 2>&1; echo $? >"$out/fd.rc"
 cat "/proc/$worker/maps" >"$out/maps" 2>&1; echo $? >"$out/maps.rc"
+cat "/proc/$supervisor/environ" >"$out/sup_environ" 2>&1; echo $? >"$out/sup_environ.rc"
+cat "/proc/$supervisor/maps" >"$out/sup_maps" 2>&1; echo $? >"$out/sup_maps.rc"
 cat "$key" >"$out/key" 2>&1; echo $? >"$out/key.rc"
 cat "/proc/$$/environ" >"$out/own_environ"
 "#;
@@ -125,6 +128,14 @@ fn assert_the_step_cannot_read_its_worker(mesh: &mut Mesh, out: &Path) {
         "0",
         "memory map read: {maps}"
     );
+    for what in ["sup_environ", "sup_maps"] {
+        assert_ne!(
+            snooped(out, &format!("{what}.rc")).trim(),
+            "0",
+            "the step read its supervisor's {what}: {}",
+            snooped(out, what)
+        );
+    }
     // The step itself is not affected: a child of its shell reads the shell's environment
     // (exec makes the step's processes dumpable again).
     let own = snooped(out, "own_environ");

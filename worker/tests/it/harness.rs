@@ -1,4 +1,4 @@
-//! What the tests share: the step leader's path, waiting with a deadline, process checks,
+//! What the tests share: the binaries' paths, waiting with a deadline, process checks,
 //! a fake broker on loopback and a worker running in this process.
 
 use std::collections::HashSet;
@@ -15,11 +15,17 @@ use jobz::message::{
 use jobz::socket::BrokerAddr;
 use jobz::topic::Topic;
 use worker::runner::RunSpec;
+use worker::supervisor::StepSupervisor;
 use worker::Config;
 
-/// The `jobz-worker` binary: the step leader of every command.
-pub fn leader() -> PathBuf {
+/// The `jobz-worker` binary (which can also be its own step supervisor).
+pub fn worker_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jobz-worker"))
+}
+
+/// The `jobz-step` binary: the step supervisor.
+pub fn step_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_jobz-step"))
 }
 
 /// A temporary directory and a [`RunSpec`] writing into it.
@@ -37,7 +43,7 @@ impl Fixture {
     pub fn spec(&self, command: &str) -> RunSpec {
         RunSpec {
             command: command.into(),
-            leader: leader(),
+            steps: StepSupervisor::new(step_binary()),
             env: vec![],
             env_allow: vec![],
             run_as: None,
@@ -130,7 +136,7 @@ pub fn worker_config(root: &Path, broker: &BrokerAddr) -> Config {
     config.jobs_dir = root.join("jobs.d");
     config.spool = root.join("spool");
     config.log_dir = root.join("log");
-    config.leader = leader();
+    config.step_program = step_binary();
     config.heartbeat = Duration::from_millis(300);
     config.kill_grace = Duration::from_millis(300);
     config.slots = 2;

@@ -1,10 +1,11 @@
-//! Integration tests of the worker with real processes: the built `jobz-worker` is the step
-//! leader of every command (and, in the kill tests, the worker itself), and a fake broker
-//! on loopback stands in for `jobz-broker`.
+//! Integration tests of the worker with real processes: the built `jobz-step` is the step
+//! supervisor of every command, `jobz-worker` the worker itself in the kill tests, and a
+//! fake broker on loopback stands in for `jobz-broker`.
 //!
 //! - `harness.rs`: helpers, the fake broker, a worker running in this process.
 //! - `runner.rs`: one command: outcomes, output, environment, timeouts, process groups.
-//! - `leader.rs`: the step leader: a worker or leader killed with SIGKILL leaves nothing.
+//! - `supervisor.rs`: the step supervisor: a worker or supervisor killed with SIGKILL
+//!   leaves nothing running.
 //! - `service.rs`: the spool at work: outbox until acknowledged, no second run of a seen
 //!   attempt after a restart, queued tasks handed back at shutdown.
 
@@ -13,6 +14,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
-mod leader;
 mod runner;
 mod service;
+mod supervisor;

@@ -1,6 +1,6 @@
 //! The runner with real processes: outcomes, output, environment, timeouts and the kill
-//! of the process group (moved from `src/runner.rs` when commands began to run under the
-//! step leader, which is the `jobz-worker` binary).
+//! of the process group (here because commands are started by the step supervisor, the
+//! `jobz-step` binary, which only integration tests can name).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -374,21 +374,22 @@ fn a_step_run_as_another_user_reaches_its_workdir_by_its_absolute_path() {
 }
 
 /// The small `jobz-step` binary, opened and named through `/proc/self/fd/N` as the worker
-/// does (`worker::leader::program`).
+/// does (`worker::supervisor::program`).
 fn step_binary() -> (std::fs::File, std::path::PathBuf) {
     use std::os::fd::AsRawFd;
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_jobz-step"));
-    let file = worker::leader::open_step_binary(Some(path)).expect("jobz-step is executable");
+    let file = worker::supervisor::open_step_binary(Some(path)).expect("jobz-step is executable");
     let named = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     (file, named)
 }
 
 #[test]
-fn the_small_step_binary_leads_a_step_as_the_workers_own_does() {
+fn the_step_binary_named_through_its_open_descriptor_supervises_steps() {
     let f = Fixture::new();
-    let (_open, leader) = step_binary();
+    let (_open, named) = step_binary();
+    let steps = worker::supervisor::StepSupervisor::new(named);
     let mut spec = f.spec("echo hello; echo oops >&2; exit 3");
-    spec.leader = leader.clone();
+    spec.steps = steps.clone();
     let r = run_plain(&spec);
     assert_eq!((r.outcome, r.exit_code), (TaskOutcome::Failed, Some(3)));
     assert_eq!(r.output_tail, "hello\noops\n");
@@ -398,7 +399,7 @@ fn the_small_step_binary_leads_a_step_as_the_workers_own_does() {
         "head -c 5000 /dev/zero | tr '\\0' x; sleep 30 & echo $! > {}; wait",
         pidfile.display()
     ));
-    spec.leader = leader;
+    spec.steps = steps;
     spec.max_output = 1000;
     spec.timeout = Some(Duration::from_millis(300));
     let r = run_plain(&spec);
@@ -416,13 +417,13 @@ fn only_an_executable_file_is_taken_as_the_step_binary() {
     let plain = f.path("jobz-step");
     std::fs::write(&plain, b"#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-    assert!(worker::leader::open_step_binary(Some(&plain)).is_none());
+    assert!(worker::supervisor::open_step_binary(Some(&plain)).is_none());
     std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o755)).unwrap();
-    assert!(worker::leader::open_step_binary(Some(&plain)).is_some());
+    assert!(worker::supervisor::open_step_binary(Some(&plain)).is_some());
     assert!(
-        worker::leader::open_step_binary(Some(f.dir.path())).is_none(),
+        worker::supervisor::open_step_binary(Some(f.dir.path())).is_none(),
         "a directory"
     );
-    assert!(worker::leader::open_step_binary(Some(&f.path("missing"))).is_none());
-    assert!(worker::leader::open_step_binary(None).is_none());
+    assert!(worker::supervisor::open_step_binary(Some(&f.path("missing"))).is_none());
+    assert!(worker::supervisor::open_step_binary(None).is_none());
 }
