@@ -8,8 +8,8 @@
 //!
 //! # Guarantees and limits
 //! What survives a crash of the worker (`kill -9`, power loss) lives in the spool
-//! (`--spool`, [`spool`]); every write there is fsynced (file and directory) before the
-//! worker acts on it.
+//! (`--spool`, [`spool`]); every record there is on disk (appended and fdatasynced, or
+//! written whole and renamed) before the worker acts on it.
 //! - **An attempt runs at most once on a worker, across restarts.** Each (task, attempt) is
 //!   recorded as seen, durably, before its command starts; a re-published assignment that
 //!   is seen is ignored. Remembered for 7 days and at most 100,000 attempts (oldest

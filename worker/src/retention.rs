@@ -5,14 +5,16 @@
 //! - step output files, `<log-dir>/runs/<run_id>/<file>`, and a run's directory once it
 //!   is empty; never the output of a step that may still write ([`InUse`]: the service
 //!   holds an output's path from before its command starts until its result is in);
-//! - damaged spool entries set aside for an operator: `running/*.corrupt`,
-//!   `outbox/*.corrupt`, `seen.log.corrupt`.
+//! - damaged spool entries set aside for an operator: `seen.log.corrupt`,
+//!   `journal.log.corrupt`, and an earlier version's `running/*.corrupt`,
+//!   `outbox/*.corrupt`.
 //!
 //! What stays, whatever its age (the spool's guarantees need it, see [`crate::spool`]):
 //! `seen.log` (it bounds itself: it is rewritten without attempts older than 7 days or
-//! beyond the newest 100,000 when it reaches twice that many lines, about 13 MiB), every
-//! `running/` entry (an attempt to report lost) and every `outbox/` entry (a result the
-//! broker has not acknowledged: it is kept and resent for as long as that takes). Working
+//! beyond the newest 100,000 when it reaches twice that many lines, about 13 MiB) and
+//! `journal.log` (it holds every attempt to report lost and every result the broker has
+//! not acknowledged, kept and resent for as long as that takes; it rewrites itself without
+//! the rest once past 1 MiB). Working
 //! directories under `work/` go when their task ends and, if a crash left them, at start.
 //! `worker.log` is rotated by logrotate.
 //!
@@ -31,7 +33,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tracing::{info, warn};
 
 use crate::schedule::is_valid_id;
-use crate::spool::{OUTBOX_DIR, RUNNING_DIR, SEEN_CORRUPT_FILE};
+use crate::spool::{JOURNAL_CORRUPT_FILE, OUTBOX_DIR, RUNNING_DIR, SEEN_CORRUPT_FILE};
 
 /// Files removed between two pauses, and entries looked at between two checks for a stop.
 pub const BATCH: usize = 1000;
@@ -135,6 +137,7 @@ pub fn prune_pass(
         pass.set_aside_entries(&dir);
     }
     pass.spool_file(&spool.join(SEEN_CORRUPT_FILE));
+    pass.spool_file(&spool.join(JOURNAL_CORRUPT_FILE));
     let Removed {
         files,
         bytes,
@@ -328,7 +331,7 @@ mod tests {
     use jobz::message::{TaskFinished, TaskOutcome, TaskRef};
 
     use super::*;
-    use crate::spool::{OutboxEntry, RunningEntry, Spool, SEEN_FILE};
+    use crate::spool::{OutboxEntry, RunningEntry, Spool, JOURNAL_FILE, SEEN_FILE};
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -483,30 +486,26 @@ mod tests {
             .unwrap();
         drop(spool);
         // Everything months old; damaged entries set aside beside them.
+        // (An earlier version's spool set damaged entries aside in these directories.)
+        for dir in [RUNNING_DIR, OUTBOX_DIR] {
+            fs::create_dir_all(spool_dir.join(dir)).unwrap();
+        }
         let corrupt = [
             spool_dir.join("outbox/t9.1.json.corrupt"),
             spool_dir.join("running/t8.1.json.corrupt"),
             spool_dir.join(SEEN_CORRUPT_FILE),
+            spool_dir.join(JOURNAL_CORRUPT_FILE),
         ];
         for path in &corrupt {
             fs::write(path, b"damaged").unwrap();
         }
-        let mut kept = vec![spool_dir.join(SEEN_FILE)];
-        for dir in [RUNNING_DIR, OUTBOX_DIR] {
-            for entry in fs::read_dir(spool_dir.join(dir)).unwrap() {
-                let path = entry.unwrap().path();
-                if !path.to_string_lossy().ends_with(".corrupt") {
-                    kept.push(path);
-                }
-            }
-        }
-        assert_eq!(kept.len(), 3, "{kept:?}");
+        let kept = [spool_dir.join(SEEN_FILE), spool_dir.join(JOURNAL_FILE)];
         for path in corrupt.iter().chain(&kept) {
             age_file(path, 90 * DAY);
         }
 
         let pruned = dirs.prune(&InUse::default());
-        assert_eq!(pruned.spool_files.load(Ordering::Relaxed), 3);
+        assert_eq!(pruned.spool_files.load(Ordering::Relaxed), 4);
         assert!(corrupt.iter().all(|p| !p.exists()));
         assert!(kept.iter().all(|p| p.exists()), "{kept:?}");
         // Both attempts are still known after a restart: neither can run again.

@@ -4,29 +4,32 @@
 //! - `seen.log`: every attempt this worker accepted (started, or refused with a valid id),
 //!   one line each, `<task_id> <attempt> <accepted_at_ms> <crc32 hex>`. Appended before
 //!   the command starts, so a re-published assignment is never run twice, not even after a
-//!   restart: fsynced for a refused attempt; for a started one the fsynced running entry
-//!   (then its outbox entry) stands for the line until the broker has the result. Bounded: on open, and whenever the file has grown to twice
+//!   restart: fsynced for a refused attempt; for a started one the fsynced `running`
+//!   record of the journal (then its `result`) stands for the line until the broker has
+//!   the result. Bounded: on open, and whenever the file has grown to twice
 //!   [`SEEN_CAPACITY`] lines, it is rewritten without the entries older than
 //!   [`SEEN_RETENTION_MS`] and beyond the newest [`SEEN_CAPACITY`].
-//! - `running/<task_id>.<attempt>.json`: one file per attempt whose command may be running,
-//!   written before the command starts and removed once its result is in the outbox. A file
-//!   found here at start is an attempt the worker lost by dying.
-//! - `outbox/<task_id>.<attempt>.json`: one file per result the broker has not
-//!   acknowledged yet, written before the result is first sent and removed when the
-//!   broker's `Ack` arrives. Results of refused tasks whose id is not a valid file name are
-//!   stored as `refused-<uuid>.json`.
+//! - `journal.log`: the attempts whose command may be running and the results the broker
+//!   has not acknowledged, as appended records, one line each, `<crc32 hex> <json>`:
+//!   `running` (written and fdatasynced before the command starts; found at start without
+//!   a result, it is an attempt the worker lost by dying), `result` (written and
+//!   fdatasynced before the result is first sent; it supersedes the attempt's `running`)
+//!   and `done` (the broker acknowledged the result). One append and one fdatasync per
+//!   event, where a file per entry cost a create, a rename, two fsyncs and an unlink.
+//!   `done` is not synced: lost in a crash, it only means a result is sent once more (the
+//!   broker takes the first result of an attempt and acknowledges repeats). The journal is
+//!   rewritten with only what it still holds at every start and once it has grown past
+//!   [`JOURNAL_COMPACT_BYTES`] (under a temporary name, fsynced, renamed, the directory
+//!   fsynced).
 //!
-//! Entry files are written whole under a temporary name (`.<name>.tmp`), fsynced, renamed
-//! into place, and their directory fsynced: an entry is complete or absent, never torn.
-//! Removals are not fsynced: a removal lost in a crash only means a result is sent once
-//! more (the broker takes the first result of an attempt and acknowledges repeats) or a
-//! stale running entry is found next to its result (then it is dropped). A line of
-//! `seen.log` is checked by its CRC; a torn last line (the worker died mid-append, before
-//! the command could start) fails the check like any other damage.
+//! Spools of earlier versions (`running/*.json`, `outbox/*.json`, one file per entry) are
+//! read at start, taken into the journal, and their files removed.
 //!
 //! Nothing corrupt is dropped silently and nothing corrupt stops the worker: a damaged
-//! entry file is renamed `<name>.corrupt` and a damaged `seen.log` line is appended to
-//! `seen.log.corrupt`, each with an error in the log.
+//! line of `seen.log` or `journal.log` is appended to `seen.log.corrupt` or
+//! `journal.log.corrupt` (a torn last line too: the worker died mid-append, before it
+//! acted on it), a damaged legacy entry file is renamed `<name>.corrupt`, each with an
+//! error in the log.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -49,7 +52,7 @@ pub const SEEN_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 enum Sync {
     /// Now: nothing else records the attempt durably.
     Now,
-    /// Not: a spool entry fsynced just before records it (see [`Spool::start`]).
+    /// Not: a journal record fsynced just before records it (see [`Spool::start`]).
     Covered,
 }
 
@@ -63,12 +66,19 @@ pub const LOST_EVENT: &str = "failed: worker restarted; attempt lost";
 pub const SEEN_FILE: &str = "seen.log";
 /// Where damaged lines of [`SEEN_FILE`] are kept.
 pub const SEEN_CORRUPT_FILE: &str = "seen.log.corrupt";
-/// The directory of running attempts.
+/// The journal of running attempts and unacknowledged results.
+pub const JOURNAL_FILE: &str = "journal.log";
+/// Where damaged lines of [`JOURNAL_FILE`], and results that can never be sent, are kept.
+pub const JOURNAL_CORRUPT_FILE: &str = "journal.log.corrupt";
+/// The directory of running attempts of spools before the journal (read at start).
 pub const RUNNING_DIR: &str = "running";
-/// The directory of unacknowledged results.
+/// The directory of unacknowledged results of spools before the journal (read at start).
 pub const OUTBOX_DIR: &str = "outbox";
 
-/// Entry files larger than this are damaged by definition (a result is a few KiB).
+/// The journal is rewritten with only what it holds once it is this long.
+pub const JOURNAL_COMPACT_BYTES: u64 = 1 << 20;
+
+/// Legacy entry files larger than this are damaged by definition (a result is a few KiB).
 const MAX_ENTRY_BYTES: u64 = 1 << 20;
 
 /// An attempt whose command may be running.
@@ -80,7 +90,7 @@ pub struct RunningEntry {
     pub step_id: String,
     /// The job.
     pub job: String,
-    /// Task id and attempt (the id is valid: it names the entry's file).
+    /// Task id and attempt (the id is valid: it names the attempt's paths).
     pub task: TaskRef,
     /// The worker name the attempt was accepted under.
     pub worker: String,
@@ -110,85 +120,60 @@ pub struct Recovered {
     pub running: Vec<RunningEntry>,
     /// Results still to be acknowledged, oldest first.
     pub outbox: Vec<OutboxEntry>,
-    /// Damaged entries moved aside during this open (each was logged).
+    /// Where damaged entries went during this open, one item per entry (each was logged).
     pub set_aside: Vec<PathBuf>,
 }
 
 /// The worker's durable memory; see the module docs for the layout and its guarantees.
 #[derive(Debug)]
 pub struct Spool {
-    running_dir: PathBuf,
-    outbox_dir: PathBuf,
+    root: PathBuf,
     seen: SeenLog,
-    running: HashMap<TaskRef, PathBuf>,
-    outbox: HashMap<TaskRef, PathBuf>,
+    journal: Journal,
+    running: HashMap<TaskRef, RunningEntry>,
+    outbox: HashMap<TaskRef, OutboxEntry>,
 }
 
 impl Spool {
-    /// Opens (creating) the spool under `root`, sets damaged entries aside, drops running
-    /// entries whose result is already in the outbox, and returns what it holds.
+    /// Opens (creating) the spool under `root`, sets damaged entries aside, takes a legacy
+    /// spool's entry files into the journal, drops running attempts whose result is
+    /// already kept, and returns what it holds.
     pub fn open(root: &Path, now_ms: i64) -> anyhow::Result<(Spool, Recovered)> {
-        let running_dir = root.join(RUNNING_DIR);
-        let outbox_dir = root.join(OUTBOX_DIR);
-        for dir in [&running_dir, &outbox_dir] {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating spool directory {}", dir.display()))?;
-        }
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating spool directory {}", root.display()))?;
         let mut set_aside = Vec::new();
         let mut seen = SeenLog::open(root, now_ms, SEEN_CAPACITY, SEEN_RETENTION_MS)?;
+        let (mut running, mut outbox) = read_journal(root, &mut set_aside)?;
+        let legacy = read_legacy_dirs(root, &mut running, &mut outbox, &mut set_aside)?;
+        // The result was kept; only the end of the running attempt's record was lost.
+        running.retain(|task, _| !outbox.contains_key(task));
 
-        let mut outbox = HashMap::new();
-        let mut outbox_entries = Vec::new();
-        for (entry, path) in load_dir(&outbox_dir, decode_outbox, &mut set_aside)? {
-            let task = entry.result.task.clone();
-            if outbox.contains_key(&task) {
-                // Only `refused-<uuid>` names can repeat an attempt: the first result stands.
-                warn!(file = %path.display(), task_id = %entry.result.task.task_id,
-                    attempt = entry.result.task.attempt, "dropping a second result of one attempt");
-                remove_quietly(&path);
-                continue;
-            }
-            outbox.insert(task, path);
-            outbox_entries.push(entry);
-        }
-        outbox_entries.sort_by_key(|e| e.result.finished_at_ms);
-
-        let mut running = HashMap::new();
-        let mut running_entries = Vec::new();
-        for (entry, path) in load_dir(&running_dir, decode_running, &mut set_aside)? {
-            if outbox.contains_key(&entry.task) {
-                // The result was written; only the removal of this entry was lost.
-                remove_quietly(&path);
-                continue;
-            }
-            running.insert(entry.task.clone(), path);
-            running_entries.push(entry);
-        }
-        running_entries.sort_by_key(|e| e.started_at_ms);
-
-        // An attempt in either directory counts as seen even if its line was damaged.
-        let pending = running_entries
-            .iter()
-            .map(|e| &e.task)
-            .chain(outbox_entries.iter().map(|e| &e.result.task));
-        for task in pending {
+        // An attempt still pending counts as seen even if its seen line was damaged.
+        for task in running.keys().chain(outbox.keys()) {
             if is_valid_id(&task.task_id) && !seen.contains(task) {
                 seen.append(task, now_ms, Sync::Now)?;
             }
         }
-
-        let recovered = Recovered {
-            seen: seen.tasks(),
-            running: running_entries,
-            outbox: outbox_entries,
-            set_aside,
-        };
-        let spool = Spool {
-            running_dir,
-            outbox_dir,
+        let mut spool = Spool {
+            journal: Journal::open(root)?,
+            root: root.to_owned(),
             seen,
             running,
             outbox,
+        };
+        // Acknowledged results, damaged and torn lines and legacy files: all gone from here.
+        spool.compact()?;
+        for path in legacy {
+            remove_quietly(&path);
+        }
+        for dir in [RUNNING_DIR, OUTBOX_DIR] {
+            let _ = std::fs::remove_dir(root.join(dir)); // only if nothing was set aside there
+        }
+        let recovered = Recovered {
+            seen: spool.seen.tasks(),
+            running: spool.running_entries(),
+            outbox: spool.outbox_entries(),
+            set_aside,
         };
         Ok((spool, recovered))
     }
@@ -199,20 +184,19 @@ impl Spool {
         if !is_valid_id(&entry.task.task_id) {
             bail!("task id {:?} cannot name a spool entry", entry.task.task_id);
         }
-        // The running entry first: a crash between the two writes then leaves an attempt
+        // The running record first: a crash between the two writes then leaves an attempt
         // that is reported lost on restart (and retried). The other order left it "seen"
         // but never started, so the restarted worker ignored its redelivery for ever
         // (found by the 1,000-run kill -9 test).
-        let name = format!("{}.{}.json", entry.task.task_id, entry.task.attempt);
-        let path = self.running_dir.join(name);
-        let bytes = encode(&RunningRecord::from(entry))?;
-        write_atomically(&path, &bytes)?;
-        self.running.insert(entry.task.clone(), path);
-        // Not fsynced: until the broker has the attempt's result, the running entry just
-        // written (fsynced) or the outbox entry that replaces it carries the attempt across
-        // a crash (`open` counts both as seen); once both are gone the broker has
-        // acknowledged the result and never offers the attempt again. One fsync fewer per
-        // step.
+        self.journal.append(
+            &JournalRecord::Running(RunningRecord::from(entry)),
+            Durably::Yes,
+        )?;
+        self.running.insert(entry.task.clone(), entry.clone());
+        // Not fsynced: until the broker has the attempt's result, the running record just
+        // written (fsynced) or the result that supersedes it carries the attempt across a
+        // crash (`open` counts both as seen); once the result is done the broker has
+        // acknowledged it and never offers the attempt again.
         self.seen.append(&entry.task, now_ms, Sync::Covered)?;
         Ok(())
     }
@@ -226,40 +210,42 @@ impl Spool {
         Ok(())
     }
 
-    /// Stores a result durably, then forgets the attempt's running entry. Only after this
+    /// Stores a result durably, superseding the attempt's running record. Only after this
     /// may the result be sent.
     pub fn put_result(&mut self, entry: &OutboxEntry) -> anyhow::Result<()> {
+        self.journal.append(
+            &JournalRecord::Result(OutboxRecord::from(entry)),
+            Durably::Yes,
+        )?;
         let task = &entry.result.task;
-        let path = match self.outbox.get(task) {
-            Some(path) => path.clone(),
-            None if is_valid_id(&task.task_id) => self
-                .outbox_dir
-                .join(format!("{}.{}.json", task.task_id, task.attempt)),
-            None => self
-                .outbox_dir
-                .join(format!("refused-{}.json", jobz::new_id())),
-        };
-        let bytes = encode(&OutboxRecord::from(entry))?;
-        write_atomically(&path, &bytes)?;
-        self.outbox.insert(task.clone(), path);
-        if let Some(running) = self.running.remove(task) {
-            remove_quietly(&running);
-        }
+        self.outbox.insert(task.clone(), entry.clone());
+        self.running.remove(task);
         Ok(())
     }
 
     /// The broker acknowledged the result of `task`: forgets it.
     pub fn remove_result(&mut self, task: &TaskRef) {
-        if let Some(path) = self.outbox.remove(task) {
-            remove_quietly(&path);
+        if self.outbox.remove(task).is_some() {
+            self.forget(task);
         }
     }
 
     /// A result that can never be sent (it does not encode): moved aside, not dropped.
     pub fn set_aside_result(&mut self, task: &TaskRef, reason: &str) {
-        if let Some(path) = self.outbox.remove(task) {
-            set_aside(&path, reason);
+        let Some(entry) = self.outbox.remove(task) else {
+            return;
+        };
+        let corrupt = self.root.join(JOURNAL_CORRUPT_FILE);
+        match journal_line(&JournalRecord::Result(OutboxRecord::from(&entry))) {
+            Ok(line) => set_aside_lines(
+                &corrupt,
+                &[line],
+                &format!("a result that cannot be sent ({reason})"),
+            ),
+            Err(e) => error!(task_id = %task.task_id, attempt = task.attempt, error = %e,
+                %reason, "a result that cannot be sent cannot be set aside either; dropped"),
         }
+        self.forget(task);
     }
 
     /// True if `task` is remembered as accepted.
@@ -275,6 +261,55 @@ impl Spool {
     /// Attempts recorded as running.
     pub fn running_len(&self) -> usize {
         self.running.len()
+    }
+
+    /// Appends the `done` record of `task` (not synced: see the module docs), and
+    /// compacts the journal when it has grown enough.
+    fn forget(&mut self, task: &TaskRef) {
+        let done = JournalRecord::Done {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+        };
+        if let Err(e) = self.journal.append(&done, Durably::No) {
+            // Harmless: the result is sent again after a restart, and acknowledged again.
+            warn!(error = %e, "cannot record an acknowledged result in the spool journal");
+        }
+        if self.journal.len >= JOURNAL_COMPACT_BYTES {
+            if let Err(e) = self.compact() {
+                warn!(error = %e, "cannot compact the spool journal; appending on");
+            }
+        }
+    }
+
+    fn running_entries(&self) -> Vec<RunningEntry> {
+        let mut entries: Vec<RunningEntry> = self.running.values().cloned().collect();
+        entries.sort_by(|a, b| (a.started_at_ms, &a.task).cmp(&(b.started_at_ms, &b.task)));
+        entries
+    }
+
+    fn outbox_entries(&self) -> Vec<OutboxEntry> {
+        let mut entries: Vec<OutboxEntry> = self.outbox.values().cloned().collect();
+        entries.sort_by(|a, b| {
+            (a.result.finished_at_ms, &a.result.task)
+                .cmp(&(b.result.finished_at_ms, &b.result.task))
+        });
+        entries
+    }
+
+    /// Rewrites the journal with what it holds: running attempts, then results.
+    fn compact(&mut self) -> anyhow::Result<()> {
+        let mut text = Vec::new();
+        for entry in self.running_entries() {
+            text.extend(journal_line(&JournalRecord::Running(RunningRecord::from(
+                &entry,
+            )))?);
+        }
+        for entry in self.outbox_entries() {
+            text.extend(journal_line(&JournalRecord::Result(OutboxRecord::from(
+                &entry,
+            )))?);
+        }
+        self.journal.rewrite(&text)
     }
 }
 
@@ -380,14 +415,236 @@ impl From<&OutboxEntry> for OutboxRecord {
     }
 }
 
-fn encode<T: Serialize>(record: &T) -> anyhow::Result<Vec<u8>> {
-    let mut bytes = serde_json::to_vec(record).context("encoding a spool entry")?;
-    bytes.push(b'\n');
-    Ok(bytes)
+// ---- The journal ----------------------------------------------------------------------------
+
+/// One line of `journal.log`. Fields added later must be `#[serde(default)]`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum JournalRecord {
+    /// The attempt's command may be running.
+    Running(RunningRecord),
+    /// The attempt's result, not yet acknowledged.
+    Result(OutboxRecord),
+    /// The broker acknowledged the attempt's result (or it was set aside).
+    Done { task_id: String, attempt: u32 },
+}
+
+/// Whether an append is fdatasynced before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durably {
+    Yes,
+    No,
+}
+
+/// The append-only file behind [`Spool`]'s running attempts and results.
+#[derive(Debug)]
+struct Journal {
+    path: PathBuf,
+    file: File,
+    /// Bytes of whole lines in the file: a failed append is cut back to this.
+    len: u64,
+}
+
+impl Journal {
+    fn open(root: &Path) -> anyhow::Result<Journal> {
+        let path = root.join(JOURNAL_FILE);
+        let file = open_append(&path)?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        Ok(Journal { path, file, len })
+    }
+
+    fn append(&mut self, record: &JournalRecord, durably: Durably) -> anyhow::Result<()> {
+        let line = journal_line(record)?;
+        let written = self.file.write_all(&line).and_then(|()| match durably {
+            Durably::Yes => self.file.sync_data(),
+            Durably::No => Ok(()),
+        });
+        if let Err(e) = written {
+            // Cut a partial line back off, so the next append starts on a line of its own.
+            let _ = self.file.set_len(self.len);
+            return Err(e).with_context(|| format!("appending to {}", self.path.display()));
+        }
+        self.len += line.len() as u64;
+        Ok(())
+    }
+
+    /// Replaces the file with `text` (whole lines), atomically.
+    fn rewrite(&mut self, text: &[u8]) -> anyhow::Result<()> {
+        write_atomically(&self.path, text)?;
+        self.file = open_append(&self.path)?;
+        self.len = text.len() as u64;
+        Ok(())
+    }
+}
+
+/// `<crc32 of the json, 8 hex digits> <json>\n` (JSON escapes every newline in a string).
+fn journal_line(record: &JournalRecord) -> anyhow::Result<Vec<u8>> {
+    let body = serde_json::to_vec(record).context("encoding a spool journal record")?;
+    let mut line = format!("{:08x} ", crc32(&body)).into_bytes();
+    line.extend_from_slice(&body);
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn parse_journal_line(line: &[u8]) -> Result<JournalRecord, String> {
+    if line.len() <= 9 || line[8] != b' ' {
+        return Err("no checksum".into());
+    }
+    let (crc, body) = (&line[..8], &line[9..]);
+    let crc = std::str::from_utf8(crc)
+        .ok()
+        .and_then(|c| u32::from_str_radix(c, 16).ok())
+        .ok_or("no checksum")?;
+    if crc != crc32(body) {
+        return Err("checksum mismatch".into());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+/// What `journal.log` holds: running attempts and unacknowledged results. Damaged lines
+/// (and a torn last one) go to `journal.log.corrupt`.
+type Pending = (
+    HashMap<TaskRef, RunningEntry>,
+    HashMap<TaskRef, OutboxEntry>,
+);
+
+/// Damaged lines, each with why.
+type Damaged = Vec<(Vec<u8>, String)>;
+
+fn read_journal(root: &Path, set_aside_paths: &mut Vec<PathBuf>) -> anyhow::Result<Pending> {
+    let path = root.join(JOURNAL_FILE);
+    let bytes = read_if_there(&path)?;
+    let (running, outbox, damaged) = replay(&bytes);
+    for (_, reason) in &damaged {
+        error!(file = %path.display(), %reason, "damaged spool journal line");
+    }
+    if !damaged.is_empty() {
+        let corrupt = root.join(JOURNAL_CORRUPT_FILE);
+        let lines: Vec<Vec<u8>> = damaged.into_iter().map(|(line, _)| line).collect();
+        set_aside_lines(&corrupt, &lines, "damaged lines of the spool journal");
+        set_aside_paths.extend(lines.iter().map(|_| corrupt.clone()));
+    }
+    Ok((running, outbox))
+}
+
+/// The results the spool under `root` holds now, oldest first, read without changing
+/// anything (for tests and for a look at a live worker's spool).
+pub fn pending_results(root: &Path) -> anyhow::Result<Vec<TaskRef>> {
+    let (_, outbox, _) = replay(&read_if_there(&root.join(JOURNAL_FILE))?);
+    let mut entries: Vec<OutboxEntry> = outbox.into_values().collect();
+    entries.sort_by_key(|e| (e.result.finished_at_ms, e.result.task.clone()));
+    Ok(entries.into_iter().map(|e| e.result.task).collect())
+}
+
+fn read_if_there(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Applies the journal's lines in order; returns what is pending and the damaged lines
+/// with why.
+fn replay(
+    bytes: &[u8],
+) -> (
+    HashMap<TaskRef, RunningEntry>,
+    HashMap<TaskRef, OutboxEntry>,
+    Damaged,
+) {
+    let mut running = HashMap::new();
+    let mut outbox = HashMap::new();
+    let mut damaged = Vec::new();
+    for (line, torn) in lines(bytes) {
+        let record = if torn {
+            Err("torn: the worker died while appending it, before it acted on it".to_owned())
+        } else {
+            parse_journal_line(line).and_then(|record| match record {
+                JournalRecord::Running(r) => running_from_record(r).map(|entry| {
+                    running.insert(entry.task.clone(), entry);
+                }),
+                JournalRecord::Result(r) => {
+                    let entry = outbox_from_record(r);
+                    running.remove(&entry.result.task);
+                    outbox.insert(entry.result.task.clone(), entry);
+                    Ok(())
+                }
+                JournalRecord::Done { task_id, attempt } => {
+                    let task = TaskRef { task_id, attempt };
+                    running.remove(&task);
+                    outbox.remove(&task);
+                    Ok(())
+                }
+            })
+        };
+        if let Err(reason) = record {
+            damaged.push((line.to_vec(), reason));
+        }
+    }
+    (running, outbox, damaged)
+}
+
+/// The lines of `bytes` without their newline, each with whether it is torn (a last line
+/// without a newline).
+fn lines(bytes: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        Some(match rest.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                let line = &rest[..end];
+                rest = &rest[end + 1..];
+                (line, false)
+            }
+            None => (std::mem::take(&mut rest), true),
+        })
+    })
+}
+
+/// Takes the entry files of a spool from before the journal into `running` and `outbox`
+/// (the journal's entries win: they are newer). Returns the files taken, to remove once
+/// the journal holds them.
+fn read_legacy_dirs(
+    root: &Path,
+    running: &mut HashMap<TaskRef, RunningEntry>,
+    outbox: &mut HashMap<TaskRef, OutboxEntry>,
+    set_aside_paths: &mut Vec<PathBuf>,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let mut taken = Vec::new();
+    let outbox_dir = root.join(OUTBOX_DIR);
+    if outbox_dir.is_dir() {
+        for (entry, path) in load_dir(&outbox_dir, decode_outbox, set_aside_paths)? {
+            outbox.entry(entry.result.task.clone()).or_insert(entry);
+            taken.push(path);
+        }
+    }
+    let running_dir = root.join(RUNNING_DIR);
+    if running_dir.is_dir() {
+        for (entry, path) in load_dir(&running_dir, decode_running, set_aside_paths)? {
+            running.entry(entry.task.clone()).or_insert(entry);
+            taken.push(path);
+        }
+    }
+    if !taken.is_empty() {
+        info!(
+            entries = taken.len(),
+            "taking a spool of an earlier version into the journal"
+        );
+    }
+    Ok(taken)
 }
 
 fn decode_running(bytes: &[u8]) -> Result<RunningEntry, String> {
-    let r: RunningRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    running_from_record(serde_json::from_slice(bytes).map_err(|e| e.to_string())?)
+}
+
+fn running_from_record(r: RunningRecord) -> Result<RunningEntry, String> {
     // They were checked before the task started; a path is built from them again.
     for (what, id) in [
         ("run", &r.run_id),
@@ -416,7 +673,11 @@ fn decode_running(bytes: &[u8]) -> Result<RunningEntry, String> {
 
 fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, String> {
     let r: OutboxRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-    Ok(OutboxEntry {
+    Ok(outbox_from_record(r))
+}
+
+fn outbox_from_record(r: OutboxRecord) -> OutboxEntry {
+    OutboxEntry {
         run_id: r.run_id,
         step_id: r.step_id,
         job: r.job,
@@ -438,7 +699,7 @@ fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, String> {
             finished_at_ms: r.finished_at_ms,
             output_tail: r.output_tail,
         },
-    })
+    }
 }
 
 /// Every `*.json` entry of `dir`, decoded; damaged ones are set aside, leftovers of an
@@ -580,7 +841,12 @@ impl SeenLog {
         };
         let (parsed, damaged) = parse_seen(&bytes);
         if !damaged.is_empty() {
-            set_aside_lines(&corrupt_path, &damaged);
+            set_aside_lines(
+                &corrupt_path,
+                &damaged,
+                "damaged lines of the seen-attempts log (a torn last line means the worker \
+                 died while recording an attempt it had not started)",
+            );
         }
         let file_lines = parsed.len() + damaged.len();
         let mut log = SeenLog {
@@ -738,12 +1004,15 @@ fn parse_seen_line(line: &[u8]) -> Option<(TaskRef, i64)> {
     Some((task, at_ms.parse().ok()?))
 }
 
-/// Appends damaged lines to `seen.log.corrupt` before the log is rewritten without them.
-fn set_aside_lines(corrupt_path: &Path, lines: &[Vec<u8>]) {
+/// Appends damaged `lines` (`what` they are) to `corrupt_path` before the file they came
+/// from is rewritten without them.
+fn set_aside_lines(corrupt_path: &Path, lines: &[Vec<u8>], what: &str) {
     let mut text = Vec::new();
     for line in lines {
         text.extend_from_slice(line);
-        text.push(b'\n');
+        if !line.ends_with(b"\n") {
+            text.push(b'\n');
+        }
     }
     let written = OpenOptions::new()
         .create(true)
@@ -752,10 +1021,9 @@ fn set_aside_lines(corrupt_path: &Path, lines: &[Vec<u8>]) {
         .and_then(|mut f| f.write_all(&text).and_then(|()| f.sync_data()));
     match written {
         Ok(()) => error!(count = lines.len(), moved_to = %corrupt_path.display(),
-            "damaged lines of the seen-attempts log set aside (a torn last line means the \
-             worker died while recording an attempt it had not started)"),
+            "{what}: set aside"),
         Err(e) => error!(count = lines.len(), file = %corrupt_path.display(), error = %e,
-            "damaged lines of the seen-attempts log cannot be set aside; they are dropped"),
+            "{what}: cannot be set aside; dropped"),
     }
 }
 
@@ -831,6 +1099,15 @@ mod tests {
         }
     }
 
+    /// The journal's records, as JSON text, one per line.
+    fn journal(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join(JOURNAL_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| l[9..].to_owned())
+            .collect()
+    }
+
     fn files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -869,9 +1146,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), NOW).unwrap();
         spool.start(&running("a"), NOW).unwrap();
-        assert_eq!(files(&dir.path().join(RUNNING_DIR)), vec!["a.1.json"]);
+        assert_eq!(spool.running_len(), 1);
         spool.put_result(&result("a", 1)).unwrap();
-        assert!(files(&dir.path().join(RUNNING_DIR)).is_empty());
+        assert_eq!(spool.running_len(), 0);
         spool.put_result(&result("b", 3)).unwrap();
         assert_eq!(spool.outbox_len(), 2);
         drop(spool);
@@ -883,7 +1160,13 @@ mod tests {
         drop(spool);
         let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
         assert_eq!(recovered.outbox, vec![result("b", 3)]);
-        assert_eq!(files(&dir.path().join(OUTBOX_DIR)), vec!["b.3.json"]);
+        let records = journal(dir.path());
+        assert_eq!(
+            records.len(),
+            1,
+            "rewritten at open with what it holds: {records:?}"
+        );
+        assert!(records[0].starts_with(r#"{"result":{"#), "{records:?}");
     }
 
     #[test]
@@ -912,29 +1195,63 @@ mod tests {
     }
 
     #[test]
-    fn a_running_entry_next_to_its_result_is_dropped() {
+    fn a_legacy_running_entry_next_to_its_result_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), NOW).unwrap();
         spool.start(&running("a"), NOW).unwrap();
         spool.put_result(&result("a", 1)).unwrap();
         drop(spool);
-        // As if the removal of the running entry had been lost in a crash.
-        let bytes = encode(&RunningRecord::from(&running("a"))).unwrap();
-        write_atomically(&dir.path().join("running/a.1.json"), &bytes).unwrap();
+        // A running entry of an earlier version's spool, whose removal was lost.
+        std::fs::create_dir(dir.path().join(RUNNING_DIR)).unwrap();
+        let bytes = serde_json::to_vec(&RunningRecord::from(&running("a"))).unwrap();
+        std::fs::write(dir.path().join("running/a.1.json"), bytes).unwrap();
 
         let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
         assert!(recovered.running.is_empty());
         assert_eq!(recovered.outbox.len(), 1);
-        assert!(files(&dir.path().join(RUNNING_DIR)).is_empty());
+        assert!(!dir.path().join(RUNNING_DIR).exists());
     }
 
     #[test]
-    fn damaged_entries_are_set_aside_and_incomplete_writes_removed() {
+    fn damaged_and_torn_journal_lines_are_set_aside_and_the_rest_kept() {
         let dir = tempfile::tempdir().unwrap();
         let (mut spool, _) = Spool::open(dir.path(), NOW).unwrap();
         spool.put_result(&result("good", 1)).unwrap();
+        spool.put_result(&result("bad", 1)).unwrap();
+        spool.start(&running("run"), NOW).unwrap();
         drop(spool);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text = text.replacen(r#""task_id":"bad""#, r#""task_id":"bxd""#, 1); // checksum
+        text.push_str("0badc0de {\"result\":{\"run_id"); // torn: died mid-append
+        std::fs::write(&path, text).unwrap();
+
+        let (mut spool, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert_eq!(recovered.outbox, vec![result("good", 1)]);
+        assert_eq!(recovered.running, vec![running("run")]);
+        assert_eq!(recovered.set_aside.len(), 2);
+        let corrupt = std::fs::read_to_string(dir.path().join(JOURNAL_CORRUPT_FILE)).unwrap();
+        assert_eq!(corrupt.lines().count(), 2, "{corrupt}");
+        assert!(
+            corrupt.contains("bxd") && corrupt.contains("0badc0de"),
+            "{corrupt}"
+        );
+        // Rewritten clean, and appends start on a line of their own.
+        spool.put_result(&result("later", 1)).unwrap();
+        drop(spool);
+        let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert!(recovered.set_aside.is_empty(), "set aside once");
+        assert_eq!(recovered.outbox.len(), 2);
+    }
+
+    #[test]
+    fn damaged_legacy_entries_are_set_aside_and_incomplete_writes_removed() {
+        let dir = tempfile::tempdir().unwrap();
         let outbox = dir.path().join(OUTBOX_DIR);
+        std::fs::create_dir_all(&outbox).unwrap();
+        std::fs::create_dir_all(dir.path().join(RUNNING_DIR)).unwrap();
+        let good = serde_json::to_vec(&OutboxRecord::from(&result("good", 1))).unwrap();
+        std::fs::write(outbox.join("good.1.json"), good).unwrap();
         std::fs::write(outbox.join("bad.1.json"), b"{\"run_id\": \"r1\", tr").unwrap();
         std::fs::write(outbox.join(".half.1.json.tmp"), b"{").unwrap();
         std::fs::write(dir.path().join("running/x.1.json"), b"\xff\xfe").unwrap();
@@ -948,15 +1265,42 @@ mod tests {
         assert_eq!(recovered.set_aside.len(), 3);
         assert_eq!(
             files(&outbox),
-            vec!["bad.1.json.corrupt", "good.1.json", "huge.1.json.corrupt"]
+            vec!["bad.1.json.corrupt", "huge.1.json.corrupt"],
+            "the good entry is in the journal now"
         );
         assert_eq!(
             files(&dir.path().join(RUNNING_DIR)),
             vec!["x.1.json.corrupt"]
         );
-        // Set aside once: a second open finds nothing new.
+        // Set aside once: a second open finds nothing new, and the result still.
         let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
         assert!(recovered.set_aside.is_empty());
+        assert_eq!(recovered.outbox, vec![result("good", 1)]);
+    }
+
+    #[test]
+    fn the_journal_is_compacted_once_it_grows_and_keeps_what_is_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path(), NOW).unwrap();
+        spool.start(&running("long"), NOW).unwrap();
+        let mut big = result("x", 1);
+        big.result.output_tail = "y".repeat(4000);
+        let mut compacted = false;
+        for i in 0..400 {
+            let mut r = big.clone();
+            r.result.task = t(&format!("t{i}"), 1);
+            spool.put_result(&r).unwrap();
+            spool.remove_result(&r.result.task);
+            let len = spool.journal.len;
+            assert!(len < JOURNAL_COMPACT_BYTES + 8192, "bounded: {len}");
+            compacted |= len < 8192;
+        }
+        assert!(compacted, "the journal was rewritten on the way");
+        spool.put_result(&result("kept", 1)).unwrap();
+        drop(spool);
+        let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert_eq!(recovered.running, vec![running("long")]);
+        assert_eq!(recovered.outbox, vec![result("kept", 1)]);
     }
 
     #[test]
@@ -1024,15 +1368,16 @@ mod tests {
         let mut refused = result("x", 1);
         refused.result.task.task_id = "../../etc/passwd".into();
         spool.put_result(&refused).unwrap();
-        spool.put_result(&refused).unwrap(); // the same attempt again: one file
-        let names = files(&dir.path().join(OUTBOX_DIR));
-        assert_eq!(names.len(), 1);
-        assert!(names[0].starts_with("refused-"), "{names:?}");
+        spool.put_result(&refused).unwrap(); // the same attempt again: one entry
+        assert_eq!(spool.outbox_len(), 1);
         drop(spool);
         let (mut spool, recovered) = Spool::open(dir.path(), NOW).unwrap();
         assert_eq!(recovered.outbox, vec![refused.clone()]);
         spool.remove_result(&refused.result.task);
-        assert!(files(&dir.path().join(OUTBOX_DIR)).is_empty());
+        drop(spool);
+        let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert!(recovered.outbox.is_empty());
+        assert!(!dir.path().join("etc").exists() && !dir.path().join("..").join("etc").exists());
     }
 
     #[test]
@@ -1041,18 +1386,38 @@ mod tests {
         let (mut spool, _) = Spool::open(dir.path(), NOW).unwrap();
         spool.put_result(&result("a", 1)).unwrap();
         spool.set_aside_result(&t("a", 1), "too large");
-        assert_eq!(
-            files(&dir.path().join(OUTBOX_DIR)),
-            vec!["a.1.json.corrupt"]
-        );
+        assert_eq!(spool.outbox_len(), 0);
+        drop(spool);
+        let corrupt = std::fs::read_to_string(dir.path().join(JOURNAL_CORRUPT_FILE)).unwrap();
+        let (record, _) = corrupt.split_once('\n').unwrap();
+        assert!(matches!(
+            parse_journal_line(record.as_bytes()),
+            Ok(JournalRecord::Result(r)) if r.task_id == "a"
+        ));
+        let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert!(recovered.outbox.is_empty(), "not sent again");
     }
 
     #[test]
-    fn stored_entries_of_this_version_still_load() {
+    fn stored_entries_of_earlier_versions_and_this_one_still_load() {
         // The on-disk format is a compatibility promise: these bytes must keep loading.
         let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path(), NOW).unwrap();
-        drop(spool);
+        for legacy in [OUTBOX_DIR, RUNNING_DIR] {
+            std::fs::create_dir(dir.path().join(legacy)).unwrap();
+        }
+        let record = |json: &str| format!("{:08x} {json}\n", crc32(json.as_bytes()));
+        let journal = [
+            r#"{"running":{"run_id":"r1","step_id":"s1","job":"build","task_id":"t3","attempt":1,"worker":"w1","started_at_ms":5}}"#,
+            r#"{"running":{"run_id":"r1","step_id":"s1","job":"build","task_id":"t4","attempt":1,"worker":"w1","started_at_ms":6}}"#,
+            r#"{"result":{"run_id":"r1","step_id":"s1","job":"build","task_id":"t4","attempt":1,"worker":"w1","outcome":"succeeded","exit_code":0,"started_at_ms":6,"finished_at_ms":7,"output_tail":"ok\n"}}"#,
+            r#"{"result":{"run_id":"r1","step_id":"s1","job":"build","task_id":"t5","attempt":1,"worker":"w1","outcome":"timed_out","started_at_ms":6,"finished_at_ms":8}}"#,
+            r#"{"done":{"task_id":"t5","attempt":1}}"#,
+        ];
+        std::fs::write(
+            dir.path().join(JOURNAL_FILE),
+            journal.iter().map(|j| record(j)).collect::<String>(),
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("outbox/t1.2.json"),
             r#"{"run_id":"r1","step_id":"s1","job":"build","task_id":"t1","attempt":2,
@@ -1075,9 +1440,17 @@ mod tests {
         )
         .unwrap();
         let (_, recovered) = Spool::open(dir.path(), NOW).unwrap();
+        assert!(recovered.set_aside.is_empty(), "{:?}", recovered.set_aside);
+        let outbox: Vec<&TaskRef> = recovered.outbox.iter().map(|e| &e.result.task).collect();
+        assert_eq!(outbox, vec![&t("t1", 2), &t("t4", 1)]);
         assert_eq!(recovered.outbox[0].result.exit_code, Some(3));
         assert_eq!(recovered.outbox[0].result.output_tail, "");
-        assert_eq!(recovered.running[0].task, t("t2", 1));
-        assert_eq!(recovered.seen, vec![t("t0", 1), t("t2", 1), t("t1", 2)]);
+        assert_eq!(recovered.outbox[1].result.output_tail, "ok\n");
+        let running: Vec<&TaskRef> = recovered.running.iter().map(|e| &e.task).collect();
+        assert_eq!(running, vec![&t("t2", 1), &t("t3", 1)]);
+        assert!(recovered.seen.contains(&t("t0", 1)) && recovered.seen.contains(&t("t1", 2)));
+        // Taken into the journal: the legacy directories are gone.
+        assert!(!dir.path().join(OUTBOX_DIR).exists());
+        assert!(!dir.path().join(RUNNING_DIR).exists());
     }
 }

@@ -148,17 +148,13 @@ pub fn worker_log(root: &Path) -> String {
     std::fs::read_to_string(root.join("log/worker.log")).unwrap_or_default()
 }
 
-/// Files in the worker's outbox under `root`.
+/// The results the worker's spool under `root` holds, as `<task id>.<attempt>`.
 pub fn outbox(root: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(root.join("spool/outbox"))
-        .map(|entries| {
-            entries
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
+    worker::spool::pending_results(&root.join("spool"))
+        .unwrap()
+        .into_iter()
+        .map(|task| format!("{}.{}", task.task_id, task.attempt))
+        .collect()
 }
 
 /// A worker running in this process; stopped (drained) on [`InProcessWorker::stop`] or drop.

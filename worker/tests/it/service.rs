@@ -44,7 +44,7 @@ fn a_result_stays_in_the_outbox_until_the_broker_acknowledges_it() {
     broker.offer(work("count", "t1", 1, "w1"));
     let result = broker.wait_finished("t1");
     assert_eq!(result.outcome, TaskOutcome::Succeeded);
-    assert_eq!(outbox(root.path()), vec!["t1.1.json"]);
+    assert_eq!(outbox(root.path()), vec!["t1.1"]);
     wait_until("the result to be resent", || {
         broker.finished_messages("t1").len() >= 2
     });
@@ -54,7 +54,7 @@ fn a_result_stays_in_the_outbox_until_the_broker_acknowledges_it() {
         .map(|(id, _)| id)
         .collect();
     assert!(ids.iter().all(|id| *id == ids[0]), "resent under its id");
-    assert_eq!(outbox(root.path()), vec!["t1.1.json"]);
+    assert_eq!(outbox(root.path()), vec!["t1.1"]);
 
     broker.set_ack_results(true);
     wait_until("the acknowledged result to leave the outbox", || {
@@ -76,7 +76,7 @@ fn a_restarted_worker_resends_its_outbox_and_never_reruns_a_seen_attempt() {
     broker.offer(work("count", "t1", 1, "w1"));
     broker.wait_finished("t1");
     worker.stop(); // unacknowledged: the result stays in the spool
-    assert_eq!(outbox(root.path()), vec!["t1.1.json"]);
+    assert_eq!(outbox(root.path()), vec!["t1.1"]);
     let sent_before = broker.finished_messages("t1");
 
     broker.set_ack_results(true);
