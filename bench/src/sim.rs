@@ -174,6 +174,7 @@ impl Workers {
                 running: self.held[i].clone(),
                 version: String::from("bench-sim"),
                 counters: Default::default(),
+                leaving: false,
             }),
         )
     }

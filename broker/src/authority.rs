@@ -127,7 +127,8 @@ pub fn may_send(message: &Message) -> &'static [Role] {
         Message::CancelRun { .. }
         | Message::PrioritizeRun { .. }
         | Message::TrackRun { .. }
-        | Message::ControlResource { .. } => &[Frontend],
+        | Message::ControlResource { .. }
+        | Message::ForgetWorker { .. } => &[Frontend],
         // Broker → client messages: nobody sends them to the broker. (A worker reports a
         // cancelled attempt with `TaskFinished`, outcome `cancelled`.)
         Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => &[],
@@ -241,6 +242,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::PrioritizeRun { .. } => "PrioritizeRun",
         Message::TrackRun { .. } => "TrackRun",
         Message::ControlResource { .. } => "ControlResource",
+        Message::ForgetWorker { .. } => "ForgetWorker",
         Message::Reply(_) => "Reply",
         Message::Work(_) => "Work",
         Message::CancelWork(_) => "CancelWork",

@@ -359,6 +359,7 @@ impl Engine {
             Message::ControlResource { name, action } => {
                 self.on_control_resource(&mut fx, &env, name, action, now)
             }
+            Message::ForgetWorker { name } => self.on_forget_worker(&mut fx, &env, name),
             // `authorize` lets none of these through; dropped all the same should it change.
             Message::Reply(_) | Message::Work(_) | Message::CancelWork(_) | Message::Event(_) => {
                 self.count_dropped_frame("unexpected");
@@ -391,13 +392,23 @@ impl Engine {
         let mut fx = Effects::default();
         self.resume_fixups(&mut fx, now);
         let expiry = self.config.worker_expiry_ms;
-        for worker in self.registry.expire(now, expiry) {
-            warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
-            self.count("workers_lost");
-            let reason = format!(
-                "worker {worker} lost before starting the task: no heartbeat for {} s",
-                expiry / 1000
-            );
+        for expired in self.registry.expire(now, expiry) {
+            let worker = expired.name;
+            let reason = if expired.left {
+                info!(worker = %worker, "worker left");
+                self.count("workers_left");
+                fx.writes.push(Write::WorkerForgotten {
+                    name: worker.clone(),
+                });
+                format!("worker {worker} left before starting the task")
+            } else {
+                warn!(worker = %worker, "worker lost: no heartbeat for {} ms", expiry);
+                self.count("workers_lost");
+                format!(
+                    "worker {worker} lost before starting the task: no heartbeat for {} s",
+                    expiry / 1000
+                )
+            };
             self.fail_unstarted_of(&mut fx, &worker, &reason, now);
         }
         self.expire_leases(&mut fx, now);
@@ -459,6 +470,7 @@ impl Engine {
             running: vec![],
             version: "t".into(),
             counters: Default::default(),
+            leaving: false,
         };
         self.registry.heartbeat(&status, now);
     }

@@ -1,7 +1,10 @@
 //! Who serves what: the live workers and the job catalog they registered.
 //!
 //! Workers register with every heartbeat; the catalog is the union of the jobs they serve.
-//! A worker is live while its last heartbeat is younger than the expiry.
+//! A worker is live while its last heartbeat is younger than the expiry. A worker that
+//! says it is leaving (it stops) is given nothing new and is not listed live; when its
+//! heartbeats have expired it is forgotten (not lost), unless it came back first (a
+//! restart). An operator may forget a lost one.
 //!
 //! A job's parameter patterns are compiled when its definition enters the catalog, never
 //! when a trigger is checked. A definition whose patterns cannot be compiled (malformed, or
@@ -28,6 +31,8 @@ pub struct Worker {
     pub version: String,
     pub last_seen_ms: i64,
     pub live: bool,
+    /// It said it is stopping (not stored: a restarted broker hears it again).
+    pub leaving: bool,
     /// Its own counters, as its last heartbeat gave them (not stored).
     pub counters: BTreeMap<String, u64>,
 }
@@ -52,6 +57,23 @@ pub struct Registration {
     pub changed: bool,
     /// Definitions refused by this heartbeat (not by an earlier one): job and reason.
     pub refused: Vec<(String, String)>,
+    /// The worker said, for the first time, that it is leaving.
+    pub started_leaving: bool,
+}
+
+/// A worker whose heartbeats expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub name: String,
+    /// It had said it was leaving: it stopped cleanly and is forgotten, not lost.
+    pub left: bool,
+}
+
+/// Why a worker cannot be forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForgetRefusal {
+    Unknown,
+    Live,
 }
 
 #[derive(Debug, Default)]
@@ -120,7 +142,8 @@ impl Registry {
         }
         match self.workers.get_mut(&status.name) {
             Some(w) => {
-                reg.became_live = !w.live;
+                reg.became_live = !w.live && !status.leaving;
+                reg.started_leaving = status.leaving && !w.leaving;
                 if w.instance != status.instance {
                     reg.restarted_from = Some(w.instance.clone());
                     reg.changed = true;
@@ -140,11 +163,13 @@ impl Registry {
                 w.version = status.version.clone();
                 w.last_seen_ms = now_ms;
                 w.live = true;
+                w.leaving = status.leaving;
                 w.counters = worker_counters(status, w.counters.get(COUNTERS_REFUSED));
             }
             None => {
                 info!(worker = %status.name, jobs = jobs.len(), "worker registered");
-                reg.became_live = true;
+                reg.became_live = !status.leaving;
+                reg.started_leaving = status.leaving;
                 reg.changed = true;
                 self.workers.insert(
                     status.name.clone(),
@@ -158,6 +183,7 @@ impl Registry {
                         version: status.version.clone(),
                         last_seen_ms: now_ms,
                         live: true,
+                        leaving: status.leaving,
                         counters: worker_counters(status, None),
                     },
                 );
@@ -206,14 +232,22 @@ impl Registry {
         true
     }
 
-    /// Marks workers without a heartbeat for `expiry_ms` as expired; returns their names.
-    pub fn expire(&mut self, now_ms: i64, expiry_ms: i64) -> Vec<String> {
+    /// Workers without a heartbeat for `expiry_ms`: those that had said they were leaving
+    /// are forgotten, the others marked lost.
+    pub fn expire(&mut self, now_ms: i64, expiry_ms: i64) -> Vec<Expired> {
         let mut expired = Vec::new();
         for w in self.workers.values_mut() {
             if w.live && now_ms - w.last_seen_ms > expiry_ms {
                 w.live = false;
-                expired.push(w.name.clone());
+                expired.push(Expired {
+                    name: w.name.clone(),
+                    left: w.leaving,
+                });
             }
+        }
+        for gone in expired.iter().filter(|e| e.left) {
+            self.workers.remove(&gone.name);
+            self.refused.remove(&gone.name);
         }
         expired
     }
@@ -246,15 +280,31 @@ impl Registry {
         self.catalog.get(name).map(|c| &c.entry)
     }
 
-    /// Live workers that serve `job`, in name order.
+    /// Live workers that serve `job` (not leaving), in name order.
     pub fn live_workers_for<'a>(&'a self, job: &'a str) -> impl Iterator<Item = &'a Worker> + 'a {
         self.workers
             .values()
-            .filter(move |w| w.live && w.jobs.contains(job))
+            .filter(move |w| w.live && !w.leaving && w.jobs.contains(job))
     }
 
     pub fn live_count(&self) -> usize {
-        self.workers.values().filter(|w| w.live).count()
+        self.workers
+            .values()
+            .filter(|w| w.live && !w.leaving)
+            .count()
+    }
+
+    /// Forgets a worker that is lost or leaving (an operator's request).
+    pub fn forget(&mut self, name: &str) -> Result<(), ForgetRefusal> {
+        match self.workers.get(name) {
+            None => Err(ForgetRefusal::Unknown),
+            Some(w) if w.live && !w.leaving => Err(ForgetRefusal::Live),
+            Some(_) => {
+                self.workers.remove(name);
+                self.refused.remove(name);
+                Ok(())
+            }
+        }
     }
 
     pub fn worker_views(&self) -> Vec<WorkerView> {
@@ -267,7 +317,8 @@ impl Registry {
                 slots: w.slots,
                 running: w.running,
                 last_seen_ms: w.last_seen_ms,
-                live: w.live,
+                live: w.live && !w.leaving,
+                leaving: w.leaving,
                 version: w.version.clone(),
                 counters: w.counters.clone(),
             })
@@ -356,6 +407,7 @@ mod tests {
             running: vec![],
             version: "0".into(),
             counters: Default::default(),
+            leaving: false,
         }
     }
 
@@ -434,13 +486,76 @@ mod tests {
             r.heartbeat(&status("a", "i1", &["x"]), 100),
             Registration::default()
         );
-        assert_eq!(r.expire(1000, 2000), Vec::<String>::new());
-        assert_eq!(r.expire(3000, 2000), vec!["a".to_string()]);
+        assert_eq!(r.expire(1000, 2000), Vec::new());
+        assert_eq!(
+            r.expire(3000, 2000),
+            vec![Expired {
+                name: "a".into(),
+                left: false
+            }]
+        );
         assert!(r.live_workers_for("x").next().is_none());
         let reg = r.heartbeat(&status("a", "i2", &["x", "y"]), 3100);
         assert!(reg.became_live);
         assert_eq!(reg.restarted_from.as_deref(), Some("i1"));
         assert!(r.job("y").is_some());
+    }
+
+    #[test]
+    fn a_leaving_worker_gets_nothing_new_and_is_forgotten_when_it_expires() {
+        let mut r = Registry::default();
+        r.heartbeat(&status("a", "i1", &["x"]), 0);
+        r.heartbeat(&status("b", "i1", &["x"]), 0);
+        let mut leaving = status("a", "i1", &["x"]);
+        leaving.leaving = true;
+        let reg = r.heartbeat(&leaving, 100);
+        assert!(reg.started_leaving && !reg.became_live);
+        assert!(!r.heartbeat(&leaving, 150).started_leaving, "said once");
+        let names: Vec<&str> = r.live_workers_for("x").map(|w| w.name.as_str()).collect();
+        assert_eq!(names, vec!["b"], "no new work for a leaving worker");
+        assert_eq!(r.live_count(), 1);
+        let view = r
+            .worker_views()
+            .into_iter()
+            .find(|v| v.name == "a")
+            .unwrap();
+        assert!(!view.live && view.leaving, "off the live list: {view:?}");
+
+        // It stopped: its heartbeats expire, and it is forgotten rather than lost.
+        r.heartbeat(&status("b", "i1", &["x"]), 3000);
+        assert_eq!(
+            r.expire(3000, 2000),
+            vec![Expired {
+                name: "a".into(),
+                left: true
+            }]
+        );
+        assert!(r.worker("a").is_none());
+
+        // A restart before that: live again, given work again.
+        let mut back = status("b", "i1", &["x"]);
+        back.leaving = true;
+        r.heartbeat(&back, 3100);
+        let reg = r.heartbeat(&status("b", "i2", &["x"]), 3200);
+        assert_eq!(reg.restarted_from.as_deref(), Some("i1"));
+        assert_eq!(r.live_workers_for("x").count(), 1);
+        assert!(!r.worker("b").unwrap().leaving);
+    }
+
+    #[test]
+    fn only_a_lost_or_leaving_worker_can_be_forgotten() {
+        let mut r = Registry::default();
+        r.heartbeat(&status("a", "i1", &["x"]), 0);
+        assert_eq!(r.forget("a"), Err(ForgetRefusal::Live));
+        assert_eq!(r.forget("nobody"), Err(ForgetRefusal::Unknown));
+        r.expire(5000, 2000);
+        assert_eq!(r.forget("a"), Ok(()));
+        assert!(r.worker("a").is_none());
+        assert!(r.worker_views().is_empty());
+        let mut leaving = status("b", "i1", &["x"]);
+        leaving.leaving = true;
+        r.heartbeat(&leaving, 0);
+        assert_eq!(r.forget("b"), Ok(()), "a leaving worker may be forgotten");
     }
 
     #[test]

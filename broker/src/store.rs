@@ -396,6 +396,11 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 params![w.name, w.instance, json(&w.jobs), json(&w.capabilities), w.slots, w.version, w.last_seen_ms],
             )
             .context("writing a worker"),
+        Write::WorkerForgotten { name } => execute_cached(tx,
+                "DELETE FROM workers WHERE name = ?1",
+                params![name],
+            )
+            .context("forgetting a worker"),
         Write::Job(c) => execute_cached(tx,
                 "INSERT OR REPLACE INTO jobs (name, spec, source, updated_at) VALUES (?1, ?2, ?3, ?4)",
                 params![c.spec.name, json(&c.spec), c.source, c.updated_at_ms],
@@ -614,6 +619,7 @@ impl Store for SqliteStore {
                     version: row.get(5)?,
                     last_seen_ms: row.get(6)?,
                     live: true,
+                    leaving: false,
                     counters: Default::default(),
                 })
             },

@@ -180,6 +180,7 @@ impl Api {
             Route::Schedules => self.list_schedules(),
             Route::Resources => self.list_resources(),
             Route::ControlResource { name, action } => self.control_resource(name, action),
+            Route::ForgetWorker { name } => self.forget_worker(name),
             Route::Graph { dot } => self.graph(dot),
             Route::Healthz => Ok(self.healthz()),
             Route::Metrics => Ok(self.metrics()),
@@ -439,6 +440,27 @@ impl Api {
             ))),
             ReplyBody::Rejected { status, error } => {
                 Err(rejected(status, &error, ("resource", json!(name))))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn forget_worker(&self, name: String) -> Handled {
+        let message = Message::ForgetWorker { name: name.clone() };
+        match self
+            .broker
+            .request(message, self.request_timeout)
+            .map_err(|e| broker_error(&e))?
+        {
+            ReplyBody::Ack => {
+                info!(worker = %name, "worker forgotten");
+                Ok(Outcome::Reply(HttpReply::json(
+                    200,
+                    &json!({ "worker": name, "forgotten": true }),
+                )))
+            }
+            ReplyBody::Rejected { status, error } => {
+                Err(rejected(status, &error, ("worker", json!(name))))
             }
             other => Err(unexpected(&other)),
         }
@@ -1133,6 +1155,7 @@ mod tests {
                 live: false,
                 version: "1".into(),
                 counters: Default::default(),
+                leaving: false,
             }])),
             other => panic!("{other:?}"),
         }));
@@ -1164,6 +1187,7 @@ mod tests {
                 live: true,
                 version: "1".into(),
                 counters: BTreeMap::from([("output_files_pruned".into(), 4)]),
+                leaving: false,
             }])),
             other => panic!("{other:?}"),
         })

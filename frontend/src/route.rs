@@ -114,6 +114,8 @@ pub enum Endpoint {
     Resources,
     /// `POST /resources/{name}?action=create|clear`.
     ControlResource,
+    /// `POST /workers/{name}?action=forget`.
+    ForgetWorker,
     /// `/graph?format=dot`.
     Graph,
     /// `/healthz`.
@@ -133,9 +135,10 @@ impl Endpoint {
             | Endpoint::TrackRun
             | Endpoint::UntrackRun => Some(Scope::Trigger),
             // Reordering the line, or making data exist or vanish, affects everybody's runs.
-            Endpoint::RetryDead | Endpoint::PrioritizeRun | Endpoint::ControlResource => {
-                Some(Scope::Admin)
-            }
+            Endpoint::RetryDead
+            | Endpoint::PrioritizeRun
+            | Endpoint::ControlResource
+            | Endpoint::ForgetWorker => Some(Scope::Admin),
             Endpoint::Dashboard
             | Endpoint::Runs
             | Endpoint::Run
@@ -166,6 +169,7 @@ impl Endpoint {
                 | Endpoint::TrackRun
                 | Endpoint::UntrackRun
                 | Endpoint::ControlResource
+                | Endpoint::ForgetWorker
         )
     }
 
@@ -285,6 +289,11 @@ pub enum Route {
         /// `action=create|clear`.
         action: ResourceAction,
     },
+    /// An operator forgets a lost or leaving worker (`action=forget`).
+    ForgetWorker {
+        /// Its name.
+        name: String,
+    },
     /// The lineage graph (`format=dot`: Graphviz text; else JSON edges).
     Graph {
         /// DOT text rather than JSON.
@@ -317,6 +326,7 @@ impl Route {
             Route::Schedules => Endpoint::Schedules,
             Route::Resources => Endpoint::Resources,
             Route::ControlResource { .. } => Endpoint::ControlResource,
+            Route::ForgetWorker { .. } => Endpoint::ForgetWorker,
             Route::Graph { .. } => Endpoint::Graph,
             Route::Healthz => Endpoint::Healthz,
             Route::Metrics => Endpoint::Metrics,
@@ -514,6 +524,7 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         ["runs", _, "untrack"] => Some(Endpoint::UntrackRun),
         ["jobs"] => Some(Endpoint::Jobs),
         ["workers"] => Some(Endpoint::Workers),
+        ["workers", _] => Some(Endpoint::ForgetWorker),
         ["dead"] => Some(Endpoint::Dead),
         ["dead", _, "retry"] => Some(Endpoint::RetryDead),
         ["semaphores"] => Some(Endpoint::Semaphores),
@@ -625,6 +636,14 @@ fn arguments(
                 name: second(),
                 action,
             }
+        }
+        Endpoint::ForgetWorker => {
+            only(&query, &["action"])?;
+            let raw = query.remove("action").ok_or(RouteError::MissingValue)?;
+            if raw != "forget" {
+                return Err(bad_value("action", &raw, "action must be forget".into()));
+            }
+            Route::ForgetWorker { name: second() }
         }
         Endpoint::Graph => {
             only(&query, &["format"])?;
@@ -1101,33 +1120,47 @@ mod tests {
     }
 
     #[test]
-    fn an_encoded_resources_path_keeps_the_admin_scope_and_its_name() {
-        let mut checked = 0;
-        for encoded in encodings("resources") {
-            for target in [
-                format!("/{encoded}/data.1?action=create"),
-                format!("http://x/{encoded}/data.1?action=create"),
-            ] {
-                let parsed = parse(&Method::Post, &target);
-                assert_eq!(parsed.scope(), Some(Scope::Admin), "{target}");
-                assert_eq!(
-                    parsed.route,
-                    Ok(Route::ControlResource {
-                        name: "data.1".into(),
-                        action: ResourceAction::Create
-                    }),
-                    "{target}"
-                );
-                checked += 1;
+    fn encoded_admin_paths_keep_the_admin_scope_and_their_name() {
+        let cases = [
+            (
+                "resources",
+                "create",
+                Route::ControlResource {
+                    name: "data.1".into(),
+                    action: ResourceAction::Create,
+                },
+            ),
+            (
+                "workers",
+                "forget",
+                Route::ForgetWorker {
+                    name: "data.1".into(),
+                },
+            ),
+        ];
+        for (collection, action, expected) in cases {
+            let mut checked = 0;
+            for encoded in encodings(collection) {
+                for target in [
+                    format!("/{encoded}/data.1?action={action}"),
+                    format!("http://x/{encoded}/data.1?action={action}"),
+                ] {
+                    let parsed = parse(&Method::Post, &target);
+                    assert_eq!(parsed.scope(), Some(Scope::Admin), "{target}");
+                    assert_eq!(parsed.route, Ok(expected.clone()), "{target}");
+                    checked += 1;
+                }
+                // Changes take POST only.
+                let target = format!("/{encoded}/data.1?action={action}");
+                let error = parse(&Method::Get, &target).route.unwrap_err().error;
+                assert_eq!(error.status(), 405, "{target}");
             }
+            assert!(checked > 10, "{collection}: {checked}");
+            // A name with an encoded separator is refused, not split.
+            let target = format!("/{collection}/a%2Fb?action={action}");
+            let error = parse(&Method::Post, &target).route.unwrap_err().error;
+            assert_eq!(error.status(), 400, "{target}");
         }
-        assert!(checked > 10, "{checked}");
-        // A name with an encoded separator is refused, not split.
-        let error = parse(&Method::Post, "/resources/a%2Fb?action=create")
-            .route
-            .unwrap_err()
-            .error;
-        assert_eq!(error.status(), 400);
     }
 
     #[test]

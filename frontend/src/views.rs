@@ -267,6 +267,13 @@ pub fn worker(worker: &WorkerView) -> Value {
         "running": worker.running,
         "last_seen": time(worker.last_seen_ms),
         "live": worker.live,
+        "state": if worker.live {
+            "live"
+        } else if worker.leaving {
+            "leaving"
+        } else {
+            "lost"
+        },
         "version": worker.version,
         "counters": worker.counters,
     })
@@ -500,13 +507,14 @@ mod tests {
             live: true,
             version: "0.0.0".into(),
             counters: [("output_files_pruned".to_string(), 3)].into(),
+            leaving: false,
         };
         assert_eq!(
             worker(&view),
             json!({
                 "name": "w1", "jobs": ["build"], "capabilities": ["gpu"], "slots": 4,
                 "running": 1, "last_seen": "2023-11-14T22:13:20.000Z", "live": true,
-                "version": "0.0.0", "counters": {"output_files_pruned": 3}
+                "state": "live", "version": "0.0.0", "counters": {"output_files_pruned": 3}
             })
         );
     }

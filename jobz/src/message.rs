@@ -92,6 +92,13 @@ pub enum Message {
         /// Create or clear.
         action: ResourceAction,
     },
+    /// Frontend → broker: an operator forgets a worker that is lost (no heartbeat within
+    /// the expiry) or leaving: it leaves the worker list and the store. Answered `Ack`, or
+    /// `Rejected` with 404 for an unknown worker and 409 for a live one.
+    ForgetWorker {
+        /// The worker's name.
+        name: String,
+    },
     /// Broker → workers (on the job's topic): stop these tasks of a cancelled run. A worker
     /// kills the process group of each it runs, drops each it has queued, and refuses each
     /// it has not seen yet; it reports every one with [`TaskOutcome::Cancelled`] (one it had
@@ -143,6 +150,11 @@ pub struct WorkerStatus {
     /// that pass [`is_valid_counter_name`].
     #[serde(default)]
     pub counters: BTreeMap<String, u64>,
+    /// The worker is stopping (SIGTERM): it takes no new work and drains what it runs; with
+    /// `running` empty it is about to exit. The broker gives it nothing new at once, takes
+    /// it off the live list, and forgets it once nothing of it runs.
+    #[serde(default)]
+    pub leaving: bool,
 }
 
 /// Counters the broker keeps per worker.
@@ -803,8 +815,11 @@ pub struct WorkerView {
     pub running: u32,
     /// Last heartbeat, ms since the epoch.
     pub last_seen_ms: i64,
-    /// Heartbeat within the expiry.
+    /// Heartbeat within the expiry, and not leaving.
     pub live: bool,
+    /// Stopping: it drains what it runs and gets nothing new.
+    #[serde(default)]
+    pub leaving: bool,
     /// Worker binary version.
     pub version: String,
     /// Its counters as its last heartbeat gave them (see [`WorkerStatus::counters`]).

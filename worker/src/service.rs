@@ -265,6 +265,8 @@ impl Service {
                 }
             }
         }
+        // Its last heartbeat: leaving with nothing running, so the broker forgets it.
+        self.heartbeat();
         self.wait_for_acks(self.config.ack_wait);
         info!("worker stopped");
         Ok(())
@@ -701,6 +703,7 @@ impl Service {
             capabilities: self.config.capabilities.clone(),
             slots: self.config.slots,
             running: self.scheduler.running(),
+            leaving: self.scheduler.is_draining(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             counters: self
                 .pruned
@@ -819,6 +822,9 @@ impl Service {
                 .in_scope(|| info!("queued task handed back: not started before shutdown"));
             self.log.append(task, HANDED_BACK_EVENT);
         }
+        // Tell the broker at once: it gives this worker nothing new from now on and takes
+        // it off the live list (a broadcast triggered now does not wait for it).
+        self.heartbeat();
         Drain {
             deadline: Instant::now() + self.config.drain_timeout,
             killed_at: None,
@@ -844,7 +850,8 @@ impl Service {
         let deadline = Instant::now() + limit;
         loop {
             self.poll_acks();
-            if self.acks.is_empty() {
+            self.poll_heartbeat(false);
+            if self.acks.is_empty() && self.heartbeat_reply.is_none() {
                 return;
             }
             if Instant::now() >= deadline {

@@ -53,6 +53,7 @@ fn status(name: &str) -> WorkerStatus {
         running: vec![],
         version: "t".into(),
         counters: Default::default(),
+        leaving: false,
     }
 }
 

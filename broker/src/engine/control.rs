@@ -1,4 +1,5 @@
-//! What an operator does to a run: cancel it, change its priority, mark it tracked. Each
+//! What an operator does to a run: cancel it, change its priority, mark it tracked (and to
+//! a worker: forget it once it is lost or leaving). Each
 //! is answered with the run as the store holds it once the change is committed (a read
 //! after the writes), or with why not.
 //!
@@ -21,6 +22,7 @@ use super::effects::{read, reply, Effects, Publish, ReadQuery, RunAction, Write}
 use super::Engine;
 use crate::authority::Principal;
 use crate::ids::{RunId, StepId, TaskId};
+use crate::registry::ForgetRefusal;
 
 /// The error of a task withdrawn before it reached a worker because its run was cancelled.
 pub(super) const WITHDRAWN: &str = "withdrawn: the run was cancelled";
@@ -212,5 +214,36 @@ impl Engine {
             }),
         }
         read(fx, env, ReadQuery::Run(run_id.clone()));
+    }
+
+    /// An operator forgets a worker that is lost or leaving: it leaves the list and the
+    /// store. A live one is refused: stopped cleanly, it leaves by itself.
+    pub(super) fn on_forget_worker(&mut self, fx: &mut Effects, env: &Envelope, name: String) {
+        match self.registry.forget(&name) {
+            Ok(()) => {
+                info!(worker = %name, sender = %env.sender, "worker forgotten by an operator");
+                fx.writes.push(Write::WorkerForgotten { name });
+                reply(fx, env, ReplyBody::Ack);
+            }
+            Err(ForgetRefusal::Unknown) => reply(
+                fx,
+                env,
+                ReplyBody::Rejected {
+                    status: 404,
+                    error: format!("no worker {name:?}"),
+                },
+            ),
+            Err(ForgetRefusal::Live) => reply(
+                fx,
+                env,
+                ReplyBody::Rejected {
+                    status: 409,
+                    error: format!(
+                        "worker {name:?} is live; a worker stopped cleanly leaves the list by \
+                         itself, a lost one can be forgotten once its heartbeats have expired"
+                    ),
+                },
+            ),
+        }
     }
 }

@@ -19,6 +19,10 @@ pub enum Write {
     Step(Step),
     Task(Task),
     Worker(Worker),
+    /// A worker that left or that an operator forgot.
+    WorkerForgotten {
+        name: String,
+    },
     Job(CatalogEntry),
     Attempt(Attempt),
     /// A result for a task of a run that has ended (so it is no longer in memory): the
@@ -53,6 +57,7 @@ impl Write {
             Write::Step(s) => Some((1, s.step_id.as_str(), 0)),
             Write::Task(t) => Some((2, t.task_id.as_str(), 0)),
             Write::Worker(w) => Some((3, w.name.as_str(), 0)),
+            Write::WorkerForgotten { name } => Some((3, name.as_str(), 0)),
             Write::Job(c) => Some((4, c.spec.name.as_str(), 0)),
             Write::Attempt(a) => Some((5, a.task_id.as_str(), a.attempt)),
             Write::Dead(d) => Some((6, d.task_id.as_str(), 0)),

@@ -5,7 +5,7 @@
 use jobz::envelope::Envelope;
 use jobz::jobfile::is_valid_name;
 use jobz::message::{ReplyBody, TaskFinished, TaskOutcome, TaskStarted, TaskState, WorkerStatus};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::effects::{reply, Effects, Write};
 use super::retry::Failure;
@@ -72,6 +72,16 @@ impl Engine {
             if let Some(run_id) = started_run {
                 self.mark_run_running(fx, &run_id);
             }
+        }
+        if reg.started_leaving {
+            // After the renewals above: what it says it runs is running, not unstarted.
+            info!(worker = %status.name, running = status.running.len(),
+                "worker leaving: it gets no new work and drains what it runs");
+            // Queue tasks it was given but has not started (it hands them back) go to
+            // another worker now; a broadcast task waits for it to come back (a restart)
+            // until its heartbeats expire.
+            let reason = format!("worker {} left before starting the task", status.name);
+            self.replace_unstarted_queue_tasks_of(fx, &status.name, &reason, now);
         }
         if reg.restarted_from.is_some() {
             // Tasks the previous process started died with it (oldest first, so a replay

@@ -74,17 +74,43 @@ impl Engine {
         reason: &str,
         now: i64,
     ) {
+        for task_id in self.unstarted_tasks_of(worker, false) {
+            self.task_failed(fx, &task_id, Failure::Unstarted, reason, now);
+        }
+    }
+
+    /// Unstarted queue tasks of a worker that is leaving: placed on another worker now.
+    pub(super) fn replace_unstarted_queue_tasks_of(
+        &mut self,
+        fx: &mut Effects,
+        worker: &str,
+        reason: &str,
+        now: i64,
+    ) {
+        for task_id in self.unstarted_tasks_of(worker, true) {
+            self.task_failed(fx, &task_id, Failure::Unstarted, reason, now);
+        }
+    }
+
+    /// Tasks given to `worker` and not started (of queue steps only, with `queue_only`),
+    /// oldest first, so a replay decides in the same order.
+    fn unstarted_tasks_of(&self, worker: &str, queue_only: bool) -> Vec<TaskId> {
         let mut unstarted: Vec<(i64, TaskId)> = self
             .active
             .tasks()
             .map(|t| &t.record)
             .filter(|t| t.worker.as_deref() == Some(worker) && t.state == TaskState::Pending)
+            .filter(|t| {
+                !queue_only
+                    || self
+                        .active
+                        .step(&t.step_id)
+                        .is_some_and(|s| s.delivery == Delivery::Queue)
+            })
             .map(|t| (t.created_at_ms, t.task_id.clone()))
             .collect();
         unstarted.sort();
-        for (_, task_id) in unstarted {
-            self.task_failed(fx, &task_id, Failure::Unstarted, reason, now);
-        }
+        unstarted.into_iter().map(|(_, id)| id).collect()
     }
 
     pub(super) fn expire_leases(&mut self, fx: &mut Effects, now: i64) {

@@ -110,6 +110,7 @@ impl Harness {
             running: vec![],
             version: "t".into(),
             counters: Default::default(),
+            leaving: false,
         };
         self.send(&format!("worker:{worker}"), Message::Heartbeat(status))
     }
@@ -459,6 +460,7 @@ fn heartbeat_running(h: &mut Harness, worker: &str, running: Vec<TaskRef>) -> Ef
         running,
         version: "t".into(),
         counters: Default::default(),
+        leaving: false,
     };
     h.send(&format!("worker:{worker}"), Message::Heartbeat(status))
 }
@@ -631,6 +633,7 @@ fn queue_steps_wait_for_a_free_slot() {
             running: vec![],
             version: "t".into(),
             counters: Default::default(),
+            leaving: false,
         };
         h.send(&format!("worker:{w}"), Message::Heartbeat(status));
     }
@@ -898,6 +901,7 @@ fn queue_steps_waiting_for_a_slot_are_served_first_come_first_served() {
         running: vec![],
         version: "t".into(),
         counters: Default::default(),
+        leaving: false,
     };
     h.send("worker:w1", Message::Heartbeat(status));
     let (fx, _) = h.trigger("a");
@@ -949,6 +953,7 @@ fn worker_status(name: &str, instance: &str, jobs: Vec<JobSpec>) -> WorkerStatus
         running: vec![],
         version: "t".into(),
         counters: Default::default(),
+        leaving: false,
     }
 }
 

@@ -24,3 +24,4 @@ mod schedules;
 mod scheduling;
 mod semaphores;
 mod waiting;
+mod workers;

@@ -78,6 +78,7 @@ fn registration(name: &str, jobs: Vec<JobSpec>) -> Message {
         running: vec![],
         version: "forged".into(),
         counters: Default::default(),
+        leaving: false,
     })
 }
 
