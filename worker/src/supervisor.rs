@@ -236,6 +236,8 @@ struct Link {
     steps: Mutex<HashMap<u64, Watched>>,
     alive: AtomicBool,
     pid: u32,
+    /// Set once the supervisor is reaped: its pid may then be another process's.
+    reaped: Mutex<bool>,
 }
 
 /// A step the worker waits for.
@@ -380,6 +382,7 @@ impl Link {
             steps: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
             pid: child.id(),
+            reaped: Mutex::new(false),
         });
         let watching = link.clone();
         let spawned = std::thread::Builder::new()
@@ -400,11 +403,14 @@ impl Link {
     /// group it was told of and fails its steps.
     fn abandon(&self) {
         self.alive.store(false, Ordering::SeqCst);
-        // SAFETY: kill(2) takes integers and has no memory effects. The pid is our child's,
-        // not yet reaped (the reader thread reaps it only after the socket closed).
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.pid as libc::pid_t, SIGKILL);
+        let reaped = lock(&self.reaped);
+        if !*reaped {
+            // SAFETY: kill(2) takes integers and has no memory effects. The pid is our
+            // child's, not reaped (the lock keeps the reader thread from reaping it now).
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, SIGKILL);
+            }
         }
     }
 
@@ -471,9 +477,13 @@ impl Link {
         }
         // Closing our end makes a supervisor that still lives kill its steps and exit.
         let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        // Waited for without reaping first, so that `abandon` never signals a reused pid.
+        wait_exited(self.pid as i32);
+        let mut reaped = lock(&self.reaped);
         if let Err(e) = child.wait() {
             warn!(pid = self.pid, error = %e, "cannot reap the step supervisor");
         }
+        *reaped = true;
     }
 }
 
@@ -722,6 +732,27 @@ fn finish_ended(steps: &mut HashMap<u64, Running>, control: &mut UnixStream, buf
             Err(_) => SIGKILL,
         };
         answer(control, &Reply::Exited { id, wait_status }, steps);
+    }
+}
+
+/// Blocks until our child `pid` has ended, without reaping it.
+fn wait_exited(pid: i32) {
+    loop {
+        // SAFETY: waitid writes only into the siginfo we own, plain old data valid when
+        // zeroed.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return; // ended, or not ours to wait for (ECHILD)
+        }
     }
 }
 
