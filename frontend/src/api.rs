@@ -205,6 +205,7 @@ impl Api {
             at_ms,
             depends,
             tags,
+            idempotency_key,
         } = request;
         let param_count = params.len();
         // A PUSH socket queues messages before its connection exists, so a trigger sent to
@@ -230,6 +231,7 @@ impl Api {
             at_ms,
             depends,
             tags,
+            idempotency_key,
         };
         let reply = self
             .broker

@@ -27,7 +27,9 @@
 
 use std::time::Duration;
 
-use jobz::message::{Params, ResourceAction, RunState};
+use jobz::message::{
+    is_valid_idempotency_key, Params, ResourceAction, RunState, MAX_IDEMPOTENCY_KEY,
+};
 use serde_json::{json, Value};
 use thiserror::Error;
 
@@ -203,6 +205,9 @@ pub struct JobStart {
     pub depends: Vec<String>,
     /// `tags=a,b`: labels added to the job's own.
     pub tags: Vec<String>,
+    /// `idempotency_key=K` (or the `Idempotency-Key` header, [`with_idempotency_header`]):
+    /// the same key for the same job within a day gets the same run.
+    pub idempotency_key: Option<String>,
 }
 
 /// `GET /runs?job=&state=&tag=&tracked=&limit=`.
@@ -776,6 +781,10 @@ fn job_start(mut query: QueryParams) -> Result<JobStart, RouteError> {
         .remove("depends")
         .map_or_else(Vec::new, |raw| list(&raw));
     let tags = query.remove("tags").map_or_else(Vec::new, |raw| list(&raw));
+    let idempotency_key = match query.remove("idempotency_key") {
+        None => None,
+        Some(raw) => Some(idempotency_key(&raw)?),
+    };
     Ok(JobStart {
         job,
         params: query,
@@ -785,7 +794,50 @@ fn job_start(mut query: QueryParams) -> Result<JobStart, RouteError> {
         at_ms,
         depends,
         tags,
+        idempotency_key,
     })
+}
+
+fn idempotency_key(raw: &str) -> Result<String, RouteError> {
+    if is_valid_idempotency_key(raw) {
+        Ok(raw.to_owned())
+    } else {
+        Err(bad_value(
+            "idempotency_key",
+            raw,
+            format!(
+                "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} of A-Z a-z 0-9 . _ : @ / + = -"
+            ),
+        ))
+    }
+}
+
+/// Takes the `Idempotency-Key` header of a `job_start` into its route: the same as
+/// `idempotency_key=`; both, and different, are refused (400).
+pub fn with_idempotency_header(parsed: &mut Parsed, header: Option<&str>) {
+    let Some(header) = header else {
+        return;
+    };
+    let Ok(Route::JobStart(start)) = &mut parsed.route else {
+        return;
+    };
+    let error = match (idempotency_key(header), &start.idempotency_key) {
+        (Ok(key), None) => {
+            start.idempotency_key = Some(key);
+            return;
+        }
+        (Ok(key), Some(query)) if key == *query => return,
+        (Ok(_), Some(_)) => bad_value(
+            "idempotency_key",
+            header,
+            "the Idempotency-Key header and idempotency_key= differ".into(),
+        ),
+        (Err(error), _) => error,
+    };
+    parsed.route = Err(Invalid {
+        endpoint: Some(Endpoint::JobStart),
+        error,
+    });
 }
 
 fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
@@ -1265,9 +1317,56 @@ mod tests {
     }
 
     #[test]
+    fn an_idempotency_key_comes_from_the_query_or_the_header_and_is_checked() {
+        let key_of = |target: &str, header: Option<&str>| {
+            let mut parsed = parse(&Method::Get, target);
+            with_idempotency_header(&mut parsed, header);
+            parsed.route.map_err(|e| e.error.status()).map(|r| match r {
+                Route::JobStart(start) => start.idempotency_key,
+                other => panic!("{other:?}"),
+            })
+        };
+        let uuid = "0b2f7c1e-8d3a-4c55-9a51-6f0e2d1c9b7a";
+        assert_eq!(key_of("/job_start?job_name=a", None), Ok(None));
+        assert_eq!(
+            key_of(
+                &format!("/job_start?job_name=a&idempotency_key={uuid}"),
+                None
+            ),
+            Ok(Some(uuid.into()))
+        );
+        assert_eq!(
+            key_of("/job_start?job_name=a", Some(uuid)),
+            Ok(Some(uuid.into()))
+        );
+        assert_eq!(
+            key_of(
+                &format!("/job_start?job_name=a&idempotency_key={uuid}"),
+                Some(uuid)
+            ),
+            Ok(Some(uuid.into())),
+            "the same in both"
+        );
+        assert_eq!(
+            key_of("/job_start?job_name=a&idempotency_key=one", Some("two")),
+            Err(400)
+        );
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
+        for bad in ["", "a b", "a%00b", "caf%C3%A9", "a;b", long.as_str()] {
+            let target = format!("/job_start?job_name=a&idempotency_key={bad}");
+            assert_eq!(key_of(&target, None), Err(400), "{bad:?}");
+        }
+        assert_eq!(key_of("/job_start?job_name=a", Some("a b")), Err(400));
+        // Only a trigger takes it: another route ignores the header.
+        let mut parsed = parse(&Method::Get, "/runs");
+        with_idempotency_header(&mut parsed, Some("a b"));
+        assert!(parsed.route.is_ok());
+    }
+
+    #[test]
     fn job_start_takes_the_run_options_out_of_the_parameters() {
         let route = get(
-            "/job_start?job_name=a&date=1&priority=-3&delay=1m+30s&depends=r1,+r2,&tags=x,y&wait=1",
+            "/job_start?job_name=a&date=1&priority=-3&delay=1m+30s&depends=r1,+r2,&tags=x,y&wait=1&idempotency_key=k-1",
         );
         assert_eq!(
             route,
@@ -1280,6 +1379,7 @@ mod tests {
                 at_ms: None,
                 depends: vec!["r1".into(), "r2".into()],
                 tags: vec!["x".into(), "y".into()],
+                idempotency_key: Some("k-1".into()),
             }))
         );
         let Ok(Route::JobStart(at)) = get("/job_start?job_name=a&at=2026-11-23T11:00:00%2B01:00")

@@ -348,7 +348,7 @@ impl Shell {
             other => Method::Other(other.as_str().to_owned()),
         };
         // The one reading of the target: the gate and the handlers both take this.
-        let parsed = route::parse(&method, request.url());
+        let mut parsed = route::parse(&method, request.url());
         let header = |name: &'static str| {
             request
                 .headers()
@@ -356,6 +356,7 @@ impl Shell {
                 .find(|h| h.field.equiv(name))
                 .map(|h| h.value.as_str().to_owned())
         };
+        route::with_idempotency_header(&mut parsed, header("Idempotency-Key").as_deref());
         let authorization = header("Authorization");
         let (origin, sec_fetch_site, host) =
             (header("Origin"), header("Sec-Fetch-Site"), header("Host"));

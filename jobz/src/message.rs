@@ -204,6 +204,22 @@ pub struct TriggerRequest {
     /// Labels of the run, added to its job's `tags:` (`tags=`).
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The client's key for this trigger (`idempotency_key=`, `Idempotency-Key:`): a
+    /// trigger of the same job with the same key within a day gets the run the first one
+    /// made, also across a broker restart ([`is_valid_idempotency_key`]).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// An idempotency key: 1 to 128 of `[A-Za-z0-9._:@/+=-]` (a UUID, a hash, a job id).
+pub fn is_valid_idempotency_key(key: &str) -> bool {
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@/+=-".contains(&b))
 }
 
 /// A task's command started on a worker.

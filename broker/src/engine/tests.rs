@@ -335,6 +335,54 @@ fn resent_trigger_is_ingested_once() {
 }
 
 #[test]
+fn a_trigger_with_the_key_of_an_earlier_one_of_its_job_gets_that_run() {
+    let jobs = vec![
+        job("a", Delivery::Broadcast, &[], &[]),
+        job("b", Delivery::Broadcast, &[], &[]),
+    ];
+    let mut h = Harness::new(jobs, &["w1"]);
+    let keyed = |id: &str, job: &str, key: &str| Envelope {
+        id: id.into(),
+        sender: "frontend:x".into(),
+        sent_at_ms: 0,
+        body: Message::Trigger(TriggerRequest {
+            job: job.into(),
+            params: Params::new(),
+            idempotency_key: Some(key.into()),
+            ..Default::default()
+        }),
+    };
+    let first = h.deliver(keyed("m1", "a", "k1"));
+    let again = h.deliver(keyed("m2", "a", "k1"));
+    assert_eq!(
+        replies(&first)[0],
+        replies(&again)[0],
+        "another message, same key"
+    );
+    assert!(again.writes.is_empty() && works(&again).is_empty());
+    let other_job = h.deliver(keyed("m3", "b", "k1"));
+    assert_ne!(
+        replies(&first)[0],
+        replies(&other_job)[0],
+        "keys are per job"
+    );
+    let other_key = h.deliver(keyed("m4", "a", "k2"));
+    assert_ne!(replies(&first)[0], replies(&other_key)[0]);
+    let bad = h.deliver(keyed("m5", "a", "a b"));
+    assert!(
+        matches!(&replies(&bad)[0], ReplyBody::Rejected { status: 400, .. }),
+        "{:?}",
+        replies(&bad)
+    );
+    // The key is what the run is stored under, so a restarted broker knows it too.
+    let stored = first.writes.iter().find_map(|w| match w {
+        Write::Run(r) => Some(r.request_id.clone()),
+        _ => None,
+    });
+    assert_eq!(stored.as_deref(), Some("key:a:k1"));
+}
+
+#[test]
 fn step_waits_for_a_worker_and_starts_when_one_registers() {
     let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &[]);
     // The catalog knows the job (from an earlier worker), but nobody is live now.

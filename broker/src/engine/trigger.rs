@@ -18,7 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use jobz::envelope::{Envelope, MessageId};
 use jobz::jobfile::{is_valid_name, Delivery};
-use jobz::message::{Message, Params, ReplyBody, RunState, TriggerRequest};
+use jobz::message::{
+    is_valid_idempotency_key, Message, Params, ReplyBody, RunState, TriggerRequest,
+    MAX_IDEMPOTENCY_KEY,
+};
 use tracing::{info, warn};
 
 use super::effects::{reply, Effects, RunLookup, Write};
@@ -74,6 +77,8 @@ pub(super) struct NewRun {
     pub tags: Vec<String>,
     pub not_before_ms: Option<i64>,
     pub depends_on: Vec<RunId>,
+    /// What identifies its trigger for deduplication; `None`: the message id.
+    pub request_id: Option<String>,
 }
 
 /// Is this a tag a trigger may add (`tags=`): 1 to 64 of `[A-Za-z0-9_.:/@+-]`.
@@ -181,16 +186,29 @@ impl Engine {
         known: BTreeMap<RunId, Option<RunState>>,
         now: i64,
     ) {
-        if let Some(run_id) = self.triggers.run_of(&env.id).cloned() {
+        let refuse = |engine: &mut Engine, fx: &mut Effects, status: u16, error: String| {
+            engine.count("triggers_rejected");
+            reply(fx, env, ReplyBody::Rejected { status, error });
+        };
+        // What identifies the trigger: the client's key (per job), else its message id (a
+        // resend of one message).
+        let request_id = match &request.idempotency_key {
+            Some(key) if !is_valid_idempotency_key(key) => {
+                let error = format!(
+                    "idempotency key {:?} must be 1 to {MAX_IDEMPOTENCY_KEY} of A-Z a-z 0-9 . _ : @ / + = -",
+                    truncate(key, 130)
+                );
+                return refuse(self, fx, 400, error);
+            }
+            Some(key) => format!("key:{}:{key}", truncate(&request.job, 130)),
+            None => env.id.clone(),
+        };
+        if let Some(run_id) = self.triggers.run_of(&request_id).cloned() {
             self.count("duplicate_triggers");
             let run_id = run_id.into();
             reply(fx, env, ReplyBody::Accepted { run_id });
             return;
         }
-        let refuse = |engine: &mut Engine, fx: &mut Effects, status: u16, error: String| {
-            engine.count("triggers_rejected");
-            reply(fx, env, ReplyBody::Rejected { status, error });
-        };
         if !is_valid_name(&request.job) {
             let error = format!("invalid job name {:?}", truncate(&request.job, 130));
             return refuse(self, fx, 400, error);
@@ -268,6 +286,7 @@ impl Engine {
             tags,
             not_before_ms,
             depends_on,
+            request_id: Some(request_id),
         };
         self.create_run(fx, env, new, &states, now);
     }
@@ -284,12 +303,13 @@ impl Engine {
         dependencies: &[(RunId, RunState)],
         now: i64,
     ) -> RunId {
+        let request_id = new.request_id.unwrap_or_else(|| env.id.clone());
         let mut run = Run::new(
             self.ids.run_id(),
             &new.job,
             new.params,
             RunState::Pending,
-            env.id.clone(),
+            request_id.clone(),
             now,
         );
         run.parent_runs = new.parent_runs;
@@ -299,7 +319,7 @@ impl Engine {
         run.depends_on = new.depends_on;
         let run_id = run.run_id.clone();
         self.count("runs_accepted");
-        self.triggers.remember(env.id.clone(), run_id.clone());
+        self.triggers.remember(request_id, run_id.clone());
 
         let broken = dependencies
             .iter()

@@ -12,6 +12,7 @@ mod harness;
 mod hostile;
 mod http_security;
 mod hygiene;
+mod idempotency;
 mod ipv6;
 mod jobfiles;
 mod mesh_security;
