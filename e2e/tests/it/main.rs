@@ -5,6 +5,7 @@
 // message, which is what `allow-unwrap-in-tests` means but cannot see outside `#[test]`s.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cli;
 mod delivery;
 mod enrolment;
 mod faults;
