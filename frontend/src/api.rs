@@ -63,12 +63,15 @@ pub struct HttpReply {
 
 impl HttpReply {
     /// A JSON answer.
+    /// A JSON answer; the body ends with a newline, as a terminal (`curl`) wants it.
     pub fn json(status: u16, value: &Value) -> Self {
+        let mut body = value.to_string().into_bytes();
+        body.push(b'\n');
         HttpReply {
             status,
             content_type: JSON,
             headers: Vec::new(),
-            body: value.to_string().into_bytes(),
+            body,
         }
     }
 
@@ -764,6 +767,13 @@ mod tests {
             },
             workers: vec!["w1".into()],
         }
+    }
+
+    #[test]
+    fn json_answers_end_with_a_newline() {
+        let reply = HttpReply::json(200, &json!({"a": 1}));
+        assert_eq!(reply.body, b"{\"a\":1}\n");
+        assert!(HttpReply::error(404, "no", &[]).body.ends_with(b"}\n"));
     }
 
     #[test]
