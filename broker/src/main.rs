@@ -12,7 +12,7 @@ use broker::keys::{render_list, KeyDir};
 
 /// The jobz broker: receives triggers and step results, keeps durable state, publishes work.
 #[derive(Debug, Parser)]
-#[command(name = "jobz-broker", version)]
+#[command(name = "jobz-broker", version = jobz::VERSION)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,

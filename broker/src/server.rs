@@ -62,7 +62,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
             lease_timeout_ms: config.lease_timeout.as_millis() as i64,
             lease_grace_ms: config.lease_grace.as_millis() as i64,
             instance: instance.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: jobz::VERSION.to_owned(),
         },
         snapshot,
         Box::new(Uuid7Ids),

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(
     name = "jobz",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), "+", env!("JOBZ_COMMIT")),
     after_help = "Exit codes: 0 done (with start --wait: the run succeeded); 1 the run failed \
                   or was cancelled; 2 bad usage or refused by the frontend (4xx); 3 frontend \
                   or broker unavailable (5xx, no connection); 4 start --wait=SECONDS ran out \

@@ -14,7 +14,7 @@ use jobz::socket::BrokerAddr;
 
 /// HTTP gateway, dashboard and metrics for a jobz mesh.
 #[derive(Debug, Parser)]
-#[command(name = "jobz-frontend", version, about)]
+#[command(name = "jobz-frontend", version = jobz::VERSION, about)]
 struct Args {
     /// The broker: host and optional base port (PUB at the base port, PULL at base + 1).
     #[arg(

@@ -29,6 +29,11 @@ pub mod socket;
 pub mod template;
 pub mod topic;
 
+/// The version every jobz binary reports (`--version`, heartbeats, `/healthz`): the
+/// workspace's version and, as build metadata, the commit it was built from
+/// (`0.9.0+g1a2b3c4d5e`; `+unknown` outside a git checkout).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("JOBZ_COMMIT"));
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -12,7 +12,7 @@ use semaphore::config::{self, Config};
 /// Dependency barriers between jobs and schedules: triggers a job once others have
 /// finished, or at the slots of a cron expression or interval.
 #[derive(Debug, Parser)]
-#[command(name = "jobz-semaphore", version)]
+#[command(name = "jobz-semaphore", version = jobz::VERSION)]
 struct Args {
     #[arg(
         long,

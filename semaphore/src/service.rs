@@ -129,7 +129,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         jobs_dir = %service.config.jobs_dir.display(),
         state = %service.config.state_dir.display(),
         barriers = service.barriers.iter().count(),
-        version = env!("CARGO_PKG_VERSION"),
+        version = jobz::VERSION,
         "semaphore starting"
     );
     service.apply_specs();

@@ -11,7 +11,7 @@ use worker::config::{self, Config};
 
 /// Runs the jobs of a jobs.d directory when the jobz broker publishes work for them.
 #[derive(Debug, Parser)]
-#[command(name = "jobz-worker", version)]
+#[command(name = "jobz-worker", version = jobz::VERSION)]
 struct Args {
     // Help as an attribute: rustdoc would read `[...]` and `<...>` as links and HTML.
     #[arg(

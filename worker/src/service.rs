@@ -109,7 +109,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         broker = %service.config.broker,
         slots = service.config.slots,
         jobs_dir = %service.config.jobs_dir.display(),
-        version = env!("CARGO_PKG_VERSION"),
+        version = jobz::VERSION,
         "worker starting"
     );
     service.recover(recovered);
@@ -704,7 +704,7 @@ impl Service {
             slots: self.config.slots,
             running: self.scheduler.running(),
             leaving: self.scheduler.is_draining(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: jobz::VERSION.to_owned(),
             counters: self
                 .pruned
                 .counters()

@@ -155,3 +155,35 @@ fn the_jobz_command_exits_with_a_code_that_says_what_went_wrong() {
     let out = jobz(&mesh, &["workers", "--token-file", "/nonexistent/token"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 }
+
+#[test]
+fn every_binary_reports_the_workspace_version_and_its_commit() {
+    let version = env!("CARGO_PKG_VERSION");
+    assert_ne!(version, "0.0.0", "the workspace has a real version");
+    let mut seen = std::collections::BTreeSet::new();
+    for name in [
+        "jobz-broker",
+        "jobz-worker",
+        "jobz-step",
+        "jobz-frontend",
+        "jobz-semaphore",
+        "jobz",
+    ] {
+        let out = Command::new(bin(name)).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        let said = stdout(&out);
+        let rest = said
+            .strip_prefix(&format!("{name} {version}+"))
+            .unwrap_or_else(|| panic!("{name} said {said:?}"));
+        let commit = rest.trim_end();
+        assert!(
+            commit == "unknown"
+                || (commit.len() == 11
+                    && commit.starts_with('g')
+                    && commit[1..].bytes().all(|b| b.is_ascii_hexdigit())),
+            "{name} said {said:?}"
+        );
+        seen.insert(commit.to_owned());
+    }
+    assert_eq!(seen.len(), 1, "one tree, one commit: {seen:?}");
+}

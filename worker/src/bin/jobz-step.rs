@@ -12,7 +12,7 @@ fn main() {
         }
         // What the deployment checks, as for every jobz binary.
         Some(flag) if flag == OsStr::new("--version") => {
-            println!("jobz-step {}", env!("CARGO_PKG_VERSION"));
+            println!("jobz-step {}", jobz::VERSION);
         }
         _ => {
             eprintln!(

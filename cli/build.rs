@@ -1,0 +1,5 @@
+include!("../build/commit.rs");
+
+fn main() {
+    set_commit_env();
+}
