@@ -1,9 +1,13 @@
 //! `worker.log`: one line per task event, for operators who `tail -f` a host.
 //!
 //! Format (SPEC "Logs on each host"):
-//! `<RFC 3339 time, ms> run=<run_id> step=<step_id> task=<task_id> job=<job> attempt=<n> <event>`
+//! `<RFC 3339 time, ms> run=<run_id> step=<step_id> task=<task_id> job=<job> attempt=<n> worker=<name> <event>`
+//! (the fields of SPEC's order first: `worker=` came last, so scripts that read `run=` as
+//! the second field keep working)
 //! where the event is `received`, `started`, `finished exit=0 in 0.12s`,
-//! `failed exit=3 in 1.00s`, `failed: <reason>` or `timed out after 2s`.
+//! `failed exit=3 in 1.00s`, `failed: <reason>` or `timed out after 2s`; and, about the
+//! worker's own job files, `<time> worker=<name> <note>` (a rejected file, a job defined
+//! twice), with no `run=`.
 //! Each line is written with one `write` on a file opened for appending, so lines from
 //! concurrent writers never interleave; a file renamed away by log rotation is reopened.
 
@@ -31,11 +35,13 @@ pub struct EventLog {
     path: PathBuf,
     file: File,
     checked_at: Instant,
+    /// `worker=<name>`, as every line carries it.
+    worker: String,
 }
 
 impl EventLog {
-    /// Opens (creating it and its directory) `<log_dir>/worker.log`.
-    pub fn open(log_dir: &Path) -> anyhow::Result<EventLog> {
+    /// Opens (creating it and its directory) `<log_dir>/worker.log`, for the worker `worker`.
+    pub fn open(log_dir: &Path, worker: &str) -> anyhow::Result<EventLog> {
         std::fs::create_dir_all(log_dir)
             .with_context(|| format!("creating log directory {}", log_dir.display()))?;
         let path = log_dir.join(FILE_NAME);
@@ -44,6 +50,7 @@ impl EventLog {
             path,
             file,
             checked_at: Instant::now(),
+            worker: field(worker),
         })
     }
 
@@ -55,8 +62,23 @@ impl EventLog {
     /// Appends one event line about `task`, stamped now. Failures are logged, not returned:
     /// a full disk must not stop the worker from running and reporting tasks.
     pub fn append(&mut self, task: &Task, event: &str) {
+        let line = format_line(jobz::now_ms(), &self.worker, task, event);
+        self.write(&line);
+    }
+
+    /// Appends one line about the worker itself (not a task), stamped now.
+    pub fn note(&mut self, note: &str) {
+        let line = format!(
+            "{} worker={} {}\n",
+            jobz::format_time_ms(jobz::now_ms()),
+            self.worker,
+            text(note)
+        );
+        self.write(&line);
+    }
+
+    fn write(&mut self, line: &str) {
         self.reopen_if_rotated();
-        let line = format_line(jobz::now_ms(), task, event);
         let written = self
             .file
             .write_all(line.as_bytes())
@@ -93,10 +115,10 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("opening the worker log {}", path.display()))
 }
 
-/// One line, newline included.
-pub fn format_line(time_ms: i64, task: &Task, event: &str) -> String {
+/// One line, newline included (`worker` is already a [`field`]).
+pub fn format_line(time_ms: i64, worker: &str, task: &Task, event: &str) -> String {
     format!(
-        "{} run={} step={} task={} job={} attempt={} {}\n",
+        "{} run={} step={} task={} job={} attempt={} worker={worker} {}\n",
         jobz::format_time_ms(time_ms),
         field(&task.run_id),
         field(&task.step_id),
@@ -201,16 +223,16 @@ mod tests {
 
     #[test]
     fn lines_have_the_documented_format() {
-        let line = format_line(1_700_000_000_123, &task("t1"), "received");
+        let line = format_line(1_700_000_000_123, "w1", &task("t1"), "received");
         assert_eq!(
             line,
-            "2023-11-14T22:13:20.123Z run=0190f2a4-7c3e step=s1 task=t1 job=import_dump attempt=2 received\n"
+            "2023-11-14T22:13:20.123Z run=0190f2a4-7c3e step=s1 task=t1 job=import_dump attempt=2 worker=w1 received\n"
         );
     }
 
     #[test]
     fn hostile_ids_and_reasons_cannot_break_a_line() {
-        let line = format_line(0, &task("a b\nrun=forged"), "failed: x\ny");
+        let line = format_line(0, "w1", &task("a b\nrun=forged"), "failed: x\ny");
         assert_eq!(line.matches('\n').count(), 1);
         assert!(
             line.contains("task=a\\u{20}b\\u{a}run\\u{3d}forged "),
@@ -264,7 +286,7 @@ mod tests {
     #[test]
     fn appends_lines_and_survives_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::open(&dir.path().join("logs")).unwrap();
+        let mut log = EventLog::open(&dir.path().join("logs"), "w 1").unwrap();
         log.append(&task("t1"), "received");
         std::fs::rename(log.path(), dir.path().join("worker.log.1")).unwrap();
         log.checked_at = Instant::now() - ROTATION_CHECK;
@@ -274,5 +296,14 @@ mod tests {
         assert!(rotated.ends_with("received\n"));
         assert!(current.ends_with("started\n"));
         assert_eq!(current.lines().count(), 1);
+        // Notes about the worker itself carry its name (as a field) and no run.
+        log.note("job file rejected: bad\nline");
+        let current = std::fs::read_to_string(log.path()).unwrap();
+        let note = current.lines().last().unwrap();
+        assert!(
+            note.contains(" worker=w\\u{20}1 job file rejected: bad\\nline"),
+            "{note}"
+        );
+        assert!(!note.contains("run="), "{note}");
     }
 }

@@ -68,7 +68,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let runs = config.log_dir.join("runs");
     std::fs::create_dir_all(&runs)
         .with_context(|| format!("creating output directory {}", runs.display()))?;
-    let log = EventLog::open(&config.log_dir)?;
+    let log = EventLog::open(&config.log_dir, &config.name)?;
     let mut jobs = JobDir::new(&config.jobs_dir);
     let first = jobs
         .refresh()
@@ -645,6 +645,9 @@ impl Service {
     fn on_refresh(&mut self, report: Refresh) {
         for rejected in &report.rejected {
             error!("job file rejected, its previous good version (if any) stays: {rejected}");
+            self.log.note(&format!(
+                "job file rejected, its previous good version (if any) stays: {rejected}"
+            ));
         }
         if !report.changed() {
             return;
@@ -652,6 +655,7 @@ impl Service {
         let (set, conflicts) = self.jobs.job_set();
         for conflict in &conflicts {
             error!("{conflict}");
+            self.log.note(&conflict.to_string());
         }
         let mut new = BTreeMap::new();
         for (name, spec) in set.jobs {

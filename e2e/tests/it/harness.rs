@@ -354,6 +354,8 @@ pub struct LogLine {
     pub job: String,
     /// Attempt.
     pub attempt: String,
+    /// The worker that wrote the line.
+    pub worker: String,
     /// Everything after the fields: `received`, `finished exit=0 in 0.12s`, …
     pub event: String,
     /// The whole line.
@@ -370,6 +372,7 @@ pub fn parse_worker_log(text: &str) -> Vec<LogLine> {
             task: String::new(),
             job: String::new(),
             attempt: String::new(),
+            worker: String::new(),
             event: String::new(),
             line: line.to_owned(),
         };
@@ -385,6 +388,7 @@ pub fn parse_worker_log(text: &str) -> Vec<LogLine> {
                 Some(("task", v)) => entry.task = v.to_owned(),
                 Some(("job", v)) => entry.job = v.to_owned(),
                 Some(("attempt", v)) => entry.attempt = v.to_owned(),
+                Some(("worker", v)) => entry.worker = v.to_owned(),
                 _ => rest.push(word),
             }
         }

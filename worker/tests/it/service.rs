@@ -142,3 +142,33 @@ fn queued_tasks_are_handed_back_at_shutdown_and_run_after_a_restart() {
     assert_eq!(runs(root.path(), "a"), 1);
     assert_eq!(runs(root.path(), "b"), 1);
 }
+
+#[test]
+fn worker_log_lines_name_the_worker_and_record_a_rejected_job_file() {
+    let broker = FakeBroker::start(true);
+    let root = tempfile::tempdir().unwrap();
+    write_count_job(root.path());
+    std::fs::write(
+        root.path().join("jobs.d/broken.yaml"),
+        "jobs:\n  - name: x\n    command: [unclosed\n",
+    )
+    .unwrap();
+    let worker = InProcessWorker::start(worker_config(root.path(), &broker.addr));
+    broker.offer(work("count", "t1", 1, "w1"));
+    broker.wait_finished("t1");
+    wait_until("the task's lines", || {
+        log_lines(root.path(), "t1", "started") == 1
+    });
+    worker.stop();
+    let log = worker_log(root.path());
+    let rejected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("job file rejected"))
+        .collect();
+    assert_eq!(rejected.len(), 1, "once, not at every refresh: {log}");
+    assert!(rejected[0].contains(" worker=w1 "), "{log}");
+    assert!(rejected[0].contains("broken.yaml"), "{log}");
+    for line in log.lines() {
+        assert!(line.contains(" worker=w1 "), "{line}");
+    }
+}

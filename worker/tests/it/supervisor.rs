@@ -107,7 +107,7 @@ fn a_worker_killed_with_sigkill_takes_its_command_along_and_reports_it_lost_on_r
     });
     let log = worker_log(root.path());
     assert!(
-        log.contains("task=t1 job=long attempt=1 failed: worker restarted; attempt lost"),
+        log.contains("task=t1 job=long attempt=1 worker=w1 failed: worker restarted; attempt lost"),
         "{log}"
     );
     assert_eq!(log.matches(" started\n").count(), 1, "not run again: {log}");
