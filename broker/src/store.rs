@@ -5,6 +5,7 @@
 //! embedded SQLite database (WAL, `synchronous=FULL`); a PostgreSQL implementation can
 //! take its place so that a standby broker shares the state.
 
+use std::fs::File;
 use std::path::Path;
 
 use jobz::jobfile::JobSpec;
@@ -45,6 +46,32 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store: {0}")]
     Io(String),
+}
+
+/// Locks `dir/broker.lock` (created 0600 if missing) for as long as the returned file is
+/// open; the kernel lets go when the process ends, however it ends.
+fn lock_state_dir(dir: &Path) -> Result<File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(STATE_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| StoreError::Io(format!("opening {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Io(format!(
+            "state directory {} is in use by another broker (it holds {}); \
+             stop it first, or give this one its own --state",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Io(format!("locking {}: {e}", path.display())))
+        }
+    }
 }
 
 /// A column that does not convert (wrong type, NULL where none may be).
@@ -98,17 +125,36 @@ pub trait Store: Send {
 /// The embedded SQLite store.
 pub struct SqliteStore {
     conn: Connection,
+    /// `broker.lock` in the state directory, locked while the store is open: one broker
+    /// per state directory (`None` in memory).
+    _state_lock: Option<File>,
 }
 
+/// The file in the state directory that a broker holds locked while it runs.
+pub const STATE_LOCK_FILE: &str = "broker.lock";
+
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/broker.sqlite3`.
+    /// Opens (creating if needed) `dir/broker.sqlite3`, after locking `dir/broker.lock`:
+    /// a second broker on the same state directory is refused with an error naming it,
+    /// instead of two brokers writing one database.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StoreError::Io(format!("creating state directory {}: {e}", dir.display()))
         })?;
+        let state_lock = lock_state_dir(dir)?;
         let path = dir.join("broker.sqlite3");
         let conn = Connection::open(&path).context(&format!("opening {}", path.display()))?;
-        let store = SqliteStore { conn };
+        let store = SqliteStore {
+            conn,
+            _state_lock: Some(state_lock),
+        };
+        // Only this process opens the database (the lock above says so): no file lock nor
+        // shared-memory index per transaction. Set before the first access, so WAL mode
+        // keeps its index in the heap.
+        store
+            .conn
+            .execute_batch("PRAGMA locking_mode = EXCLUSIVE;")
+            .context("setting the exclusive locking mode")?;
         store.init()?;
         Ok(store)
     }
@@ -117,6 +163,7 @@ impl SqliteStore {
     pub fn in_memory() -> Result<SqliteStore, StoreError> {
         let store = SqliteStore {
             conn: Connection::open_in_memory().context("opening in-memory db")?,
+            _state_lock: None,
         };
         store.init()?;
         Ok(store)
@@ -1004,6 +1051,20 @@ mod tests {
             .completions(&["other".into()], 0, 100)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_state_directory_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SqliteStore::open(dir.path()).unwrap();
+        let Err(refused) = SqliteStore::open(dir.path()) else {
+            panic!("two stores opened one state directory");
+        };
+        let text = refused.to_string();
+        assert!(text.contains("in use by another broker"), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        drop(first);
+        SqliteStore::open(dir.path()).unwrap();
     }
 
     /// A store opened on a database that `sql` made, in a directory of its own.

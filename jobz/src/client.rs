@@ -455,7 +455,7 @@ impl Link {
         if !welcomed {
             self.unanswered_hellos = self.unanswered_hellos.saturating_add(1);
             // The broker's key may have been rotated: try the next trusted one.
-            if self.unanswered_hellos % 3 == 0 {
+            if self.unanswered_hellos.is_multiple_of(3) {
                 if let Some(seal) = self.seal.as_mut() {
                     seal.try_next_broker_key();
                 }

@@ -292,12 +292,22 @@ fn finish(
 }
 
 fn prepare_workdir(dir: &Path, owner: Option<&Switch>) -> Result<(), String> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| format!("cannot clear working directory {}: {e}", dir.display()))?;
+    let create_error =
+        |e: std::io::Error| format!("cannot create working directory {}: {e}", dir.display());
+    // One mkdir in the common case (`work/` exists, the attempt's directory does not).
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Left by an attempt this worker did not clean up: start empty.
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| format!("cannot clear working directory {}: {e}", dir.display()))?;
+            std::fs::create_dir(dir).map_err(create_error)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(create_error)?;
+        }
+        Err(e) => return Err(create_error(e)),
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("cannot create working directory {}: {e}", dir.display()))?;
     if let Some(owner) = owner {
         // The step runs as another user: its working directory is its own.
         std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid)).map_err(|e| {
@@ -339,6 +349,10 @@ fn let_others_traverse(dir: &Path) -> Result<(), String> {
 }
 
 fn remove_workdir(dir: &Path) {
+    // Most steps leave their directory empty: one rmdir, not a directory walk.
+    if std::fs::remove_dir(dir).is_ok() {
+        return;
+    }
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %dir.display(), error = %e, "cannot remove a task's working directory");

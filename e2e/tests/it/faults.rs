@@ -116,3 +116,44 @@ jobs:
             .any(|l| l.event.starts_with("timed out"))
     });
 }
+
+/// A second broker started on a running broker's state directory (a manual start beside
+/// the service, a copied unit) refuses to start, naming the directory, and the first
+/// broker goes on serving: two brokers never write one store.
+#[test]
+fn a_second_broker_on_the_same_state_directory_refuses_to_start() {
+    let mesh = Mesh::builder()
+        .worker("w1", "jobs:\n  - name: hello\n    command: \"true\"\n")
+        .start();
+    mesh.wait_workers_live(1);
+    let port = crate::harness::free_ports(1);
+    let mut second = std::process::Command::new(crate::harness::bin("jobz-broker"))
+        .args(["--bind", &format!("127.0.0.1:{port}"), "--state"])
+        .arg(mesh.dir().join("broker"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a second broker");
+    let pid = second.id();
+    let status = wait_for(DEADLINE, "the second broker to exit", || {
+        match second.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".to_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let mut stderr = String::new();
+    if let Some(mut pipe) = second.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    kill_if_alive(pid, "jobz-broker");
+    assert!(!status.success(), "the second broker exited with {status}");
+    assert!(
+        stderr.contains("in use by another broker"),
+        "the refusal names why: {stderr}"
+    );
+    let run_id = mesh.start_run("hello", &[]);
+    let run = mesh.wait_run_final(&run_id);
+    assert_eq!(str_of(&run, "state"), "succeeded", "{run}");
+}
