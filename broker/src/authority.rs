@@ -117,7 +117,10 @@ pub fn may_send(message: &Message) -> &'static [Role] {
     use Role::{Client, Frontend, Semaphore, Worker};
     match message {
         Message::Hello { .. } => &[Worker, Frontend, Semaphore, Client],
-        Message::Heartbeat(_) | Message::TaskStarted(_) | Message::TaskFinished(_) => &[Worker],
+        Message::Heartbeat(_)
+        | Message::TaskStarted(_)
+        | Message::TaskFinished(_)
+        | Message::TaskOutput(_) => &[Worker],
         Message::Trigger(_) => &[Frontend, Semaphore],
         Message::Query(_) => &[Frontend, Semaphore, Client],
         Message::SemaphoreStatus { .. } => &[Semaphore],
@@ -169,6 +172,9 @@ pub fn authorize(env: &Envelope) -> Result<Principal, Refusal> {
         }
         Message::TaskFinished(finished) => {
             must_be_own("worker", &finished.worker, &principal.name)?;
+        }
+        Message::TaskOutput(output) => {
+            must_be_own("worker", &output.worker, &principal.name)?;
         }
         // The status shows which process reported each barrier and schedule: this one.
         Message::SemaphoreStatus {
@@ -235,6 +241,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Trigger(_) => "Trigger",
         Message::TaskStarted(_) => "TaskStarted",
         Message::TaskFinished(_) => "TaskFinished",
+        Message::TaskOutput(_) => "TaskOutput",
         Message::Query(_) => "Query",
         Message::SemaphoreStatus { .. } => "SemaphoreStatus",
         Message::RetryDead { .. } => "RetryDead",

@@ -54,6 +54,7 @@ mod effects;
 mod gates;
 mod holds;
 mod lifecycle;
+mod live_output;
 mod placement;
 mod pruned;
 mod queries;
@@ -130,6 +131,8 @@ pub struct Engine {
     watchers: RunWatchers,
     /// Resources: which exist, which steps hold them, which wait (jobs' inputs/outputs).
     resources: Resources,
+    /// Output of running steps as workers ship it, for log followers.
+    live: live_output::LiveOutputs,
     /// What placement has looked at (waiting steps, tasks counted, candidate workers): the
     /// work the drain test holds to a bound per placement, whatever the backlog.
     placement_work: std::cell::Cell<u64>,
@@ -156,6 +159,7 @@ impl Engine {
             resumed_broken: Vec::new(),
             counters: BTreeMap::new(),
             placement_work: Default::default(),
+            live: live_output::LiveOutputs::default(),
             watchers: RunWatchers::default(),
             resources: Resources::restore(
                 snapshot
@@ -332,6 +336,7 @@ impl Engine {
             Message::Trigger(request) => self.on_trigger(&mut fx, &env, request, now),
             Message::TaskStarted(started) => self.on_started(&mut fx, &env, started, now),
             Message::TaskFinished(finished) => self.on_finished(&mut fx, &env, finished, now),
+            Message::TaskOutput(output) => self.on_task_output(output),
             Message::Query(query) => self.on_query(&mut fx, &env, query, now),
             Message::RetryDead { task_id } => {
                 self.on_retry_dead(&mut fx, &env, &TaskId::from(task_id), now)
@@ -391,6 +396,12 @@ impl Engine {
     pub fn tick(&mut self, now: i64) -> Effects {
         let mut fx = Effects::default();
         self.resume_fixups(&mut fx, now);
+        let active = &self.active;
+        self.live.retire(now, |task_id, attempt| {
+            active
+                .task(task_id)
+                .is_some_and(|t| t.record.attempt == attempt && !t.record.state.is_final())
+        });
         let expiry = self.config.worker_expiry_ms;
         for expired in self.registry.expire(now, expiry) {
             let worker = expired.name;

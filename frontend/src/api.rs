@@ -650,6 +650,7 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Schedules(_) => "Schedules",
         ReplyBody::Resources(_) => "Resources",
         ReplyBody::ResourceGraph(_) => "ResourceGraph",
+        ReplyBody::TaskOutput(_) => "TaskOutput",
     }
 }
 

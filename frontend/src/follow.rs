@@ -1,25 +1,29 @@
 //! `GET /runs/{id}/log?follow=1`: the run's log, streamed until the run ends.
 //!
-//! Workers report a task's output when the task ends (`TaskFinished.output_tail`), so
-//! following a run means: print the output of every task that has ended, then poll the run
-//! and print each task's output as it ends, until the run is final. [`LogFollower`] decides
-//! what is new; [`stream`] writes it as an HTTP/1.1 chunked response, flushing every chunk
-//! (tiny_http's own writer would buffer a slow stream).
+//! Workers ship a running step's output to the broker as it is written (`TaskOutput`,
+//! bounded) and report its last 4 KiB with the result (`TaskFinished.output_tail`). Following
+//! a run means: poll the run; for each running task, print the whole lines its shipped
+//! output gained (`Query::TaskOutput`); when a task ends, print the rest of what it shipped,
+//! or, for a task nothing was shipped of (it ended within a tick), its tail; until the run
+//! is final. [`LogFollower`] decides what is new; [`stream`] writes it as an HTTP/1.1
+//! chunked response, flushing every chunk (tiny_http's own writer would buffer a slow
+//! stream).
 //!
 //! A stream lasts at most [`MAX_FOLLOW`], ends on shutdown, and stops when the client goes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use jobz::message::{Message, Query, ReplyBody, RunView};
+use jobz::message::{LiveOutputView, Message, Query, ReplyBody, RunView, StepView, TaskState};
 
 use crate::broker::Broker;
 use crate::views;
 
-/// How often a followed run is polled.
-pub const POLL_EVERY: Duration = Duration::from_millis(500);
+/// How often a followed run is polled (a line reaches the follower within about this
+/// plus the worker's tick, 100 ms).
+pub const POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// Longest a stream stays open.
 pub const MAX_FOLLOW: Duration = Duration::from_secs(3600);
@@ -27,22 +31,146 @@ pub const MAX_FOLLOW: Duration = Duration::from_secs(3600);
 /// Most streams open at once; beyond it the answer is 503.
 pub const MAX_FOLLOWERS: u64 = 32;
 
-/// Remembers which task attempts have been printed.
+/// Remembers which task attempts have been printed, and how far the output of those
+/// followed live has been.
 #[derive(Debug, Default)]
 pub struct LogFollower {
     printed: HashSet<(String, u32)>,
+    live: HashMap<(String, u32), Live>,
+}
+
+/// A task attempt whose output is being printed as it comes.
+#[derive(Debug)]
+struct Live {
+    /// `[worker job] `, before each line.
+    prefix: String,
+    /// The offset to ask from next.
+    next: u64,
+    /// The last line, not ended yet.
+    partial: String,
+    /// The worker stopped shipping at its cap.
+    capped: bool,
 }
 
 impl LogFollower {
-    /// The log lines of the tasks that ended since the last call, in task order.
-    pub fn advance(&mut self, run: &RunView) -> String {
+    /// The log lines that are new since the last call, in task order: attempts that have
+    /// given way to a retry first (what they shipped live), then the current ones.
+    /// `read_live` gives a task attempt's shipped output from an offset on
+    /// (`Query::TaskOutput`).
+    pub fn advance(
+        &mut self,
+        run: &RunView,
+        mut read_live: impl FnMut(&str, u32, u64) -> Option<LiveOutputView>,
+    ) -> String {
         let mut out = String::new();
+        let current: HashSet<(String, u32)> = run
+            .steps
+            .iter()
+            .map(|s| (s.task_id.clone(), s.attempt))
+            .collect();
+        for attempt in &run.attempts {
+            let key = (attempt.task_id.clone(), attempt.attempt);
+            if current.contains(&key) || self.printed.contains(&key) {
+                continue;
+            }
+            // Only what it shipped live is left of an earlier attempt's output (its tail
+            // went with its result, which the run no longer shows).
+            let next = self.live.get(&key).map_or(0, |l| l.next);
+            let view = read_live(&attempt.task_id, attempt.attempt, next);
+            let job = run
+                .steps
+                .iter()
+                .find(|s| s.task_id == attempt.task_id)
+                .map_or(run.job.as_str(), |s| s.job.as_str());
+            let prefix = format!("[{} {}] ", attempt.worker.as_deref().unwrap_or("-"), job);
+            let mut live = self.live.remove(&key).unwrap_or_else(|| Live::new(prefix));
+            if let Some(view) = view {
+                live.take(view, &mut out);
+            }
+            live.end(None, &mut out);
+            self.printed.insert(key);
+        }
         for step in &run.steps {
-            if step.state.is_final() && self.printed.insert((step.task_id.clone(), step.attempt)) {
-                out.push_str(&views::task_log(step));
+            let key = (step.task_id.clone(), step.attempt);
+            if self.printed.contains(&key) {
+                continue;
+            }
+            if step.state == TaskState::Running || self.live.contains_key(&key) {
+                let next = self.live.get(&key).map_or(0, |l| l.next);
+                if let Some(view) = read_live(&step.task_id, step.attempt, next) {
+                    let prefix =
+                        format!("[{} {}] ", step.worker.as_deref().unwrap_or("-"), step.job);
+                    let live = self
+                        .live
+                        .entry(key.clone())
+                        .or_insert_with(|| Live::new(prefix));
+                    live.take(view, &mut out);
+                }
+            }
+            if !step.state.is_final() {
+                continue;
+            }
+            self.printed.insert(key.clone());
+            match self.live.remove(&key) {
+                Some(live) => live.end(Some(step), &mut out),
+                None => out.push_str(&views::task_log(step)),
             }
         }
         out
+    }
+}
+
+impl Live {
+    fn new(prefix: String) -> Live {
+        Live {
+            prefix,
+            next: 0,
+            partial: String::new(),
+            capped: false,
+        }
+    }
+
+    /// Prints the whole lines `view` completes.
+    fn take(&mut self, view: LiveOutputView, out: &mut String) {
+        let prefix = self.prefix.as_str();
+        if view.from > self.next {
+            out.push_str(&format!(
+                "{prefix}[... {} bytes of output not shown: the full output is on the worker]\n",
+                view.from - self.next
+            ));
+            self.partial.clear();
+        }
+        self.partial.push_str(&view.text);
+        self.next = view.next;
+        self.capped |= view.capped;
+        if let Some(end) = self.partial.rfind('\n') {
+            for line in self.partial[..end].split('\n') {
+                out.push_str(prefix);
+                out.push_str(line);
+                out.push('\n');
+            }
+            self.partial.drain(..=end);
+        }
+    }
+
+    /// Prints what is left once the attempt has ended (with the result's tail, if it is
+    /// the task's current attempt, when the output passed the live cap).
+    fn end(self, step: Option<&StepView>, out: &mut String) {
+        let prefix = self.prefix.as_str();
+        if !self.partial.is_empty() {
+            out.push_str(prefix);
+            out.push_str(&self.partial);
+            out.push('\n');
+        }
+        if self.capped {
+            out.push_str(&format!(
+                "{prefix}[the output passed what is shipped live; the full output is on the worker]\n"
+            ));
+            if let Some(step) = step {
+                out.push_str(&format!("{prefix}[it ended with:]\n"));
+                out.push_str(&views::task_log(step));
+            }
+        }
     }
 }
 
@@ -75,9 +203,20 @@ pub fn stream(
 ) -> io::Result<()> {
     let started = Instant::now();
     let mut follower = LogFollower::default();
+    let read_live = |task_id: &str, attempt: u32, from: u64| {
+        let query = Message::Query(Query::TaskOutput {
+            task_id: task_id.to_owned(),
+            attempt,
+            from,
+        });
+        match broker.request(query, request_timeout) {
+            Ok(ReplyBody::TaskOutput(view)) => view,
+            _ => None,
+        }
+    };
     out.write_all(HEAD.as_bytes())?;
     out.flush()?;
-    write_chunk(out, &follower.advance(first))?;
+    write_chunk(out, &follower.advance(first, read_live))?;
     let mut run_over = first.state.is_final();
     while !run_over && !shutdown.load(Ordering::Relaxed) && started.elapsed() < MAX_FOLLOW {
         std::thread::sleep(poll_every);
@@ -86,7 +225,7 @@ pub fn stream(
         });
         match broker.request(query, request_timeout) {
             Ok(ReplyBody::Run(Some(run))) => {
-                write_chunk(out, &follower.advance(&run))?;
+                write_chunk(out, &follower.advance(&run, read_live))?;
                 run_over = run.state.is_final();
             }
             Ok(ReplyBody::Run(None)) => run_over = true,
@@ -138,6 +277,71 @@ mod tests {
         }
     }
 
+    fn no_live(_: &str, _: u32, _: u64) -> Option<LiveOutputView> {
+        None
+    }
+
+    fn live(from: u64, text: &str, finished: bool) -> LiveOutputView {
+        LiveOutputView {
+            from,
+            text: text.into(),
+            next: from + text.len() as u64,
+            capped: false,
+            finished,
+        }
+    }
+
+    #[test]
+    fn prints_whole_lines_of_a_running_task_as_they_come_and_the_rest_at_its_end() {
+        let mut f = LogFollower::default();
+        let running = run(
+            RunState::Running,
+            vec![task("b", 1, TaskState::Running, "")],
+        );
+        let asked = std::cell::RefCell::new(Vec::new());
+        let mut pieces = vec![
+            live(0, "li", false),
+            live(2, "ne1\nline2\npar", false),
+            live(15, "tial", true),
+        ]
+        .into_iter();
+        let mut reader = |task: &str, attempt: u32, from: u64| {
+            asked.borrow_mut().push((task.to_owned(), attempt, from));
+            pieces.next()
+        };
+        assert_eq!(f.advance(&running, &mut reader), "");
+        assert_eq!(
+            f.advance(&running, &mut reader),
+            "[w-b build] line1\n[w-b build] line2\n"
+        );
+        // Ended: the rest it shipped, not its tail again.
+        let ended = run(
+            RunState::Succeeded,
+            vec![task("b", 1, TaskState::Succeeded, "line2\npartial")],
+        );
+        assert_eq!(f.advance(&ended, &mut reader), "[w-b build] partial\n");
+        assert_eq!(f.advance(&ended, &mut reader), "");
+        let froms: Vec<u64> = asked.borrow().iter().map(|a| a.2).collect();
+        assert_eq!(froms, [0, 2, 15]);
+    }
+
+    #[test]
+    fn says_when_output_was_skipped() {
+        let mut f = LogFollower::default();
+        let running = run(
+            RunState::Running,
+            vec![task("b", 1, TaskState::Running, "")],
+        );
+        let mut pieces = vec![live(0, "a\n", false), live(100, "z\n", false)].into_iter();
+        let mut reader = |_: &str, _: u32, _: u64| pieces.next();
+        assert_eq!(f.advance(&running, &mut reader), "[w-b build] a\n");
+        assert_eq!(
+            f.advance(&running, &mut reader),
+            "[w-b build] [... 98 bytes of output not shown: the full output is on the worker]\n\
+             [w-b build] z\n"
+        );
+    }
+
     #[test]
     fn prints_each_task_attempt_once_when_it_ends() {
         let mut f = LogFollower::default();
@@ -148,8 +352,8 @@ mod tests {
                 task("b", 1, TaskState::Running, ""),
             ],
         );
-        assert_eq!(f.advance(&r1), "[w-a build] a out\n");
-        assert_eq!(f.advance(&r1), "");
+        assert_eq!(f.advance(&r1, no_live), "[w-a build] a out\n");
+        assert_eq!(f.advance(&r1, no_live), "");
         let r2 = run(
             RunState::Running,
             vec![
@@ -157,7 +361,7 @@ mod tests {
                 task("b", 1, TaskState::Failed, "b1\n"),
             ],
         );
-        assert_eq!(f.advance(&r2), "[w-b build] b1\n");
+        assert_eq!(f.advance(&r2, no_live), "[w-b build] b1\n");
         let r3 = run(
             RunState::Failed,
             vec![
@@ -165,13 +369,16 @@ mod tests {
                 task("b", 2, TaskState::Failed, "b2\n"),
             ],
         );
-        assert_eq!(f.advance(&r3), "[w-b build] b2\n");
+        assert_eq!(f.advance(&r3, no_live), "[w-b build] b2\n");
     }
 
     #[test]
     fn streams_chunks_until_the_run_is_final() {
         let polls = Mutex::new(0);
-        let broker = FakeBroker::new(move |_| {
+        let broker = FakeBroker::new(move |message| {
+            if let Message::Query(Query::TaskOutput { .. }) = message {
+                return Ok(ReplyBody::TaskOutput(None));
+            }
             let mut n = polls.lock().unwrap();
             *n += 1;
             let b_state = if *n >= 2 {
@@ -215,7 +422,8 @@ mod tests {
             body,
             "10\r\n[w-a build] one\n\r\n10\r\n[w-b build] two\n\r\n0\r\n\r\n"
         );
-        assert_eq!(broker.seen().len(), 2);
+        // Two polls of the run; b's shipped output asked for while it ran (none).
+        assert_eq!(broker.seen().len(), 4);
     }
 
     #[test]

@@ -110,6 +110,10 @@ pub enum Message {
     Work(Work),
     /// Broker → subscribers (on the job's event topic): something finished.
     Event(Event),
+    /// Worker → broker: output a running step wrote, shipped while it runs (at most
+    /// [`TASK_OUTPUT_CHUNK_BYTES`] a message, [`TASK_OUTPUT_LIVE_CAP`] an attempt). Not
+    /// answered: a lost chunk shows as a gap, and the result's tail still ends the story.
+    TaskOutput(TaskOutput),
 }
 
 /// The kind of node, as it introduces itself.
@@ -176,6 +180,49 @@ pub struct TaskRef {
     pub task_id: String,
     /// Attempt number, from 1.
     pub attempt: u32,
+}
+
+/// Most bytes of output one [`Message::TaskOutput`] carries.
+pub const TASK_OUTPUT_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Most bytes of one attempt's output shipped while it runs; the rest stays in the output
+/// file on the worker's host (and the result's tail).
+pub const TASK_OUTPUT_LIVE_CAP: u64 = 1024 * 1024;
+
+/// A piece of a running attempt's output ([`Message::TaskOutput`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutput {
+    /// The task attempt.
+    pub task: TaskRef,
+    /// The worker running it (must be the sender).
+    pub worker: String,
+    /// Byte offset of this piece in the attempt's output.
+    pub offset: u64,
+    /// Bytes of output this piece covers (the text may differ in length: invalid UTF-8 is
+    /// replaced).
+    pub bytes: u64,
+    /// The output, as text.
+    pub text: String,
+    /// Set on the last piece shipped live when the attempt's output passed
+    /// [`TASK_OUTPUT_LIVE_CAP`]: nothing more comes until the result.
+    #[serde(default)]
+    pub capped: bool,
+}
+
+/// Output of a task attempt as the broker holds it (`Query::TaskOutput`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveOutputView {
+    /// Byte offset of `text`'s start: above the asked `from` when older output was
+    /// dropped (or never arrived).
+    pub from: u64,
+    /// The output from `from` on, as far as the broker has it.
+    pub text: String,
+    /// The offset to ask from next time.
+    pub next: u64,
+    /// The worker stopped shipping: the output passed the live cap.
+    pub capped: bool,
+    /// The attempt has ended: no more output will come.
+    pub finished: bool,
 }
 
 /// Request to start a run. Every field after `params` is optional on the wire, so a
@@ -359,6 +406,17 @@ pub enum Query {
     Resources,
     /// The lineage graph: which jobs read and write which resources.
     ResourceGraph,
+    /// The output a task attempt shipped while it ran ([`Message::TaskOutput`]), from byte
+    /// `from` of that attempt's output on. Answered `TaskOutput(None)` when the broker
+    /// holds none for it (never shipped, or dropped after the task ended).
+    TaskOutput {
+        /// The task.
+        task_id: String,
+        /// The attempt, from 1.
+        attempt: u32,
+        /// Byte offset in the attempt's output to read from.
+        from: u64,
+    },
 }
 
 /// Filter for [`Query::Runs`].
@@ -431,6 +489,8 @@ pub enum ReplyBody {
     Resources(Vec<ResourceView>),
     /// Answer to `Query::ResourceGraph`.
     ResourceGraph(Vec<LineageEdge>),
+    /// Answer to `Query::TaskOutput`.
+    TaskOutput(Option<LiveOutputView>),
 }
 
 /// What an operator does to a resource.

@@ -68,6 +68,7 @@
 pub mod check;
 pub mod config;
 pub mod eventlog;
+pub mod live_output;
 pub mod retention;
 pub mod runner;
 pub mod schedule;

@@ -146,9 +146,9 @@ enum Kill {
 }
 
 /// Runs `spec` to its end. `on_started` is called with the start time once the process is
-/// running. A message on `stop` kills the process group and makes the task fail with its
+/// running, and the offset in the output file where this run's output begins. A message on `stop` kills the process group and makes the task fail with its
 /// error or end cancelled (a dropped sender stops nothing).
-pub fn run(spec: &RunSpec, stop: &Receiver<Stop>, on_started: impl FnOnce(i64)) -> RunResult {
+pub fn run(spec: &RunSpec, stop: &Receiver<Stop>, on_started: impl FnOnce(i64, u64)) -> RunResult {
     let user = match spec.run_as.as_deref().map(resolve_run_as).transpose() {
         Ok(user) => user,
         Err(e) => return RunResult::not_started(e),
@@ -172,7 +172,7 @@ fn run_in(
     user: Option<&RunAs>,
     offset: u64,
     stop: &Receiver<Stop>,
-    on_started: impl FnOnce(i64),
+    on_started: impl FnOnce(i64, u64),
 ) -> RunResult {
     let request = SpawnRequest {
         id: 0, // chosen by the supervisor's handle
@@ -197,7 +197,7 @@ fn run_in(
     };
     let started_at_ms = jobz::now_ms();
     let start = Instant::now();
-    on_started(started_at_ms);
+    on_started(started_at_ms, offset);
 
     let deadline = spec.timeout.map(|t| start + t);
     let timer = deadline.map(crossbeam_channel::at).unwrap_or_else(never);
@@ -721,7 +721,7 @@ mod tests {
         spec.output = dir.path().join("file/sub/out.log");
         let mut called = false;
         let (_keep, cancel) = bounded::<Stop>(1);
-        let r = run(&spec, &cancel, |_| called = true);
+        let r = run(&spec, &cancel, |_, _| called = true);
         assert!(!called);
         assert!(!r.started);
         assert_eq!(r.outcome, TaskOutcome::Failed);
@@ -735,7 +735,7 @@ mod tests {
         let spec = spec(dir.path());
         let mut called = false;
         let (_keep, cancel) = bounded::<Stop>(1);
-        let r = run(&spec, &cancel, |_| called = true);
+        let r = run(&spec, &cancel, |_, _| called = true);
         assert!(!called);
         assert!(!r.started);
         let error = r.error.unwrap();

@@ -27,6 +27,7 @@ use tracing::{debug, error, info, info_span, warn, Span};
 
 use crate::config::Config;
 use crate::eventlog::{self, EventLog};
+use crate::live_output::{self, OutputShipper};
 use crate::retention::{self, InUse, OutputRetention, Pruned};
 use crate::runner::{self, RunResult, RunSpec, Stop};
 use crate::schedule::{is_valid_id, Action, Scheduler, ServedJob, Task};
@@ -148,8 +149,16 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
 
 /// What a command thread tells the loop.
 enum RunnerEvent {
-    Started { task: TaskRef, at_ms: i64 },
-    Finished { task: TaskRef, result: RunResult },
+    Started {
+        task: TaskRef,
+        at_ms: i64,
+        /// Where the attempt's output begins in its file.
+        output_offset: u64,
+    },
+    Finished {
+        task: TaskRef,
+        result: RunResult,
+    },
 }
 
 struct Running {
@@ -158,6 +167,8 @@ struct Running {
     output: PathBuf,
     stop: Sender<Stop>,
     started_at_ms: Option<i64>,
+    /// Ships the output to the broker while the step runs (from its start).
+    shipper: Option<OutputShipper>,
 }
 
 /// A message the broker has yet to acknowledge.
@@ -378,10 +389,11 @@ impl Service {
             .spawn(move || {
                 let _span = span.entered();
                 let started = task_ref.clone();
-                let result = runner::run(&spec, &stopped, |at_ms| {
+                let result = runner::run(&spec, &stopped, |at_ms, output_offset| {
                     let _ = events.send(RunnerEvent::Started {
                         task: started,
                         at_ms,
+                        output_offset,
                     });
                 });
                 let _ = events.send(RunnerEvent::Finished {
@@ -398,6 +410,7 @@ impl Service {
                         output,
                         stop,
                         started_at_ms: None,
+                        shipper: None,
                     },
                 );
             }
@@ -460,11 +473,16 @@ impl Service {
 
     fn on_runner_event(&mut self, event: RunnerEvent) {
         match event {
-            RunnerEvent::Started { task, at_ms } => {
+            RunnerEvent::Started {
+                task,
+                at_ms,
+                output_offset,
+            } => {
                 let Some(running) = self.running.get_mut(&task) else {
                     return;
                 };
                 running.started_at_ms = Some(at_ms);
+                running.shipper = Some(OutputShipper::new(running.output.clone(), output_offset));
                 let task = running.task.clone();
                 let _span = task_span(&task).entered();
                 info!("task started");
@@ -485,9 +503,15 @@ impl Service {
                 });
             }
             RunnerEvent::Finished { task, result } => {
-                let Some(running) = self.running.remove(&task) else {
+                let Some(mut running) = self.running.remove(&task) else {
                     return;
                 };
+                // A step followed live gets the rest of its output shipped before its
+                // result, so a follower reads it whole and in order; a short step's output
+                // travels in the result's tail alone.
+                if let Some(shipper) = running.shipper.as_mut().filter(|s| s.has_shipped()) {
+                    self.ship_output(&running.task, shipper, usize::MAX, true);
+                }
                 self.outputs_in_use.release(&running.output);
                 self.finish(&running.task, result);
                 let actions = self.scheduler.on_finished(&task);
@@ -612,7 +636,37 @@ impl Service {
 
     // ---- Periodic -----------------------------------------------------------------------
 
+    /// Sends what `shipper` has of the task's output beyond what it sent (see
+    /// [`live_output`]); nothing while the link to the broker is down.
+    fn ship_output(&self, task: &Task, shipper: &mut OutputShipper, max: usize, ended: bool) {
+        if !self.client.is_connected() {
+            return;
+        }
+        match shipper.pieces(&task.task, &self.config.name, max, ended) {
+            Ok(pieces) => {
+                for piece in pieces {
+                    self.client.send(Message::TaskOutput(piece));
+                }
+            }
+            // Not there yet, or unreadable: the result's tail still carries the end.
+            Err(e) => {
+                task_span(task).in_scope(|| debug!(error = %e, "cannot read the output to ship"))
+            }
+        }
+    }
+
+    fn ship_running_output(&mut self) {
+        let mut running = std::mem::take(&mut self.running);
+        for entry in running.values_mut() {
+            if let Some(shipper) = entry.shipper.as_mut() {
+                self.ship_output(&entry.task, shipper, live_output::PIECES_PER_TICK, false);
+            }
+        }
+        self.running = running;
+    }
+
     fn on_tick(&mut self, now: Instant) {
+        self.ship_running_output();
         self.poll_acks();
         self.poll_heartbeat(false);
         if now >= self.next_refresh && !self.scheduler.is_draining() {

@@ -1,25 +1,29 @@
 use super::*;
 use jobz::message::{
     Assignment, BarrierView, CancelWork, Completion, Event, Query, Reply, ReplyBody, ScheduleView,
-    TaskFinished, TaskOutcome, TaskRef, TaskStarted, TaskState, TriggerRequest, Work, WorkerStatus,
+    TaskFinished, TaskOutcome, TaskOutput, TaskRef, TaskStarted, TaskState, TriggerRequest, Work,
+    WorkerStatus,
 };
 
 const ROLES: [Role; 4] = [Role::Worker, Role::Frontend, Role::Semaphore, Role::Client];
 
 /// The table as the issue states it, written out (not derived from [`may_send`]):
 /// worker, frontend, semaphore, client.
-const EXPECTED: [(&str, [bool; 4]); 15] = [
+const EXPECTED: [(&str, [bool; 4]); 18] = [
     ("Hello", [true, true, true, true]),
     ("Heartbeat", [true, false, false, false]),
     ("Trigger", [false, true, true, false]),
     ("TaskStarted", [true, false, false, false]),
     ("TaskFinished", [true, false, false, false]),
+    ("TaskOutput", [true, false, false, false]),
     ("Query", [false, true, true, true]),
     ("SemaphoreStatus", [false, false, true, false]),
     ("RetryDead", [false, true, false, false]),
     ("CancelRun", [false, true, false, false]),
     ("PrioritizeRun", [false, true, false, false]),
     ("TrackRun", [false, true, false, false]),
+    ("ControlResource", [false, true, false, false]),
+    ("ForgetWorker", [false, true, false, false]),
     ("Reply", [false, false, false, false]),
     ("Work", [false, false, false, false]),
     ("CancelWork", [false, false, false, false]),
@@ -63,6 +67,17 @@ fn started(worker: &str) -> TaskStarted {
         worker: worker.into(),
         instance: "i1".into(),
         started_at_ms: 0,
+    }
+}
+
+fn output(worker: &str) -> TaskOutput {
+    TaskOutput {
+        task: task(),
+        worker: worker.into(),
+        offset: 0,
+        bytes: 4,
+        text: "out\n".into(),
+        capped: false,
     }
 }
 
@@ -123,6 +138,7 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
         }),
         Message::TaskStarted(started(name)),
         Message::TaskFinished(finished(name)),
+        Message::TaskOutput(output(name)),
         Message::Query(Query::Health),
         Message::SemaphoreStatus {
             barriers: vec![barrier(sender)],
@@ -143,6 +159,11 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
             run_id: "r1".into(),
             tracked: true,
         },
+        Message::ControlResource {
+            name: "db".into(),
+            action: jobz::message::ResourceAction::Create,
+        },
+        Message::ForgetWorker { name: "w9".into() },
         Message::Reply(Reply {
             in_reply_to: "m1".into(),
             body: ReplyBody::Ack,
@@ -216,6 +237,7 @@ fn a_worker_reports_and_registers_only_under_its_own_name() {
         ("worker name", Message::Heartbeat(status("w2"))),
         ("worker", Message::TaskStarted(started("w2"))),
         ("worker", Message::TaskFinished(finished("w2"))),
+        ("worker", Message::TaskOutput(output("w2"))),
         // A prefix or suffix of the own name is another name.
         ("worker name", Message::Heartbeat(status("w"))),
         ("worker", Message::TaskFinished(finished("w1 "))),

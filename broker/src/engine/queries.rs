@@ -8,7 +8,7 @@ use super::effects::StoreRead;
 use super::effects::{read, reply, Effects, ReadQuery};
 use super::watchers::{Watcher, MAX_WATCH_MS};
 use super::Engine;
-use crate::ids::RunId;
+use crate::ids::{RunId, TaskId};
 use crate::model::Dead;
 
 impl Engine {
@@ -33,6 +33,20 @@ impl Engine {
                 }
             }
             Query::Runs(filter) => read(fx, env, ReadQuery::Runs(filter)),
+            Query::TaskOutput {
+                task_id,
+                attempt,
+                from,
+            } => {
+                let task_id = TaskId::from(task_id);
+                let view = self.live.read(&task_id, attempt, from).map(|mut view| {
+                    // Ended for the follower as soon as the engine says so, before the next
+                    // tick retires the buffer.
+                    view.finished |= !self.is_current_attempt(&task_id, attempt, None);
+                    view
+                });
+                reply(fx, env, ReplyBody::TaskOutput(view));
+            }
             Query::Jobs => reply(fx, env, ReplyBody::Jobs(self.registry.job_views())),
             Query::Workers => reply(fx, env, ReplyBody::Workers(self.registry.worker_views())),
             Query::Health => {

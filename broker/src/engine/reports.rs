@@ -1,15 +1,18 @@
 //! What workers report: heartbeats (registration, lease renewal, restarts), a task
-//! started, a task finished. A report is applied only for the attempt the worker holds
+//! started, its output while it runs, a task finished. A report is applied only for the attempt the worker holds
 //! (fencing); a late one is recorded as history, a foreign one dropped.
 
 use jobz::envelope::Envelope;
 use jobz::jobfile::is_valid_name;
-use jobz::message::{ReplyBody, TaskFinished, TaskOutcome, TaskStarted, TaskState, WorkerStatus};
+use jobz::message::{
+    ReplyBody, TaskFinished, TaskOutcome, TaskOutput, TaskStarted, TaskState, WorkerStatus,
+    TASK_OUTPUT_CHUNK_BYTES, TASK_OUTPUT_LIVE_CAP,
+};
 use tracing::{debug, info, warn};
 
 use super::effects::{reply, Effects, Write};
 use super::retry::Failure;
-use super::{truncate, Engine};
+use super::{live_output, truncate, Engine};
 use crate::ids::{RunId, TaskId};
 use crate::model::Attempt;
 
@@ -141,6 +144,50 @@ impl Engine {
             self.mark_run_running(fx, &run_id);
         }
         reply(fx, env, ReplyBody::Ack);
+    }
+
+    /// A piece of a running attempt's output: kept for log followers if the attempt is
+    /// current, run by its sender, and not over; counted and dropped otherwise.
+    pub(super) fn on_task_output(&mut self, output: TaskOutput) {
+        let bounded = output.bytes <= TASK_OUTPUT_CHUNK_BYTES as u64
+            && output.text.len() <= 4 * TASK_OUTPUT_CHUNK_BYTES
+            && output.offset <= TASK_OUTPUT_LIVE_CAP;
+        if !bounded {
+            self.count_dropped_frame("bad_task_output");
+            warn!(worker = %output.worker, task_id = %output.task.task_id,
+                "dropping task output beyond the bounds of a piece");
+            return;
+        }
+        let task_id = TaskId::from(output.task.task_id.as_str());
+        if !self.is_current_attempt(&task_id, output.task.attempt, Some(&output.worker))
+            || !self.live.is_open(&task_id, output.task.attempt)
+        {
+            self.count("task_output_stale");
+            return;
+        }
+        match self.live.take(output) {
+            live_output::Taken::Appended => self.count("task_output_pieces"),
+            live_output::Taken::AppendedAfterGap => {
+                self.count("task_output_pieces");
+                self.count("task_output_gaps");
+            }
+            live_output::Taken::Duplicate => self.count("task_output_duplicates"),
+        }
+    }
+
+    /// Whether `attempt` of `task_id` is unfinished and current (run by `worker`, if
+    /// given).
+    pub(super) fn is_current_attempt(
+        &self,
+        task_id: &TaskId,
+        attempt: u32,
+        worker: Option<&str>,
+    ) -> bool {
+        self.active.task(task_id).is_some_and(|t| {
+            t.record.attempt == attempt
+                && !t.record.state.is_final()
+                && worker.is_none_or(|w| t.record.worker.as_deref() == Some(w))
+        })
     }
 
     pub(super) fn on_finished(

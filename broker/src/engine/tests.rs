@@ -1445,3 +1445,59 @@ fn a_run_end_query_is_held_until_the_run_ends_then_read_from_the_store() {
     // Asked again once it has ended (or for an unknown run): read at once.
     assert_eq!(ask(&mut h).reads.len(), 1);
 }
+
+fn output_piece(a: &Assignment, worker: &str, offset: u64, text: &str) -> Message {
+    Message::TaskOutput(jobz::message::TaskOutput {
+        task: a.task.clone(),
+        worker: worker.into(),
+        offset,
+        bytes: text.len() as u64,
+        text: text.into(),
+        capped: false,
+    })
+}
+
+fn read_output(
+    h: &mut Harness,
+    a: &Assignment,
+    from: u64,
+) -> Option<jobz::message::LiveOutputView> {
+    let fx = h.send(
+        "frontend:f1",
+        Message::Query(jobz::message::Query::TaskOutput {
+            task_id: a.task.task_id.clone(),
+            attempt: a.task.attempt,
+            from,
+        }),
+    );
+    match replies(&fx).pop() {
+        Some(ReplyBody::TaskOutput(view)) => view,
+        other => panic!("expected a TaskOutput answer, got {other:?}"),
+    }
+}
+
+#[test]
+fn live_output_is_kept_from_the_worker_running_the_attempt_only_and_ends_with_it() {
+    let (mut h, a) = running_on_w1();
+    h.heartbeat("w2", "i1");
+    assert!(h
+        .send("worker:w1", output_piece(&a, "w1", 0, "one\n"))
+        .is_empty());
+    // Another worker (under its own name) cannot add to it, and a piece too big is dropped.
+    h.send("worker:w2", output_piece(&a, "w2", 4, "forged\n"));
+    let huge = "x".repeat(jobz::message::TASK_OUTPUT_CHUNK_BYTES + 1);
+    h.send("worker:w1", output_piece(&a, "w1", 4, &huge));
+    let view = read_output(&mut h, &a, 0).expect("output held");
+    assert_eq!(
+        (view.text.as_str(), view.next, view.finished),
+        ("one\n", 4, false)
+    );
+    let counters = h.engine.health().counters;
+    assert_eq!(counters.get("task_output_stale"), Some(&1));
+    assert_eq!(counters.get("frames_dropped_bad_task_output"), Some(&1));
+    h.finish(&a, TaskOutcome::Succeeded);
+    // Ended: readable, marked finished, and takes nothing more.
+    h.send("worker:w1", output_piece(&a, "w1", 4, "late\n"));
+    let view = read_output(&mut h, &a, 0).expect("output held after the end");
+    assert_eq!((view.text.as_str(), view.finished), ("one\n", true));
+}

@@ -16,6 +16,7 @@ mod hygiene;
 mod idempotency;
 mod ipv6;
 mod jobfiles;
+mod live_output;
 mod mesh_security;
 mod pipeline;
 mod principals;

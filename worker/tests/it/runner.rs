@@ -15,7 +15,7 @@ use crate::harness::{is_alive, read_pid, wait_until, Fixture};
 
 fn run_plain(spec: &RunSpec) -> RunResult {
     let (_keep, cancel) = bounded::<Stop>(1);
-    run(spec, &cancel, |_| {})
+    run(spec, &cancel, |_, _| {})
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn cancel_kills_and_fails_with_the_reason() {
     let (tx, cancel) = bounded::<Stop>(1);
     let (started_tx, started) = bounded(1);
     let handle = std::thread::spawn(move || {
-        run(&spec, &cancel, |at| {
+        run(&spec, &cancel, |at, _| {
             started_tx.send(at).unwrap();
         })
     });
@@ -109,7 +109,7 @@ fn a_cancelled_run_kills_the_whole_group_and_reports_cancelled() {
     let (tx, stop) = bounded::<Stop>(1);
     let (started_tx, started) = bounded(1);
     let handle = std::thread::spawn(move || {
-        run(&spec, &stop, |at| {
+        run(&spec, &stop, |at, _| {
             started_tx.send(at).unwrap();
         })
     });
@@ -128,7 +128,7 @@ fn a_dropped_cancel_sender_cancels_nothing() {
     let f = Fixture::new();
     let (tx, cancel) = bounded::<Stop>(1);
     drop(tx);
-    let r = run(&f.spec("sleep 0.2; exit 4"), &cancel, |_| {});
+    let r = run(&f.spec("sleep 0.2; exit 4"), &cancel, |_, _| {});
     assert_eq!(r.exit_code, Some(4));
 }
 
@@ -295,7 +295,7 @@ fn run_as_an_unknown_user_fails_without_starting() {
     spec.run_as = Some("no-such-user-jobz".into());
     let mut called = false;
     let (_keep, cancel) = bounded::<Stop>(1);
-    let r = run(&spec, &cancel, |_| called = true);
+    let r = run(&spec, &cancel, |_, _| called = true);
     assert!(!called && !r.started);
     assert!(r.error.unwrap().contains("no such user"));
 }

@@ -34,7 +34,7 @@ fn gated(f: &Fixture) -> String {
 fn run_on_thread(spec: RunSpec) -> JoinHandle<RunResult> {
     std::thread::spawn(move || {
         let (_keep, cancel) = bounded::<Stop>(1);
-        run(&spec, &cancel, |_| {})
+        run(&spec, &cancel, |_, _| {})
     })
 }
 
@@ -132,7 +132,7 @@ fn a_supervisor_killed_with_sigkill_takes_its_steps_along_and_the_next_step_gets
     let mut spec = f.spec("echo again");
     spec.steps = steps.clone();
     let (_keep, cancel) = bounded::<Stop>(1);
-    let r = run(&spec, &cancel, |_| {});
+    let r = run(&spec, &cancel, |_, _| {});
     assert_eq!(r.outcome, TaskOutcome::Succeeded, "{r:?}");
     assert_eq!(r.output_tail, "again\n");
     let second = steps.pid().expect("a new supervisor runs");
@@ -198,7 +198,7 @@ fn the_worker_binary_supervises_steps_when_jobz_step_is_missing() {
     let mut spec = f.spec("echo hello; echo oops >&2; exit 3");
     spec.steps = StepSupervisor::new(worker_binary());
     let (_keep, cancel) = bounded::<Stop>(1);
-    let r = run(&spec, &cancel, |_| {});
+    let r = run(&spec, &cancel, |_, _| {});
     assert_eq!((r.outcome, r.exit_code), (TaskOutcome::Failed, Some(3)));
     assert_eq!(r.output_tail, "hello\noops\n");
 }
