@@ -125,6 +125,8 @@ pub struct Attempt {
     pub finished_at_ms: i64,
     /// Reported after a newer attempt had taken over; recorded, never applied.
     pub late: bool,
+    /// The end of its output as the worker reported it (empty if it never reported).
+    pub output_tail: String,
 }
 
 /// A task that failed for good.
@@ -173,6 +175,7 @@ impl Attempt {
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
             late: self.late,
+            output_tail: self.output_tail.clone(),
         }
     }
 }

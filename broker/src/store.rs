@@ -26,7 +26,7 @@ mod retention;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
 
 /// Version of the schema this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// The runs the broker holds in memory: not finished. A cancelled run is unfinished until
 /// its workers have reported its tasks.
@@ -244,6 +244,9 @@ impl SqliteStore {
         if version < 4 {
             self.migrate_v3_to_v4()?;
         }
+        if version < 5 {
+            self.migrate_v4_to_v5()?;
+        }
         self.conn
             .execute_batch(retention::SCHEMA)
             .context("creating the retention indexes")?;
@@ -299,6 +302,21 @@ impl SqliteStore {
             )
             .context("migrating the schema from version 3 to 4")?;
         tracing::info!("store migrated from schema version 3 to 4");
+        Ok(())
+    }
+
+    /// Version 5 keeps each ended attempt's output tail, so every attempt's output can be
+    /// read (`/runs/{id}/tasks/{task}/attempts/{n}/log`). Older attempts have none.
+    fn migrate_v4_to_v5(&self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE attempts ADD COLUMN output_tail TEXT NOT NULL DEFAULT '';
+                 PRAGMA user_version = 5;
+                 COMMIT;",
+            )
+            .context("migrating the schema from version 4 to 5")?;
+        tracing::info!("store migrated from schema version 4 to 5");
         Ok(())
     }
 
@@ -455,19 +473,19 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                         .context("writing a job"),
         Write::Attempt(a) => execute_cached(tx,
                 "INSERT OR REPLACE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
-                                                  started_at, finished_at, late)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                                  started_at, finished_at, late, output_tail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![a.task_id, a.run_id, a.attempt, a.worker, a.state.as_str(), a.exit_code, a.error,
-                        a.started_at_ms, a.finished_at_ms, a.late],
+                        a.started_at_ms, a.finished_at_ms, a.late, a.output_tail],
             )
             .context("writing an attempt"),
                 Write::ResultAfterRunEnd(a) => execute_cached(tx,
                 "INSERT OR IGNORE INTO attempts (task_id, run_id, attempt, worker, state, exit_code, error,
-                                                 started_at, finished_at, late)
-                 SELECT ?1, run_id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1 FROM tasks
+                                                 started_at, finished_at, late, output_tail)
+                 SELECT ?1, run_id, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9 FROM tasks
                  WHERE task_id = ?1 AND ?2 <= attempt AND (attempt != ?2 OR worker IS NOT ?3)",
                 params![a.task_id, a.attempt, a.worker, a.state.as_str(), a.exit_code, a.error,
-                        a.started_at_ms, a.finished_at_ms],
+                        a.started_at_ms, a.finished_at_ms, a.output_tail],
             )
             .context("recording a result that came after its run ended"),
         Write::Dead(d) => execute_cached(tx,
@@ -791,7 +809,8 @@ impl Store for SqliteStore {
         let mut views: Vec<StepView> = tasks.iter().map(Task::view).collect();
         views.extend(steps.iter().map(Step::waiting_view));
         let attempts = self.select(
-            "SELECT task_id, attempt, worker, state, exit_code, error, started_at, finished_at, late
+            "SELECT task_id, attempt, worker, state, exit_code, error, started_at, finished_at, late,
+                    output_tail
              FROM attempts WHERE run_id = ?1 ORDER BY finished_at, rowid",
             [run_id],
             |row| {
@@ -807,6 +826,7 @@ impl Store for SqliteStore {
                     started_at_ms: row.get(6)?,
                     finished_at_ms: row.get(7)?,
                     late: row.get(8)?,
+                    output_tail: row.get(9)?,
                 })
             },
             "reading a run's attempts",
@@ -1127,6 +1147,7 @@ mod tests {
             started_at_ms: Some(1),
             finished_at_ms: 2,
             late: true,
+            output_tail: "late output\n".into(),
         };
         store
             .apply(&[Write::ResultAfterRunEnd(result(2, "w2"))])
@@ -1150,6 +1171,7 @@ mod tests {
         let view = store.run("r1").unwrap().unwrap();
         assert_eq!(view.attempts.len(), 1, "{:?}", view.attempts);
         assert_eq!((view.attempts[0].attempt, view.attempts[0].late), (1, true));
+        assert_eq!(view.attempts[0].output_tail, "late output\n");
     }
 
     #[test]

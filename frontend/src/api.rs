@@ -154,6 +154,11 @@ impl Api {
             Route::Runs(query) => self.list_runs(query),
             Route::Run { run_id } => self.get_run(&run_id),
             Route::RunLog { run_id, follow } => self.run_log(&run_id, follow),
+            Route::AttemptLog {
+                run_id,
+                task_id,
+                attempt,
+            } => self.attempt_log(&run_id, &task_id, attempt),
             Route::Jobs => self.list_jobs(),
             Route::Workers => self.list_workers(),
             Route::Dead { limit } => self.list_dead(limit),
@@ -312,6 +317,59 @@ impl Api {
             ReplyBody::Run(None) => Err(unknown_run(run_id)),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// One attempt's output, as it is (no prefixes): what the broker holds of it live when
+    /// that is all of it from the start (up to 256 KiB), else the tail its worker reported
+    /// (4 KiB). The whole output stays in the file on the worker's host.
+    fn attempt_log(&self, run_id: &str, task_id: &str, attempt: u32) -> Handled {
+        let run = match self.ask(Query::Run {
+            run_id: run_id.to_owned(),
+        })? {
+            ReplyBody::Run(Some(run)) => run,
+            ReplyBody::Run(None) => return Err(unknown_run(run_id)),
+            other => return Err(unexpected(&other)),
+        };
+        let current = run
+            .steps
+            .iter()
+            .find(|s| s.task_id == task_id && s.attempt == attempt)
+            .map(|s| s.output_tail.as_str());
+        // An attempt recorded twice (its result came late too) shows the applied record.
+        let earlier = run
+            .attempts
+            .iter()
+            .filter(|a| a.task_id == task_id && a.attempt == attempt)
+            .min_by_key(|a| a.late)
+            .map(|a| a.output_tail.as_str());
+        let Some(tail) = current.or(earlier) else {
+            return Err(HttpReply::error(
+                404,
+                "no such attempt in this run",
+                &[
+                    ("run_id", json!(run_id)),
+                    ("task_id", json!(task_id)),
+                    ("attempt", json!(attempt)),
+                ],
+            ));
+        };
+        let live = match self.broker.request(
+            Message::Query(Query::TaskOutput {
+                task_id: task_id.to_owned(),
+                attempt,
+                from: 0,
+            }),
+            self.request_timeout,
+        ) {
+            Ok(ReplyBody::TaskOutput(Some(view))) if view.from == 0 && !view.capped => {
+                Some(view.text)
+            }
+            _ => None,
+        };
+        let text = live
+            .filter(|text| text.len() >= tail.len())
+            .unwrap_or_else(|| tail.to_owned());
+        Ok(Outcome::Reply(HttpReply::text(200, TEXT, text)))
     }
 
     fn list_runs(&self, query: RunsQuery) -> Handled {

@@ -70,11 +70,11 @@ impl LogFollower {
             .collect();
         for attempt in &run.attempts {
             let key = (attempt.task_id.clone(), attempt.attempt);
-            if current.contains(&key) || self.printed.contains(&key) {
+            if attempt.late || current.contains(&key) || self.printed.contains(&key) {
                 continue;
             }
-            // Only what it shipped live is left of an earlier attempt's output (its tail
-            // went with its result, which the run no longer shows).
+            // An earlier attempt: what it shipped live if the broker still holds it, else
+            // the tail its worker reported (kept with the attempt's record).
             let next = self.live.get(&key).map_or(0, |l| l.next);
             let view = read_live(&attempt.task_id, attempt.attempt, next);
             let job = run
@@ -83,11 +83,21 @@ impl LogFollower {
                 .find(|s| s.task_id == attempt.task_id)
                 .map_or(run.job.as_str(), |s| s.job.as_str());
             let prefix = format!("[{} {}] ", attempt.worker.as_deref().unwrap_or("-"), job);
-            let mut live = self.live.remove(&key).unwrap_or_else(|| Live::new(prefix));
-            if let Some(view) = view {
-                live.take(view, &mut out);
+            match (view, self.live.remove(&key)) {
+                // Never followed live and nothing held: the tail its worker reported.
+                (None, None) => out.push_str(&views::prefixed_lines(
+                    attempt.worker.as_deref(),
+                    job,
+                    &attempt.output_tail,
+                )),
+                (view, live) => {
+                    let mut live = live.unwrap_or_else(|| Live::new(prefix));
+                    if let Some(view) = view {
+                        live.take(view, &mut out);
+                    }
+                    live.end(None, &mut out);
+                }
             }
-            live.end(None, &mut out);
             self.printed.insert(key);
         }
         for step in &run.steps {
@@ -323,6 +333,29 @@ mod tests {
         assert_eq!(f.advance(&ended, &mut reader), "");
         let froms: Vec<u64> = asked.borrow().iter().map(|a| a.2).collect();
         assert_eq!(froms, [0, 2, 15]);
+    }
+
+    #[test]
+    fn an_earlier_attempt_not_followed_live_is_shown_from_its_reported_tail() {
+        let mut f = LogFollower::default();
+        let mut r = run(
+            RunState::Succeeded,
+            vec![task("b", 2, TaskState::Succeeded, "a2\n")],
+        );
+        r.attempts = vec![jobz::message::AttemptView {
+            task_id: "b".into(),
+            attempt: 1,
+            worker: Some("w-old".into()),
+            state: TaskState::Failed,
+            exit_code: Some(1),
+            error: None,
+            started_at_ms: None,
+            finished_at_ms: 0,
+            late: false,
+            output_tail: "a1\n".into(),
+        }];
+        assert_eq!(f.advance(&r, no_live), "[w-old build] a1\n[w-b build] a2\n");
+        assert_eq!(views::run_log(&r), "[w-old build] a1\n[w-b build] a2\n");
     }
 
     #[test]

@@ -92,6 +92,8 @@ pub enum Endpoint {
     Run,
     /// `/runs/{id}/log`.
     RunLog,
+    /// `/runs/{id}/tasks/{task}/attempts/{n}/log`.
+    AttemptLog,
     /// `POST /runs/{id}/cancel`.
     CancelRun,
     /// `POST /runs/{id}/priority`.
@@ -145,6 +147,7 @@ impl Endpoint {
             | Endpoint::Runs
             | Endpoint::Run
             | Endpoint::RunLog
+            | Endpoint::AttemptLog
             | Endpoint::Jobs
             | Endpoint::Workers
             | Endpoint::Dead
@@ -246,6 +249,15 @@ pub enum Route {
         /// Stream it until the run ends (never for `HEAD`).
         follow: bool,
     },
+    /// One attempt's output.
+    AttemptLog {
+        /// The run.
+        run_id: String,
+        /// The task.
+        task_id: String,
+        /// The attempt, from 1.
+        attempt: u32,
+    },
     /// Known jobs.
     Jobs,
     /// Known workers.
@@ -319,6 +331,7 @@ impl Route {
             Route::Runs(_) => Endpoint::Runs,
             Route::Run { .. } => Endpoint::Run,
             Route::RunLog { .. } => Endpoint::RunLog,
+            Route::AttemptLog { .. } => Endpoint::AttemptLog,
             Route::Jobs => Endpoint::Jobs,
             Route::Workers => Endpoint::Workers,
             Route::Dead { .. } => Endpoint::Dead,
@@ -523,6 +536,7 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
         ["runs"] => Some(Endpoint::Runs),
         ["runs", _] => Some(Endpoint::Run),
         ["runs", _, "log"] => Some(Endpoint::RunLog),
+        ["runs", _, "tasks", _, "attempts", _, "log"] => Some(Endpoint::AttemptLog),
         ["runs", _, "cancel"] => Some(Endpoint::CancelRun),
         ["runs", _, "priority"] => Some(Endpoint::PrioritizeRun),
         ["runs", _, "track"] => Some(Endpoint::TrackRun),
@@ -601,6 +615,20 @@ fn arguments(
             Route::RunLog {
                 run_id: second(),
                 follow: follow && !head,
+            }
+        }
+        Endpoint::AttemptLog => {
+            only(&query, &[])?;
+            let raw = segments.get(5).copied().unwrap_or_default();
+            let attempt = raw.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                bad_value("attempt", raw, "the attempt is a number from 1".into())
+            })?;
+            Route::AttemptLog {
+                run_id: second(),
+                task_id: segments
+                    .get(3)
+                    .map_or_else(String::new, |s| (*s).to_owned()),
+                attempt,
             }
         }
         Endpoint::Jobs => {

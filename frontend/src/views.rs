@@ -303,9 +303,14 @@ pub fn error(message: &str, extra: &[(&str, Value)]) -> Value {
 /// The log lines of one task: each line of its output prefixed by `[<worker> <job>] `.
 /// A task without a worker yet shows `-`. The last line always ends with a newline.
 pub fn task_log(step: &StepView) -> String {
-    let prefix = format!("[{} {}] ", step.worker.as_deref().unwrap_or("-"), step.job);
+    prefixed_lines(step.worker.as_deref(), &step.job, &step.output_tail)
+}
+
+/// `text`'s lines, each prefixed `[worker job] `.
+pub fn prefixed_lines(worker: Option<&str>, job: &str, text: &str) -> String {
+    let prefix = format!("[{} {job}] ", worker.unwrap_or("-"));
     let mut out = String::new();
-    for line in step.output_tail.lines() {
+    for line in text.lines() {
         out.push_str(&prefix);
         out.push_str(line);
         out.push('\n');
@@ -313,9 +318,25 @@ pub fn task_log(step: &StepView) -> String {
     out
 }
 
-/// The whole run's log: every task's output in the order the tasks were created.
+/// The whole run's log: every task's output in the order the tasks were created, each
+/// task's earlier attempts (the tails their workers reported) before its current one.
 pub fn run_log(run: &RunView) -> String {
-    run.steps.iter().map(task_log).collect()
+    let mut out = String::new();
+    for step in &run.steps {
+        for earlier in run
+            .attempts
+            .iter()
+            .filter(|a| a.task_id == step.task_id && a.attempt < step.attempt && !a.late)
+        {
+            out.push_str(&prefixed_lines(
+                earlier.worker.as_deref(),
+                &step.job,
+                &earlier.output_tail,
+            ));
+        }
+        out.push_str(&task_log(step));
+    }
+    out
 }
 
 #[cfg(test)]

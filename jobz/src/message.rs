@@ -838,6 +838,10 @@ pub struct AttemptView {
     pub finished_at_ms: i64,
     /// Reported after a newer attempt had taken over: recorded, not applied.
     pub late: bool,
+    /// The end of its output (the last 4 KiB) as its worker reported it; empty if it never
+    /// reported (lost) or was recorded before brokers kept it.
+    #[serde(default)]
+    pub output_tail: String,
 }
 
 /// One task of a run (one step on one worker) as the API shows it.

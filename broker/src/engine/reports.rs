@@ -216,6 +216,7 @@ impl Engine {
             started_at_ms: Some(finished.started_at_ms),
             finished_at_ms: finished.finished_at_ms,
             late: true,
+            output_tail: truncate(&finished.output_tail, MAX_REPORTED_TEXT).to_owned(),
         };
         let Some(task) = self.active.task(&task_id).map(|t| t.record.clone()) else {
             self.count("results_after_run_end");

@@ -251,6 +251,11 @@ impl Engine {
                 started_at_ms: task.started_at_ms,
                 finished_at_ms: task.finished_at_ms.unwrap_or(now),
                 late: false,
+                // Only a report carries this attempt's output; a lost one has none.
+                output_tail: match failure {
+                    Failure::Ran => task.output_tail.clone(),
+                    _ => String::new(),
+                },
             }));
         }
         task.error = Some(error.clone());

@@ -350,6 +350,7 @@ mod tests {
             started_at_ms: Some(1),
             finished_at_ms: 2,
             late: false,
+            output_tail: String::new(),
         }
     }
 

@@ -1,12 +1,13 @@
 //! Live step output (issue 13): a running step's lines reach `GET /runs/{id}/log?follow=1`
 //! while it runs, each within a second of being written, once each and in order; a retried
-//! task's attempts are told apart; a short step's output still arrives (from its result).
+//! task's attempts are each shown and addressable; a short step's output still arrives
+//! (from its result).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::harness::{str_of, Mesh, DEADLINE};
+use crate::harness::{steps_of, str_of, Mesh, DEADLINE};
 
 /// The acceptance bound: a line is shown within this of being written.
 const SHOWN_WITHIN_MS: u64 = 1_000;
@@ -152,4 +153,20 @@ jobs:
     }
     let run = mesh.wait_run_final(&flaky);
     assert_eq!(str_of(&run, "state"), "succeeded", "{run}");
+
+    // Every attempt's output is addressable, and the run's log shows both.
+    let task_id = str_of(&steps_of(&run)[0], "task_id").to_owned();
+    let attempt_log =
+        |n: &str| mesh.http_get(&format!("/runs/{flaky}/tasks/{task_id}/attempts/{n}/log"));
+    assert_eq!(attempt_log("1"), (200, "attempt 1\ndone 1\n".to_owned()));
+    assert_eq!(attempt_log("2"), (200, "attempt 2\ndone 2\n".to_owned()));
+    assert_eq!(attempt_log("3").0, 404);
+    assert_eq!(attempt_log("0").0, 400);
+    assert_eq!(attempt_log("x").0, 400);
+    let (status, log) = mesh.http_get(&format!("/runs/{flaky}/log"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        log,
+        "[w1 flaky] attempt 1\n[w1 flaky] done 1\n[w1 flaky] attempt 2\n[w1 flaky] done 2\n"
+    );
 }
