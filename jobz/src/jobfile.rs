@@ -7,6 +7,7 @@
 //! file that turns bad.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -1243,6 +1244,90 @@ pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
         });
     }
     Ok(checks)
+}
+
+/// A name a file refers to that no file of the directory defines: not an error (the job may
+/// be served by another host's jobs.d), but worth a warning before a deployment, since a
+/// typo in `on_success:` or `then:` only shows when the run needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownTarget {
+    /// The file that refers to it.
+    pub path: PathBuf,
+    /// What refers to it: `job import: on_success`, `semaphore publish: then`, …
+    pub referrer: String,
+    /// The job named.
+    pub job: String,
+}
+
+impl fmt::Display for UnknownTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} names job `{}`, which no file here defines (fine if another host's jobs.d does)",
+            self.referrer, self.job
+        )
+    }
+}
+
+/// Every job named by a successor (`on_success`, `on_failure`), a semaphore (`wait_for`,
+/// `then`, `on_timeout`, `on_failure`) or a schedule (`job`) of the parsed files of
+/// `checks` that none of them defines, in file order.
+pub fn unknown_targets(checks: &[FileCheck]) -> Vec<UnknownTarget> {
+    let defined: BTreeSet<&str> = checks
+        .iter()
+        .filter_map(|c| c.set.as_ref())
+        .flat_map(|set| set.jobs.keys().map(String::as_str))
+        .collect();
+    let mut unknown = Vec::new();
+    for check in checks {
+        let Some(set) = &check.set else { continue };
+        let mut refer = |referrer: String, jobs: &mut dyn Iterator<Item = &String>| {
+            for job in jobs {
+                if !defined.contains(job.as_str()) {
+                    unknown.push(UnknownTarget {
+                        path: check.path.clone(),
+                        referrer: referrer.clone(),
+                        job: job.clone(),
+                    });
+                }
+            }
+        };
+        for (name, job) in &set.jobs {
+            refer(
+                format!("job {name}: on_success"),
+                &mut job.on_success.iter(),
+            );
+            refer(
+                format!("job {name}: on_failure"),
+                &mut job.on_failure.iter(),
+            );
+        }
+        for (name, semaphore) in &set.semaphores {
+            refer(
+                format!("semaphore {name}: wait_for"),
+                &mut semaphore.wait_for.iter().map(|w| &w.job),
+            );
+            refer(
+                format!("semaphore {name}: then"),
+                &mut semaphore.then.iter(),
+            );
+            refer(
+                format!("semaphore {name}: on_timeout"),
+                &mut semaphore.on_timeout.iter(),
+            );
+            refer(
+                format!("semaphore {name}: on_failure"),
+                &mut semaphore.on_failure.iter(),
+            );
+        }
+        for (name, schedule) in &set.schedules {
+            refer(
+                format!("schedule {name}: job"),
+                &mut std::iter::once(&schedule.job),
+            );
+        }
+    }
+    unknown
 }
 
 /// Adds `from`'s definitions to `into`; a name `into` has already keeps its first

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use jobz::jobfile::{check_dir, FileProblem, ScheduleSpec, SemaphoreSpec};
+use jobz::jobfile::{check_dir, unknown_targets, FileProblem, ScheduleSpec, SemaphoreSpec};
 
 /// Checks every job file in `dir`, writing to `out`. Ok(true) if all are good; an error only
 /// if the directory itself cannot be read. Only what concerns semaphores and schedules
@@ -46,6 +46,10 @@ pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> 
             }
             _ => good = false,
         }
+    }
+    // Semaphores name jobs that usually live in the workers' files: warnings, not errors.
+    for unknown in unknown_targets(&checks) {
+        writeln!(out, "warning {}: {unknown}", unknown.path.display())?;
     }
     defined.sort_by_key(|(name, _)| *name);
     let files = checks.len();

@@ -2,13 +2,15 @@
 //!
 //! Deployment tools (the Ansible role) run it before they install new job files. Every file
 //! gets one line, `ok <file>: N jobs, M semaphores` or `error <file>:<line>: <reason>`, then a
-//! summary; the answer is good only if every file parses and no name is defined twice.
+//! summary; the answer is good only if every file parses and no name is defined twice. A
+//! successor, semaphore or schedule naming a job no file defines gets a `warning` line (the
+//! job may live in another host's jobs.d), which does not make the answer bad.
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use jobz::jobfile::{check_dir, FileProblem};
+use jobz::jobfile::{check_dir, unknown_targets, FileProblem};
 
 /// Checks every job file in `dir`, writing one line per file to `out`. Ok(true) if all are
 /// good; an error only if the directory itself cannot be read.
@@ -36,6 +38,10 @@ pub fn check_jobs_dir(dir: &Path, out: &mut impl Write) -> anyhow::Result<bool> 
                 _ => writeln!(out, "error {}: {problem}", check.path.display())?,
             }
         }
+    }
+    // Warnings only: another host may serve the job (and a semaphore's then-job usually does).
+    for unknown in unknown_targets(&checks) {
+        writeln!(out, "warning {}: {unknown}", unknown.path.display())?;
     }
     writeln!(
         out,
@@ -112,6 +118,31 @@ mod tests {
         ]);
         assert!(!good);
         assert!(out.contains("already defined"), "{out}");
+    }
+
+    #[test]
+    fn a_successor_or_semaphore_naming_an_undefined_job_is_a_warning_only() {
+        let (good, out) = check(&[
+            (
+                "a.yaml",
+                "jobs:\n  - name: import\n    command: \"true\"\n    on_success: [reindex, nonexistent_job]\n",
+            ),
+            (
+                "b.yaml",
+                "jobs:\n  - name: reindex\n    command: \"true\"\nsemaphores:\n  - name: gate\n    wait_for: [{job: reindex, count: 2}]\n    key: \"{date}\"\n    then: [pubilsh]\n",
+            ),
+        ]);
+        assert!(good, "warnings do not fail the check: {out}");
+        let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning ")).collect();
+        assert_eq!(warnings.len(), 2, "{out}");
+        assert!(
+            warnings[0].contains("a.yaml: job import: on_success names job `nonexistent_job`"),
+            "{out}"
+        );
+        assert!(
+            warnings[1].contains("b.yaml: semaphore gate: then names job `pubilsh`"),
+            "{out}"
+        );
     }
 
     #[test]
