@@ -22,6 +22,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -145,6 +147,100 @@ pub enum TokenFileError {
     },
 }
 
+/// How often, at most, the token file is looked at for a change.
+pub const TOKEN_FILE_CHECK: Duration = Duration::from_secs(1);
+
+/// The token file, re-read when it changes, so that a token added or removed (revoked)
+/// takes effect within [`TOKEN_FILE_CHECK`] without a restart. It is looked at when a
+/// request needs the tokens. A changed file that does not parse, or holds no token, leaves
+/// the tokens in force and is logged once per change.
+#[derive(Debug)]
+pub struct TokenFile {
+    path: PathBuf,
+    state: Mutex<TokenFileState>,
+}
+
+#[derive(Debug)]
+struct TokenFileState {
+    tokens: Arc<Tokens>,
+    stamp: Option<FileStamp>,
+    checked: Instant,
+}
+
+/// What tells a changed file: modification time, size, inode (an editor's rename).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+impl TokenFile {
+    /// Loads the file; an error (or a file with no token) stops the start.
+    pub fn load(path: &Path) -> Result<TokenFile, String> {
+        let stamp = FileStamp::of(path);
+        let tokens = Tokens::load(path).map_err(|e| e.to_string())?;
+        if tokens.is_empty() {
+            return Err(format!(
+                "the token file {} holds no token: nobody could use the API",
+                path.display()
+            ));
+        }
+        Ok(TokenFile {
+            path: path.to_owned(),
+            state: Mutex::new(TokenFileState {
+                tokens: Arc::new(tokens),
+                stamp,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    /// The tokens in force, after taking in the file if it changed since it was last
+    /// looked at (at most once per [`TOKEN_FILE_CHECK`]).
+    pub fn current(&self) -> Arc<Tokens> {
+        let Ok(mut state) = self.state.lock() else {
+            // A thread panicked while reloading: nothing is served rather than stale
+            // tokens. (It cannot: nothing in the reload panics.)
+            return Arc::new(Tokens::default());
+        };
+        if state.checked.elapsed() >= TOKEN_FILE_CHECK {
+            state.checked = Instant::now();
+            let stamp = FileStamp::of(&self.path);
+            if stamp != state.stamp {
+                state.stamp = stamp;
+                match Tokens::load(&self.path) {
+                    Ok(tokens) if !tokens.is_empty() => {
+                        tracing::info!(file = %self.path.display(), tokens = tokens.len(),
+                            before = state.tokens.len(), "token file changed: tokens reloaded");
+                        state.tokens = Arc::new(tokens);
+                    }
+                    Ok(_) => {
+                        tracing::error!(file = %self.path.display(), tokens = state.tokens.len(),
+                        "token file changed and holds no token; keeping the tokens in force")
+                    }
+                    Err(e) => tracing::error!(file = %self.path.display(), error = %e,
+                        tokens = state.tokens.len(),
+                        "token file changed and cannot be used; keeping the tokens in force"),
+                }
+            }
+        }
+        state.tokens.clone()
+    }
+}
+
 /// Who a token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -225,6 +321,13 @@ impl Tokens {
     /// True if the file held no token.
     pub fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
+    }
+
+    /// Every holder, by name (`token list`).
+    pub fn holders(&self) -> Vec<&Holder> {
+        let mut holders: Vec<&Holder> = self.by_hash.values().collect();
+        holders.sort_by(|a, b| a.name.cmp(&b.name));
+        holders
     }
 
     /// The holder of a presented token, if it is known.

@@ -160,6 +160,30 @@ enum TokenCommand {
         #[arg(long, value_name = "SCOPES", value_parser = frontend::auth::Scopes::parse)]
         scopes: frontend::auth::Scopes,
     },
+    /// Lists the tokens of a token file: name and scopes, one per line (never the token,
+    /// which the file does not hold). Exit 1 if the file cannot be read or does not parse.
+    /// A running frontend takes in a changed file within a second: remove a line to
+    /// revoke that token.
+    List {
+        /// The token file.
+        #[arg(long, value_name = "FILE", env = "JOBZ_TOKENS")]
+        tokens: PathBuf,
+    },
+}
+
+fn token_list(path: &std::path::Path) -> ExitCode {
+    match frontend::auth::Tokens::load(path) {
+        Ok(tokens) => {
+            for holder in tokens.holders() {
+                println!("{} {}", holder.name, holder.scopes);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("jobz-frontend: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn token_new(name: &str, scopes: frontend::auth::Scopes) -> ExitCode {
@@ -200,8 +224,12 @@ fn main() -> ExitCode {
     if let Some(code) = args.keys.print_public_key() {
         return code;
     }
-    if let Some(Command::Token(TokenCommand::New { name, scopes })) = &args.command {
-        return token_new(name, *scopes);
+    match &args.command {
+        Some(Command::Token(TokenCommand::New { name, scopes })) => {
+            return token_new(name, *scopes)
+        }
+        Some(Command::Token(TokenCommand::List { tokens })) => return token_list(tokens),
+        None => {}
     }
     if let Err(e) = args.log.init() {
         eprintln!("jobz-frontend: {e:#}");

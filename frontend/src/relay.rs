@@ -39,7 +39,7 @@ use rustls::{ServerConfig, ServerConnection};
 use tracing::{debug, warn};
 
 use crate::admission::{Admission, Class, Limits, Ticket};
-use crate::auth::{presented_token, Tokens};
+use crate::auth::{presented_token, TokenFile};
 use crate::limits::{Head, Refusal, RequestGuard};
 use crate::metrics::Stats;
 use crate::responses::ResponseTracker;
@@ -84,8 +84,8 @@ pub struct ConnectionPolicy {
 /// the file, or a TLS handshake that verified a client certificate.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    /// The token file's tokens, if any.
-    pub tokens: Option<Arc<Tokens>>,
+    /// The token file, if any.
+    pub tokens: Option<Arc<TokenFile>>,
     /// The TLS handshake verifies client certificates.
     pub client_certs: bool,
 }
@@ -95,7 +95,7 @@ impl Credentials {
         let (Some(tokens), Some(header)) = (&self.tokens, authorization) else {
             return false;
         };
-        presented_token(header).is_some_and(|token| tokens.holder(&token).is_some())
+        presented_token(header).is_some_and(|token| tokens.current().holder(&token).is_some())
     }
 }
 

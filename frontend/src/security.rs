@@ -29,7 +29,7 @@ use serde_json::json;
 
 use crate::admission::Limits;
 use crate::api::HttpReply;
-use crate::auth::Tokens;
+use crate::auth::{TokenFile, Tokens};
 use crate::relay::{ConnectionPolicy, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
 use crate::route::Parsed;
 use crate::tls::TlsFiles;
@@ -87,16 +87,7 @@ impl Security {
     pub fn prepare(&self, listen: SocketAddr) -> anyhow::Result<Prepared> {
         let tokens = match &self.tokens {
             None => None,
-            Some(path) => {
-                let tokens = Tokens::load(path)?;
-                if tokens.is_empty() {
-                    anyhow::bail!(
-                        "the token file {} holds no token: nobody could use the API",
-                        path.display()
-                    );
-                }
-                Some(Arc::new(tokens))
-            }
+            Some(path) => Some(Arc::new(TokenFile::load(path).map_err(anyhow::Error::msg)?)),
         };
         let tls = match &self.tls {
             None => None,
@@ -159,8 +150,8 @@ impl Security {
 pub struct Prepared {
     /// How the main listener is protected.
     pub exposure: Exposure,
-    /// The tokens, when required.
-    pub tokens: Option<Arc<Tokens>>,
+    /// The token file (re-read when it changes), when tokens are required.
+    pub tokens: Option<Arc<TokenFile>>,
     /// The TLS configuration, when HTTPS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The open health listener's address.

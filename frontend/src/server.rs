@@ -21,7 +21,7 @@ use jobz::message::{Role, RunView};
 use jobz::socket::BrokerAddr;
 
 use crate::api::{Api, HttpReply, Outcome, WaitRequest};
-use crate::auth::Tokens;
+use crate::auth::TokenFile;
 use crate::broker::Broker;
 use crate::follow;
 use crate::metrics::Stats;
@@ -209,7 +209,7 @@ impl Frontend {
     pub fn log_security(&self) {
         let p = &self.prepared;
         let scheme = if p.tls.is_some() { "https" } else { "http" };
-        let tokens = p.tokens.as_ref().map_or(0, |t| t.len());
+        let tokens = p.tokens.as_ref().map_or(0, |t| t.current().len());
         info!(
             mode = p.exposure.describe(),
             scheme,
@@ -320,7 +320,7 @@ struct Shell {
     waits: Sender<(Pending, WaitRequest)>,
     shutdown: Arc<AtomicBool>,
     listener: Listener,
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<TokenFile>>,
     /// What a POST must come from.
     own_origin: OwnOrigin,
 }
@@ -368,9 +368,10 @@ impl Shell {
             method,
             path: parsed.log_path.clone(),
         };
+        let tokens = self.tokens.as_ref().map(|t| t.current());
         let admitted = security::gate(
             self.listener,
-            self.tokens.as_deref(),
+            tokens.as_deref(),
             &parsed,
             authorization.as_deref(),
         );

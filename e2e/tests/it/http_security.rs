@@ -943,3 +943,72 @@ fn one_address_holding_every_place_does_not_lock_out_other_clients() {
     drop((first, guest));
     assert!(mesh.is_running("capped"));
 }
+
+/// A token removed from the file is refused within a couple of seconds, one added is
+/// accepted, and a file broken by a bad edit leaves the tokens in force: revocation needs
+/// no restart. `token list` shows names and scopes, never tokens.
+#[test]
+fn the_token_file_is_reread_when_it_changes_and_a_bad_edit_keeps_the_tokens() {
+    let mut mesh = Mesh::builder().worker("w1", JOBS).start();
+    mesh.wait_workers_live(1);
+    let tokens = tokens_in(mesh.dir());
+    let port = start_with_tokens(&mut mesh, &tokens, &[]);
+    assert_eq!(get(port, "/runs", &bearer(&tokens.read)).status, 200);
+
+    let listed = Command::new(bin("jobz-frontend"))
+        .args(["token", "list", "--tokens"])
+        .arg(&tokens.file)
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert_eq!(listed, "ci trigger\ndashboard read\nops admin\n");
+    for token in [&tokens.read, &tokens.trigger, &tokens.admin] {
+        assert!(!listed.contains(token.as_str()));
+    }
+
+    // Revoke `dashboard`, add `grafana`.
+    let text = fs::read_to_string(&tokens.file).unwrap();
+    let (grafana, grafana_line) = new_token("grafana", "read");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("dashboard "))
+        .collect();
+    fs::write(
+        &tokens.file,
+        format!("{}\n{grafana_line}\n", kept.join("\n")),
+    )
+    .unwrap();
+    wait_for(DEADLINE, "the revoked token to be refused", || {
+        match get(port, "/runs", &bearer(&tokens.read)).status {
+            401 => Ok(()),
+            other => Err(format!("still {other}")),
+        }
+    });
+    assert_eq!(get(port, "/runs", &bearer(&grafana)).status, 200);
+    assert_eq!(get(port, "/runs", &bearer(&tokens.admin)).status, 200);
+
+    // A broken edit: the tokens in force stay, and the log says why.
+    fs::write(&tokens.file, "grafana read not-a-hash\n").unwrap();
+    wait_for(DEADLINE, "the broken token file to be logged", || {
+        // The file is looked at when a request needs the tokens.
+        assert_eq!(get(port, "/runs", &bearer(&grafana)).status, 200);
+        let stderr = mesh.stderr_of("secure");
+        if stderr.contains("keeping the tokens in force") {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    });
+    assert_eq!(get(port, "/runs", &bearer(&grafana)).status, 200);
+    assert_eq!(get(port, "/runs", &bearer(&tokens.read)).status, 401);
+
+    let broken = Command::new(bin("jobz-frontend"))
+        .args(["token", "list", "--tokens"])
+        .arg(&tokens.file)
+        .output()
+        .unwrap();
+    assert_eq!(broken.status.code(), Some(1));
+    let why = String::from_utf8_lossy(&broken.stderr).into_owned();
+    assert!(why.contains(":1: "), "names the line: {why}");
+}
