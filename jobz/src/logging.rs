@@ -49,7 +49,13 @@ pub fn init(file: Option<&PathBuf>, format: LogFormat) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .try_init()
         }
-        (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
+        // Each line names its spans once, in `spans` (the default would repeat the
+        // innermost one as `span`).
+        (None, LogFormat::Json) => builder
+            .json()
+            .with_current_span(false)
+            .with_writer(std::io::stderr)
+            .try_init(),
         (Some(path), format) => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)
@@ -63,7 +69,11 @@ pub fn init(file: Option<&PathBuf>, format: LogFormat) -> anyhow::Result<()> {
             let writer = Mutex::new(file);
             match format {
                 LogFormat::Text => builder.with_ansi(false).with_writer(writer).try_init(),
-                LogFormat::Json => builder.json().with_writer(writer).try_init(),
+                LogFormat::Json => builder
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(writer)
+                    .try_init(),
             }
         }
     };

@@ -37,6 +37,8 @@ pub struct Config {
     pub spool: PathBuf,
     /// Log directory (`--log-dir`): `worker.log` and each task's output under `runs/`.
     pub log_dir: PathBuf,
+    /// Format of `worker.log` (`--worker-log-format`).
+    pub worker_log_format: jobz::logging::LogFormat,
     /// Heartbeat interval (`--heartbeat`).
     pub heartbeat: Duration,
     /// This worker's key and the broker keys it trusts (`--key`, `--broker-key`): frames
@@ -84,6 +86,7 @@ impl Config {
             capabilities: Vec::new(),
             spool: PathBuf::from("/var/lib/jobz/worker"),
             log_dir: PathBuf::from("/var/log/jobz"),
+            worker_log_format: jobz::logging::LogFormat::Text,
             heartbeat: Duration::from_secs(2),
             identity: None,
             frontend,

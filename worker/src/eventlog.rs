@@ -8,6 +8,9 @@
 //! `failed exit=3 in 1.00s`, `failed: <reason>` or `timed out after 2s`; and, about the
 //! worker's own job files, `<time> worker=<name> <note>` (a rejected file, a job defined
 //! twice), with no `run=`.
+//! With `--worker-log-format json`, each line is one JSON object with the same fields:
+//! `{"time", "run", "step", "task", "job", "attempt", "worker", "event"}`, or
+//! `{"time", "worker", "note"}` about the job files.
 //! Each line is written with one `write` on a file opened for appending, so lines from
 //! concurrent writers never interleave; a file renamed away by log rotation is reopened.
 
@@ -17,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use jobz::logging::LogFormat;
 use jobz::message::TaskOutcome;
 use tracing::warn;
 
@@ -35,13 +39,16 @@ pub struct EventLog {
     path: PathBuf,
     file: File,
     checked_at: Instant,
-    /// `worker=<name>`, as every line carries it.
+    /// `worker=<name>`, as every text line carries it.
     worker: String,
+    /// The worker's own name, for JSON lines.
+    worker_name: String,
+    format: LogFormat,
 }
 
 impl EventLog {
     /// Opens (creating it and its directory) `<log_dir>/worker.log`, for the worker `worker`.
-    pub fn open(log_dir: &Path, worker: &str) -> anyhow::Result<EventLog> {
+    pub fn open(log_dir: &Path, worker: &str, format: LogFormat) -> anyhow::Result<EventLog> {
         std::fs::create_dir_all(log_dir)
             .with_context(|| format!("creating log directory {}", log_dir.display()))?;
         let path = log_dir.join(FILE_NAME);
@@ -51,6 +58,8 @@ impl EventLog {
             file,
             checked_at: Instant::now(),
             worker: field(worker),
+            worker_name: worker.to_owned(),
+            format,
         })
     }
 
@@ -62,18 +71,39 @@ impl EventLog {
     /// Appends one event line about `task`, stamped now. Failures are logged, not returned:
     /// a full disk must not stop the worker from running and reporting tasks.
     pub fn append(&mut self, task: &Task, event: &str) {
-        let line = format_line(jobz::now_ms(), &self.worker, task, event);
+        let now = jobz::now_ms();
+        let line = match self.format {
+            LogFormat::Text => format_line(now, &self.worker, task, event),
+            LogFormat::Json => json_line(&serde_json::json!({
+                "time": jobz::format_time_ms(now),
+                "run": task.run_id,
+                "step": task.step_id,
+                "task": task.task.task_id,
+                "job": task.job,
+                "attempt": task.task.attempt,
+                "worker": self.worker_name,
+                "event": event,
+            })),
+        };
         self.write(&line);
     }
 
     /// Appends one line about the worker itself (not a task), stamped now.
     pub fn note(&mut self, note: &str) {
-        let line = format!(
-            "{} worker={} {}\n",
-            jobz::format_time_ms(jobz::now_ms()),
-            self.worker,
-            text(note)
-        );
+        let now = jobz::now_ms();
+        let line = match self.format {
+            LogFormat::Text => format!(
+                "{} worker={} {}\n",
+                jobz::format_time_ms(now),
+                self.worker,
+                text(note)
+            ),
+            LogFormat::Json => json_line(&serde_json::json!({
+                "time": jobz::format_time_ms(now),
+                "worker": self.worker_name,
+                "note": note,
+            })),
+        };
         self.write(&line);
     }
 
@@ -105,6 +135,13 @@ impl EventLog {
             }
         }
     }
+}
+
+/// One JSON object and a newline (escaping keeps it on one line whatever the text holds).
+fn json_line(value: &serde_json::Value) -> String {
+    let mut line = value.to_string();
+    line.push('\n');
+    line
 }
 
 fn open_append(path: &Path) -> anyhow::Result<File> {
@@ -286,7 +323,7 @@ mod tests {
     #[test]
     fn appends_lines_and_survives_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::open(&dir.path().join("logs"), "w 1").unwrap();
+        let mut log = EventLog::open(&dir.path().join("logs"), "w 1", LogFormat::Text).unwrap();
         log.append(&task("t1"), "received");
         std::fs::rename(log.path(), dir.path().join("worker.log.1")).unwrap();
         log.checked_at = Instant::now() - ROTATION_CHECK;
@@ -305,5 +342,26 @@ mod tests {
             "{note}"
         );
         assert!(!note.contains("run="), "{note}");
+    }
+
+    #[test]
+    fn json_lines_carry_the_same_fields_one_object_per_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EventLog::open(dir.path(), "w 1", LogFormat::Json).unwrap();
+        log.append(&task("t1"), "failed: bad\nthing");
+        log.note("job file rejected: x.yaml");
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0]["task"], "t1");
+        assert_eq!(lines[0]["worker"], "w 1");
+        assert_eq!(lines[0]["event"], "failed: bad\nthing");
+        assert_eq!(lines[0]["attempt"], 2);
+        assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(lines[1]["note"], "job file rejected: x.yaml");
+        assert!(lines[1].get("run").is_none());
     }
 }

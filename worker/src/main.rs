@@ -45,6 +45,15 @@ struct Args {
     /// Log directory: worker.log and every task's output under runs/.
     #[arg(long, env = "JOBZ_LOG_DIR", default_value = "/var/log/jobz")]
     log_dir: PathBuf,
+    /// Format of worker.log: `text` (`<time> run=… step=… … <event>`) or `json` (one
+    /// object per line with the same fields).
+    #[arg(
+        long,
+        env = "JOBZ_WORKER_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    worker_log_format: jobz::logging::LogFormat,
     /// Heartbeat interval.
     #[arg(long, env = "JOBZ_HEARTBEAT", default_value = "2s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
@@ -153,6 +162,7 @@ fn start(args: Args) -> anyhow::Result<()> {
     config.capabilities = args.capabilities;
     config.spool = args.spool;
     config.log_dir = args.log_dir;
+    config.worker_log_format = args.worker_log_format;
     config.heartbeat = args.heartbeat;
     if let Some(frontend) = args.frontend {
         config.frontend = frontend;

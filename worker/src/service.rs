@@ -69,7 +69,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let runs = config.log_dir.join("runs");
     std::fs::create_dir_all(&runs)
         .with_context(|| format!("creating output directory {}", runs.display()))?;
-    let log = EventLog::open(&config.log_dir, &config.name)?;
+    let log = EventLog::open(&config.log_dir, &config.name, config.worker_log_format)?;
     let mut jobs = JobDir::new(&config.jobs_dir);
     let first = jobs
         .refresh()
