@@ -152,7 +152,7 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .with_context(|| format!("opening the worker log {}", path.display()))
 }
 
-/// One line, newline included (`worker` is already a [`field`]).
+/// One line, newline included (`worker` arrives escaped by `field` already).
 pub fn format_line(time_ms: i64, worker: &str, task: &Task, event: &str) -> String {
     format!(
         "{} run={} step={} task={} job={} attempt={} worker={worker} {}\n",
