@@ -128,6 +128,31 @@ pub struct Api {
     pub request_timeout: Duration,
     /// The frontend's counters.
     pub stats: Arc<Stats>,
+    /// `--public-url` without its trailing `/`: the base of the URLs answers give
+    /// (`status_url`, `retry_url`, `Location`); empty: they are paths.
+    pub public_base: String,
+}
+
+/// Checks a `--public-url`: `http://` or `https://`, a host, an optional path prefix, no
+/// query or fragment. Returns it without a trailing `/`.
+pub fn parse_public_url(raw: &str) -> Result<String, String> {
+    let rest = raw
+        .strip_prefix("https://")
+        .or_else(|| raw.strip_prefix("http://"))
+        .ok_or_else(|| format!("{raw:?}: must start with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("{raw:?}: names no host"));
+    }
+    if let Some(bad) = raw
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '"' | '<' | '>'))
+    {
+        return Err(format!(
+            "{raw:?}: may not hold {bad:?} (no query or fragment)"
+        ));
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
 }
 
 type Handled = Result<Outcome, HttpReply>;
@@ -139,7 +164,13 @@ impl Api {
             broker,
             request_timeout,
             stats: Arc::new(Stats::default()),
+            public_base: String::new(),
         }
+    }
+
+    /// The URL answers give for `path` (which starts with `/`).
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.public_base)
     }
 
     /// Answers one parsed request (see [`crate::route::parse`]).
@@ -247,7 +278,10 @@ impl Api {
         match reply {
             Ok(ReplyBody::Accepted { run_id }) => {
                 info!(run_id = %run_id, job = %job, params = param_count, "run accepted");
-                let status_url = format!("/runs/{}", utf8_percent_encode(&run_id, PATH_SEGMENT));
+                let status_url = self.url(&format!(
+                    "/runs/{}",
+                    utf8_percent_encode(&run_id, PATH_SEGMENT)
+                ));
                 let accepted = HttpReply::json(
                     202,
                     &json!({ "run_id": run_id, "job": job, "status_url": status_url }),
@@ -553,7 +587,10 @@ impl Api {
     fn list_dead(&self, limit: u32) -> Handled {
         match self.ask(Query::Dead { limit })? {
             ReplyBody::Dead(dead) => {
-                let dead: Vec<Value> = dead.iter().map(views::dead).collect();
+                let dead: Vec<Value> = dead
+                    .iter()
+                    .map(|d| views::dead(d, &self.public_base))
+                    .collect();
                 Ok(Outcome::Reply(HttpReply::json(
                     200,
                     &json!({ "dead": dead }),
@@ -575,7 +612,10 @@ impl Api {
         {
             ReplyBody::Accepted { run_id } => {
                 info!(run_id = %run_id, task_id = %task_id, "dead task re-run");
-                let status_url = format!("/runs/{}", utf8_percent_encode(&run_id, PATH_SEGMENT));
+                let status_url = self.url(&format!(
+                    "/runs/{}",
+                    utf8_percent_encode(&run_id, PATH_SEGMENT)
+                ));
                 let body = json!({ "run_id": run_id, "retried_task_id": task_id, "status_url": status_url });
                 Ok(Outcome::Reply(
                     HttpReply::json(202, &body).with_header("Location", status_url),
@@ -833,6 +873,41 @@ mod tests {
         let reply = HttpReply::json(200, &json!({"a": 1}));
         assert_eq!(reply.body, b"{\"a\":1}\n");
         assert!(HttpReply::error(404, "no", &[]).body.ends_with(b"}\n"));
+    }
+
+    #[test]
+    fn with_a_public_url_answers_give_absolute_urls_under_it() {
+        let (mut api, _) = new_api(accepting());
+        api.public_base = parse_public_url("https://example.com/jobz/").unwrap();
+        let r = reply(get(&api, "/job_start?job_name=import"));
+        assert_eq!(r.status, 202);
+        assert_eq!(
+            body(&r)["status_url"],
+            json!("https://example.com/jobz/runs/run-1")
+        );
+        assert!(r
+            .headers
+            .contains(&("Location", "https://example.com/jobz/runs/run-1".into())));
+    }
+
+    #[test]
+    fn a_public_url_must_be_http_with_a_host_and_no_query() {
+        assert_eq!(
+            parse_public_url("http://front:6769").as_deref(),
+            Ok("http://front:6769")
+        );
+        for bad in [
+            "front:6769",
+            "ftp://front",
+            "https://",
+            "https:///runs",
+            "https://front/?x=1",
+            "https://front/#top",
+            "https://fr ont",
+            "https://front/\n",
+        ] {
+            assert!(parse_public_url(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

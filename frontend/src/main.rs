@@ -121,6 +121,11 @@ struct Args {
         value_parser = parse_timeout
     )]
     request_timeout: Duration,
+    /// The URL clients reach this frontend by (e.g. `https://jobs.example.com` or
+    /// `https://example.com/jobz` behind a proxy): `status_url`, `retry_url` and `Location`
+    /// are then absolute URLs under it. Default: they are paths.
+    #[arg(long, env = "JOBZ_PUBLIC_URL", value_name = "URL", value_parser = frontend::api::parse_public_url)]
+    public_url: Option<String>,
     /// HTTP worker threads.
     #[arg(
         long,
@@ -265,6 +270,7 @@ fn main() -> ExitCode {
         listen,
         request_timeout: args.request_timeout,
         threads: usize::from(args.threads),
+        public_url: args.public_url,
         security: frontend::Security {
             tokens: args.tokens,
             tls: match (args.tls_cert, args.tls_key) {

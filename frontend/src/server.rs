@@ -48,6 +48,9 @@ pub struct Config {
     pub request_timeout: Duration,
     /// HTTP worker threads.
     pub threads: usize,
+    /// `--public-url`, checked by [`crate::api::parse_public_url`]: answers give absolute
+    /// URLs under it; `None`: paths.
+    pub public_url: Option<String>,
     /// Tokens, TLS, protected mode, the health listener, the connection cap.
     pub security: Security,
 }
@@ -65,7 +68,8 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
         ClientConfig::new(config.broker.clone(), node_id.clone(), Role::Frontend);
     client_config.identity = config.identity.clone();
     let client = Client::start(client_config).context("starting the broker link")?;
-    let api = Api::new(Arc::new(client.clone()), config.request_timeout);
+    let mut api = Api::new(Arc::new(client.clone()), config.request_timeout);
+    api.public_base = config.public_url.clone().unwrap_or_default();
     let frontend = match Frontend::bind(config.listen, config.threads, api, prepared) {
         Ok(f) => f,
         Err(e) => {

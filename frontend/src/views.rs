@@ -186,8 +186,8 @@ pub fn lineage_dot(edges: &[LineageEdge]) -> String {
     out
 }
 
-/// A task that failed for good.
-pub fn dead(d: &DeadView) -> Value {
+/// A task that failed for good; `base` prefixes its `retry_url` (see `--public-url`).
+pub fn dead(d: &DeadView, base: &str) -> Value {
     json!({
         "task_id": d.task_id,
         "run_id": d.run_id,
@@ -200,7 +200,7 @@ pub fn dead(d: &DeadView) -> Value {
         "exit_code": d.exit_code,
         "failed_at": time(d.failed_at_ms),
         "retried_as": d.retried_as,
-        "retry_url": format!("/dead/{}/retry", d.task_id),
+        "retry_url": format!("{base}/dead/{}/retry", d.task_id),
     })
 }
 
