@@ -1281,50 +1281,34 @@ pub fn unknown_targets(checks: &[FileCheck]) -> Vec<UnknownTarget> {
     let mut unknown = Vec::new();
     for check in checks {
         let Some(set) = &check.set else { continue };
-        let mut refer = |referrer: String, jobs: &mut dyn Iterator<Item = &String>| {
-            for job in jobs {
-                if !defined.contains(job.as_str()) {
-                    unknown.push(UnknownTarget {
-                        path: check.path.clone(),
-                        referrer: referrer.clone(),
-                        job: job.clone(),
-                    });
-                }
-            }
-        };
+        // (what refers, its name, the field, the jobs it names)
+        let mut references: Vec<(&str, &str, &str, Vec<&String>)> = Vec::new();
         for (name, job) in &set.jobs {
-            refer(
-                format!("job {name}: on_success"),
-                &mut job.on_success.iter(),
-            );
-            refer(
-                format!("job {name}: on_failure"),
-                &mut job.on_failure.iter(),
-            );
+            references.push(("job", name, "on_success", job.on_success.iter().collect()));
+            references.push(("job", name, "on_failure", job.on_failure.iter().collect()));
         }
         for (name, semaphore) in &set.semaphores {
-            refer(
-                format!("semaphore {name}: wait_for"),
-                &mut semaphore.wait_for.iter().map(|w| &w.job),
-            );
-            refer(
-                format!("semaphore {name}: then"),
-                &mut semaphore.then.iter(),
-            );
-            refer(
-                format!("semaphore {name}: on_timeout"),
-                &mut semaphore.on_timeout.iter(),
-            );
-            refer(
-                format!("semaphore {name}: on_failure"),
-                &mut semaphore.on_failure.iter(),
-            );
+            let waited = semaphore.wait_for.iter().map(|w| &w.job).collect();
+            references.push(("semaphore", name, "wait_for", waited));
+            for (field, jobs) in [
+                ("then", &semaphore.then),
+                ("on_timeout", &semaphore.on_timeout),
+                ("on_failure", &semaphore.on_failure),
+            ] {
+                references.push(("semaphore", name, field, jobs.iter().collect()));
+            }
         }
         for (name, schedule) in &set.schedules {
-            refer(
-                format!("schedule {name}: job"),
-                &mut std::iter::once(&schedule.job),
-            );
+            references.push(("schedule", name, "job", vec![&schedule.job]));
+        }
+        for (kind, name, field, jobs) in references {
+            for job in jobs.into_iter().filter(|j| !defined.contains(j.as_str())) {
+                unknown.push(UnknownTarget {
+                    path: check.path.clone(),
+                    referrer: format!("{kind} {name}: {field}"),
+                    job: job.clone(),
+                });
+            }
         }
     }
     unknown

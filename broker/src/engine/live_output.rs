@@ -44,10 +44,20 @@ struct Piece {
     text: String,
 }
 
+/// What a piece is counted as against the bounds: its text and its own record, so that a
+/// worker shipping many empty pieces cannot hold memory the bounds do not see.
+const PIECE_OVERHEAD: usize = std::mem::size_of::<Piece>();
+
+impl Piece {
+    fn weight(&self) -> usize {
+        self.text.len() + PIECE_OVERHEAD
+    }
+}
+
 #[derive(Debug, Default)]
 struct Buffer {
     pieces: VecDeque<Piece>,
-    /// Sum of the pieces' text lengths.
+    /// Sum of the pieces' weights.
     held: usize,
     /// The offset after the last piece.
     next: u64,
@@ -89,19 +99,19 @@ impl LiveOutputs {
         } else {
             Taken::Appended
         };
-        let text_len = piece.text.len();
-        buffer.next = end;
-        buffer.held += text_len;
-        self.held += text_len;
-        buffer.pieces.push_back(Piece {
+        let piece = Piece {
             offset: piece.offset,
             bytes: piece.bytes,
             text: piece.text,
-        });
+        };
+        buffer.next = end;
+        buffer.held += piece.weight();
+        self.held += piece.weight();
+        buffer.pieces.push_back(piece);
         while buffer.held > PER_ATTEMPT_BYTES && buffer.pieces.len() > 1 {
             if let Some(old) = buffer.pieces.pop_front() {
-                buffer.held -= old.text.len();
-                self.held -= old.text.len();
+                buffer.held -= old.weight();
+                self.held -= old.weight();
             }
         }
         self.evict_beyond_total();
@@ -260,6 +270,19 @@ mod tests {
         live.prune(1_000 + KEEP_AFTER_END_MS);
         assert!(live.read(&t1, 1, 0).is_none());
         assert_eq!(live.held(), 0);
+    }
+
+    #[test]
+    fn many_empty_pieces_count_against_the_bound() {
+        let mut live = LiveOutputs::default();
+        for offset in 0..100_000u64 {
+            let mut p = piece(offset, "");
+            p.bytes = 1; // one byte of output each, shipped as nothing
+            live.take(p);
+        }
+        assert!(live.held() <= PER_ATTEMPT_BYTES);
+        let kept = live.read(&TaskId::from("t1"), 1, 0).unwrap();
+        assert!(kept.from > 0, "the oldest pieces were dropped");
     }
 
     #[test]

@@ -944,6 +944,15 @@ fn one_address_holding_every_place_does_not_lock_out_other_clients() {
     assert!(mesh.is_running("capped"));
 }
 
+/// `jobz-frontend token list --tokens FILE`.
+fn token_list(file: &Path) -> std::process::Output {
+    Command::new(bin("jobz-frontend"))
+        .args(["token", "list", "--tokens"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 /// A token removed from the file is refused within a couple of seconds, one added is
 /// accepted, and a file broken by a bad edit leaves the tokens in force: revocation needs
 /// no restart. `token list` shows names and scopes, never tokens.
@@ -955,11 +964,7 @@ fn the_token_file_is_reread_when_it_changes_and_a_bad_edit_keeps_the_tokens() {
     let port = start_with_tokens(&mut mesh, &tokens, &[]);
     assert_eq!(get(port, "/runs", &bearer(&tokens.read)).status, 200);
 
-    let listed = Command::new(bin("jobz-frontend"))
-        .args(["token", "list", "--tokens"])
-        .arg(&tokens.file)
-        .output()
-        .unwrap();
+    let listed = token_list(&tokens.file);
     assert!(listed.status.success());
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
     assert_eq!(listed, "ci trigger\ndashboard read\nops admin\n");
@@ -1003,11 +1008,7 @@ fn the_token_file_is_reread_when_it_changes_and_a_bad_edit_keeps_the_tokens() {
     assert_eq!(get(port, "/runs", &bearer(&grafana)).status, 200);
     assert_eq!(get(port, "/runs", &bearer(&tokens.read)).status, 401);
 
-    let broken = Command::new(bin("jobz-frontend"))
-        .args(["token", "list", "--tokens"])
-        .arg(&tokens.file)
-        .output()
-        .unwrap();
+    let broken = token_list(&tokens.file);
     assert_eq!(broken.status.code(), Some(1));
     let why = String::from_utf8_lossy(&broken.stderr).into_owned();
     assert!(why.contains(":1: "), "names the line: {why}");
