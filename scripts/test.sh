@@ -9,14 +9,23 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # Installs what the tests need beyond the Rust toolchain, so that a fresh machine passes as
 # this one does. The partition tests make network namespaces: they need root and iproute2.
+# The dashboard's browser tests drive Debian's Chromium with playwright-core (npm, below).
 need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v npm >/dev/null || need_apt+=(nodejs npm)
 if ((${#need_apt[@]})); then
     step "apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q "${need_apt[@]}"
 fi
+
+# playwright-core for e2e/tests/it/dashboard.rs, at the version package-lock.json pins;
+# with JOBZ_REQUIRE_BROWSER=1 that test fails (instead of skipping) if it is missing.
+step "npm ci in e2e/browser (playwright-core for the dashboard's browser tests)"
+(cd e2e/browser && npm ci --no-audit --no-fund)
+export JOBZ_REQUIRE_BROWSER=1
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

@@ -37,6 +37,7 @@ pub mod http;
 pub mod latency;
 pub mod machine;
 pub mod mesh;
+pub mod pages;
 pub mod peers;
 pub mod procfs;
 pub mod report;
@@ -61,7 +62,7 @@ use crate::scenario::{Bench, Figures};
 
 /// Parts of the bench that `--skip` can leave out: the whole mesh (scenarios 1–6, 8–10),
 /// each of its scenarios, and the other scenarios.
-pub const PARTS: [&str; 13] = [
+pub const PARTS: [&str; 14] = [
     "mesh",
     "idle",
     "latency",
@@ -75,6 +76,7 @@ pub const PARTS: [&str; 13] = [
     "seal-cost",
     "broker-alone",
     "scale",
+    "pages",
 ];
 
 /// The bench's settings.
@@ -126,6 +128,8 @@ pub struct Config {
     pub backlog: usize,
     /// Scenario 12: cycles timed, with and without the backlog.
     pub scale_cycles: usize,
+    /// Scenario 14: runs in the store when the pages are timed.
+    pub page_runs: usize,
     /// Scenario 13: run the peers' drivers, with these counts.
     pub peers: Option<peers::Counts>,
     /// Parts left out (see [`PARTS`]).
@@ -419,6 +423,10 @@ pub fn run(config: Config) -> anyhow::Result<usize> {
         "        broker alone {} cycles; scale: {} simulated workers, {} runs waiting, {} cycles timed",
         config.broker_cycles, config.sim_workers, config.backlog, config.scale_cycles
     );
+    println!(
+        "        pages timed with {} runs in the store",
+        config.page_runs
+    );
     if sealed_pass {
         println!("then a sealed mesh: scenarios 2, 1+2, 3 and 5 again, compared in 6");
     }
@@ -486,6 +494,12 @@ pub fn run(config: Config) -> anyhow::Result<usize> {
             broker_alone::scale(&config, hz, &mut broker),
         );
         took.push(format!("scale {:.0} s", t.elapsed().as_secs_f64()));
+    }
+    if config.runs("pages") {
+        eprintln!("bench: 14: pages with a big history");
+        let t = Instant::now();
+        part(&mut rows, pages::SCENARIO, pages::pages(&config));
+        took.push(format!("pages {:.0} s", t.elapsed().as_secs_f64()));
     }
     let peers = match (config.peers, peers_dir) {
         (Some(counts), Some((dir, notes))) => {

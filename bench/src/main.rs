@@ -65,6 +65,10 @@ struct Args {
     /// --quick).
     #[arg(long, env = "JOBZ_BENCH_SCALE_CYCLES", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
     scale_cycles: Option<u32>,
+    /// Runs in the store when scenario 14 times the pages (default 100000; 1000 with
+    /// --quick).
+    #[arg(long, env = "JOBZ_BENCH_PAGE_RUNS", value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    page_runs: Option<u32>,
     /// Client threads sending triggers.
     #[arg(long, env = "JOBZ_BENCH_CLIENTS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     clients: u16,
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
         sim_workers: count(args.sim_workers, 1000, 20),
         backlog: count(args.backlog, 1_000_000, 2000),
         scale_cycles: count(args.scale_cycles, 20_000, 500),
+        page_runs: count(args.page_runs, 100_000, 1000),
         peers: args.peers.then_some(if quick {
             bench::peers::Counts::QUICK
         } else {

@@ -335,6 +335,23 @@ impl Mesh {
         Ok(mesh)
     }
 
+    /// A frontend (plain) beside a broker started alone, on the mesh's frontend port; ready
+    /// once `/healthz` answers.
+    pub fn start_frontend(&mut self, bin_dir: &Path) -> anyhow::Result<()> {
+        check_binaries(bin_dir, &["jobz-frontend"])?;
+        let args: Vec<OsString> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.frontend_port).into(),
+            "--broker".into(),
+            format!("127.0.0.1:{}", self.base_port).into(),
+            "--name".into(),
+            "bench".into(),
+        ];
+        self.add("frontend", bin_dir.join("jobz-frontend"), args)?;
+        self.wait_healthy(Duration::from_secs(30))?;
+        Ok(())
+    }
+
     /// A mesh with no process yet: its directory and free ports.
     fn empty(keep: bool) -> anyhow::Result<Mesh> {
         let dir = tempfile::Builder::new()

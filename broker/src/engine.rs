@@ -51,6 +51,7 @@ mod active;
 mod control;
 mod dead;
 mod effects;
+mod feed;
 mod gates;
 mod holds;
 mod lifecycle;
@@ -356,10 +357,10 @@ impl Engine {
                 self.on_cancel_run(&mut fx, &env, &RunId::from(run_id), force, from, now)
             }
             Message::PrioritizeRun { run_id, priority } => {
-                self.on_prioritize_run(&mut fx, &env, &RunId::from(run_id), priority)
+                self.on_prioritize_run(&mut fx, &env, &RunId::from(run_id), priority, now)
             }
             Message::TrackRun { run_id, tracked } => {
-                self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked)
+                self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked, now)
             }
             Message::ControlResource { name, action } => {
                 self.on_control_resource(&mut fx, &env, name, action, now)

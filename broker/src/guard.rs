@@ -673,7 +673,7 @@ impl SealedOutbound {
                 self.sealer
                     .seal_to(&key, &topic_bytes, frame, &mesh_keys, now_ms)
             }
-            Topic::Job(_) | Topic::Events(_) => {
+            Topic::Job(_) | Topic::Events(_) | Topic::Feed(_) => {
                 let mesh_key = match self.shared.ring.lock() {
                     Ok(ring) => ring.current(now_ms).clone(),
                     Err(_) => return None,

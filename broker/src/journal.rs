@@ -22,6 +22,7 @@ use jobz::topic::Topic;
 use tracing::{debug, error};
 
 use crate::engine::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
+use crate::feed_log::FeedLog;
 use crate::store::{Pruned, Retention, Store, StoreError};
 
 /// Most effects committed in one transaction.
@@ -56,10 +57,18 @@ pub fn spawn(
         .name("journal".into())
         .spawn(move || {
             let mut next_prune = Instant::now();
+            let mut feed = FeedLog::starting_at(jobz::now_ms());
             loop {
                 let wait = next_prune.saturating_duration_since(Instant::now());
                 match effects.recv_timeout(wait) {
-                    Ok(first) => commit(store.as_mut(), first, &effects, &publish, &looked_up)?,
+                    Ok(first) => commit(
+                        store.as_mut(),
+                        &mut feed,
+                        first,
+                        &effects,
+                        &publish,
+                        &looked_up,
+                    )?,
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
@@ -94,6 +103,7 @@ fn next_prune_after(result: &Result<Pruned, StoreError>, every: Duration) -> Dur
 /// then publishes and answers for them, and hands back their lookups answered.
 fn commit(
     store: &mut dyn Store,
+    feed: &mut FeedLog,
     first: Effects,
     effects: &Receiver<Effects>,
     publish: &Sender<Publish>,
@@ -120,6 +130,15 @@ fn commit(
         writes = writes.len(),
         "journal committed"
     );
+    let events = batch
+        .iter_mut()
+        .flat_map(|fx| std::mem::take(&mut fx.feed))
+        .collect();
+    if let Some(told) = feed.record(events) {
+        if publish.send(told).is_err() {
+            anyhow::bail!("publisher stopped");
+        }
+    }
     for fx in batch {
         for p in fx.publish {
             if publish.send(p).is_err() {
@@ -127,7 +146,7 @@ fn commit(
             }
         }
         for read in fx.reads {
-            if publish.send(answer(&*store, read)).is_err() {
+            if publish.send(answer(&*store, feed, read)).is_err() {
                 anyhow::bail!("publisher stopped");
             }
         }
@@ -179,8 +198,12 @@ fn look_up(store: &dyn Store, mut lookup: RunLookup) -> Result<RunLookup, Box<Pu
     }
 }
 
-fn answer(store: &dyn Store, read: StoreRead) -> Publish {
+fn answer(store: &dyn Store, feed: &FeedLog, read: StoreRead) -> Publish {
     let body = match &read.query {
+        ReadQuery::Feed { after, limit } => Ok(ReplyBody::Feed(feed.page(*after, *limit))),
+        ReadQuery::JobStats { job, since_ms } => {
+            store.job_stats(job, *since_ms).map(ReplyBody::JobStats)
+        }
         ReadQuery::Run(run_id) => store.run(run_id.as_str()).map(ReplyBody::Run),
         ReadQuery::Runs(filter) => store.runs(filter).map(ReplyBody::Runs),
         ReadQuery::Completions {
@@ -367,7 +390,7 @@ mod tests {
                     action,
                 },
             };
-            body(&answer(&store, read)).clone()
+            body(&answer(&store, &FeedLog::new(1, 1), read)).clone()
         };
         assert!(
             matches!(ask("off", RunAction::Cancel), ReplyBody::Run(Some(r)) if r.state == RunState::Cancelled)

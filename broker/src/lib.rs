@@ -17,6 +17,7 @@
 
 pub mod authority;
 pub mod engine;
+pub mod feed_log;
 pub mod guard;
 pub mod ids;
 pub mod journal;

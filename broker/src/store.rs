@@ -10,7 +10,7 @@ use std::path::Path;
 
 use jobz::jobfile::JobSpec;
 use jobz::message::{
-    AttemptView, Completion, Params, RunFilter, RunState, RunView, StepView, TaskState,
+    AttemptView, Completion, JobDayStats, Params, RunFilter, RunState, RunView, StepView, TaskState,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
@@ -23,6 +23,7 @@ use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Worker};
 
 mod retention;
+mod stats;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
 
 /// Version of the schema this build writes; older databases are migrated on open.
@@ -117,6 +118,8 @@ pub trait Store: Send {
         since_ms: i64,
         limit: u32,
     ) -> Result<Vec<Completion>, StoreError>;
+    /// Tasks of `job` that ended for good at or after `since_ms`, counted per UTC day.
+    fn job_stats(&self, job: &str, since_ms: i64) -> Result<Vec<JobDayStats>, StoreError>;
     /// Removes one small batch of what `retention` no longer keeps, in its own
     /// transaction (see [`Retention`] for what goes and what stays).
     fn prune(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, StoreError>;
@@ -859,8 +862,15 @@ impl Store for SqliteStore {
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunView>, StoreError> {
         let limit = filter.limit.clamp(1, 1000) as i64;
+        // `before` pages by the list's own order: (created_at, rowid) of the run named.
         let conditions = "(?1 IS NULL OR runs.job = ?1) AND (?2 IS NULL OR runs.state = ?2)
-                          AND (?4 IS NULL OR runs.tracked = ?4)";
+                          AND (?4 IS NULL OR runs.tracked = ?4)
+                          AND (?6 IS NULL OR EXISTS (SELECT 1 FROM tasks
+                               WHERE tasks.run_id = runs.run_id AND tasks.worker = ?6))
+                          AND (?7 IS NULL OR (runs.created_at, runs.rowid) <
+                               (SELECT created_at, rowid FROM runs WHERE run_id = ?7))
+                          AND (?8 IS NULL OR runs.created_at >= ?8)
+                          AND (?9 IS NULL OR runs.created_at < ?9)";
         // With a tag, the tag's own index leads: a rare tag must not walk every run.
         let sql = match filter.tag {
             None => format!(
@@ -880,7 +890,11 @@ impl Store for SqliteStore {
                 filter.state.map(|s| s.as_str()),
                 limit,
                 filter.tracked,
-                filter.tag
+                filter.tag,
+                filter.worker,
+                filter.before,
+                filter.since_ms,
+                filter.until_ms
             ],
             run_from_row,
             "listing runs",
@@ -936,6 +950,10 @@ impl Store for SqliteStore {
 
     fn prune(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, StoreError> {
         self.prune_batch(retention, now_ms)
+    }
+
+    fn job_stats(&self, job: &str, since_ms: i64) -> Result<Vec<JobDayStats>, StoreError> {
+        stats::job_stats(&self.conn, job, since_ms)
     }
 }
 
@@ -1282,6 +1300,63 @@ mod tests {
                 (RunId::from("waiting"), RunState::Waiting)
             ]
         );
+    }
+
+    #[test]
+    fn runs_are_paged_and_filtered_by_worker_and_time() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut writes = Vec::new();
+        // Two runs share each millisecond: paging must neither skip nor repeat one.
+        for i in 0..10 {
+            let id = format!("r{i}");
+            writes.push(Write::Run(run(&id, RunState::Succeeded, 100 + i / 2)));
+            let mut t = task(&format!("t{i}"), &format!("s{i}"), &id);
+            t.worker = Some(if i % 3 == 0 { "w3" } else { "w1" }.into());
+            writes.push(Write::Task(t));
+        }
+        store.apply(&writes).unwrap();
+        let list = |filter: RunFilter| -> Vec<String> {
+            let filter = RunFilter { limit: 4, ..filter };
+            store
+                .runs(&filter)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.run_id)
+                .collect()
+        };
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = list(RunFilter {
+                before: before.clone(),
+                ..Default::default()
+            });
+            if page.is_empty() {
+                break;
+            }
+            before = page.last().cloned();
+            seen.extend(page);
+        }
+        assert_eq!(
+            seen,
+            ["r9", "r8", "r7", "r6", "r5", "r4", "r3", "r2", "r1", "r0"]
+        );
+        let w3 = RunFilter {
+            worker: Some("w3".into()),
+            ..Default::default()
+        };
+        assert_eq!(list(w3), ["r9", "r6", "r3", "r0"]);
+        let window = RunFilter {
+            since_ms: Some(101),
+            until_ms: Some(103),
+            ..Default::default()
+        };
+        assert_eq!(list(window), ["r5", "r4", "r3", "r2"]);
+        let unknown = RunFilter {
+            before: Some("nope".into()),
+            ..Default::default()
+        };
+        assert!(list(unknown).is_empty());
     }
 
     #[test]

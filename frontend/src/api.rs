@@ -90,7 +90,7 @@ impl HttpReply {
         }
     }
 
-    fn with_header(mut self, name: &'static str, value: String) -> Self {
+    pub fn with_header(mut self, name: &'static str, value: String) -> Self {
         self.headers.push((name, value));
         self
     }
@@ -118,6 +118,8 @@ pub enum Outcome {
     Wait(WaitRequest),
     /// Stream the run's log as its tasks finish, starting from this state of the run.
     Follow(Box<RunView>),
+    /// Stream the feed's events that pass the filter (`/events`).
+    Events(crate::events::EventFilter),
 }
 
 /// The handlers and what they share.
@@ -131,6 +133,8 @@ pub struct Api {
     /// `--public-url` without its trailing `/`: the base of the URLs answers give
     /// (`status_url`, `retry_url`, `Location`); empty: they are paths.
     pub public_base: String,
+    /// The broker's feed as this frontend heard it (`/events`).
+    pub feed: Arc<crate::events::Feed>,
 }
 
 /// Checks a `--public-url`: `http://` or `https://`, a host, an optional path prefix, no
@@ -165,6 +169,7 @@ impl Api {
             request_timeout,
             stats: Arc::new(Stats::default()),
             public_base: String::new(),
+            feed: Arc::default(),
         }
     }
 
@@ -223,6 +228,8 @@ impl Api {
             Route::Graph { dot } => self.graph(dot),
             Route::Healthz => Ok(self.healthz()),
             Route::Metrics => Ok(self.metrics()),
+            Route::Events(filter) => Ok(Outcome::Events(filter)),
+            Route::Stats { job, days } => self.job_stats(job, days),
         };
         handled.unwrap_or_else(Outcome::Reply)
     }
@@ -413,6 +420,10 @@ impl Api {
             tag,
             tracked,
             limit,
+            worker,
+            before,
+            since_ms,
+            until_ms,
         } = query;
         let filter = RunFilter {
             job,
@@ -420,15 +431,24 @@ impl Api {
             limit,
             tag,
             tracked,
+            worker,
+            before,
+            since_ms,
+            until_ms,
         };
         let runs = match self.ask(Query::Runs(filter))? {
             ReplyBody::Runs(runs) => runs,
             other => return Err(unexpected(&other)),
         };
+        // A full page may have more after it: `next` is the `before=` that lists them.
+        let next = match runs.len() == limit as usize {
+            true => runs.last().map(|r| Value::String(r.run_id.clone())),
+            false => None,
+        };
         let runs: Vec<Value> = runs.iter().map(|r| views::run(r, false)).collect();
         Ok(Outcome::Reply(HttpReply::json(
             200,
-            &json!({ "runs": runs }),
+            &json!({ "runs": runs, "next": next }),
         )))
     }
 
@@ -469,6 +489,24 @@ impl Api {
                     &json!({ "jobs": jobs }),
                 )))
             }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// `/stats`: the job's tasks per UTC day since the start of the day `days - 1` ago.
+    fn job_stats(&self, job: String, days: u32) -> Handled {
+        const DAY_MS: i64 = 86_400_000;
+        let today = jobz::now_ms().div_euclid(DAY_MS) * DAY_MS;
+        let since_ms = today - (i64::from(days) - 1) * DAY_MS;
+        let query = Query::JobStats {
+            job: job.clone(),
+            since_ms,
+        };
+        match self.ask(query)? {
+            ReplyBody::JobStats(stats) => Ok(Outcome::Reply(HttpReply::json(
+                200,
+                &views::job_stats(&job, since_ms, &stats),
+            ))),
             other => Err(unexpected(&other)),
         }
     }
@@ -693,6 +731,26 @@ fn dashboard() -> Outcome {
     )
 }
 
+/// True when a request's `Accept` header prefers a page to JSON: a browser opening a
+/// run's link (`$JOBZ_FRONTEND/runs/$JOBZ_RUN_ID`) gets the dashboard's run page, while
+/// scripts (`*/*`, `application/json`, no header) keep getting JSON.
+pub fn wants_html(accept: Option<&str>) -> bool {
+    let Some(accept) = accept else {
+        return false;
+    };
+    let position = |wanted: &str| {
+        accept.split(',').position(|part| {
+            let media = part.split(';').next().unwrap_or("").trim();
+            media.eq_ignore_ascii_case(wanted)
+        })
+    };
+    match (position("text/html"), position("application/json")) {
+        (Some(html), Some(json)) => html < json,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// The answer to a request that cannot be served.
 fn refusal(invalid: &Invalid) -> HttpReply {
     let error = &invalid.error;
@@ -749,6 +807,8 @@ fn reply_kind(body: &ReplyBody) -> &'static str {
         ReplyBody::Resources(_) => "Resources",
         ReplyBody::ResourceGraph(_) => "ResourceGraph",
         ReplyBody::TaskOutput(_) => "TaskOutput",
+        ReplyBody::Feed(_) => "Feed",
+        ReplyBody::JobStats(_) => "JobStats",
     }
 }
 
@@ -1062,14 +1122,14 @@ mod tests {
     #[test]
     fn only_get_and_head_are_allowed_and_head_never_triggers() {
         let (api, broker) = new_api(accepting());
-        let post = send(&api, Method::Post, "/job_start?job_name=a");
-        let r = reply(post);
+        let put = send(&api, Method::Other("PUT".into()), "/job_start?job_name=a");
+        let r = reply(put);
         assert_eq!(r.status, 405);
-        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert!(r.headers.contains(&("Allow", "GET, POST".into())));
         let head = send(&api, Method::Head, "/job_start?job_name=a");
         let r = reply(head);
         assert_eq!(r.status, 405);
-        assert!(r.headers.contains(&("Allow", "GET".into())));
+        assert!(r.headers.contains(&("Allow", "GET, POST".into())));
         assert!(broker.seen().is_empty());
         let head = send(&api, Method::Head, "/");
         assert_eq!(reply(head).status, 200);
@@ -1160,8 +1220,12 @@ mod tests {
             Message::Query(Query::Runs(_)) => Ok(ReplyBody::Runs(vec![])),
             other => panic!("{other:?}"),
         }));
-        let b = body(&reply(get(&api, "/runs?tag=etl&tracked=1&limit=4")));
-        assert_eq!(b, json!({"runs": []}));
+        let b = body(&reply(get(
+            &api,
+            "/runs?tag=etl&tracked=1&limit=4&worker=w1&before=r9\
+             &since=2026-12-01T00:00:00Z&until=2026-12-02T00:00:00Z",
+        )));
+        assert_eq!(b, json!({"runs": [], "next": null}));
         assert_eq!(
             broker.seen(),
             vec![Message::Query(Query::Runs(RunFilter {
@@ -1170,8 +1234,14 @@ mod tests {
                 limit: 4,
                 tag: Some("etl".into()),
                 tracked: Some(true),
+                worker: Some("w1".into()),
+                before: Some("r9".into()),
+                since_ms: Some(1_796_083_200_000),
+                until_ms: Some(1_796_169_600_000),
             }))]
         );
+        let bad = reply(get(&api, "/runs?since=yesterday"));
+        assert_eq!(bad.status, 400);
     }
 
     #[test]
@@ -1370,6 +1440,23 @@ mod tests {
     }
 
     #[test]
+    fn a_browser_asking_for_a_page_gets_html_and_scripts_get_json() {
+        let chromium = "text/html,application/xhtml+xml,application/xml;q=0.9,\
+                        image/avif,image/webp,*/*;q=0.8";
+        assert!(wants_html(Some(chromium)));
+        assert!(wants_html(Some("TEXT/HTML")));
+        for script in [
+            None,
+            Some("*/*"),
+            Some("application/json"),
+            Some("application/json, text/html"),
+            Some("text/plain"),
+        ] {
+            assert!(!wants_html(script), "{script:?}");
+        }
+    }
+
+    #[test]
     fn dashboard_is_self_contained_html() {
         let (api, _) = new_api(accepting());
         let r = reply(get(&api, "/"));
@@ -1379,7 +1466,7 @@ mod tests {
             .iter()
             .any(|(k, v)| *k == "Content-Security-Policy" && v.contains("default-src 'none'")));
         let page = String::from_utf8(r.body).unwrap();
-        assert!(page.contains("/runs?limit=50"));
+        assert!(page.contains("new EventSource(\"/events\")"));
         for banned in [
             "innerHTML",
             "outerHTML",

@@ -191,7 +191,8 @@ pub const HEAD: &str = "HTTP/1.1 200 OK\r\n\
     Cache-Control: no-store\r\n\
     X-Content-Type-Options: nosniff\r\n\r\n";
 
-fn write_chunk(out: &mut impl Write, text: &str) -> io::Result<()> {
+/// Writes `text` as one HTTP/1.1 chunk and flushes it (nothing for empty text).
+pub(crate) fn write_chunk(out: &mut impl Write, text: &str) -> io::Result<()> {
     if text.is_empty() {
         return Ok(());
     }

@@ -11,6 +11,7 @@
 //! - [`broker`]: the `Broker` trait the handlers use (the real one is `jobz::client::Client`).
 //! - [`waiter`]: `job_start?wait=`: requests held open on one thread until their run ends.
 //! - [`follow`]: `runs/{id}/log?follow=1`: a run's log streamed as its tasks end.
+//! - [`events`]: `/events`: the broker's feed of run and task changes as Server-Sent Events.
 //! - [`metrics`]: the frontend's counters and the Prometheus exposition.
 //! - [`server`]: the thin `tiny_http` shell and [`run`].
 //! - [`security`]: protected mode and the per-request gate; [`auth`]: tokens and scopes.
@@ -24,6 +25,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod events;
 pub mod follow;
 pub mod limits;
 pub mod metrics;

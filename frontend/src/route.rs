@@ -34,6 +34,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::auth::Scope;
+use crate::events::EventFilter;
 use crate::query::{decode, parse_query, QueryParams, TargetError, MAX_TARGET_BYTES};
 
 /// Longest `wait=` accepted, in seconds.
@@ -44,6 +45,12 @@ pub const DEFAULT_RUN_LIMIT: u32 = 50;
 
 /// Most runs one list may hold.
 pub const MAX_RUN_LIMIT: u32 = 1000;
+
+/// Days `/stats` covers when `days` is not given.
+pub const DEFAULT_STATS_DAYS: u32 = 14;
+
+/// Most days `/stats` covers.
+pub const MAX_STATS_DAYS: u32 = 90;
 
 /// Dead tasks listed when `limit` is not given.
 pub const DEFAULT_DEAD_LIMIT: u32 = 50;
@@ -126,6 +133,10 @@ pub enum Endpoint {
     Healthz,
     /// `/metrics`.
     Metrics,
+    /// `/events`: Server-Sent Events.
+    Events,
+    /// `/stats?job=J&days=N`.
+    Stats,
 }
 
 impl Endpoint {
@@ -155,6 +166,8 @@ impl Endpoint {
             | Endpoint::Schedules
             | Endpoint::Resources
             | Endpoint::Graph
+            | Endpoint::Events
+            | Endpoint::Stats
             | Endpoint::Metrics => Some(Scope::Read),
         }
     }
@@ -182,8 +195,11 @@ impl Endpoint {
     pub fn allow(self) -> &'static str {
         match self {
             _ if self.is_post() => "POST",
-            // HEAD must not start anything (link checkers and proxies send it freely).
-            Endpoint::JobStart | Endpoint::RetryDead => "GET",
+            // HEAD must not start anything (link checkers and proxies send it freely); the
+            // dashboard starts and retries with POST, which the CSRF guard covers.
+            Endpoint::JobStart | Endpoint::RetryDead => "GET, POST",
+            // A stream: nothing to say to HEAD.
+            Endpoint::Events => "GET",
             _ => "GET, HEAD",
         }
     }
@@ -226,6 +242,14 @@ pub struct RunsQuery {
     pub tracked: Option<bool>,
     /// At most this many.
     pub limit: u32,
+    /// Only runs with a task on this worker.
+    pub worker: Option<String>,
+    /// The next page: runs listed after this run id (a list's `next`).
+    pub before: Option<String>,
+    /// Only runs accepted at or after this time (`since=RFC3339`), ms since the epoch.
+    pub since_ms: Option<i64>,
+    /// Only runs accepted before this time (`until=RFC3339`).
+    pub until_ms: Option<i64>,
 }
 
 /// A request the handlers serve, with its arguments parsed.
@@ -320,6 +344,15 @@ pub enum Route {
     Healthz,
     /// Prometheus metrics.
     Metrics,
+    /// The feed of run and task changes, as Server-Sent Events.
+    Events(EventFilter),
+    /// A job's tasks per day over the last `days` days.
+    Stats {
+        /// The job.
+        job: String,
+        /// How many days back, from 1 to [`MAX_STATS_DAYS`].
+        days: u32,
+    },
 }
 
 impl Route {
@@ -348,6 +381,8 @@ impl Route {
             Route::Graph { .. } => Endpoint::Graph,
             Route::Healthz => Endpoint::Healthz,
             Route::Metrics => Endpoint::Metrics,
+            Route::Events(_) => Endpoint::Events,
+            Route::Stats { .. } => Endpoint::Stats,
         }
     }
 
@@ -531,7 +566,10 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
     let segments = segments(path).map_err(unaimed)?;
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let endpoint = match segments.as_slice() {
-        [] => Some(Endpoint::Dashboard),
+        // The dashboard's own views (`/ui/runs/{id}`, …) are the same page.
+        [] | ["ui", ..] => Some(Endpoint::Dashboard),
+        ["events"] => Some(Endpoint::Events),
+        ["stats"] => Some(Endpoint::Stats),
         ["job_start"] => Some(Endpoint::JobStart),
         ["runs"] => Some(Endpoint::Runs),
         ["runs", _] => Some(Endpoint::Run),
@@ -561,7 +599,7 @@ fn route(method: &Method, target: &str) -> Result<Route, Invalid> {
     let allowed = match method {
         Method::Get => allow.contains("GET"),
         Method::Head => allow.contains("HEAD"),
-        Method::Post => allow == "POST",
+        Method::Post => allow.contains("POST"),
         Method::Other(_) => false,
     };
     if !allowed {
@@ -597,6 +635,26 @@ fn arguments(
         Endpoint::Dashboard => Route::Dashboard,
         Endpoint::Healthz => Route::Healthz,
         Endpoint::Metrics => Route::Metrics,
+        Endpoint::Events => {
+            only(&query, &["job", "tag", "tracked", "run"])?;
+            let tracked = flag(&mut query, "tracked")?.unwrap_or(false);
+            let mut text = |name: &str| query.remove(name).filter(|v| !v.is_empty());
+            Route::Events(EventFilter {
+                job: text("job"),
+                tag: text("tag"),
+                run: text("run"),
+                tracked,
+            })
+        }
+        Endpoint::Stats => {
+            only(&query, &["job", "days"])?;
+            let job = query
+                .remove("job")
+                .filter(|j| !j.is_empty())
+                .ok_or(RouteError::MissingValue)?;
+            let days = whole_number(&mut query, "days", DEFAULT_STATS_DAYS, MAX_STATS_DAYS)?;
+            Route::Stats { job, days }
+        }
         Endpoint::JobStart => Route::JobStart(job_start(query)?),
         Endpoint::Runs => Route::Runs(runs_query(query)?),
         Endpoint::Run => {
@@ -869,7 +927,22 @@ pub fn with_idempotency_header(parsed: &mut Parsed, header: Option<&str>) {
 }
 
 fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
-    only(&query, &["job", "state", "tag", "tracked", "limit"])?;
+    only(
+        &query,
+        &[
+            "job", "state", "tag", "tracked", "limit", "worker", "before", "since", "until",
+        ],
+    )?;
+    let mut time = |name: &'static str| -> Result<Option<i64>, RouteError> {
+        match query.remove(name).filter(|t| !t.is_empty()) {
+            None => Ok(None),
+            Some(raw) => jobz::parse_time_ms(&raw)
+                .map(Some)
+                .map_err(|e| bad_value(name, &raw, e)),
+        }
+    };
+    let since_ms = time("since")?;
+    let until_ms = time("until")?;
     let tracked = flag(&mut query, "tracked")?;
     let limit = limit(&mut query, DEFAULT_RUN_LIMIT, MAX_RUN_LIMIT)?;
     let state = match query.remove("state").filter(|s| !s.is_empty()) {
@@ -888,12 +961,26 @@ fn runs_query(mut query: QueryParams) -> Result<RunsQuery, RouteError> {
         tag: query.remove("tag").filter(|t| !t.is_empty()),
         tracked,
         limit,
+        worker: query.remove("worker").filter(|w| !w.is_empty()),
+        before: query.remove("before").filter(|b| !b.is_empty()),
+        since_ms,
+        until_ms,
     })
 }
 
 /// `limit=N`, from 1 to `max`.
 fn limit(query: &mut QueryParams, default: u32, max: u32) -> Result<u32, RouteError> {
-    match query.remove("limit") {
+    whole_number(query, "limit", default, max)
+}
+
+/// `name=N`, a whole number from 1 to `max`; `default` when not given.
+fn whole_number(
+    query: &mut QueryParams,
+    name: &'static str,
+    default: u32,
+    max: u32,
+) -> Result<u32, RouteError> {
+    match query.remove(name) {
         None => Ok(default),
         Some(raw) => raw
             .parse::<u32>()
@@ -901,9 +988,9 @@ fn limit(query: &mut QueryParams, default: u32, max: u32) -> Result<u32, RouteEr
             .filter(|n| (1..=max).contains(n))
             .ok_or_else(|| {
                 bad_value(
-                    "limit",
+                    name,
                     &raw,
-                    format!("limit must be a whole number from 1 to {max}"),
+                    format!("{name} must be a whole number from 1 to {max}"),
                 )
             }),
     }
@@ -1063,6 +1150,10 @@ mod tests {
                 tag: None,
                 tracked: None,
                 limit: 1000,
+                worker: None,
+                before: None,
+                since_ms: None,
+                until_ms: None,
             }))
         );
         // Path segments are decoded, but `+` stays a `+` there.
@@ -1184,8 +1275,19 @@ mod tests {
                         assert_eq!(parsed.scope(), Some(scope_needed), "{target}");
                         let route = parsed.route.unwrap_or_else(|e| panic!("{target}: {e:?}"));
                         assert!(is_route(&route), "{target}: {route:?}");
-                        // The same target as HEAD or POST keeps the scope and is refused.
+                        // The same target as HEAD or POST keeps the scope and is refused
+                        // (but POST where the endpoint takes it: the dashboard's forms).
+                        let takes_post = route.endpoint().allow().contains("POST");
                         for method in [Method::Head, Method::Post] {
+                            if method == Method::Post && takes_post {
+                                let parsed = parse(&method, &target);
+                                assert_eq!(parsed.scope(), Some(scope_needed), "POST {target}");
+                                assert_eq!(
+                                    parsed.route.map(|r| r.endpoint()),
+                                    Ok(route.endpoint())
+                                );
+                                continue;
+                            }
                             let parsed = parse(&method, &target);
                             assert_eq!(parsed.scope(), Some(scope_needed), "{method:?} {target}");
                             let error = parsed.route.unwrap_err().error;
@@ -1518,10 +1620,18 @@ mod tests {
             assert_eq!(error.status(), 400, "{target}");
             assert!(error.to_string().contains(needle), "{target}: {error}");
         }
-        // Reads and /job_start are not changed by POST.
+        // Reads are not changed by POST; /job_start and a dead task's retry take it.
+        assert!(matches!(
+            parse(&post, "/job_start?job_name=a").route,
+            Ok(Route::JobStart(_))
+        ));
+        assert!(matches!(
+            parse(&post, "/dead/t1/retry").route,
+            Ok(Route::RetryDead { .. })
+        ));
         for (target, allow) in [
             ("/runs", "GET, HEAD"),
-            ("/job_start?job_name=a", "GET"),
+            ("/events", "GET"),
             ("/runs/r1", "GET, HEAD"),
         ] {
             let error = parse(&post, target).route.unwrap_err().error;
@@ -1539,6 +1649,10 @@ mod tests {
                 tag: None,
                 tracked: Some(true),
                 limit: DEFAULT_RUN_LIMIT,
+                worker: None,
+                before: None,
+                since_ms: None,
+                until_ms: None,
             }))
         );
     }
@@ -1554,11 +1668,43 @@ mod tests {
             let error = parse(&Method::Head, target).route.unwrap_err().error;
             assert_eq!(
                 (error.status(), error.allow()),
-                (405, Some("GET")),
+                (405, Some("GET, POST")),
                 "{target}"
             );
         }
         assert_eq!(parse(&Method::Head, "/").route, Ok(Route::Dashboard));
+        assert_eq!(
+            parse(&Method::Get, "/ui/runs/r1?x=1").route,
+            Ok(Route::Dashboard)
+        );
+        assert_eq!(
+            parse(&Method::Get, "/events?job=a&tracked=1&run=r1").route,
+            Ok(Route::Events(EventFilter {
+                job: Some("a".into()),
+                tag: None,
+                tracked: true,
+                run: Some("r1".into()),
+            }))
+        );
+        assert_eq!(
+            parse(&Method::Get, "/stats?job=a").route,
+            Ok(Route::Stats {
+                job: "a".into(),
+                days: DEFAULT_STATS_DAYS
+            })
+        );
+        for bad in [
+            "/stats",
+            "/stats?job=a&days=0",
+            "/stats?job=a&days=91",
+            "/stats?job=a&x=1",
+        ] {
+            let error = parse(&Method::Get, bad).route.unwrap_err();
+            assert_eq!(error.error.status(), 400, "{bad}");
+        }
+        let error = parse(&Method::Get, "/events?jobs=a").route.unwrap_err();
+        assert_eq!(error.error.status(), 400);
+        assert_eq!(error.scope(), Some(Scope::Read));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use std::io::Cursor;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,9 +20,10 @@ use jobz::client::{Client, ClientConfig};
 use jobz::message::{Role, RunView};
 use jobz::socket::BrokerAddr;
 
-use crate::api::{Api, HttpReply, Outcome, WaitRequest};
+use crate::api::{self, Api, HttpReply, Outcome, WaitRequest};
 use crate::auth::TokenFile;
 use crate::broker::Broker;
+use crate::events::{self, EventFilter};
 use crate::follow;
 use crate::metrics::Stats;
 use crate::relay::{ConnectionPolicy, Credentials, OpenCount, Relay};
@@ -70,6 +71,16 @@ pub fn run(config: Config, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
     let client = Client::start(client_config).context("starting the broker link")?;
     let mut api = Api::new(Arc::new(client.clone()), config.request_timeout);
     api.public_base = config.public_url.clone().unwrap_or_default();
+    let listener = crate::events::spawn_listener(
+        client.clone(),
+        api.feed.clone(),
+        config.request_timeout,
+        shutdown.clone(),
+    );
+    if let Err(e) = listener {
+        client.shutdown();
+        return Err(e);
+    }
     let frontend = match Frontend::bind(config.listen, config.threads, api, prepared) {
         Ok(f) => f,
         Err(e) => {
@@ -308,6 +319,7 @@ impl Frontend {
         let deadline = Instant::now() + Duration::from_secs(3);
         let busy = || {
             self.api.stats.following.load(Ordering::Relaxed) > 0
+                || self.api.feed.streams.load(Ordering::Relaxed) > 0
                 || open.iter().any(|n| n.load(Ordering::Relaxed) > 0)
         };
         while busy() && Instant::now() < deadline {
@@ -362,6 +374,9 @@ impl Shell {
         };
         route::with_idempotency_header(&mut parsed, header("Idempotency-Key").as_deref());
         let authorization = header("Authorization");
+        let accept = header("Accept");
+        let last_event_id = header("Last-Event-ID");
+        let is_post = method == Method::Post;
         let (origin, sec_fetch_site, host) =
             (header("Origin"), header("Sec-Fetch-Site"), header("Host"));
         let body_length = request.body_length();
@@ -385,7 +400,7 @@ impl Shell {
             return;
         }
         // What changes a run must not come from a page on another site (CSRF).
-        if parsed.endpoint().is_some_and(|e| e.is_post()) && parsed.route.is_ok() {
+        if is_post && parsed.route.is_ok() {
             let post = PostHeaders {
                 origin: origin.as_deref(),
                 sec_fetch_site: sec_fetch_site.as_deref(),
@@ -401,7 +416,14 @@ impl Shell {
                 return;
             }
         }
-        match self.api.handle(parsed.route) {
+        // A browser opening a run's link gets the dashboard's run page (same scope).
+        let route = match parsed.route {
+            Ok(route::Route::Run { .. }) if !is_post && api::wants_html(accept.as_deref()) => {
+                Ok(route::Route::Dashboard)
+            }
+            other => other,
+        };
+        match self.api.handle(route) {
             Outcome::Reply(reply) => pending.respond(reply),
             Outcome::Wait(wait) => {
                 if let Err(e) = self.waits.send((pending, wait)) {
@@ -411,64 +433,130 @@ impl Shell {
                 }
             }
             Outcome::Follow(run) => self.follow(pending, *run),
+            Outcome::Events(filter) => self.events(pending, filter, last_event_id.as_deref()),
         }
     }
 
-    fn follow(&self, pending: Pending, run: RunView) {
-        let version = pending.request.http_version();
-        if (version.0, version.1) < (1, 1) {
-            pending.respond(HttpReply::error(
-                400,
-                "follow=1 needs HTTP/1.1 (chunked transfer)",
-                &[],
-            ));
-            return;
-        }
-        let stats = self.api.stats.clone();
-        let admitted = stats
-            .following
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                (n < follow::MAX_FOLLOWERS).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            pending.respond(HttpReply::error(
-                503,
-                "too many log streams open; retry later or drop follow=1",
-                &[],
-            ));
-            return;
-        }
+    /// `/events`: one thread per stream, at most [`events::MAX_STREAMS`].
+    fn events(&self, pending: Pending, filter: EventFilter, last_event_id: Option<&str>) {
+        // An id this frontend did not give is not an error: the stream starts with `reset`.
+        let last_event_id = match last_event_id.map(|id| id.trim().parse::<u64>()) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => Some(0),
+        };
+        let feed = self.api.feed.clone();
         let broker = self.api.broker.clone();
         let timeout = self.api.request_timeout;
         let shutdown = self.shutdown.clone();
+        let limit = StreamLimit {
+            kind: "event stream",
+            open: feed.clone(),
+            max: events::MAX_STREAMS,
+        };
+        self.start_stream(pending, limit, move |out| {
+            let broker = broker.as_ref() as &dyn Broker;
+            events::stream(
+                out,
+                &feed,
+                broker,
+                &filter,
+                last_event_id,
+                timeout,
+                &shutdown,
+            )
+        });
+    }
+
+    fn follow(&self, pending: Pending, run: RunView) {
+        let broker = self.api.broker.clone();
+        let timeout = self.api.request_timeout;
+        let shutdown = self.shutdown.clone();
+        let limit = StreamLimit {
+            kind: "log stream",
+            open: self.api.stats.clone(),
+            max: follow::MAX_FOLLOWERS,
+        };
+        self.start_stream(pending, limit, move |out| {
+            let broker = broker.as_ref() as &dyn Broker;
+            let poll = follow::POLL_EVERY;
+            follow::stream(out, &run, broker, poll, timeout, &shutdown)
+        });
+    }
+
+    /// Answers with a stream written by `write` on a thread of its own: HTTP/1.1 only
+    /// (it is chunked), and at most `limit.max` of its kind open at once (503 beyond).
+    fn start_stream(
+        &self,
+        pending: Pending,
+        limit: StreamLimit,
+        write: impl FnOnce(&mut Box<dyn std::io::Write + Send>) -> std::io::Result<()> + Send + 'static,
+    ) {
+        let kind = limit.kind;
+        let version = pending.request.http_version();
+        if (version.0, version.1) < (1, 1) {
+            let error = format!("a {kind} needs HTTP/1.1 (chunked transfer)");
+            pending.respond(HttpReply::error(400, &error, &[]));
+            return;
+        }
+        let open = limit.open;
+        let admitted = open
+            .open()
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit.max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            let error = format!("too many {kind}s open; retry later");
+            let reply = HttpReply::error(503, &error, &[]).with_header("Retry-After", "5".into());
+            pending.respond(reply);
+            return;
+        }
+        let stats = self.api.stats.clone();
         let spawned = std::thread::Builder::new()
-            .name("http-follow".into())
-            .spawn(move || {
-                stats.record(200);
-                let run_id = run.run_id.clone();
-                let mut out = pending.request.into_writer();
-                let result = follow::stream(
-                    &mut out,
-                    &run,
-                    broker.as_ref() as &dyn Broker,
-                    follow::POLL_EVERY,
-                    timeout,
-                    &shutdown,
-                );
-                match result {
-                    Ok(()) => debug!(run_id = %run_id, "log stream ended"),
-                    Err(e) => {
-                        debug!(run_id = %run_id, error = %e, "log stream closed by the client")
+            .name("http-stream".into())
+            .spawn({
+                let open = open.clone();
+                move || {
+                    stats.record(200);
+                    let mut out = pending.request.into_writer();
+                    match write(&mut out) {
+                        Ok(()) => debug!(kind, "stream ended"),
+                        Err(e) => debug!(kind, error = %e, "stream closed by the client"),
                     }
+                    open.open().fetch_sub(1, Ordering::Relaxed);
                 }
-                stats.following.fetch_sub(1, Ordering::Relaxed);
             });
         if let Err(e) = spawned {
-            warn!(error = %e, "cannot start a log stream thread");
-            self.api.stats.following.fetch_sub(1, Ordering::Relaxed);
+            warn!(kind, error = %e, "cannot start a stream thread");
+            open.open().fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// What counts the open streams of one kind.
+trait OpenStreams: Send + Sync {
+    fn open(&self) -> &AtomicU64;
+}
+
+impl OpenStreams for events::Feed {
+    fn open(&self) -> &AtomicU64 {
+        &self.streams
+    }
+}
+
+impl OpenStreams for Stats {
+    fn open(&self) -> &AtomicU64 {
+        &self.following
+    }
+}
+
+/// How many streams of a kind may be open at once.
+struct StreamLimit {
+    /// "log stream", for answers and logs.
+    kind: &'static str,
+    open: Arc<dyn OpenStreams>,
+    max: u64,
 }
 
 /// A request waiting for its answer.

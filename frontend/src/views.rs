@@ -7,8 +7,9 @@ use serde_json::{json, Map, Value};
 
 use jobz::jobfile::Delivery;
 use jobz::message::{
-    AttemptView, BarrierView, DeadView, HealthView, JobView, LineageEdge, ResourceHolder,
-    ResourceView, RunView, ScheduleView, StepView, WorkerView,
+    AttemptView, BarrierView, DeadView, DurationStats, FeedEvent, HealthView, JobDayStats, JobView,
+    LineageEdge, ResourceHolder, ResourceView, RunView, ScheduleView, StepView, WorkerView,
+    STATS_BUCKETS_MS,
 };
 
 /// Epoch milliseconds as an RFC 3339 string.
@@ -201,6 +202,63 @@ pub fn dead(d: &DeadView, base: &str) -> Value {
         "failed_at": time(d.failed_at_ms),
         "retried_as": d.retried_as,
         "retry_url": format!("{base}/dead/{}/retry", d.task_id),
+    })
+}
+
+/// One event of the feed (`GET /events`): what happened, to which run and task, and the
+/// states after it.
+pub fn feed_event(event: &FeedEvent) -> Value {
+    let task = event.task.as_ref().map(|t| {
+        json!({
+            "step_id": t.step_id,
+            "task_id": t.task_id,
+            "job": t.job,
+            "attempt": t.attempt,
+            "worker": t.worker,
+            "state": t.state.as_str(),
+        })
+    });
+    json!({
+        "id": event.seq,
+        "kind": event.kind.as_str(),
+        "at": time(event.at_ms),
+        "run_id": event.run_id,
+        "job": event.job,
+        "run_state": event.run_state.as_str(),
+        "tags": event.tags,
+        "tracked": event.tracked,
+        "task": task,
+    })
+}
+
+/// A job's statistics per day (`GET /stats`): qless's count, mean, standard deviation and
+/// histogram of wait and run times, and failures.
+pub fn job_stats(job: &str, since_ms: i64, days: &[JobDayStats]) -> Value {
+    let durations = |d: &DurationStats| {
+        json!({
+            "count": d.count,
+            "mean_ms": (d.mean_ms * 10.0).round() / 10.0,
+            "std_dev_ms": (d.std_dev_ms * 10.0).round() / 10.0,
+            "histogram": d.histogram,
+        })
+    };
+    let days: Vec<Value> = days
+        .iter()
+        .map(|d| {
+            json!({
+                "day": jobz::format_time_ms(d.day_ms).get(..10).unwrap_or_default(),
+                "count": d.count,
+                "failed": d.failed,
+                "wait": durations(&d.wait),
+                "run": durations(&d.run),
+            })
+        })
+        .collect();
+    json!({
+        "job": job,
+        "since": time(since_ms),
+        "buckets_ms": STATS_BUCKETS_MS,
+        "days": days,
     })
 }
 

@@ -417,6 +417,21 @@ pub enum Query {
         /// Byte offset in the attempt's output to read from.
         from: u64,
     },
+    /// A job's tasks that ended at or after `since_ms`, counted per UTC day (qless's job
+    /// stats), answered `JobStats`.
+    JobStats {
+        /// The job.
+        job: String,
+        /// Broker time, ms since the epoch.
+        since_ms: i64,
+    },
+    /// The feed's events after `after` ([`FEED_RETAINED`] are kept), answered `Feed`.
+    Feed {
+        /// The last event the asker has (0: none).
+        after: u64,
+        /// At most this many (the broker caps it at [`MAX_FEED_PAGE`]).
+        limit: u32,
+    },
 }
 
 /// Filter for [`Query::Runs`].
@@ -434,6 +449,18 @@ pub struct RunFilter {
     /// Only tracked runs (`Some(true)`) or untracked ones (`Some(false)`).
     #[serde(default)]
     pub tracked: Option<bool>,
+    /// Only runs with a task placed on this worker.
+    #[serde(default)]
+    pub worker: Option<String>,
+    /// Only runs listed after this one (the next page: older runs).
+    #[serde(default)]
+    pub before: Option<String>,
+    /// Only runs accepted at or after this time, ms since the epoch.
+    #[serde(default)]
+    pub since_ms: Option<i64>,
+    /// Only runs accepted before this time, ms since the epoch.
+    #[serde(default)]
+    pub until_ms: Option<i64>,
 }
 
 /// The broker's answer to one message.
@@ -491,6 +518,42 @@ pub enum ReplyBody {
     ResourceGraph(Vec<LineageEdge>),
     /// Answer to `Query::TaskOutput`.
     TaskOutput(Option<LiveOutputView>),
+    /// Answer to `Query::Feed`.
+    Feed(FeedPage),
+    /// Answer to `Query::JobStats`: one entry per day with a task, oldest first.
+    JobStats(Vec<JobDayStats>),
+}
+
+/// Upper bounds (ms, exclusive) of the histogram buckets of [`DurationStats`]; one more
+/// bucket holds the rest.
+pub const STATS_BUCKETS_MS: [i64; 7] = [10, 100, 1_000, 10_000, 60_000, 600_000, 3_600_000];
+
+/// One day of a job's tasks that ended for good (succeeded or failed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobDayStats {
+    /// The day's start (UTC midnight), ms since the epoch.
+    pub day_ms: i64,
+    /// Tasks that ended that day.
+    pub count: u64,
+    /// Of those, the ones that failed.
+    pub failed: u64,
+    /// From the task's creation to its start (the wait for a worker, a slot, retries).
+    pub wait: DurationStats,
+    /// From its start to its end.
+    pub run: DurationStats,
+}
+
+/// Count, mean, standard deviation and histogram of durations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DurationStats {
+    /// Durations counted (tasks that never started have none).
+    pub count: u64,
+    /// Their mean, ms.
+    pub mean_ms: f64,
+    /// Their standard deviation (population), ms.
+    pub std_dev_ms: f64,
+    /// How many fell in each bucket of [`STATS_BUCKETS_MS`] (and the last, beyond).
+    pub histogram: Vec<u64>,
 }
 
 /// What an operator does to a resource.
@@ -648,6 +711,168 @@ pub struct DeadView {
 pub enum Event {
     /// One task of a step ended for good.
     TaskFinished(Completion),
+    /// What changed in runs and tasks in one journal commit, in order, on [`Topic::Feed`]
+    /// (`GET /events`).
+    ///
+    /// [`Topic::Feed`]: crate::topic::Topic::Feed
+    Feed(Vec<FeedEvent>),
+}
+
+/// Events the broker keeps for [`Query::Feed`]: a client that missed fewer than this many
+/// catches up without a gap.
+pub const FEED_RETAINED: usize = 10_000;
+
+/// Most events one [`Query::Feed`] answer holds.
+pub const MAX_FEED_PAGE: u32 = 1000;
+
+/// One change of a run or of one of its tasks, after the commit that holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedEvent {
+    /// Its place in the broker's feed: consecutive within one broker process, and larger
+    /// after a restart (a new process starts at its start time in ms × 1000).
+    pub seq: u64,
+    /// What happened.
+    pub kind: FeedKind,
+    /// When, ms since the epoch (broker clock).
+    pub at_ms: i64,
+    /// The run.
+    pub run_id: String,
+    /// The run's job.
+    pub job: String,
+    /// The run's state after the change.
+    pub run_state: RunState,
+    /// The run's tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The run is tracked.
+    #[serde(default)]
+    pub tracked: bool,
+    /// The task, for task events.
+    #[serde(default)]
+    pub task: Option<FeedTask>,
+}
+
+/// The task a [`FeedEvent`] is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedTask {
+    /// The step.
+    pub step_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The step's job.
+    pub job: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// The worker it is placed on.
+    pub worker: Option<String>,
+    /// Its state after the change.
+    pub state: TaskState,
+}
+
+/// What a [`FeedEvent`] says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedKind {
+    /// A trigger became a run (pending, scheduled or waiting).
+    RunAccepted,
+    /// A scheduled or waiting run became due: its first step is next.
+    RunDue,
+    /// A run's first task started.
+    RunStarted,
+    /// A run ended: every step succeeded.
+    RunSucceeded,
+    /// A run ended with a failed step (or a dependency failed).
+    RunFailed,
+    /// An operator cancelled a run.
+    RunCancelled,
+    /// An operator changed a run's priority or tracking.
+    RunUpdated,
+    /// A task was placed on a worker.
+    TaskScheduled,
+    /// A task's command started.
+    TaskStarted,
+    /// A task succeeded.
+    TaskSucceeded,
+    /// A task failed for good (retries spent, or none).
+    TaskFailed,
+    /// A task failed and will run again (a new attempt).
+    TaskRetried,
+    /// A task's worker was lost; the attempt is over (retried or failed after).
+    TaskLost,
+    /// A task was stopped because its run was cancelled.
+    TaskCancelled,
+}
+
+impl FeedKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [FeedKind; 14] = [
+        FeedKind::RunAccepted,
+        FeedKind::RunDue,
+        FeedKind::RunStarted,
+        FeedKind::RunSucceeded,
+        FeedKind::RunFailed,
+        FeedKind::RunCancelled,
+        FeedKind::RunUpdated,
+        FeedKind::TaskScheduled,
+        FeedKind::TaskStarted,
+        FeedKind::TaskSucceeded,
+        FeedKind::TaskFailed,
+        FeedKind::TaskRetried,
+        FeedKind::TaskLost,
+        FeedKind::TaskCancelled,
+    ];
+
+    /// The name `GET /events` gives it (the SSE `event:` field): `run.accepted`, …
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedKind::RunAccepted => "run.accepted",
+            FeedKind::RunDue => "run.due",
+            FeedKind::RunStarted => "run.started",
+            FeedKind::RunSucceeded => "run.succeeded",
+            FeedKind::RunFailed => "run.failed",
+            FeedKind::RunCancelled => "run.cancelled",
+            FeedKind::RunUpdated => "run.updated",
+            FeedKind::TaskScheduled => "task.scheduled",
+            FeedKind::TaskStarted => "task.started",
+            FeedKind::TaskSucceeded => "task.succeeded",
+            FeedKind::TaskFailed => "task.failed",
+            FeedKind::TaskRetried => "task.retried",
+            FeedKind::TaskLost => "task.lost",
+            FeedKind::TaskCancelled => "task.cancelled",
+        }
+    }
+
+    /// The kind for a run that ended in `state`; `None` for a state that is not an end.
+    pub fn run_ended(state: RunState) -> Option<FeedKind> {
+        match state {
+            RunState::Succeeded => Some(FeedKind::RunSucceeded),
+            RunState::Failed => Some(FeedKind::RunFailed),
+            RunState::Cancelled => Some(FeedKind::RunCancelled),
+            _ => None,
+        }
+    }
+
+    /// The kind for a task that ended for good in `state`.
+    pub fn task_ended(state: TaskState) -> Option<FeedKind> {
+        match state {
+            TaskState::Succeeded => Some(FeedKind::TaskSucceeded),
+            TaskState::Failed => Some(FeedKind::TaskFailed),
+            TaskState::Cancelled => Some(FeedKind::TaskCancelled),
+            TaskState::Pending | TaskState::Running => None,
+        }
+    }
+}
+
+/// The broker's answer to [`Query::Feed`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedPage {
+    /// Events after the asked `after`, oldest first, at most the asked limit.
+    pub events: Vec<FeedEvent>,
+    /// False when the broker no longer holds (or never held) the event right after
+    /// `after`: events were missed, and the asker must read the state afresh.
+    pub complete: bool,
+    /// The last event the broker has published (0: none yet).
+    pub newest: u64,
 }
 
 /// A task that ended for good (succeeded, or failed after its retries).

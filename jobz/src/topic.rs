@@ -16,20 +16,28 @@ pub enum Topic {
     Node(String),
     /// Completion events of a job, received by semaphores.
     Events(String),
+    /// The broker's feed of run and task changes ([`Topic::feed`]), received by frontends.
+    Feed(String),
 }
 
 impl Topic {
+    /// The one feed topic: every run's changes (`f runs`).
+    pub fn feed() -> Topic {
+        Topic::Feed("runs".into())
+    }
+
     fn kind(&self) -> u8 {
         match self {
             Topic::Job(_) => b'j',
             Topic::Node(_) => b'n',
             Topic::Events(_) => b'e',
+            Topic::Feed(_) => b'f',
         }
     }
 
     fn name(&self) -> &str {
         match self {
-            Topic::Job(n) | Topic::Node(n) | Topic::Events(n) => n,
+            Topic::Job(n) | Topic::Node(n) | Topic::Events(n) | Topic::Feed(n) => n,
         }
     }
 
@@ -57,6 +65,7 @@ impl Topic {
             b'j' => Some(Topic::Job(name)),
             b'n' => Some(Topic::Node(name)),
             b'e' => Some(Topic::Events(name)),
+            b'f' => Some(Topic::Feed(name)),
             _ => None,
         }
     }
@@ -78,6 +87,7 @@ mod tests {
             Topic::Job("import".into()),
             Topic::Node("worker:web1".into()),
             Topic::Events("a.b-c".into()),
+            Topic::feed(),
         ] {
             assert_eq!(Topic::parse(&t.to_bytes()), Some(t));
         }

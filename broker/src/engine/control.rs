@@ -19,10 +19,12 @@ use jobz::topic::Topic;
 use tracing::info;
 
 use super::effects::{read, reply, Effects, Publish, ReadQuery, RunAction, Write};
+use super::feed;
 use super::Engine;
 use crate::authority::Principal;
 use crate::ids::{RunId, StepId, TaskId};
 use crate::registry::ForgetRefusal;
+use jobz::message::FeedKind;
 
 /// The error of a task withdrawn before it reached a worker because its run was cancelled.
 pub(super) const WITHDRAWN: &str = "withdrawn: the run was cancelled";
@@ -67,12 +69,14 @@ impl Engine {
                 run.state = RunState::Cancelled;
                 run.finished_at_ms = Some(now);
                 run.reason = Some(reason);
+                feed::run_event(fx, FeedKind::RunCancelled, &run, now);
                 fx.writes.push(Write::Run(run));
             }
         } else if let Some(run) = self.active.run_mut(run_id) {
             run.state = RunState::Cancelled;
             run.reason = Some(reason);
             fx.writes.push(Write::Run(run.clone()));
+            feed::run_event(fx, FeedKind::RunCancelled, run, now);
         }
         // It can no longer succeed: the runs waiting for it fail now.
         self.run_ended(fx, run_id, RunState::Cancelled, now);
@@ -175,6 +179,7 @@ impl Engine {
         env: &Envelope,
         run_id: &RunId,
         priority: i32,
+        now: i64,
     ) {
         let Some(run) = self.active.run(run_id) else {
             let action = RunAction::Prioritize;
@@ -191,6 +196,7 @@ impl Engine {
         self.count("runs_reprioritized");
         if let Some(run) = self.active.run(run_id) {
             fx.writes.push(Write::Run(run.clone()));
+            feed::run_event(fx, FeedKind::RunUpdated, run, now);
         }
         read(fx, env, ReadQuery::Run(run_id.clone()));
     }
@@ -201,11 +207,13 @@ impl Engine {
         env: &Envelope,
         run_id: &RunId,
         tracked: bool,
+        now: i64,
     ) {
         match self.active.run_mut(run_id) {
             Some(run) => {
                 run.tracked = tracked;
                 fx.writes.push(Write::Run(run.clone()));
+                feed::run_event(fx, FeedKind::RunUpdated, run, now);
             }
             // An ended run is tracked in the store alone; an unknown one is answered 404.
             None => fx.writes.push(Write::Tracked {

@@ -120,6 +120,16 @@ pub enum ReadQuery {
         run_id: RunId,
         action: RunAction,
     },
+    /// A job's per-day task statistics since `since_ms`.
+    JobStats {
+        job: String,
+        since_ms: i64,
+    },
+    /// The feed's events after `after` (the journal's, not the store's).
+    Feed {
+        after: u64,
+        limit: u32,
+    },
 }
 
 /// What a run-control request asked of a run.
@@ -158,6 +168,8 @@ pub struct RunLookup {
 pub struct Effects {
     pub writes: Vec<Write>,
     pub publish: Vec<Publish>,
+    /// What changed, for the feed: numbered and published by the journal after the commit.
+    pub feed: Vec<jobz::message::FeedEvent>,
     pub reads: Vec<StoreRead>,
     pub lookups: Vec<RunLookup>,
 }
@@ -166,6 +178,7 @@ impl Effects {
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
             && self.publish.is_empty()
+            && self.feed.is_empty()
             && self.reads.is_empty()
             && self.lookups.is_empty()
     }

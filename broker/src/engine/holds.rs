@@ -12,9 +12,11 @@ use jobz::message::RunState;
 use tracing::{info, warn};
 
 use super::effects::{Effects, Write};
+use super::feed;
 use super::recent::Recent;
 use super::Engine;
 use crate::ids::RunId;
+use jobz::message::FeedKind;
 
 /// Ended runs whose final state is remembered (older ones are asked of the store).
 const REMEMBERED_ENDINGS: usize = 10_000;
@@ -76,6 +78,7 @@ impl Engine {
         let job = run.job.clone();
         info!(run_id = %run_id, job = %job, %waited, "held run starts");
         fx.writes.push(Write::Run(run.clone()));
+        feed::run_event(fx, FeedKind::RunDue, run, now);
         self.count("held_runs_started");
         self.start_step(fx, run_id, &job, None, now);
         self.finish_run_if_done(fx, run_id, now);
@@ -124,6 +127,7 @@ impl Engine {
         run.finished_at_ms = Some(now);
         run.reason = Some(reason);
         self.count("runs_failed");
+        feed::run_event(fx, FeedKind::RunFailed, &run, now);
         fx.writes.push(Write::Run(run));
         true
     }

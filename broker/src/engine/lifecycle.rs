@@ -9,9 +9,11 @@ use jobz::topic::Topic;
 use tracing::{debug, info, warn};
 
 use super::effects::{Effects, Publish, Write};
+use super::feed;
 use super::{Engine, MAX_STEPS_PER_RUN};
 use crate::ids::{RunId, StepId, TaskId};
 use crate::model::{Dead, Step};
+use jobz::message::FeedKind;
 
 /// When successors start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,11 +25,12 @@ enum Follow {
 }
 
 impl Engine {
-    pub(super) fn mark_run_running(&mut self, fx: &mut Effects, run_id: &RunId) {
+    pub(super) fn mark_run_running(&mut self, fx: &mut Effects, run_id: &RunId, now: i64) {
         if let Some(run) = self.active.run_mut(run_id) {
             if run.state == RunState::Pending {
                 run.state = RunState::Running;
                 fx.writes.push(Write::Run(run.clone()));
+                feed::run_event(fx, FeedKind::RunStarted, run, now);
             }
         }
     }
@@ -132,6 +135,9 @@ impl Engine {
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
             worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
         fx.writes.push(Write::Task(task.clone()));
+        if let Some(kind) = FeedKind::task_ended(state) {
+            feed::task_event(fx, kind, self.active.run(&task.run_id), &task, now);
+        }
         // A cancelled task did not fail: no dead-list entry, no completion for semaphores.
         if state == TaskState::Failed {
             let dead = Dead {
@@ -263,6 +269,7 @@ impl Engine {
         let Some(mut run) = self.active.remove_run(run_id) else {
             return;
         };
+        let was_cancelled = run.state == RunState::Cancelled;
         run.state = match (run.state, failed) {
             // Counted when it was cancelled.
             (RunState::Cancelled, _) => RunState::Cancelled,
@@ -278,6 +285,10 @@ impl Engine {
         run.finished_at_ms = Some(now);
         info!(run_id = %run_id, job = %run.job, state = %run.state, "run finished");
         let state = run.state;
+        // A cancelled run was told of when it was cancelled.
+        if let Some(kind) = FeedKind::run_ended(state).filter(|_| !was_cancelled) {
+            feed::run_event(fx, kind, &run, now);
+        }
         fx.writes.push(Write::Run(run));
         self.run_ended(fx, run_id, state, now);
     }

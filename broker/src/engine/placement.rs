@@ -16,10 +16,12 @@ use tracing::{info, warn};
 
 use super::active::ActiveTask;
 use super::effects::{Effects, Publish, Write};
+use super::feed;
 use super::retry::Failure;
 use super::Engine;
 use crate::ids::{StepId, TaskId};
 use crate::model::Task;
+use jobz::message::FeedKind;
 
 impl Engine {
     /// Publishes again each task published `redeliver_after` ago that its worker has not
@@ -293,6 +295,8 @@ impl Engine {
             if let Some(id) = self.new_task(step_id, Some(worker), fanout, now) {
                 if let Some(t) = self.active.task(&id) {
                     fx.writes.push(Write::Task(t.record.clone()));
+                    let run = self.active.run(&t.record.run_id);
+                    feed::task_event(fx, FeedKind::TaskScheduled, run, &t.record, now);
                 }
                 task_ids.push(id);
             }

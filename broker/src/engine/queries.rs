@@ -33,6 +33,11 @@ impl Engine {
                 }
             }
             Query::Runs(filter) => read(fx, env, ReadQuery::Runs(filter)),
+            // The journal holds the feed: it numbers events as it commits them.
+            Query::Feed { after, limit } => read(fx, env, ReadQuery::Feed { after, limit }),
+            Query::JobStats { job, since_ms } => {
+                read(fx, env, ReadQuery::JobStats { job, since_ms })
+            }
             Query::TaskOutput {
                 task_id,
                 attempt,

@@ -11,10 +11,12 @@ use jobz::message::{
 use tracing::{debug, info, warn};
 
 use super::effects::{reply, Effects, Write};
+use super::feed;
 use super::retry::Failure;
 use super::{live_output, truncate, Engine};
 use crate::ids::{RunId, TaskId};
 use crate::model::Attempt;
+use jobz::message::FeedKind;
 
 /// Longest output tail or error text kept of a worker's report.
 pub(super) const MAX_REPORTED_TEXT: usize = 8192;
@@ -65,15 +67,17 @@ impl Engine {
                 task.record.instance = Some(status.instance.clone());
                 task.last_sent_ms = None;
                 fx.writes.push(Write::Task(task.record.clone()));
-                started_run = Some(task.record.run_id.clone());
+                started_run = Some(task.record.clone());
             }
             if task.record.state == TaskState::Running {
                 task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             }
             drop(task);
             // As `TaskStarted` would: the run runs once any of its tasks does.
-            if let Some(run_id) = started_run {
-                self.mark_run_running(fx, &run_id);
+            if let Some(started) = started_run {
+                let run = self.active.run(&started.run_id);
+                feed::task_event(fx, FeedKind::TaskStarted, run, &started, now);
+                self.mark_run_running(fx, &started.run_id, now);
             }
         }
         if reg.started_leaving {
@@ -140,8 +144,10 @@ impl Engine {
             debug!(run_id = %t.run_id, task_id = %t.task_id, job = %t.job, worker = %started.worker, "task started");
             let run_id = t.run_id.clone();
             fx.writes.push(Write::Task(t.clone()));
+            let t = t.clone();
             drop(task);
-            self.mark_run_running(fx, &run_id);
+            feed::task_event(fx, FeedKind::TaskStarted, self.active.run(&run_id), &t, now);
+            self.mark_run_running(fx, &run_id, now);
         }
         reply(fx, env, ReplyBody::Ack);
     }
@@ -260,7 +266,7 @@ impl Engine {
             task.output_tail = truncate(&finished.output_tail, MAX_REPORTED_TEXT).to_owned();
             task.finished_at_ms = Some(finished.finished_at_ms);
         }
-        self.mark_run_running(fx, &run_id);
+        self.mark_run_running(fx, &run_id, now);
         self.count("tasks_finished");
         // Ack first: it is published after the commit that records the result.
         reply(fx, env, ReplyBody::Ack);

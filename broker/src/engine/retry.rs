@@ -2,14 +2,15 @@
 //! lapse; the unstarted tasks of a lost worker.
 
 use jobz::jobfile::Delivery;
-use jobz::message::TaskState;
+use jobz::message::{FeedKind, TaskState};
 use tracing::info;
 
 use super::active::RetryWait;
 use super::effects::{Effects, Write};
+use super::feed;
 use super::Engine;
 use crate::ids::TaskId;
-use crate::model::Attempt;
+use crate::model::{Attempt, Task};
 
 /// Longest wait between retries.
 const MAX_BACKOFF_MS: u64 = 10 * 60 * 1000;
@@ -187,15 +188,18 @@ impl Engine {
                     }
                 }
             };
-            let step_id = match self.active.task_mut(&task_id) {
+            let record = match self.active.task_mut(&task_id) {
                 Some(mut t) => {
                     t.retry = None;
                     t.record.worker = Some(worker);
                     fx.writes.push(Write::Task(t.record.clone()));
-                    t.record.step_id.clone()
+                    t.record.clone()
                 }
                 None => continue,
             };
+            let run = self.active.run(&record.run_id);
+            feed::task_event(fx, FeedKind::TaskScheduled, run, &record, now);
+            let step_id = record.step_id;
             self.publish_work(fx, &step_id, std::slice::from_ref(&task_id), now);
         }
     }
@@ -259,6 +263,25 @@ impl Engine {
             }));
         }
         task.error = Some(error.clone());
+        if failure == Failure::Lost {
+            let lost = Task {
+                state: TaskState::Failed,
+                ..task.clone()
+            };
+            drop(active);
+            feed::task_event(
+                fx,
+                FeedKind::TaskLost,
+                self.active.run(&lost.run_id),
+                &lost,
+                now,
+            );
+            let Some(again) = self.active.task_mut(task_id) else {
+                return;
+            };
+            active = again;
+        }
+        let task = &mut active.record;
         let RetryPlan::Retry {
             uses_budget,
             on_another_worker,
@@ -296,6 +319,7 @@ impl Engine {
         info!(run_id = %task.run_id, task_id = %task_id, job = %task.job, attempt = task.attempt,
             delay_ms = delay, error = %error, "task will be retried");
         fx.writes.push(Write::Task(task.clone()));
+        let retried = task.clone();
         active.lease_expires_ms = None;
         active.last_sent_ms = None;
         active.retry = Some(RetryWait {
@@ -303,6 +327,8 @@ impl Engine {
             avoid,
         });
         drop(active);
+        let run = self.active.run(&retried.run_id);
+        feed::task_event(fx, FeedKind::TaskRetried, run, &retried, now);
         self.count("retries");
     }
 }

@@ -1257,6 +1257,7 @@ fn a_job_definition_with_an_oversized_pattern_is_refused_and_counted() {
     );
 }
 
+mod feed;
 mod run_control;
 
 #[test]

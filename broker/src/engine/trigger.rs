@@ -25,11 +25,13 @@ use jobz::message::{
 use tracing::{info, warn};
 
 use super::effects::{reply, Effects, RunLookup, Write};
+use super::feed;
 use super::holds::dependency_reason;
 use super::recent::Recent;
 use super::{is_valid_id, truncate, Engine};
 use crate::ids::{RunId, TaskId};
 use crate::model::Run;
+use jobz::message::FeedKind;
 
 /// Trigger ids remembered for ingesting a resent trigger once.
 const REMEMBERED_REQUESTS: usize = 100_000;
@@ -348,6 +350,10 @@ impl Engine {
         }
         let state = run.state;
         fx.writes.push(Write::Run(run.clone()));
+        feed::run_event(fx, FeedKind::RunAccepted, &run, now);
+        if state == RunState::Failed {
+            feed::run_event(fx, FeedKind::RunFailed, &run, now);
+        }
         // The reply goes first in `publish`: it is sent only after the run is durable.
         reply(
             fx,

@@ -59,7 +59,7 @@ pub fn repo_root() -> PathBuf {
     workspace_root()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => {
             let dir = PathBuf::from(dir);

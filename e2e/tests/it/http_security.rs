@@ -33,10 +33,15 @@ jobs:
 
 /// `GET path` on 127.0.0.1:`port` with extra header lines (each ending in CRLF).
 fn get(port: u16, path: &str, headers: &str) -> HttpResponse {
+    send(port, "GET", path, headers)
+}
+
+/// `METHOD path` (no body) on 127.0.0.1:`port` with extra header lines.
+fn send(port: u16, method: &str, path: &str, headers: &str) -> HttpResponse {
     let raw = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n"
     );
-    http_request(port, raw.as_bytes(), DEADLINE).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    http_request(port, raw.as_bytes(), DEADLINE).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
 fn bearer(token: &str) -> String {
@@ -146,6 +151,9 @@ fn tokens_gate_every_endpoint_by_scope() {
         ("/runs", String::new()),
         ("/", String::new()),
         ("/metrics", String::new()),
+        ("/events", String::new()),
+        ("/stats?job=hello", String::new()),
+        ("/ui/runs/x", String::new()),
         ("/job_start?job_name=hello", String::new()),
         ("/runs", bearer("jobz_not_a_token")),
         ("/runs", "Authorization: Digest x\r\n".into()),
@@ -166,10 +174,18 @@ fn tokens_gate_every_endpoint_by_scope() {
         "/dead",
         "/semaphores",
         "/metrics",
+        "/stats?job=hello",
+        "/ui/jobs",
     ] {
         let r = get(port, path, &bearer(&tokens.read));
         assert_eq!(r.status, 200, "{path}: {}", r.text());
     }
+    // The dashboard's POSTs need the same scopes as their GETs.
+    let start = job_start_path("hello", &[]);
+    let r = send(port, "POST", &start, &bearer(&tokens.read));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = send(port, "POST", "/dead/t1/retry", &bearer(&tokens.trigger));
+    assert_eq!(r.status, 403, "{}", r.text());
     let r = get(port, &job_start_path("hello", &[]), &bearer(&tokens.read));
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(

@@ -6,8 +6,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod dashboard;
 mod delivery;
 mod enrolment;
+mod events;
 mod faults;
 mod harness;
 mod hostile;

@@ -244,13 +244,19 @@ impl Response {
 
 /// One request on a fresh connection (`Connection: close`).
 pub fn request(port: u16, method: &str, target: &str) -> Response {
+    request_with(port, method, target, &[])
+}
+
+/// One request with extra header lines, on a fresh connection (`Connection: close`).
+pub fn request_with(port: u16, method: &str, target: &str, headers: &[&str]) -> Response {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     write!(
         stream,
-        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n"
     )
     .unwrap();
     stream.flush().unwrap();

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{request, FakeBroker, Frontend};
+use harness::{request, request_with, FakeBroker, Frontend};
 use jobz::message::{
     HealthView, Message, Query, ReplyBody, RunState, RunView, StepView, TaskState, TriggerRequest,
 };
@@ -207,10 +207,18 @@ fn broker_down_means_503_after_the_request_timeout() {
 fn http_edge_cases_through_the_real_server() {
     let broker = broker(1);
     let frontend = Frontend::start(broker.base_port, &[]);
-    // /job_start takes GET only (HEAD never starts anything, POST is for run control).
-    let r = request(frontend.port, "POST", "/job_start?job_name=build");
+    // /job_start takes GET and POST (the dashboard's); HEAD never starts anything.
+    let r = request(frontend.port, "HEAD", "/job_start?job_name=build");
     assert_eq!(r.status, 405);
-    assert_eq!(r.header("allow"), Some("GET"));
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    // A POST from another site's page is refused before anything starts.
+    let r = request_with(
+        frontend.port,
+        "POST",
+        "/job_start?job_name=build",
+        &["Sec-Fetch-Site: cross-site"],
+    );
+    assert_eq!(r.status, 403);
     let r = request(frontend.port, "GET", "/runs/run-1/cancel");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("POST"));

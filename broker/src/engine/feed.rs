@@ -1,0 +1,55 @@
+//! The feed: what changed in runs and tasks, told as [`FeedEvent`]s (`GET /events`).
+//!
+//! The engine says what happened where it happens; the journal numbers the events, keeps
+//! the last [`jobz::message::FEED_RETAINED`] for `Query::Feed`, and publishes each
+//! commit's events as one message on the feed topic after the commit (so nobody hears of a
+//! change that a crash could still undo).
+
+use jobz::message::{FeedEvent, FeedKind, FeedTask};
+
+use super::effects::Effects;
+use crate::model::{Run, Task};
+
+/// Tells of a change of `run`.
+pub(super) fn run_event(fx: &mut Effects, kind: FeedKind, run: &Run, now: i64) {
+    fx.feed.push(FeedEvent {
+        seq: 0,
+        kind,
+        at_ms: now,
+        run_id: run.run_id.to_string(),
+        job: run.job.clone(),
+        run_state: run.state,
+        tags: run.tags.clone(),
+        tracked: run.tracked,
+        task: None,
+    });
+}
+
+/// Tells of a change of `task`, a task of `run` (`None`: its run has just ended and is
+/// no longer held; the event then names the task's job as the run's).
+pub(super) fn task_event(
+    fx: &mut Effects,
+    kind: FeedKind,
+    run: Option<&Run>,
+    task: &Task,
+    now: i64,
+) {
+    fx.feed.push(FeedEvent {
+        seq: 0,
+        kind,
+        at_ms: now,
+        run_id: task.run_id.to_string(),
+        job: run.map_or_else(|| task.job.clone(), |r| r.job.clone()),
+        run_state: run.map(|r| r.state).unwrap_or_default(),
+        tags: run.map(|r| r.tags.clone()).unwrap_or_default(),
+        tracked: run.is_some_and(|r| r.tracked),
+        task: Some(FeedTask {
+            step_id: task.step_id.to_string(),
+            task_id: task.task_id.to_string(),
+            job: task.job.clone(),
+            attempt: task.attempt,
+            worker: task.worker.clone(),
+            state: task.state,
+        }),
+    });
+}

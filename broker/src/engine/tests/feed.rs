@@ -1,0 +1,120 @@
+//! The feed tells each change of a run and its tasks once, in order.
+
+use jobz::message::FeedKind;
+
+use super::*;
+
+/// Every feed event of the effects, as (kind, attempt).
+fn told(fx: &Effects) -> Vec<(FeedKind, Option<u32>)> {
+    fx.feed
+        .iter()
+        .map(|e| (e.kind, e.task.as_ref().map(|t| t.attempt)))
+        .collect()
+}
+
+#[test]
+fn a_run_retried_after_a_failure_and_a_lost_worker_is_told_step_by_step() {
+    let jobs = vec![with_retries(job("a", Delivery::Queue, &[], &[]), 2, 10)];
+    let mut h = Harness::new(jobs, &["w1", "w2"]);
+    let (fx, run_id) = h.trigger("a");
+    let run_id = run_id.unwrap();
+    assert_eq!(
+        told(&fx),
+        [
+            (FeedKind::RunAccepted, None),
+            (FeedKind::TaskScheduled, Some(1))
+        ]
+    );
+    assert!(fx.feed.iter().all(|e| e.run_id == run_id && e.job == "a"));
+    let first = works(&fx).remove(0).assignments.remove(0);
+    let fx = h.send(
+        &format!("worker:{}", first.worker),
+        Message::TaskStarted(TaskStarted {
+            task: first.task.clone(),
+            worker: first.worker.clone(),
+            instance: "i1".into(),
+            started_at_ms: h.now,
+        }),
+    );
+    assert_eq!(
+        told(&fx),
+        [
+            (FeedKind::TaskStarted, Some(1)),
+            (FeedKind::RunStarted, None)
+        ]
+    );
+    assert_eq!(fx.feed[1].run_state, RunState::Running);
+    // Attempt 1 fails: retried as attempt 2, placed once its backoff is over.
+    let fx = h.finish(&first, TaskOutcome::Failed);
+    assert_eq!(told(&fx), [(FeedKind::TaskRetried, Some(2))]);
+    let mut second = None;
+    for _ in 0..10 {
+        h.now += 1_000;
+        let fx = h.engine.tick(h.now);
+        if let Some(mut w) = works(&fx).pop() {
+            assert_eq!(told(&fx), [(FeedKind::TaskScheduled, Some(2))]);
+            second = Some(w.assignments.remove(0));
+            break;
+        }
+    }
+    let second = second.expect("attempt 2 was placed");
+    start(&mut h, &second);
+    // Its worker goes silent: the attempt is lost, and retried.
+    let other = if second.worker == "w1" { "w2" } else { "w1" };
+    let mut lost = Vec::new();
+    for _ in 0..20 {
+        h.now += 5_000;
+        heartbeat_running(&mut h, other, vec![]);
+        let fx = h.engine.tick(h.now);
+        lost.extend(told(&fx));
+        if lost.iter().any(|(k, _)| *k == FeedKind::TaskLost) {
+            break;
+        }
+    }
+    assert_eq!(
+        lost[..2],
+        [
+            (FeedKind::TaskLost, Some(2)),
+            (FeedKind::TaskRetried, Some(3))
+        ]
+    );
+    // A cancel is told once, though the run ends only when its task stops.
+    let fx = h.send(
+        "frontend:x",
+        Message::CancelRun {
+            run_id: run_id.clone(),
+            force: false,
+        },
+    );
+    let kinds: Vec<FeedKind> = told(&fx).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds.first(), Some(&FeedKind::RunCancelled));
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == FeedKind::RunCancelled)
+            .count(),
+        1,
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn a_succeeding_run_ends_with_its_task_then_itself() {
+    let mut h = Harness::new(vec![job("a", Delivery::Broadcast, &[], &[])], &["w1"]);
+    let (fx, _) = h.trigger("a");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &a);
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    assert_eq!(
+        told(&fx),
+        [
+            (FeedKind::TaskSucceeded, Some(1)),
+            (FeedKind::RunSucceeded, None)
+        ]
+    );
+    assert_eq!(fx.feed[1].run_state, RunState::Succeeded);
+    assert_eq!(
+        fx.feed[0].task.as_ref().unwrap().worker.as_deref(),
+        Some("w1")
+    );
+}
