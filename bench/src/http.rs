@@ -200,6 +200,13 @@ fn read_response(mut reader: impl BufRead) -> io::Result<Response> {
             let size = usize::from_str_radix(size_text, 16)
                 .map_err(|_| bad(format!("bad chunk size {line:?}")))?;
             if size == 0 {
+                // The trailers, if any, and the empty line that ends the body.
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                        break;
+                    }
+                }
                 break;
             }
             let start = body.len();

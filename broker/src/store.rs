@@ -27,7 +27,7 @@ mod stats;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
 
 /// Version of the schema this build writes; older databases are migrated on open.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// The runs the broker holds in memory: not finished. A cancelled run is unfinished until
 /// its workers have reported its tasks.
@@ -250,6 +250,12 @@ impl SqliteStore {
         if version < 5 {
             self.migrate_v4_to_v5()?;
         }
+        if version < 6 {
+            self.conn
+                .execute_batch(stats::MIGRATE_V5_TO_V6)
+                .context("migrating the schema from version 5 to 6")?;
+            tracing::info!("store migrated from schema version 5 to 6");
+        }
         self.conn
             .execute_batch(retention::SCHEMA)
             .context("creating the retention indexes")?;
@@ -408,6 +414,24 @@ fn execute_cached(
     tx.prepare_cached(sql)?.execute(params)
 }
 
+/// Upserts a task's row.
+fn write_task(tx: &rusqlite::Transaction<'_>, t: &Task) -> Result<usize, StoreError> {
+    execute_cached(tx,
+                                "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
+                                    created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
+                    attempt = excluded.attempt, failures = excluded.failures,
+                    exit_code = excluded.exit_code, error = excluded.error,
+                    instance = excluded.instance, started_at = excluded.started_at,
+                    finished_at = excluded.finished_at, output_tail = excluded.output_tail,
+                    recorded_at = excluded.recorded_at",
+                params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
+                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout, t.recorded_at_ms],
+            )
+            .context("writing a task")
+}
+
 fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreError> {
     match write {
         Write::Run(r) => {
@@ -444,20 +468,14 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 params![s.step_id, s.run_id, s.job, delivery_name(s.delivery), s.state.as_str(), s.origin_task, s.created_at_ms, s.finished_at_ms],
             )
             .context("writing a step"),
-        Write::Task(t) => execute_cached(tx,
-                                "INSERT INTO tasks (task_id, step_id, run_id, job, worker, state, attempt, exit_code, error, instance,
-                                    created_at, started_at, finished_at, output_tail, failures, fanout, recorded_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
-                 ON CONFLICT (task_id) DO UPDATE SET worker = excluded.worker, state = excluded.state,
-                    attempt = excluded.attempt, failures = excluded.failures,
-                    exit_code = excluded.exit_code, error = excluded.error,
-                    instance = excluded.instance, started_at = excluded.started_at,
-                    finished_at = excluded.finished_at, output_tail = excluded.output_tail,
-                    recorded_at = excluded.recorded_at",
-                params![t.task_id, t.step_id, t.run_id, t.job, t.worker, t.state.as_str(), t.attempt, t.exit_code, t.error,
-                        t.instance, t.created_at_ms, t.started_at_ms, t.finished_at_ms, t.output_tail, t.failures, t.fanout, t.recorded_at_ms],
-            )
-            .context("writing a task"),
+        Write::Task(t) => {
+            let first_end = !stats::ended_before(tx, t)?;
+            write_task(tx, t)?;
+            if first_end {
+                stats::count_ended(tx, t)?;
+            }
+            Ok(1)
+        }
         Write::Worker(w) => execute_cached(tx,
                 "INSERT OR REPLACE INTO workers (name, instance, jobs, capabilities, slots, version, last_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
