@@ -154,7 +154,9 @@ impl Feed {
 }
 
 /// The listener: subscribes to the feed topic on `client` and keeps what comes in `feed`,
-/// asking the broker for what it missed, until `shutdown`.
+/// asking the broker for what it missed, until `shutdown`. It listens whether or not a
+/// stream is open: a subscription takes effect some time after it is made (ZeroMQ's slow
+/// joiner), and a stream must not wait for the next change to learn of the ones before.
 pub fn spawn_listener(
     client: Client,
     feed: Arc<Feed>,
@@ -166,9 +168,18 @@ pub fn spawn_listener(
         .name("feed".into())
         .spawn(move || {
             let publications = client.publications().clone();
+            let mut catching = Catching::default();
+            let mut heard_at = Instant::now();
+            catching.look(&feed, &client, timeout);
             while !shutdown.load(Ordering::Relaxed) {
                 let Ok((topic, envelope)) = publications.recv_timeout(Duration::from_millis(200))
                 else {
+                    // Quiet for a while: was anything published that did not arrive (a
+                    // subscription not yet in effect, a reconnect)?
+                    if heard_at.elapsed() >= LOOK_WHEN_QUIET {
+                        catching.look(&feed, &client, timeout);
+                        heard_at = Instant::now();
+                    }
                     continue;
                 };
                 let Message::Event(Event::Feed(events)) = envelope.body else {
@@ -177,48 +188,85 @@ pub fn spawn_listener(
                 if topic != Topic::feed() {
                     continue;
                 }
+                heard_at = Instant::now();
                 for event in events {
-                    fill_gap(&feed, &client, event.seq, timeout);
-                    feed.push(event);
+                    catching.heard(&feed, &client, event, timeout);
                 }
             }
         })
         .context("starting the feed thread")
 }
 
-/// Before keeping event `next`: asks the broker for the events between the newest kept
-/// and it. What the broker no longer holds stays a gap (streams say `reset`), and what it
-/// holds after that gap is kept.
-fn fill_gap(feed: &Feed, broker: &dyn Broker, next: u64, timeout: Duration) {
-    let mut newest = feed.newest();
-    while newest != 0 && next > newest + 1 {
-        let page = match broker.request(
-            Message::Query(Query::Feed {
-                after: newest,
-                limit: MAX_FEED_PAGE,
-            }),
-            timeout,
-        ) {
-            Ok(ReplyBody::Feed(page)) => page,
-            other => {
-                warn!(after = newest, answer = ?other.err(), "cannot fill a gap in the feed");
-                return;
+/// How long the listener hears nothing before it asks the broker what it missed.
+pub const LOOK_WHEN_QUIET: Duration = Duration::from_secs(1);
+
+/// How far the listener has caught up with the broker's feed.
+#[derive(Debug, Default)]
+struct Catching {
+    /// The broker's number up to which the feed holds everything it could get (0: not
+    /// known yet).
+    known: u64,
+}
+
+impl Catching {
+    /// An event heard: what came between the last one and it is asked for first.
+    fn heard(&mut self, feed: &Feed, broker: &dyn Broker, event: FeedEvent, timeout: Duration) {
+        if self.known != 0 && event.seq > self.known + 1 {
+            self.known = fill(feed, broker, self.known, event.seq, timeout);
+        }
+        self.known = self.known.max(event.seq);
+        feed.push(event);
+    }
+
+    /// Nothing heard for a while: whatever the broker published since is asked for (the
+    /// first time, only where its feed stands).
+    fn look(&mut self, feed: &Feed, broker: &dyn Broker, timeout: Duration) {
+        if self.known == 0 {
+            let ask = Message::Query(Query::Feed {
+                after: u64::MAX,
+                limit: 1,
+            });
+            if let Ok(ReplyBody::Feed(page)) = broker.request(ask, timeout) {
+                self.known = page.newest;
             }
-        };
-        // Incomplete: the broker no longer holds what came right after `newest` (or it
-        // restarted), but what it holds from there on is still worth keeping.
-        if !page.complete {
-            debug!(after = newest, next, "feed gap the broker no longer holds");
-        }
-        let before = newest;
-        for event in page.events.into_iter().filter(|e| e.seq < next) {
-            feed.push(event);
-        }
-        newest = feed.newest();
-        if newest == before {
             return;
         }
+        self.known = fill(feed, broker, self.known, u64::MAX, timeout);
     }
+}
+
+/// Keeps the broker's events after `after` and before `until`; the number it got to. What
+/// the broker no longer holds stays a gap (streams say `reset`); what it holds after that
+/// gap (a restarted broker's events) is kept.
+fn fill(feed: &Feed, broker: &dyn Broker, after: u64, until: u64, timeout: Duration) -> u64 {
+    let mut cursor = after;
+    while cursor.saturating_add(1) < until {
+        let ask = Message::Query(Query::Feed {
+            after: cursor,
+            limit: MAX_FEED_PAGE,
+        });
+        let page = match broker.request(ask, timeout) {
+            Ok(ReplyBody::Feed(page)) => page,
+            other => {
+                warn!(after = cursor, answer = ?other.err(), "cannot fill a gap in the feed");
+                return cursor;
+            }
+        };
+        if !page.complete {
+            debug!(after = cursor, until, "feed gap the broker no longer holds");
+        }
+        let Some(last) = page.events.last().map(|e| e.seq) else {
+            return cursor;
+        };
+        for event in page.events.into_iter().filter(|e| e.seq < until) {
+            feed.push(event);
+        }
+        if last <= cursor {
+            return cursor;
+        }
+        cursor = last.min(until.saturating_sub(1));
+    }
+    cursor
 }
 
 /// One event in the stream's format: `id`, `event` (its kind) and its JSON on one line.
@@ -242,27 +290,36 @@ fn format_reset(newest: u64) -> String {
     format!("{id}event: reset\ndata: {data}\n\n")
 }
 
-/// How a stream starts: where its cursor is, and what it sends first.
-fn resume(
+/// Where a stream that starts now begins: after the broker's newest event (this frontend
+/// may not be listening yet, or only just), else after the newest it kept.
+fn now_cursor(feed: &Feed, broker: &dyn Broker, timeout: Duration) -> u64 {
+    let ask = Message::Query(Query::Feed {
+        after: u64::MAX,
+        limit: 1,
+    });
+    match broker.request(ask, timeout) {
+        Ok(ReplyBody::Feed(page)) if page.newest > 0 => page.newest,
+        _ => feed.newest(),
+    }
+}
+
+/// The events after `cursor` that the frontend does not keep, from the broker's memory:
+/// the new cursor and the text to send (ending in `reset`, at the newest event kept, when
+/// the broker no longer holds them either).
+fn catch_up(
     feed: &Feed,
     broker: &dyn Broker,
     filter: &EventFilter,
-    last_event_id: Option<u64>,
+    mut cursor: u64,
     timeout: Duration,
 ) -> (u64, String) {
-    let Some(mut cursor) = last_event_id else {
-        return (feed.newest(), String::new());
-    };
-    let mut first = String::new();
-    // The frontend's memory may not reach back that far; the broker's may.
+    let mut text = String::new();
     while !feed.covers(cursor) {
-        let page: Option<FeedPage> = match broker.request(
-            Message::Query(Query::Feed {
-                after: cursor,
-                limit: MAX_FEED_PAGE,
-            }),
-            timeout,
-        ) {
+        let ask = Message::Query(Query::Feed {
+            after: cursor,
+            limit: MAX_FEED_PAGE,
+        });
+        let page: Option<FeedPage> = match broker.request(ask, timeout) {
             Ok(ReplyBody::Feed(page)) => Some(page),
             _ => None,
         };
@@ -270,7 +327,7 @@ fn resume(
             Some(page) if page.complete && !page.events.is_empty() => {
                 for event in &page.events {
                     if filter.matches(event) {
-                        first.push_str(&format_event(event));
+                        text.push_str(&format_event(event));
                     }
                     cursor = event.seq;
                 }
@@ -279,17 +336,32 @@ fn resume(
             Some(page) if page.complete => break,
             _ => {
                 let newest = feed.newest();
-                first.push_str(&format_reset(newest));
-                return (newest, first);
+                text.push_str(&format_reset(newest));
+                return (newest, text);
             }
         }
     }
-    (cursor, first)
+    (cursor, text)
+}
+
+/// How a stream starts: where its cursor is, and what it sends first.
+fn resume(
+    feed: &Feed,
+    broker: &dyn Broker,
+    filter: &EventFilter,
+    last_event_id: Option<u64>,
+    timeout: Duration,
+) -> (u64, String) {
+    match last_event_id {
+        None => (now_cursor(feed, broker, timeout), String::new()),
+        Some(cursor) => catch_up(feed, broker, filter, cursor, timeout),
+    }
 }
 
 /// Writes the stream to `out`: head, `retry:`, the events after `last_event_id` (or from
 /// now on), then each new event that passes `filter` as it comes, until
-/// [`MAX_STREAM`] passes, `shutdown` is set or writing fails.
+/// [`MAX_STREAM`] passes, `shutdown` is set or writing fails. What the frontend missed is
+/// asked of the broker; what neither holds is a `reset`.
 pub fn stream(
     out: &mut impl Write,
     feed: &Feed,
@@ -306,11 +378,17 @@ pub fn stream(
     let mut quiet_since = Instant::now();
     while !shutdown.load(Ordering::Relaxed) && started.elapsed() < MAX_STREAM {
         // A short wait: the shutdown flag is looked at often.
-        let read = feed.read_after(cursor, Duration::from_millis(500));
+        let mut read = feed.read_after(cursor, Duration::from_millis(500));
         let mut text = String::new();
         if read.gap {
-            let last = read.events.first().map_or(cursor, |e| e.seq - 1);
-            text.push_str(&format_reset(last));
+            let (caught_up, missed) = catch_up(feed, broker, filter, cursor, timeout);
+            text.push_str(&missed);
+            cursor = caught_up;
+            read = feed.read_after(cursor, Duration::ZERO);
+            if read.gap {
+                let last = read.events.first().map_or(cursor, |e| e.seq - 1);
+                text.push_str(&format_reset(last));
+            }
         }
         for event in &read.events {
             cursor = event.seq;
@@ -444,11 +522,59 @@ mod tests {
             })),
             _ => Ok(ReplyBody::Feed(FeedPage::default())),
         });
-        fill_gap(&feed, &broker, 13, Duration::from_secs(1));
-        feed.push(event(13, "a"));
+        let mut catching = Catching { known: 10 };
+        catching.heard(&feed, &broker, event(13, "a"), Duration::from_secs(1));
+        assert_eq!(catching.known, 13);
         let read = feed.read_after(10, Duration::ZERO);
         assert_eq!(seqs(&read), [11, 12, 13]);
         assert!(!read.gap);
+    }
+
+    #[test]
+    fn a_quiet_listener_asks_for_what_never_arrived_also_from_a_restarted_broker() {
+        let feed = Feed::default();
+        // The broker's feed stands at 20; then 21 and 22 are published but never arrive.
+        let broker = FakeBroker::new(|m| match m {
+            Message::Query(Query::Feed {
+                after: u64::MAX, ..
+            }) => Ok(ReplyBody::Feed(FeedPage {
+                events: vec![],
+                complete: false,
+                newest: 20,
+            })),
+            Message::Query(Query::Feed { after: 20, .. }) => Ok(ReplyBody::Feed(FeedPage {
+                events: vec![event(21, "a"), event(22, "a")],
+                complete: true,
+                newest: 22,
+            })),
+            // Restarted: it numbers from 900 on and no longer holds 23.
+            Message::Query(Query::Feed { after: 22, .. }) => Ok(ReplyBody::Feed(FeedPage {
+                events: vec![event(900, "a")],
+                complete: false,
+                newest: 900,
+            })),
+            _ => Ok(ReplyBody::Feed(FeedPage {
+                events: vec![],
+                complete: true,
+                newest: 900,
+            })),
+        });
+        let mut catching = Catching::default();
+        let timeout = Duration::from_secs(1);
+        catching.look(&feed, &broker, timeout);
+        assert_eq!(
+            catching.known, 20,
+            "the first look learns where the feed stands"
+        );
+        // One look reads on until the broker has nothing newer.
+        catching.look(&feed, &broker, timeout);
+        assert_eq!(catching.known, 900);
+        assert_eq!(seqs(&feed.read_after(20, Duration::ZERO)), [21, 22, 900]);
+        let read = feed.read_after(22, Duration::ZERO);
+        assert_eq!(seqs(&read), [900]);
+        assert!(read.gap, "a stream says reset for what nobody holds");
+        catching.look(&feed, &broker, timeout);
+        assert_eq!(catching.known, 900);
     }
 
     #[test]
