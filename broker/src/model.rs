@@ -272,6 +272,7 @@ impl Run {
             not_before_ms: self.not_before_ms,
             depends_on: self.depends_on.iter().map(RunId::to_string).collect(),
             waiting_for,
+            child_runs: Vec::new(),
             reason: self.reason.clone(),
         }
     }

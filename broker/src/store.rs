@@ -454,6 +454,13 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 )
                 .context("writing a run's tag")?;
             }
+            for parent in &r.parent_runs {
+                execute_cached(tx,
+                    "INSERT OR IGNORE INTO run_parents (parent, run_id) VALUES (?1, ?2)",
+                    params![parent, r.run_id],
+                )
+                .context("writing a run's parent")?;
+            }
             Ok(1)
         }
         Write::Tracked { run_id, tracked } => execute_cached(tx,
@@ -865,7 +872,16 @@ impl Store for SqliteStore {
         } else {
             Vec::new()
         };
-        Ok(Some(run.view(views, attempts, waiting_for)))
+        let children = self.select(
+            "SELECT run_parents.run_id FROM run_parents JOIN runs USING (run_id)
+             WHERE run_parents.parent = ?1 ORDER BY runs.created_at, runs.rowid LIMIT 100",
+            [run_id],
+            |row| Ok(row.get::<_, String>(0)?),
+            "reading the runs started from a run",
+        )?;
+        let mut view = run.view(views, attempts, waiting_for);
+        view.child_runs = children;
+        Ok(Some(view))
     }
 
     fn run_states(&self, run_ids: &[RunId]) -> Result<Vec<(RunId, RunState)>, StoreError> {
@@ -1318,6 +1334,35 @@ mod tests {
                 (RunId::from("waiting"), RunState::Waiting)
             ]
         );
+    }
+
+    #[test]
+    fn a_run_lists_the_runs_that_name_it_as_a_parent() {
+        let mut store = SqliteStore::in_memory().unwrap();
+        let mut child = run("c1", RunState::Pending, 5);
+        child.parent_runs = vec!["p1".into(), "p2".into()];
+        let mut later = run("c2", RunState::Pending, 6);
+        later.parent_runs = vec!["p1".into()];
+        store
+            .apply(&[
+                Write::Run(run("p1", RunState::Succeeded, 1)),
+                Write::Run(run("p2", RunState::Succeeded, 2)),
+                Write::Run(child.clone()),
+                Write::Run(later),
+                // Rewritten: listed once.
+                Write::Run(child),
+            ])
+            .unwrap();
+        let children = |id: &str| store.run(id).unwrap().unwrap().child_runs;
+        assert_eq!(children("p1"), ["c1", "c2"]);
+        assert_eq!(children("p2"), ["c1"]);
+        assert!(children("c1").is_empty());
+        // A pruned child is no longer listed.
+        store
+            .conn
+            .execute("DELETE FROM runs WHERE run_id = 'c1'", [])
+            .unwrap();
+        assert_eq!(children("p1"), ["c2"]);
     }
 
     #[test]

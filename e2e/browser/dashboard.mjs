@@ -147,6 +147,9 @@ try {
   await page.locator("[data-testid=run] a", { hasText: doomedRun.slice(-12) }).waitFor();
   await page.locator(`[data-testid=attempts] tr[data-attempt="1"] [data-state=succeeded]`).waitFor();
   await shot(page, "08-run-retried");
+  // The failed run links the run that retried it.
+  await page.goto(base + "/ui/runs/" + encodeURIComponent(doomedRun));
+  await page.locator("[data-testid=run] a", { hasText: retried.slice(-12) }).waitFor();
 
   step = "a job's page: its form and its charts per day";
   await page.goto(base + "/ui/jobs/greet");

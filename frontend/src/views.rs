@@ -40,6 +40,7 @@ pub fn run(run: &RunView, with_steps: bool) -> Value {
         "params": run.params,
         "state": run.state.as_str(),
         "parent_runs": run.parent_runs,
+        "child_runs": run.child_runs,
         "created_at": time(run.created_at_ms),
         "finished_at": opt_time(run.finished_at_ms),
         "priority": run.priority,

@@ -1037,6 +1037,11 @@ pub struct RunView {
     /// Of those, the ones that have not succeeded yet (what a `waiting` run waits for).
     #[serde(default)]
     pub waiting_for: Vec<String>,
+    /// Runs that name this one among their `parent_runs`: those a semaphore's `then`
+    /// started once it was done, and its dead tasks' retries (at most 100, oldest first;
+    /// empty in run lists).
+    #[serde(default)]
+    pub child_runs: Vec<String>,
     /// Why it ended so when no step says why: a dependency failed, it was cancelled.
     #[serde(default)]
     pub reason: Option<String>,

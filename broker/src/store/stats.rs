@@ -6,7 +6,8 @@
 //! that records a task's end ([`count_ended`]), so reading a fortnight is reading 14 rows
 //! however many tasks ran; summing the tasks at read time took 200 ms for 100,000 of them.
 //! The rows outlive the pruned history they count. Schema 6 made the table and filled it
-//! from the tasks the store held ([`MIGRATE_V5_TO_V6`]).
+//! from the tasks the store held ([`MIGRATE_V5_TO_V6`]); it also made `run_parents`, each
+//! run by the runs it names as parents, so a run's page links the runs started from it.
 
 use jobz::message::{DurationStats, JobDayStats, STATS_BUCKETS_MS};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -52,6 +53,14 @@ pub(super) const MIGRATE_V5_TO_V6: &str = "
           FROM tasks
           WHERE recorded_at IS NOT NULL AND state IN ('succeeded', 'failed'))
     GROUP BY job, day;
+    CREATE TABLE IF NOT EXISTS run_parents (
+        parent TEXT NOT NULL, run_id TEXT NOT NULL,
+        PRIMARY KEY (parent, run_id)) WITHOUT ROWID;
+    INSERT OR IGNORE INTO run_parents (parent, run_id)
+        SELECT p.value, runs.run_id FROM runs, json_each(runs.parent_runs) AS p
+        WHERE p.type = 'text';
+    CREATE TRIGGER IF NOT EXISTS run_parents_follow_runs AFTER DELETE ON runs
+        BEGIN DELETE FROM run_parents WHERE run_id = old.run_id; END;
     PRAGMA user_version = 6;
     COMMIT;";
 
