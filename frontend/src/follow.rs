@@ -2,10 +2,10 @@
 //!
 //! Workers ship a running step's output to the broker as it is written (`TaskOutput`,
 //! bounded) and report its last 4 KiB with the result (`TaskFinished.output_tail`). Following
-//! a run means: poll the run; for each running task, print the whole lines its shipped
-//! output gained (`Query::TaskOutput`); when a task ends, print the rest of what it shipped,
-//! or, for a task nothing was shipped of (it ended within a tick), its tail; until the run
-//! is final. [`LogFollower`] decides what is new; [`stream`] writes it as an HTTP/1.1
+//! a run means: read the run when the feed says it changed ([`crate::events`]); for each
+//! running task, print the whole lines its shipped output gained (`Query::TaskOutput`);
+//! when a task ends, print the rest of what it shipped, or, for a task nothing was shipped
+//! of (it ended within a tick), its tail; until the run is final. [`LogFollower`] decides what is new; [`stream`] writes it as an HTTP/1.1
 //! chunked response, flushing every chunk (tiny_http's own writer would buffer a slow
 //! stream).
 //!
@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use jobz::message::{LiveOutputView, Message, Query, ReplyBody, RunView, StepView, TaskState};
 
 use crate::broker::Broker;
+use crate::events::Feed;
 use crate::views;
 
-/// How often a followed run is polled (a line reaches the follower within about this
-/// plus the worker's tick, 100 ms).
+/// How often a running task's shipped output is read (a line reaches the follower within
+/// about this plus the worker's tick, 100 ms).
 pub const POLL_EVERY: Duration = Duration::from_millis(250);
 
 /// Longest a stream stays open.
@@ -202,13 +203,38 @@ pub(crate) fn write_chunk(out: &mut impl Write, text: &str) -> io::Result<()> {
     out.flush()
 }
 
-/// Writes the whole stream to `out`: head, the log so far, then new output as tasks end,
+/// How a follower paces its reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// How often a running task's shipped output is read ([`POLL_EVERY`]).
+    pub live_every: Duration,
+    /// The run is read again when the feed says it changed, and at least this often
+    /// ([`REREAD_EVERY`]: for changes the frontend did not hear of).
+    pub reread_every: Duration,
+}
+
+/// A followed run is read again at least this often, whatever the feed says.
+pub const REREAD_EVERY: Duration = Duration::from_secs(2);
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            live_every: POLL_EVERY,
+            reread_every: REREAD_EVERY,
+        }
+    }
+}
+
+/// Writes the whole stream to `out`: head, the log so far, then new output as it comes,
 /// until the run is final, [`MAX_FOLLOW`] passes, `shutdown` is set or writing fails.
+/// The run is read from the broker when the feed says it changed (completion is an
+/// event), not polled; only a running task's output is read every `pace.live_every`.
 pub fn stream(
     out: &mut impl Write,
     first: &RunView,
     broker: &dyn Broker,
-    poll_every: Duration,
+    feed: &Feed,
+    pace: Pace,
     request_timeout: Duration,
     shutdown: &AtomicBool,
 ) -> io::Result<()> {
@@ -228,21 +254,34 @@ pub fn stream(
     out.write_all(HEAD.as_bytes())?;
     out.flush()?;
     write_chunk(out, &follower.advance(first, read_live))?;
-    let mut run_over = first.state.is_final();
-    while !run_over && !shutdown.load(Ordering::Relaxed) && started.elapsed() < MAX_FOLLOW {
-        std::thread::sleep(poll_every);
-        let query = Message::Query(Query::Run {
-            run_id: first.run_id.clone(),
-        });
-        match broker.request(query, request_timeout) {
-            Ok(ReplyBody::Run(Some(run))) => {
-                write_chunk(out, &follower.advance(&run, read_live))?;
-                run_over = run.state.is_final();
-            }
-            Ok(ReplyBody::Run(None)) => run_over = true,
-            // The broker is away or odd: keep trying until the stream's time is up.
-            _ => {}
+    let mut run = first.clone();
+    let mut cursor = feed.newest();
+    let (mut read_at, mut live_at) = (Instant::now(), Instant::now());
+    while !run.state.is_final()
+        && !shutdown.load(Ordering::Relaxed)
+        && started.elapsed() < MAX_FOLLOW
+    {
+        let heard = feed.read_after(cursor, pace.live_every.saturating_sub(live_at.elapsed()));
+        let changed = heard.gap || heard.events.iter().any(|e| e.run_id == run.run_id);
+        if let Some(last) = heard.events.last() {
+            cursor = last.seq;
         }
+        if changed || read_at.elapsed() >= pace.reread_every {
+            let query = Message::Query(Query::Run {
+                run_id: first.run_id.clone(),
+            });
+            match broker.request(query, request_timeout) {
+                Ok(ReplyBody::Run(Some(now))) => run = now,
+                Ok(ReplyBody::Run(None)) => break,
+                // The broker is away or odd: keep trying until the stream's time is up.
+                _ => {}
+            }
+            read_at = Instant::now();
+        } else if live_at.elapsed() < pace.live_every {
+            continue;
+        }
+        live_at = Instant::now();
+        write_chunk(out, &follower.advance(&run, read_live))?;
     }
     out.write_all(b"0\r\n\r\n")?;
     out.flush()
@@ -441,15 +480,15 @@ mod tests {
             ],
         );
         let mut out = Vec::new();
-        stream(
-            &mut out,
-            &first,
-            &broker,
-            Duration::from_millis(1),
-            Duration::from_secs(1),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+        // No feed here: the run is read every `reread_every`.
+        let pace = Pace {
+            live_every: Duration::from_millis(1),
+            reread_every: Duration::from_millis(1),
+        };
+        let feed = Feed::default();
+        let timeout = Duration::from_secs(1);
+        let shutdown = AtomicBool::new(false);
+        stream(&mut out, &first, &broker, &feed, pace, timeout, &shutdown).unwrap();
         let text = String::from_utf8(out).unwrap();
         let body = text.strip_prefix(HEAD).unwrap();
         assert_eq!(
@@ -461,6 +500,69 @@ mod tests {
     }
 
     #[test]
+    fn the_run_is_read_again_when_the_feed_tells_of_its_change_not_before() {
+        use std::sync::atomic::AtomicU64;
+        use std::sync::Arc;
+
+        use jobz::message::{FeedEvent, FeedKind};
+
+        let reads = Arc::new(AtomicU64::new(0));
+        let broker = {
+            let reads = reads.clone();
+            FakeBroker::new(move |message| match message {
+                Message::Query(Query::Run { .. }) => {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    Ok(ReplyBody::Run(Some(run(
+                        RunState::Succeeded,
+                        vec![task("b", 1, TaskState::Succeeded, "done\n")],
+                    ))))
+                }
+                _ => Ok(ReplyBody::TaskOutput(None)),
+            })
+        };
+        let feed = Arc::new(Feed::default());
+        let told = |seq: u64, run_id: &str| FeedEvent {
+            seq,
+            kind: FeedKind::RunSucceeded,
+            at_ms: 0,
+            run_id: run_id.into(),
+            job: "build".into(),
+            run_state: RunState::Succeeded,
+            tags: vec![],
+            tracked: false,
+            task: None,
+        };
+        feed.push(told(1, "other"));
+        let running = run(
+            RunState::Running,
+            vec![task("b", 1, TaskState::Running, "")],
+        );
+        let pace = Pace {
+            live_every: Duration::from_millis(5),
+            // Long against the test's steps, short enough that a slow start cannot hang it.
+            reread_every: Duration::from_secs(2),
+        };
+        let follower = {
+            let feed = feed.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                let shutdown = AtomicBool::new(false);
+                let timeout = Duration::from_secs(1);
+                stream(&mut out, &running, &broker, &feed, pace, timeout, &shutdown).unwrap();
+                String::from_utf8(out).unwrap()
+            })
+        };
+        // Another run's change is no reason to read this one.
+        feed.push(told(2, "other"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(reads.load(Ordering::SeqCst), 0);
+        feed.push(told(3, "r"));
+        let text = follower.join().unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert!(text.contains("[w-b build] done"), "{text}");
+    }
+
+    #[test]
     fn a_final_run_is_written_without_polling_and_shutdown_ends_a_stream() {
         let broker = FakeBroker::down();
         let mut out = Vec::new();
@@ -469,7 +571,8 @@ mod tests {
             &mut out,
             &done,
             &broker,
-            Duration::from_millis(1),
+            &Feed::default(),
+            Pace::default(),
             Duration::from_secs(1),
             &AtomicBool::new(false),
         )
@@ -484,7 +587,8 @@ mod tests {
             &mut out,
             &running,
             &broker,
-            Duration::from_millis(1),
+            &Feed::default(),
+            Pace::default(),
             Duration::from_secs(1),
             &AtomicBool::new(true),
         )

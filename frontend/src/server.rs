@@ -477,10 +477,11 @@ impl Shell {
             open: self.api.stats.clone(),
             max: follow::MAX_FOLLOWERS,
         };
+        let feed = self.api.feed.clone();
         self.start_stream(pending, limit, move |out| {
             let broker = broker.as_ref() as &dyn Broker;
-            let poll = follow::POLL_EVERY;
-            follow::stream(out, &run, broker, poll, timeout, &shutdown)
+            let pace = follow::Pace::default();
+            follow::stream(out, &run, broker, &feed, pace, timeout, &shutdown)
         });
     }
 
