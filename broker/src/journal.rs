@@ -21,8 +21,11 @@ use jobz::message::{Message, Reply, ReplyBody, RunState};
 use jobz::topic::Topic;
 use tracing::{debug, error};
 
-use crate::engine::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
+use crate::engine::{
+    coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write,
+};
 use crate::feed_log::FeedLog;
+use crate::notify::Notice;
 use crate::store::{Pruned, Retention, Store, StoreError};
 
 /// Most effects committed in one transaction.
@@ -43,6 +46,14 @@ pub struct Pruning {
     pub report: Sender<Pruned>,
 }
 
+/// Where the journal hands what it committed beyond publications.
+#[derive(Debug, Clone, Default)]
+pub struct Handoff {
+    /// Notices, once journaled, to the notifier (`None`: no notifier; they wait in the
+    /// store for a broker started with `--notify`).
+    pub notices: Option<Sender<Notice>>,
+}
+
 /// Starts the journal thread. It ends when `effects` is closed and drained, or on the
 /// first failed commit (returned as its error: the broker must stop, not run ahead of
 /// its disk).
@@ -52,6 +63,7 @@ pub fn spawn(
     publish: Sender<Publish>,
     pruning: Pruning,
     looked_up: Sender<Option<RunLookup>>,
+    handoff: Handoff,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new()
         .name("journal".into())
@@ -68,6 +80,7 @@ pub fn spawn(
                         &effects,
                         &publish,
                         &looked_up,
+                        &handoff,
                     )?,
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -108,6 +121,7 @@ fn commit(
     effects: &Receiver<Effects>,
     publish: &Sender<Publish>,
     looked_up: &Sender<Option<RunLookup>>,
+    handoff: &Handoff,
 ) -> anyhow::Result<()> {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
@@ -124,6 +138,14 @@ fn commit(
     if let Err(e) = store.apply(&writes) {
         error!(error = %e, "journal commit failed; stopping the broker");
         return Err(e).context("committing the journal");
+    }
+    if let Some(notifier) = &handoff.notices {
+        for write in &writes {
+            if let Write::Notice(notice) = write {
+                // The notifier gone means the broker is stopping; the store keeps it.
+                let _ = notifier.send(notice.clone());
+            }
+        }
     }
     debug!(
         effects = batch.len(),
@@ -256,7 +278,6 @@ mod tests {
     use jobz::message::TriggerRequest;
 
     use super::*;
-    use crate::engine::Write;
     use crate::ids::RunId;
     use crate::model::Run;
     use crate::store::SqliteStore;
@@ -294,7 +315,16 @@ mod tests {
             report: report_tx,
         };
         let (looked_up, _) = unbounded();
-        let journal = spawn(Box::new(store), effects_rx, publish_tx, pruning, looked_up).unwrap();
+        let handoff = Handoff::default();
+        let journal = spawn(
+            Box::new(store),
+            effects_rx,
+            publish_tx,
+            pruning,
+            looked_up,
+            handoff,
+        )
+        .unwrap();
 
         // A run triggered meanwhile is committed and acknowledged between batches.
         let ack = Publish {

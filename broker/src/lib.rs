@@ -23,6 +23,7 @@ pub mod ids;
 pub mod journal;
 pub mod keys;
 pub mod model;
+pub mod notify;
 pub mod registry;
 pub mod ring_file;
 pub mod semaphore_reports;

@@ -79,6 +79,10 @@ struct Args {
     #[arg(long, env = "JOBZ_PRUNE_EVERY", default_value = "5s", hide = true,
         value_parser = humantime::parse_duration)]
     prune_every: Duration,
+    /// Where notices go: a YAML file naming webhooks (URL and secret file) and the SMTP
+    /// server that the jobs' `notify:` entries use. Without it, notices wait in the store.
+    #[arg(long, env = "JOBZ_NOTIFY", value_name = "FILE")]
+    notify: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -253,7 +257,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let notify = match args
+        .notify
+        .as_deref()
+        .map(broker::notify::NotifyConfig::load)
+    {
+        None => None,
+        Some(Ok(config)) => Some(std::sync::Arc::new(config)),
+        Some(Err(e)) => {
+            tracing::error!("{e:#}");
+            eprintln!("jobz-broker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let config = broker::Config {
+        notify,
         security,
         bind,
         state_dir: args.state,

@@ -394,6 +394,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             output_ttl_ms: None,
+            notify: vec![],
         }
     }
 

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use jobz::envelope::{self, Envelope};
 use jobz::socket::{self, BrokerAddr};
 use tracing::{error, info, warn};
@@ -17,7 +17,8 @@ use crate::authority::{self, Principal};
 use crate::engine::{Effects, Engine, EngineConfig, Publish, RunLookup};
 use crate::guard::{self, Inbound, Outbound, Refusal, Security};
 use crate::ids::Uuid7Ids;
-use crate::journal::{self, Pruning};
+use crate::journal::{self, Handoff, Pruning};
+use crate::notify::{self, NotifyConfig};
 use crate::store::{Pruned, Retention, SqliteStore, Store};
 
 /// Everything the broker needs to run.
@@ -41,6 +42,8 @@ pub struct Config {
     pub history: Retention,
     /// How often to look for history to prune once nothing more was due.
     pub prune_every: Duration,
+    /// Where notices go (`--notify`); `None`: notices wait in the store, undelivered.
+    pub notify: Option<std::sync::Arc<NotifyConfig>>,
 }
 
 /// How often the engine's periodic duties run.
@@ -54,6 +57,9 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let store = SqliteStore::open(&config.state_dir)
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
     let snapshot = store.load().context("loading the store")?;
+    let pending_notices = store
+        .pending_notices()
+        .context("reading the notices to deliver")?;
     let instance = jobz::new_id();
     let mut engine = Engine::restore(
         EngineConfig {
@@ -99,12 +105,43 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
         report: pruned_tx,
     };
     engine.note_pruned(0, &[]); // the counters show from the start
+                                // The notifier stops before the journal: it sends the journal what it delivered.
+    let (notices_tx, notices_rx) = unbounded();
+    let (stop_notifier, notifier_stop) = bounded::<()>(0);
+    let notifier = match &config.notify {
+        Some(notify) => {
+            if !pending_notices.is_empty() {
+                info!(notices = pending_notices.len(), "notices still to deliver");
+            }
+            let handle = notify::spawn(
+                notify.clone(),
+                pending_notices,
+                notices_rx,
+                effects_tx.clone(),
+                notifier_stop,
+            )?;
+            Some(handle)
+        }
+        None => {
+            if !pending_notices.is_empty() {
+                warn!(
+                    notices = pending_notices.len(),
+                    "notices wait to be delivered, but no --notify file is given"
+                );
+            }
+            None
+        }
+    };
+    let handoff = Handoff {
+        notices: notifier.as_ref().map(|_| notices_tx),
+    };
     let journal = journal::spawn(
         Box::new(store),
         effects_rx,
         publish_tx,
         pruning,
         looked_up_tx,
+        handoff,
     )?;
 
     let result = serve(
@@ -119,8 +156,13 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
             shutdown: &shutdown,
         },
     );
-    // Closing the effects channel lets the journal commit what is queued and stop; its
+    // The notifier's attempt in flight ends (at most its timeout) and is journaled; then
+    // closing the effects channel lets the journal commit what is queued and stop; its
     // end closes the publisher's channel, and the publisher flushes within its linger.
+    drop(stop_notifier);
+    if let Some(notifier) = notifier {
+        let _ = notifier.join();
+    }
     drop(effects_tx);
     let journal_result = journal
         .join()

@@ -20,8 +20,10 @@ use crate::ids::{RunId, StepId, TaskId};
 #[cfg(test)]
 use crate::model::Attempt;
 use crate::model::{delivery_name, parse_delivery, Dead, Run, Step, Task};
+use crate::notify::Notice;
 use crate::registry::{CatalogEntry, Worker};
 
+mod notices;
 mod retention;
 mod stats;
 pub use retention::{Pruned, Retention, LISTED_DEAD, TRIGGER_DEDUP_MS};
@@ -120,6 +122,8 @@ pub trait Store: Send {
     ) -> Result<Vec<Completion>, StoreError>;
     /// Tasks of `job` that ended for good at or after `since_ms`, counted per UTC day.
     fn job_stats(&self, job: &str, since_ms: i64) -> Result<Vec<JobDayStats>, StoreError>;
+    /// Notices neither delivered nor given up, soonest first.
+    fn pending_notices(&self) -> Result<Vec<Notice>, StoreError>;
     /// Removes one small batch of what `retention` no longer keeps, in its own
     /// transaction (see [`Retention`] for what goes and what stays).
     fn prune(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, StoreError>;
@@ -251,10 +255,7 @@ impl SqliteStore {
             self.migrate_v4_to_v5()?;
         }
         if version < 6 {
-            self.conn
-                .execute_batch(stats::MIGRATE_V5_TO_V6)
-                .context("migrating the schema from version 5 to 6")?;
-            tracing::info!("store migrated from schema version 5 to 6");
+            self.migrate_v5_to_v6()?;
         }
         self.conn
             .execute_batch(retention::SCHEMA)
@@ -311,6 +312,34 @@ impl SqliteStore {
             )
             .context("migrating the schema from version 3 to 4")?;
         tracing::info!("store migrated from schema version 3 to 4");
+        Ok(())
+    }
+
+    /// Version 6 adds the jobs' statistics per day (`job_stats`, filled from the tasks
+    /// held), each run by the runs it names as parents (`run_parents`, so a run's page links
+    /// the runs started from it) and the notices to deliver (`notices`).
+    fn migrate_v5_to_v6(&self) -> Result<(), StoreError> {
+        let sql = format!(
+            "BEGIN;
+             {stats}
+             CREATE TABLE IF NOT EXISTS run_parents (
+                parent TEXT NOT NULL, run_id TEXT NOT NULL,
+                PRIMARY KEY (parent, run_id)) WITHOUT ROWID;
+             INSERT OR IGNORE INTO run_parents (parent, run_id)
+                SELECT p.value, runs.run_id FROM runs, json_each(runs.parent_runs) AS p
+                WHERE p.type = 'text';
+             CREATE TRIGGER IF NOT EXISTS run_parents_follow_runs AFTER DELETE ON runs
+                BEGIN DELETE FROM run_parents WHERE run_id = old.run_id; END;
+             {notices}
+             PRAGMA user_version = 6;
+             COMMIT;",
+            stats = stats::SCHEMA_V6,
+            notices = notices::SCHEMA_V6,
+        );
+        self.conn
+            .execute_batch(&sql)
+            .context("migrating the schema from version 5 to 6")?;
+        tracing::info!("store migrated from schema version 5 to 6");
         Ok(())
     }
 
@@ -483,6 +512,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
             }
             Ok(1)
         }
+        Write::Notice(n) => notices::insert(tx, n).map(|()| 1),
+        Write::NoticeTried(t) => notices::tried(tx, t).map(|()| 1),
         Write::Worker(w) => execute_cached(tx,
                 "INSERT OR REPLACE INTO workers (name, instance, jobs, capabilities, slots, version, last_seen)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -988,6 +1019,10 @@ impl Store for SqliteStore {
 
     fn job_stats(&self, job: &str, since_ms: i64) -> Result<Vec<JobDayStats>, StoreError> {
         stats::job_stats(&self.conn, job, since_ms)
+    }
+
+    fn pending_notices(&self) -> Result<Vec<Notice>, StoreError> {
+        notices::pending(&self.conn)
     }
 }
 

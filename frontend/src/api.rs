@@ -923,6 +923,7 @@ mod tests {
                 inputs: vec![],
                 outputs: vec![],
                 output_ttl_ms: None,
+                notify: vec![],
             },
             workers: vec!["w1".into()],
         }

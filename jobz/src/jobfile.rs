@@ -102,6 +102,72 @@ pub struct JobSpec {
     /// How long a written output counts as existing (`output_ttl:`); `None`: until cleared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_ttl_ms: Option<u64>,
+    /// Who hears of a run of this job ending (`notify:`), told by the broker.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<Notify>,
+}
+
+/// One `notify:` entry: a target and the ends it hears of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notify {
+    /// Where the notice goes.
+    pub to: NotifyTarget,
+    /// Which ends.
+    pub on: NotifyOn,
+}
+
+/// Where a notice goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyTarget {
+    /// A webhook the broker's `--notify` file names (its URL and secret live there, not in
+    /// job files that travel the mesh).
+    Webhook(String),
+    /// An e-mail address, sent through the broker's SMTP server (`--notify` file).
+    Email(String),
+}
+
+/// Which ends of a run a notice is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyOn {
+    /// The run failed (the default).
+    Failure,
+    /// The run succeeded.
+    Success,
+    /// Every end: succeeded, failed or cancelled.
+    Always,
+}
+
+impl NotifyOn {
+    /// True if a run ending `succeeded` (or failed; `None`: cancelled) is told.
+    pub fn matches(self, succeeded: Option<bool>) -> bool {
+        match self {
+            NotifyOn::Always => true,
+            NotifyOn::Failure => succeeded == Some(false),
+            NotifyOn::Success => succeeded == Some(true),
+        }
+    }
+}
+
+/// Longest e-mail address a `notify:` entry takes (RFC 5321's path limit).
+const MAX_EMAIL: usize = 254;
+
+/// An address `local@domain`: printable ASCII, no spaces, no quotes or angle brackets (it
+/// goes into an SMTP envelope as it is).
+fn is_valid_email(address: &str) -> bool {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return false;
+    };
+    address.len() <= MAX_EMAIL
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && address
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"<>\"(),;:[]\\".contains(&b))
+        && address.matches('@').count() == 1
 }
 
 /// Default `retry_backoff`: ten seconds.
@@ -525,6 +591,49 @@ struct RawJob {
     outputs: Vec<String>,
     #[serde(default)]
     output_ttl: Option<String>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    #[serde(default)]
+    webhook: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    on: Option<String>,
+}
+
+impl RawNotify {
+    fn validate(self) -> Result<Notify, String> {
+        let to = match (self.webhook, self.email) {
+            (Some(name), None) if is_valid_name(&name) => NotifyTarget::Webhook(name),
+            (Some(name), None) => {
+                return Err(format!(
+                    "notify: webhook {name:?} must be a name from the broker's --notify file \
+                     ([A-Za-z0-9_.-]{{1,128}})"
+                ))
+            }
+            (None, Some(address)) if is_valid_email(&address) => NotifyTarget::Email(address),
+            (None, Some(address)) => {
+                return Err(format!("notify: {address:?} is not an e-mail address"))
+            }
+            _ => return Err("notify: each entry names one webhook: or one email:".into()),
+        };
+        let on = match self.on.as_deref() {
+            None | Some("failure") => NotifyOn::Failure,
+            Some("success") => NotifyOn::Success,
+            Some("always") => NotifyOn::Always,
+            Some(other) => {
+                return Err(format!(
+                    "notify: on {other:?} must be failure, success or always"
+                ))
+            }
+        };
+        Ok(Notify { to, on })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -909,6 +1018,12 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
         }
     }
     let output_ttl_ms = parse_duration("output_ttl", raw.output_ttl).map_err(context)?;
+    let notify = raw
+        .notify
+        .into_iter()
+        .map(RawNotify::validate)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(context)?;
     if output_ttl_ms.is_some() && raw.outputs.is_empty() {
         return Err(context("output_ttl without outputs".into()).into());
     }
@@ -932,6 +1047,7 @@ fn validate_job(raw: RawJob) -> Result<JobSpec, EntryError> {
         inputs: raw.inputs,
         outputs: raw.outputs,
         output_ttl_ms,
+        notify,
     };
     // Compiled here to refuse the file now; whoever checks values compiles its own copy once.
     ParamRules::compile(&spec).map_err(|e| context(e.to_string()))?;
@@ -2026,5 +2142,50 @@ schedules:
         let (set, conflicts) = jd.job_set();
         assert_eq!(set.jobs["x"].command, "a");
         assert_eq!(conflicts.len(), 1);
+    }
+
+    #[test]
+    fn notify_entries_name_a_webhook_or_an_address_and_the_ends_they_hear_of() {
+        let text = "jobs:\n  - name: a\n    command: x\n    notify:\n      - webhook: ops\n      - email: oncall@example.com\n        on: always\n";
+        let set = parse(text).unwrap();
+        let a = &set.jobs["a"];
+        assert_eq!(
+            a.notify,
+            [
+                Notify {
+                    to: NotifyTarget::Webhook("ops".into()),
+                    on: NotifyOn::Failure
+                },
+                Notify {
+                    to: NotifyTarget::Email("oncall@example.com".into()),
+                    on: NotifyOn::Always
+                },
+            ]
+        );
+        assert!(NotifyOn::Failure.matches(Some(false)) && !NotifyOn::Failure.matches(None));
+        assert!(NotifyOn::Success.matches(Some(true)) && !NotifyOn::Success.matches(Some(false)));
+        assert!(NotifyOn::Always.matches(None));
+        for (bad, needle) in [
+            (
+                "- webhook: ops\n        email: a@b.c",
+                "one webhook: or one email:",
+            ),
+            ("- {}", "one webhook: or one email:"),
+            ("- webhook: \"a b\"", "must be a name"),
+            ("- email: nobody", "not an e-mail address"),
+            (
+                "- email: \"a@b.c>\\nRCPT TO:<x@y.z\"",
+                "not an e-mail address",
+            ),
+            (
+                "- email: a@b.c\n        on: sometimes",
+                "failure, success or always",
+            ),
+            ("- url: http://x", "unknown field"),
+        ] {
+            let text = format!("jobs:\n  - name: a\n    command: x\n    notify:\n      {bad}\n");
+            let err = parse(&text).unwrap_err();
+            assert!(err.reason.contains(needle), "{bad}: {err}");
+        }
     }
 }

@@ -322,6 +322,7 @@ mod tests {
             inputs: vec![],
             outputs: vec![],
             output_ttl_ms: None,
+            notify: vec![],
         }
     }
 

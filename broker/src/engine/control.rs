@@ -69,14 +69,15 @@ impl Engine {
                 run.state = RunState::Cancelled;
                 run.finished_at_ms = Some(now);
                 run.reason = Some(reason);
-                feed::run_event(fx, FeedKind::RunCancelled, &run, now);
-                fx.writes.push(Write::Run(run));
+                fx.writes.push(Write::Run(run.clone()));
+                self.tell_run_ended(fx, FeedKind::RunCancelled, &run, now);
             }
         } else if let Some(run) = self.active.run_mut(run_id) {
             run.state = RunState::Cancelled;
             run.reason = Some(reason);
+            let run = run.clone();
             fx.writes.push(Write::Run(run.clone()));
-            feed::run_event(fx, FeedKind::RunCancelled, run, now);
+            self.tell_run_ended(fx, FeedKind::RunCancelled, &run, now);
         }
         // It can no longer succeed: the runs waiting for it fail now.
         self.run_ended(fx, run_id, RunState::Cancelled, now);

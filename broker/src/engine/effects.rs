@@ -10,6 +10,7 @@ use jobz::topic::Topic;
 use super::resources::{Edge, Written};
 use crate::ids::RunId;
 use crate::model::{Attempt, Dead, Run, Step, Task};
+use crate::notify::{Notice, Tried};
 use crate::registry::{CatalogEntry, Worker};
 
 /// A record to journal; the store upserts it.
@@ -44,6 +45,10 @@ pub enum Write {
     },
     /// A lineage edge seen for the first time.
     Edge(Edge),
+    /// A notice to deliver, made as its run ended.
+    Notice(Notice),
+    /// An attempt to deliver a notice (from the notifier, not the engine).
+    NoticeTried(Tried),
 }
 
 impl Write {
@@ -64,7 +69,11 @@ impl Write {
             // Written or cleared: the last one says what the resource is.
             Write::Resource(w) => Some((7, w.name.as_str(), 0)),
             Write::ResourceCleared { name } => Some((7, name.as_str(), 0)),
-            Write::ResultAfterRunEnd(_) | Write::Tracked { .. } | Write::Edge(_) => None,
+            Write::Notice(n) => Some((8, n.id.as_str(), 0)),
+            Write::ResultAfterRunEnd(_)
+            | Write::Tracked { .. }
+            | Write::Edge(_)
+            | Write::NoticeTried(_) => None,
         }
     }
 }

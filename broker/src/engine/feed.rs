@@ -5,10 +5,35 @@
 //! commit's events as one message on the feed topic after the commit (so nobody hears of a
 //! change that a crash could still undo).
 
-use jobz::message::{FeedEvent, FeedKind, FeedTask};
+use jobz::message::{FeedEvent, FeedKind, FeedTask, RunState};
 
-use super::effects::Effects;
+use super::effects::{Effects, Write};
+use super::Engine;
 use crate::model::{Run, Task};
+use crate::notify::Notice;
+
+impl Engine {
+    /// Tells of `run`'s end (`kind` is `run.succeeded`, `run.failed` or `run.cancelled`):
+    /// the feed's event, and a notice for each `notify:` entry of its job that asks for
+    /// this end, journaled with the end.
+    pub(super) fn tell_run_ended(&self, fx: &mut Effects, kind: FeedKind, run: &Run, now: i64) {
+        run_event(fx, kind, run, now);
+        let succeeded = match run.state {
+            RunState::Succeeded => Some(true),
+            RunState::Failed => Some(false),
+            _ => None,
+        };
+        let Some(spec) = self.registry.job(&run.job) else {
+            return;
+        };
+        for (index, entry) in spec.notify.iter().enumerate() {
+            if entry.on.matches(succeeded) {
+                let notice = Notice::of_run(run, index, entry.to.clone(), kind, now);
+                fx.writes.push(Write::Notice(notice));
+            }
+        }
+    }
+}
 
 /// Tells of a change of `run`.
 pub(super) fn run_event(fx: &mut Effects, kind: FeedKind, run: &Run, now: i64) {

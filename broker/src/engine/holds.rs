@@ -127,8 +127,8 @@ impl Engine {
         run.finished_at_ms = Some(now);
         run.reason = Some(reason);
         self.count("runs_failed");
-        feed::run_event(fx, FeedKind::RunFailed, &run, now);
-        fx.writes.push(Write::Run(run));
+        fx.writes.push(Write::Run(run.clone()));
+        self.tell_run_ended(fx, FeedKind::RunFailed, &run, now);
         true
     }
 

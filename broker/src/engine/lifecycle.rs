@@ -286,10 +286,10 @@ impl Engine {
         info!(run_id = %run_id, job = %run.job, state = %run.state, "run finished");
         let state = run.state;
         // A cancelled run was told of when it was cancelled.
+        fx.writes.push(Write::Run(run.clone()));
         if let Some(kind) = FeedKind::run_ended(state).filter(|_| !was_cancelled) {
-            feed::run_event(fx, kind, &run, now);
+            self.tell_run_ended(fx, kind, &run, now);
         }
-        fx.writes.push(Write::Run(run));
         self.run_ended(fx, run_id, state, now);
     }
 }

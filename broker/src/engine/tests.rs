@@ -39,6 +39,7 @@ fn job(name: &str, delivery: Delivery, on_success: &[&str], on_failure: &[&str])
         inputs: vec![],
         outputs: vec![],
         output_ttl_ms: None,
+        notify: vec![],
     }
 }
 

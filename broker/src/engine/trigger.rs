@@ -352,7 +352,7 @@ impl Engine {
         fx.writes.push(Write::Run(run.clone()));
         feed::run_event(fx, FeedKind::RunAccepted, &run, now);
         if state == RunState::Failed {
-            feed::run_event(fx, FeedKind::RunFailed, &run, now);
+            self.tell_run_ended(fx, FeedKind::RunFailed, &run, now);
         }
         // The reply goes first in `publish`: it is sent only after the run is durable.
         reply(

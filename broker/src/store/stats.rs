@@ -6,8 +6,7 @@
 //! that records a task's end ([`count_ended`]), so reading a fortnight is reading 14 rows
 //! however many tasks ran; summing the tasks at read time took 200 ms for 100,000 of them.
 //! The rows outlive the pruned history they count. Schema 6 made the table and filled it
-//! from the tasks the store held ([`MIGRATE_V5_TO_V6`]); it also made `run_parents`, each
-//! run by the runs it names as parents, so a run's page links the runs started from it.
+//! from the tasks the store held ([`SCHEMA_V6`]).
 
 use jobz::message::{DurationStats, JobDayStats, STATS_BUCKETS_MS};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -22,8 +21,7 @@ const BUCKETS: usize = STATS_BUCKETS_MS.len() + 1;
 
 /// Schema 6: the rollup table, filled from the ended tasks already stored (the same
 /// bucketing as [`bucket_of`]: `w0..w7` and `r0..r7` count the waits and runs per bucket).
-pub(super) const MIGRATE_V5_TO_V6: &str = "
-    BEGIN;
+pub(super) const SCHEMA_V6: &str = "
     CREATE TABLE IF NOT EXISTS job_stats (
         job TEXT NOT NULL, day INTEGER NOT NULL,
         count INTEGER NOT NULL, failed INTEGER NOT NULL,
@@ -52,17 +50,7 @@ pub(super) const MIGRATE_V5_TO_V6: &str = "
                  THEN max(finished_at - started_at, 0) END AS run
           FROM tasks
           WHERE recorded_at IS NOT NULL AND state IN ('succeeded', 'failed'))
-    GROUP BY job, day;
-    CREATE TABLE IF NOT EXISTS run_parents (
-        parent TEXT NOT NULL, run_id TEXT NOT NULL,
-        PRIMARY KEY (parent, run_id)) WITHOUT ROWID;
-    INSERT OR IGNORE INTO run_parents (parent, run_id)
-        SELECT p.value, runs.run_id FROM runs, json_each(runs.parent_runs) AS p
-        WHERE p.type = 'text';
-    CREATE TRIGGER IF NOT EXISTS run_parents_follow_runs AFTER DELETE ON runs
-        BEGIN DELETE FROM run_parents WHERE run_id = old.run_id; END;
-    PRAGMA user_version = 6;
-    COMMIT;";
+    GROUP BY job, day;";
 
 /// The histogram bucket of a duration.
 fn bucket_of(ms: i64) -> usize {
@@ -304,11 +292,8 @@ mod tests {
         store.apply(&writes).unwrap();
         let counted = store.job_stats("a", day).unwrap();
         // As an older store would be migrated: the table made again from the tasks.
-        store
-            .conn
-            .execute_batch("DROP TABLE job_stats; PRAGMA user_version = 5;")
-            .unwrap();
-        store.conn.execute_batch(MIGRATE_V5_TO_V6).unwrap();
+        store.conn.execute_batch("DROP TABLE job_stats;").unwrap();
+        store.conn.execute_batch(SCHEMA_V6).unwrap();
         assert_eq!(store.job_stats("a", day).unwrap(), counted);
         assert_eq!(counted[0].failed, 1);
         assert_eq!(

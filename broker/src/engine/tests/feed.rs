@@ -118,3 +118,71 @@ fn a_succeeding_run_ends_with_its_task_then_itself() {
         Some("w1")
     );
 }
+
+#[test]
+fn a_run_ending_makes_the_notices_its_job_asks_for_in_the_same_commit() {
+    use jobz::jobfile::{Notify, NotifyOn, NotifyTarget};
+
+    let mut spec = job("a", Delivery::Broadcast, &[], &[]);
+    spec.notify = vec![
+        Notify {
+            to: NotifyTarget::Webhook("ops".into()),
+            on: NotifyOn::Always,
+        },
+        Notify {
+            to: NotifyTarget::Email("oncall@example.com".into()),
+            on: NotifyOn::Failure,
+        },
+        Notify {
+            to: NotifyTarget::Webhook("wins".into()),
+            on: NotifyOn::Success,
+        },
+    ];
+    let mut h = Harness::new(vec![spec], &["w1"]);
+    let notices = |fx: &Effects| -> Vec<(String, String, String)> {
+        fx.writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Notice(n) => {
+                    Some((n.id.clone(), format!("{:?}", n.target), n.event.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let (fx, run_id) = h.trigger("a");
+    assert!(notices(&fx).is_empty(), "nothing until the run ends");
+    let a = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &a);
+    let fx = h.finish(&a, TaskOutcome::Failed);
+    let run_id = run_id.unwrap();
+    assert_eq!(
+        notices(&fx),
+        [
+            (
+                format!("{run_id}/0"),
+                "Webhook(\"ops\")".into(),
+                "run.failed".into()
+            ),
+            (
+                format!("{run_id}/1"),
+                "Email(\"oncall@example.com\")".into(),
+                "run.failed".into()
+            ),
+        ]
+    );
+    let payload: serde_json::Value = match fx.writes.iter().find(|w| matches!(w, Write::Notice(_)))
+    {
+        Some(Write::Notice(n)) => serde_json::from_str(&n.payload).unwrap(),
+        _ => unreachable!(),
+    };
+    assert_eq!(payload["run"]["state"], "failed");
+    assert_eq!(payload["run"]["job"], "a");
+    // The run's own record comes first in the commit.
+    let first_notice = fx.writes.iter().position(|w| matches!(w, Write::Notice(_)));
+    let run_end = fx
+        .writes
+        .iter()
+        .position(|w| matches!(w, Write::Run(r) if r.state == RunState::Failed));
+    assert!(run_end < first_notice);
+}

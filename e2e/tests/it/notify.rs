@@ -1,0 +1,269 @@
+//! Notices (issue 14, acceptance 2): a job's `notify:` entries, delivered by the broker.
+//! A webhook receiver here refuses the first two attempts and gets exactly one accepted,
+//! signed POST per run end it subscribed to, also across a broker killed between two
+//! attempts; an SMTP sink here gets the failure mail, and no mail for a success.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::harness::{str_of, Mesh, DEADLINE};
+
+const SECRET: &str = "correct horse battery staple";
+
+/// One POST the webhook receiver got, and what it answered.
+#[derive(Debug, Clone)]
+struct Post {
+    delivery: String,
+    event: String,
+    signed_right: bool,
+    body: Value,
+    accepted: bool,
+}
+
+/// A webhook receiver on 127.0.0.1: refuses (503) the first `refuse` POSTs, accepts the
+/// rest; reports each POST on the channel. Its thread ends with the test process.
+fn webhook_receiver(refuse: usize) -> (u16, Receiver<Post>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut seen = 0;
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            seen += 1;
+            if serve_post(stream, seen > refuse, &tx).is_err() {
+                continue;
+            }
+        }
+    });
+    (port, rx)
+}
+
+fn serve_post(stream: TcpStream, accept: bool, tx: &Sender<Post>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut headers = HashMap::new();
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    assert!(line.starts_with("POST /hook "), "{line}");
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let length: usize = headers["content-length"].parse().unwrap();
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(&body);
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let post = Post {
+        delivery: headers.get("x-jobz-delivery").cloned().unwrap_or_default(),
+        event: headers.get("x-jobz-event").cloned().unwrap_or_default(),
+        signed_right: headers.get("x-jobz-signature") == Some(&format!("sha256={expected}")),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        accepted: accept,
+    };
+    let answer = if accept {
+        "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    } else {
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    };
+    let mut stream = stream;
+    stream.write_all(answer.as_bytes())?;
+    let _ = tx.send(post);
+    Ok(())
+}
+
+/// A mail the SMTP sink took: its recipients and its text.
+#[derive(Debug, Clone)]
+struct Mail {
+    to: Vec<String>,
+    data: String,
+}
+
+/// The smallest SMTP server a client can deliver to (no TLS, no auth): enough to see
+/// what the broker sends.
+fn smtp_sink() -> (u16, Receiver<Mail>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let _ = serve_smtp(stream, &tx);
+        }
+    });
+    (port, rx)
+}
+
+fn serve_smtp(stream: TcpStream, tx: &Sender<Mail>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    out.write_all(b"220 sink ESMTP\r\n")?;
+    let mut to = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let command = line.trim_end().to_ascii_uppercase();
+        if command.starts_with("EHLO") || command.starts_with("HELO") {
+            out.write_all(b"250 sink\r\n")?;
+        } else if command.starts_with("RCPT TO:") {
+            to.push(
+                line.trim_end()[8..]
+                    .trim()
+                    .trim_matches(['<', '>'])
+                    .to_owned(),
+            );
+            out.write_all(b"250 OK\r\n")?;
+        } else if command == "DATA" {
+            out.write_all(b"354 go on\r\n")?;
+            let mut data = String::new();
+            loop {
+                line.clear();
+                reader.read_line(&mut line)?;
+                if line == ".\r\n" {
+                    break;
+                }
+                data.push_str(&line);
+            }
+            out.write_all(b"250 queued\r\n")?;
+            let _ = tx.send(Mail {
+                to: std::mem::take(&mut to),
+                data,
+            });
+        } else if command == "QUIT" {
+            out.write_all(b"221 bye\r\n")?;
+            return Ok(());
+        } else {
+            out.write_all(b"250 OK\r\n")?;
+        }
+    }
+}
+
+fn next<T>(rx: &Receiver<T>, what: &str) -> T {
+    rx.recv_timeout(DEADLINE)
+        .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}"))
+}
+
+#[test]
+fn a_webhook_gets_one_signed_accepted_post_per_end_and_the_failure_mail_arrives() {
+    let (hook_port, posts) = webhook_receiver(2);
+    let (smtp_port, mails) = smtp_sink();
+    let config = tempfile::tempdir().unwrap();
+    let secret = config.path().join("hook.secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let notify = config.path().join("notify.yaml");
+    std::fs::write(
+        &notify,
+        format!(
+            "webhooks:\n  hook:\n    url: http://127.0.0.1:{hook_port}/hook\n    secret_file: {}\n\
+             smtp:\n  host: 127.0.0.1\n  port: {smtp_port}\n  tls: none\n  from: \"jobz <jobz@example.com>\"\n\
+             run_url: \"https://jobs.example.com/runs/{{run_id}}\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let notify_arg = notify.to_string_lossy().into_owned();
+    let mut mesh = Mesh::builder()
+        .broker_args(&["--notify", &notify_arg])
+        .worker(
+            "w1",
+            r#"
+jobs:
+  - name: doomed
+    command: "echo no; exit 3"
+    notify:
+      - webhook: hook
+        on: always
+      - email: oncall@example.com
+  - name: fine
+    command: "true"
+    notify:
+      - webhook: hook
+        on: always
+      - email: oncall@example.com
+"#,
+        )
+        .start();
+    mesh.wait_workers_live(1);
+
+    // A failed run: refused twice, with the broker killed after the first refusal, then
+    // accepted once.
+    let doomed = mesh.start_run("doomed", &[]);
+    let first = next(&posts, "first webhook attempt");
+    assert!(!first.accepted);
+    mesh.kill9("broker");
+    mesh.restart("broker");
+    let mut tries = vec![first];
+    while !tries.last().unwrap().accepted {
+        tries.push(next(&posts, "webhook attempt"));
+    }
+    assert!(
+        tries.len() >= 3,
+        "two refusals, then the delivery: {tries:?}"
+    );
+    for post in &tries {
+        assert_eq!(post.delivery, format!("{doomed}/0"));
+        assert_eq!(post.event, "run.failed");
+        assert!(post.signed_right, "signature of {post:?}");
+    }
+    let body = &tries.last().unwrap().body;
+    assert_eq!(body["run"]["run_id"], doomed.as_str());
+    assert_eq!(body["run"]["state"], "failed");
+    assert_eq!(
+        body["url"],
+        format!("https://jobs.example.com/runs/{doomed}")
+    );
+    let mail = next(&mails, "the failure mail");
+    assert_eq!(mail.to, ["oncall@example.com"]);
+    assert!(
+        mail.data.contains("Subject: [jobz] doomed failed"),
+        "{}",
+        mail.data
+    );
+    assert!(mail.data.contains(&doomed), "{}", mail.data);
+
+    // A succeeded run: one accepted POST, and no mail (the address asked for failures).
+    let fine = mesh.start_run("fine", &[]);
+    let post = next(&posts, "the success webhook");
+    assert!(post.accepted && post.signed_right);
+    assert_eq!(
+        (post.delivery.as_str(), post.event.as_str()),
+        (format!("{fine}/0").as_str(), "run.succeeded")
+    );
+    let run = mesh.wait_run_final(&fine);
+    assert_eq!(str_of(&run, "state"), "succeeded");
+    // Nothing more comes: no second delivery of either end, no mail for the success.
+    let quiet = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < quiet {
+        if let Ok(extra) = posts.recv_timeout(Duration::from_millis(200)) {
+            panic!("a second POST: {extra:?}");
+        }
+        if let Ok(extra) = mails.try_recv() {
+            panic!("a mail for a success: {extra:?}");
+        }
+    }
+}
