@@ -12,6 +12,7 @@
 //! batch per broker tick while a backlog lasts, then only a look every
 //! [`Pruning::every`]. Commits never wait for more than one batch.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use jobz::topic::Topic;
 use tracing::{debug, error};
 
 use crate::engine::{coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead};
+use crate::meters::IoMeters;
 use crate::store::{Pruned, Retention, Store, StoreError};
 
 /// Most effects committed in one transaction.
@@ -42,7 +44,7 @@ pub struct Pruning {
     pub report: Sender<Pruned>,
 }
 
-/// Starts the journal thread. It ends when `effects` is closed and drained, or on the
+/// Starts the journal thread; it times every commit into `io`. It ends when `effects` is closed and drained, or on the
 /// first failed commit (returned as its error: the broker must stop, not run ahead of
 /// its disk).
 pub fn spawn(
@@ -51,6 +53,7 @@ pub fn spawn(
     publish: Sender<Publish>,
     pruning: Pruning,
     looked_up: Sender<Option<RunLookup>>,
+    io: Arc<IoMeters>,
 ) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
     std::thread::Builder::new()
         .name("journal".into())
@@ -59,7 +62,9 @@ pub fn spawn(
             loop {
                 let wait = next_prune.saturating_duration_since(Instant::now());
                 match effects.recv_timeout(wait) {
-                    Ok(first) => commit(store.as_mut(), first, &effects, &publish, &looked_up)?,
+                    Ok(first) => {
+                        commit(store.as_mut(), first, &effects, &publish, &looked_up, &io)?
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
                 }
@@ -98,6 +103,7 @@ fn commit(
     effects: &Receiver<Effects>,
     publish: &Sender<Publish>,
     looked_up: &Sender<Option<RunLookup>>,
+    io: &IoMeters,
 ) -> anyhow::Result<()> {
     let mut batch = vec![first];
     while batch.len() < MAX_BATCH {
@@ -111,10 +117,12 @@ fn commit(
         .flat_map(|fx| std::mem::take(&mut fx.writes))
         .collect();
     let writes = coalesce(writes);
+    let began = Instant::now();
     if let Err(e) = store.apply(&writes) {
         error!(error = %e, "journal commit failed; stopping the broker");
         return Err(e).context("committing the journal");
     }
+    io.committed(began.elapsed());
     debug!(
         effects = batch.len(),
         writes = writes.len(),
@@ -271,7 +279,16 @@ mod tests {
             report: report_tx,
         };
         let (looked_up, _) = unbounded();
-        let journal = spawn(Box::new(store), effects_rx, publish_tx, pruning, looked_up).unwrap();
+        let io = Arc::new(IoMeters::default());
+        let journal = spawn(
+            Box::new(store),
+            effects_rx,
+            publish_tx,
+            pruning,
+            looked_up,
+            Arc::clone(&io),
+        )
+        .unwrap();
 
         // A run triggered meanwhile is committed and acknowledged between batches.
         let ack = Publish {

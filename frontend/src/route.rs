@@ -319,7 +319,10 @@ pub enum Route {
     /// Liveness.
     Healthz,
     /// Prometheus metrics.
-    Metrics,
+    Metrics {
+        /// OpenMetrics text rather than the Prometheus text format (the `Accept` header).
+        openmetrics: bool,
+    },
 }
 
 impl Route {
@@ -347,7 +350,7 @@ impl Route {
             Route::ForgetWorker { .. } => Endpoint::ForgetWorker,
             Route::Graph { .. } => Endpoint::Graph,
             Route::Healthz => Endpoint::Healthz,
-            Route::Metrics => Endpoint::Metrics,
+            Route::Metrics { .. } => Endpoint::Metrics,
         }
     }
 
@@ -596,7 +599,7 @@ fn arguments(
         // The dashboard and the probes ignore their query (cache busters and the like).
         Endpoint::Dashboard => Route::Dashboard,
         Endpoint::Healthz => Route::Healthz,
-        Endpoint::Metrics => Route::Metrics,
+        Endpoint::Metrics => Route::Metrics { openmetrics: false },
         Endpoint::JobStart => Route::JobStart(job_start(query)?),
         Endpoint::Runs => Route::Runs(runs_query(query)?),
         Endpoint::Run => {
@@ -1100,7 +1103,7 @@ mod tests {
             ("/semaphores", Route::Semaphores),
             ("/schedules", Route::Schedules),
             ("/healthz?probe=1", Route::Healthz),
-            ("/metrics", Route::Metrics),
+            ("/metrics", Route::Metrics { openmetrics: false }),
             (
                 "/runs/",
                 Route::Runs(runs_query(QueryParams::new()).unwrap()),

@@ -13,13 +13,24 @@ use tracing::{debug, info, warn};
 use super::effects::{reply, Effects, Write};
 use super::retry::Failure;
 use super::{live_output, truncate, Engine};
-use crate::ids::{RunId, TaskId};
+use crate::ids::{RunId, StepId, TaskId};
 use crate::model::Attempt;
 
 /// Longest output tail or error text kept of a worker's report.
 pub(super) const MAX_REPORTED_TEXT: usize = 8192;
 
 impl Engine {
+    /// Queue wait of a step whose first attempt just started (`first`: its step and job):
+    /// from the step's creation to now, both on the broker's clock.
+    fn note_queue_wait(&mut self, first: Option<(StepId, String)>, now: i64) {
+        let Some((step_id, job)) = first else {
+            return;
+        };
+        if let Some(step) = self.active.step(&step_id) {
+            self.meters.step_waited(&job, now - step.created_at_ms);
+        }
+    }
+
     pub(super) fn on_heartbeat(
         &mut self,
         fx: &mut Effects,
@@ -59,7 +70,10 @@ impl Engine {
                 continue;
             }
             let mut started_run = None;
+            let mut first = None;
             if task.record.state == TaskState::Pending {
+                first = (task.record.attempt == 1)
+                    .then(|| (task.record.step_id.clone(), task.record.job.clone()));
                 task.record.state = TaskState::Running;
                 task.record.started_at_ms = Some(now);
                 task.record.instance = Some(status.instance.clone());
@@ -71,6 +85,7 @@ impl Engine {
                 task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             }
             drop(task);
+            self.note_queue_wait(first, now);
             // As `TaskStarted` would: the run runs once any of its tasks does.
             if let Some(run_id) = started_run {
                 self.mark_run_running(fx, &run_id);
@@ -140,7 +155,9 @@ impl Engine {
             debug!(run_id = %t.run_id, task_id = %t.task_id, job = %t.job, worker = %started.worker, "task started");
             let run_id = t.run_id.clone();
             fx.writes.push(Write::Task(t.clone()));
+            let first = (t.attempt == 1).then(|| (t.step_id.clone(), t.job.clone()));
             drop(task);
+            self.note_queue_wait(first, now);
             self.mark_run_running(fx, &run_id);
         }
         reply(fx, env, ReplyBody::Ack);
@@ -262,6 +279,8 @@ impl Engine {
         }
         self.mark_run_running(fx, &run_id);
         self.count("tasks_finished");
+        self.meters
+            .task_ran(&task.job, finished.finished_at_ms - finished.started_at_ms);
         // Ack first: it is published after the commit that records the result.
         reply(fx, env, ReplyBody::Ack);
         // A worker stops a task as cancelled only when its run was; said of a run that was

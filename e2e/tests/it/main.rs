@@ -18,6 +18,7 @@ mod ipv6;
 mod jobfiles;
 mod live_output;
 mod mesh_security;
+mod metrics;
 mod pipeline;
 mod principals;
 mod resources;
