@@ -27,6 +27,22 @@ step "npm ci in e2e/browser (playwright-core for the dashboard's browser tests)"
 (cd e2e/browser && npm ci --no-audit --no-fund)
 export JOBZ_REQUIRE_BROWSER=1
 
+# The metrics test (e2e/tests/it/metrics.rs) reads /metrics back with the Python
+# prometheus_client parsers (Prometheus text and OpenMetrics): a venv in the target
+# directory, made once, named to the test by JOBZ_TEST_PYTHON.
+pyvenv=${CARGO_TARGET_DIR:-$PWD/target}/pyvenv
+if ! "$pyvenv/bin/python" -c 'import prometheus_client' 2>/dev/null; then
+    step "python venv with prometheus_client ($pyvenv)"
+    if ! python3 -m venv "$pyvenv" 2>/dev/null; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q python3-venv
+        python3 -m venv "$pyvenv"
+    fi
+    "$pyvenv/bin/pip" install -q 'prometheus_client>=0.20,<1'
+fi
+export JOBZ_TEST_PYTHON="$pyvenv/bin/python"
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 

@@ -27,6 +27,7 @@
 //! `effects` holds the types the rest of the broker sees.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use jobz::envelope::{Envelope, MessageId};
 use jobz::message::{Message, Query, ReplyBody, RunState, TaskState};
@@ -34,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::authority::Principal;
 use crate::ids::{IdSource, RunId, TaskId};
+use crate::meters::{IoMeters, JobMeters};
 use crate::model::{Dead, Run, Step, Task};
 use crate::registry::{CatalogEntry, Registry, Worker};
 use crate::semaphore_reports::SemaphoreReports;
@@ -107,6 +109,85 @@ pub struct Snapshot {
     pub edges: Vec<Edge>,
 }
 
+/// Every named counter the engine keeps, present at 0 from the start so that `/metrics`
+/// shows each family on a fresh mesh (a name counted but missing here still shows once
+/// counted).
+pub const COUNTERS: &[&str] = &[
+    "cancel_redeliveries",
+    "dead_retried",
+    "dead_tasks_pruned",
+    "duplicate_results",
+    "duplicate_triggers",
+    "foreign_results",
+    "frames_dropped",
+    "frames_received",
+    "held_runs_started",
+    "job_definitions_refused",
+    "late_results",
+    "leases_expired",
+    "redeliveries",
+    "results_after_run_end",
+    "retries",
+    "run_end_queries_answered",
+    "run_end_queries_held",
+    "runs_accepted",
+    "runs_cancelled",
+    "runs_failed",
+    "runs_pruned",
+    "runs_reprioritized",
+    "runs_scheduled",
+    "runs_succeeded",
+    "runs_waiting",
+    "semaphore_reports_evicted",
+    "semaphore_views_trimmed",
+    "stale_reports",
+    "task_output_duplicates",
+    "task_output_gaps",
+    "task_output_pieces",
+    "task_output_stale",
+    "tasks_finished",
+    "trigger_lookups",
+    "triggers_rejected",
+    "workers_left",
+    "workers_lost",
+    "workers_revoked",
+];
+
+/// Every reason a frame is dropped for (`frames_dropped_<reason>`): the guard's, the
+/// sealing layer's, the authority's and the engine's own.
+pub const DROP_REASONS: &[&str] = &[
+    // guard
+    "multipart",
+    "sealed_but_plain_broker",
+    "too_large",
+    "bad_magic",
+    "bad_version",
+    "malformed",
+    "wrong_sender",
+    "before_acceptance",
+    "unknown_key",
+    // jobz::seal
+    "unsealed",
+    "malformed_sealed",
+    "not_for_me",
+    "untrusted_key",
+    "stale",
+    "replay",
+    "tampered",
+    "unknown_epoch",
+    "nonce_quota",
+    "mesh_key_mismatch",
+    // authority
+    "bad_sender",
+    "bad_message_id",
+    "wrong_role",
+    "name_mismatch",
+    // engine
+    "unexpected",
+    "bad_heartbeat",
+    "bad_task_output",
+];
+
 pub struct Engine {
     config: EngineConfig,
     /// Where the ids of new runs, steps and tasks come from (given, like the time).
@@ -128,6 +209,10 @@ pub struct Engine {
     /// (the store should never hold one): the first tick fails them.
     resumed_broken: Vec<(RunId, RunId, RunState)>,
     counters: BTreeMap<String, u64>,
+    /// Runs ended and task times, by job.
+    meters: JobMeters,
+    /// Journal commit times and frames sent, kept by the journal and publisher threads.
+    io: Arc<IoMeters>,
     /// Queries held until their run ends (`Query::RunEnd`).
     watchers: RunWatchers,
     /// Resources: which exist, which steps hold them, which wait (jobs' inputs/outputs).
@@ -158,7 +243,17 @@ impl Engine {
             finished: FinishedRuns::default(),
             resumed_cancels: Vec::new(),
             resumed_broken: Vec::new(),
-            counters: BTreeMap::new(),
+            counters: COUNTERS
+                .iter()
+                .map(|name| ((*name).to_owned(), 0))
+                .chain(
+                    DROP_REASONS
+                        .iter()
+                        .map(|reason| (format!("frames_dropped_{reason}"), 0)),
+                )
+                .collect(),
+            meters: JobMeters::default(),
+            io: Arc::default(),
             placement_work: Default::default(),
             live: live_output::LiveOutputs::default(),
             watchers: RunWatchers::default(),
@@ -300,6 +395,11 @@ impl Engine {
     pub fn count_dropped_frame(&mut self, reason: &str) {
         self.count("frames_dropped");
         self.count(&format!("frames_dropped_{reason}"));
+    }
+
+    /// What the journal and publisher threads measure, shown with the engine's health.
+    pub fn io_meters(&self) -> Arc<IoMeters> {
+        Arc::clone(&self.io)
     }
 
     pub fn active_runs(&self) -> usize {

@@ -12,6 +12,7 @@
 //! batch per broker tick while a backlog lasts, then only a look every
 //! [`Pruning::every`]. Commits never wait for more than one batch.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use crate::engine::{
     coalesce, Effects, Publish, ReadQuery, RunAction, RunLookup, StoreRead, Write,
 };
 use crate::feed_log::FeedLog;
+use crate::meters::IoMeters;
 use crate::notify::Notice;
 use crate::store::{Pruned, Retention, Store, StoreError};
 
@@ -52,11 +54,13 @@ pub struct Handoff {
     /// Notices, once journaled, to the notifier (`None`: no notifier; they wait in the
     /// store for a broker started with `--notify`).
     pub notices: Option<Sender<Notice>>,
+    /// Where each commit's duration is recorded (`/metrics`).
+    pub io: Arc<IoMeters>,
 }
 
-/// Starts the journal thread. It ends when `effects` is closed and drained, or on the
-/// first failed commit (returned as its error: the broker must stop, not run ahead of
-/// its disk).
+/// Starts the journal thread; it times every commit into `handoff.io`. It ends when
+/// `effects` is closed and drained, or on the first failed commit (returned as its error:
+/// the broker must stop, not run ahead of its disk).
 pub fn spawn(
     mut store: Box<dyn Store>,
     effects: Receiver<Effects>,
@@ -135,10 +139,12 @@ fn commit(
         .flat_map(|fx| std::mem::take(&mut fx.writes))
         .collect();
     let writes = coalesce(writes);
+    let began = Instant::now();
     if let Err(e) = store.apply(&writes) {
         error!(error = %e, "journal commit failed; stopping the broker");
         return Err(e).context("committing the journal");
     }
+    handoff.io.committed(began.elapsed());
     if let Some(notifier) = &handoff.notices {
         for write in &writes {
             if let Write::Notice(notice) = write {
@@ -315,7 +321,11 @@ mod tests {
             report: report_tx,
         };
         let (looked_up, _) = unbounded();
-        let handoff = Handoff::default();
+        let io = Arc::new(IoMeters::default());
+        let handoff = Handoff {
+            notices: None,
+            io: Arc::clone(&io),
+        };
         let journal = spawn(
             Box::new(store),
             effects_rx,

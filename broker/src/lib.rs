@@ -11,6 +11,7 @@
 //! - [`guard`]: sealed frames in and out: authentication, enrolment, mesh keys.
 //! - [`authority`]: which role may send which message, names bound to their sender.
 //! - [`semaphore_reports`]: the semaphores' barrier reports, bounded per principal.
+//! - [`meters`]: what `/metrics` shows beyond the named counters (histograms, runs by job).
 //! - [`keys`]: the key directory (`jobz-broker keys …`).
 //! - [`ring_file`]: the mesh keys kept across restarts (`DIR/mesh-keys`).
 //! - [`server`]: the sockets and threads around the engine; [`server::run`] is the entry.
@@ -22,6 +23,7 @@ pub mod guard;
 pub mod ids;
 pub mod journal;
 pub mod keys;
+pub mod meters;
 pub mod model;
 pub mod notify;
 pub mod registry;

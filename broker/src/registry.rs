@@ -287,6 +287,29 @@ impl Registry {
             .filter(move |w| w.live && !w.leaving && w.jobs.contains(job))
     }
 
+    /// The names of the jobs in the catalog.
+    pub fn job_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.catalog.keys().map(String::as_str)
+    }
+
+    /// Known workers by state: `live`, `leaving` (stopping, still known) and `lost` (no
+    /// heartbeat within the expiry), every state named.
+    pub fn count_by_state(&self) -> BTreeMap<String, u64> {
+        let mut counts: BTreeMap<String, u64> = ["live", "leaving", "lost"]
+            .iter()
+            .map(|s| ((*s).to_owned(), 0))
+            .collect();
+        for w in self.workers.values() {
+            let state = match (w.leaving, w.live) {
+                (true, _) => "leaving",
+                (false, true) => "live",
+                (false, false) => "lost",
+            };
+            *counts.entry(state.to_owned()).or_default() += 1;
+        }
+        counts
+    }
+
     pub fn live_count(&self) -> usize {
         self.workers
             .values()

@@ -98,7 +98,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     let (effects_tx, effects_rx) = unbounded();
     let (pruned_tx, pruned_rx) = unbounded();
     let (looked_up_tx, looked_up) = unbounded();
-    let publisher = spawn_publisher(pub_socket, publish_rx, outbound)?;
+    let publisher = spawn_publisher(pub_socket, publish_rx, outbound, engine.io_meters())?;
     let pruning = Pruning {
         retention: config.history.clone(),
         every: config.prune_every,
@@ -134,6 +134,7 @@ pub fn run(config: Config, shutdown: Receiver<()>) -> anyhow::Result<()> {
     };
     let handoff = Handoff {
         notices: notifier.as_ref().map(|_| notices_tx),
+        io: engine.io_meters(),
     };
     let journal = journal::spawn(
         Box::new(store),
@@ -318,6 +319,7 @@ fn spawn_publisher(
     socket: zmq::Socket,
     publications: Receiver<Publish>,
     mut outbound: Outbound,
+    io: std::sync::Arc<crate::meters::IoMeters>,
 ) -> anyhow::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("publisher".into())
@@ -329,10 +331,9 @@ fn spawn_publisher(
                         let Some(frame) = outbound.seal(&p.topic, frame) else {
                             continue;
                         };
-                        if let Err(e) =
-                            socket.send_multipart([p.topic.to_bytes(), frame], zmq::DONTWAIT)
-                        {
-                            warn!(topic = %p.topic, error = %e, "cannot publish");
+                        match socket.send_multipart([p.topic.to_bytes(), frame], zmq::DONTWAIT) {
+                            Ok(()) => io.sent(),
+                            Err(e) => warn!(topic = %p.topic, error = %e, "cannot publish"),
                         }
                     }
                     Err(e) => error!(topic = %p.topic, error = %e, "cannot encode a publication"),

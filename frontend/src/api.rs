@@ -35,8 +35,6 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const JSON: &str = "application/json";
 /// `Content-Type` of plain-text answers.
 pub const TEXT: &str = "text/plain; charset=utf-8";
-/// `Content-Type` of `/metrics`.
-pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// `Content-Type` of the dashboard.
 pub const HTML: &str = "text/html; charset=utf-8";
 
@@ -227,7 +225,11 @@ impl Api {
             Route::ForgetWorker { name } => self.forget_worker(name),
             Route::Graph { dot } => self.graph(dot),
             Route::Healthz => Ok(self.healthz()),
-            Route::Metrics => Ok(self.metrics()),
+            Route::Metrics { openmetrics } => Ok(self.metrics(if openmetrics {
+                metrics::Format::OpenMetrics
+            } else {
+                metrics::Format::Prometheus
+            })),
             Route::Events(filter) => Ok(Outcome::Events(filter)),
             Route::Stats { job, days } => self.job_stats(job, days),
         };
@@ -713,14 +715,18 @@ impl Api {
         })
     }
 
-    fn metrics(&self) -> Outcome {
+    fn metrics(&self, format: metrics::Format) -> Outcome {
         let mut snapshot = self.stats.snapshot();
         snapshot.broker = self.health().ok();
         if snapshot.broker.is_some() {
             snapshot.worker_counters = self.worker_counters();
         }
         snapshot.link = self.broker.link_status();
-        Outcome::Reply(HttpReply::text(200, PROMETHEUS, metrics::render(&snapshot)))
+        Outcome::Reply(HttpReply::text(
+            200,
+            format.content_type(),
+            metrics::render(&snapshot, format),
+        ))
     }
 }
 
@@ -1429,11 +1435,14 @@ mod tests {
         let (api, _) = new_api(healthy());
         api.stats.record(202);
         let r = reply(get(&api, "/metrics"));
-        assert_eq!((r.status, r.content_type), (200, PROMETHEUS));
+        assert_eq!(
+            (r.status, r.content_type),
+            (200, "text/plain; version=0.0.4; charset=utf-8")
+        );
         let text = String::from_utf8(r.body).unwrap();
         assert!(text.contains("jobz_broker_up 1\n"));
-        assert!(text.contains("jobz_broker_frames_received 7\n"));
-        assert!(text.contains("jobz_worker_output_files_pruned{worker=\"w1\"} 4\n"));
+        assert!(text.contains("jobz_broker_frames_received_total 7\n"));
+        assert!(text.contains("jobz_worker_output_files_pruned_total{worker=\"w1\"} 4\n"));
         assert!(text.contains("jobz_frontend_http_requests_total{code=\"202\"} 1\n"));
         let (api, _) = new_api(FakeBroker::down());
         let text = String::from_utf8(reply(get(&api, "/metrics")).body).unwrap();

@@ -343,7 +343,10 @@ pub enum Route {
     /// Liveness.
     Healthz,
     /// Prometheus metrics.
-    Metrics,
+    Metrics {
+        /// OpenMetrics text rather than the Prometheus text format (the `Accept` header).
+        openmetrics: bool,
+    },
     /// The feed of run and task changes, as Server-Sent Events.
     Events(EventFilter),
     /// A job's tasks per day over the last `days` days.
@@ -380,7 +383,7 @@ impl Route {
             Route::ForgetWorker { .. } => Endpoint::ForgetWorker,
             Route::Graph { .. } => Endpoint::Graph,
             Route::Healthz => Endpoint::Healthz,
-            Route::Metrics => Endpoint::Metrics,
+            Route::Metrics { .. } => Endpoint::Metrics,
             Route::Events(_) => Endpoint::Events,
             Route::Stats { .. } => Endpoint::Stats,
         }
@@ -634,7 +637,7 @@ fn arguments(
         // The dashboard and the probes ignore their query (cache busters and the like).
         Endpoint::Dashboard => Route::Dashboard,
         Endpoint::Healthz => Route::Healthz,
-        Endpoint::Metrics => Route::Metrics,
+        Endpoint::Metrics => Route::Metrics { openmetrics: false },
         Endpoint::Events => {
             only(&query, &["job", "tag", "tracked", "run"])?;
             let tracked = flag(&mut query, "tracked")?.unwrap_or(false);
@@ -1191,7 +1194,7 @@ mod tests {
             ("/semaphores", Route::Semaphores),
             ("/schedules", Route::Schedules),
             ("/healthz?probe=1", Route::Healthz),
-            ("/metrics", Route::Metrics),
+            ("/metrics", Route::Metrics { openmetrics: false }),
             (
                 "/runs/",
                 Route::Runs(runs_query(QueryParams::new()).unwrap()),

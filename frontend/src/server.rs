@@ -25,7 +25,7 @@ use crate::auth::TokenFile;
 use crate::broker::Broker;
 use crate::events::{self, EventFilter};
 use crate::follow;
-use crate::metrics::Stats;
+use crate::metrics::{self, Stats};
 use crate::relay::{ConnectionPolicy, Credentials, OpenCount, Relay};
 use crate::route::{self, Method};
 use crate::security::{self, Exposure, Listener, OwnOrigin, PostHeaders, Prepared, Security};
@@ -373,6 +373,7 @@ impl Shell {
                 .map(|h| h.value.as_str().to_owned())
         };
         route::with_idempotency_header(&mut parsed, header("Idempotency-Key").as_deref());
+        metrics::with_accept_header(&mut parsed, header("Accept").as_deref());
         let authorization = header("Authorization");
         let accept = header("Accept");
         let last_event_id = header("Last-Event-ID");

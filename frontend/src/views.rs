@@ -480,6 +480,7 @@ mod tests {
                 "params": {"date": "2026_01_02"},
                 "state": "running",
                 "parent_runs": ["p0"],
+                "child_runs": [],
                 "created_at": "1970-01-01T00:00:00.000Z",
                 "finished_at": null,
                 "priority": 0,

@@ -1154,4 +1154,76 @@ pub struct HealthView {
     /// `cancelled` while their tasks are being killed).
     #[serde(default)]
     pub runs_by_state: BTreeMap<String, u64>,
+    /// Labelled counters, gauges and histograms for `/metrics` (empty from a broker
+    /// older than them).
+    #[serde(default)]
+    pub metrics: BrokerMetrics,
+}
+
+/// What the broker measures for `/metrics` beyond its named counters. Per-job maps hold
+/// at most [`MAX_METRIC_JOBS`] jobs; the others are folded into [`OTHER_JOBS`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BrokerMetrics {
+    /// Runs ended since the broker started, by job, then by final state (`succeeded`,
+    /// `failed`, `cancelled`).
+    #[serde(default)]
+    pub runs_ended: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Seconds from a task attempt's start to its end (the worker's clock), by job.
+    #[serde(default)]
+    pub task_duration: BTreeMap<String, HistogramView>,
+    /// Seconds from a step's creation to its first task's start (the broker's clock), by job.
+    #[serde(default)]
+    pub queue_wait: BTreeMap<String, HistogramView>,
+    /// Seconds each journal commit (one store transaction) took.
+    #[serde(default)]
+    pub journal_commit: HistogramView,
+    /// Frames the broker sent (replies and publications).
+    #[serde(default)]
+    pub frames_sent: u64,
+    /// Known workers by state: `live`, `leaving`, `lost`.
+    #[serde(default)]
+    pub workers: BTreeMap<String, u64>,
+    /// Dead tasks (failed for good) the broker holds in memory.
+    #[serde(default)]
+    pub dead_tasks: u64,
+}
+
+/// Most distinct jobs a per-job metric names; the rest are counted under [`OTHER_JOBS`].
+pub const MAX_METRIC_JOBS: usize = 200;
+
+/// The job label under which jobs beyond [`MAX_METRIC_JOBS`] are counted.
+pub const OTHER_JOBS: &str = "_other";
+
+/// A histogram of observations: `counts[i]` observations were at most `bounds[i]` and more
+/// than the bound before it (not cumulative); `counts` has one more entry than `bounds`,
+/// for those above the last bound.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HistogramView {
+    /// Upper bounds of the buckets, ascending.
+    pub bounds: Vec<f64>,
+    /// Observations per bucket, the last for those above every bound.
+    pub counts: Vec<u64>,
+    /// Sum of the observations.
+    pub sum: f64,
+}
+
+impl HistogramView {
+    /// Observations in all.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// `(upper bound, count)` per bucket (not cumulative), ending with `+Inf` and what is
+    /// above every bound.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        let mut out: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .zip(&self.counts)
+            .map(|(bound, n)| (*bound, *n))
+            .collect();
+        let above: u64 = self.counts.iter().skip(self.bounds.len()).sum();
+        out.push((f64::INFINITY, above));
+        out
+    }
 }

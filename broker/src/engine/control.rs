@@ -61,6 +61,7 @@ impl Engine {
             return reply(fx, env, ReplyBody::Rejected { status: 409, error });
         }
         let held = run.state.is_held();
+        self.meters.run_ended(&run.job.clone(), RunState::Cancelled);
         let reason = format!("cancelled through {from}");
         info!(run_id = %run_id, job = %run.job, state = %run.state, sender = %env.sender, "run cancelled");
         self.count("runs_cancelled");

@@ -27,6 +27,11 @@ impl DeadList {
         list
     }
 
+    /// Dead tasks held.
+    pub fn len(&self) -> usize {
+        self.by_task.len()
+    }
+
     /// Adds a dead task, or replaces it (a retry records the run it became); forgets the
     /// oldest beyond the bound.
     pub fn remember(&mut self, dead: Dead) {

@@ -127,6 +127,7 @@ impl Engine {
         run.finished_at_ms = Some(now);
         run.reason = Some(reason);
         self.count("runs_failed");
+        self.meters.run_ended(&run.job, RunState::Failed);
         fx.writes.push(Write::Run(run.clone()));
         self.tell_run_ended(fx, FeedKind::RunFailed, &run, now);
         true

@@ -282,6 +282,9 @@ impl Engine {
                 RunState::Succeeded
             }
         };
+        if run.state != RunState::Cancelled {
+            self.meters.run_ended(&run.job, run.state);
+        }
         run.finished_at_ms = Some(now);
         info!(run_id = %run_id, job = %run.job, state = %run.state, "run finished");
         let state = run.state;

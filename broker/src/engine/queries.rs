@@ -2,7 +2,7 @@
 //! handed to the store as a read that is answered after the writes before it commit.
 
 use jobz::envelope::Envelope;
-use jobz::message::{HealthView, Query, ReplyBody, RunState};
+use jobz::message::{BrokerMetrics, HealthView, Query, ReplyBody, RunState};
 
 use super::effects::StoreRead;
 use super::effects::{read, reply, Effects, ReadQuery};
@@ -115,6 +115,11 @@ impl Engine {
             active_runs: self.active.run_count() as u64,
             live_workers: self.registry.live_count() as u64,
             runs_by_state: self.runs_by_state(),
+            metrics: BrokerMetrics {
+                workers: self.registry.count_by_state(),
+                dead_tasks: self.dead.len() as u64,
+                ..self.meters.view(&self.io, self.registry.job_names())
+            },
         }
     }
 

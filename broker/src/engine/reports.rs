@@ -14,7 +14,7 @@ use super::effects::{reply, Effects, Write};
 use super::feed;
 use super::retry::Failure;
 use super::{live_output, truncate, Engine};
-use crate::ids::{RunId, TaskId};
+use crate::ids::{RunId, StepId, TaskId};
 use crate::model::Attempt;
 use jobz::message::FeedKind;
 
@@ -22,6 +22,17 @@ use jobz::message::FeedKind;
 pub(super) const MAX_REPORTED_TEXT: usize = 8192;
 
 impl Engine {
+    /// Queue wait of a step whose first attempt just started (`first`: its step and job):
+    /// from the step's creation to now, both on the broker's clock.
+    fn note_queue_wait(&mut self, first: Option<(StepId, String)>, now: i64) {
+        let Some((step_id, job)) = first else {
+            return;
+        };
+        if let Some(step) = self.active.step(&step_id) {
+            self.meters.step_waited(&job, now - step.created_at_ms);
+        }
+    }
+
     pub(super) fn on_heartbeat(
         &mut self,
         fx: &mut Effects,
@@ -61,7 +72,10 @@ impl Engine {
                 continue;
             }
             let mut started_run = None;
+            let mut first = None;
             if task.record.state == TaskState::Pending {
+                first = (task.record.attempt == 1)
+                    .then(|| (task.record.step_id.clone(), task.record.job.clone()));
                 task.record.state = TaskState::Running;
                 task.record.started_at_ms = Some(now);
                 task.record.instance = Some(status.instance.clone());
@@ -73,6 +87,7 @@ impl Engine {
                 task.lease_expires_ms = Some(now + self.config.lease_timeout_ms);
             }
             drop(task);
+            self.note_queue_wait(first, now);
             // As `TaskStarted` would: the run runs once any of its tasks does.
             if let Some(started) = started_run {
                 let run = self.active.run(&started.run_id);
@@ -145,7 +160,9 @@ impl Engine {
             let run_id = t.run_id.clone();
             fx.writes.push(Write::Task(t.clone()));
             let t = t.clone();
+            let first = (t.attempt == 1).then(|| (t.step_id.clone(), t.job.clone()));
             drop(task);
+            self.note_queue_wait(first, now);
             feed::task_event(fx, FeedKind::TaskStarted, self.active.run(&run_id), &t, now);
             self.mark_run_running(fx, &run_id, now);
         }
@@ -268,6 +285,8 @@ impl Engine {
         }
         self.mark_run_running(fx, &run_id, now);
         self.count("tasks_finished");
+        self.meters
+            .task_ran(&task.job, finished.finished_at_ms - finished.started_at_ms);
         // Ack first: it is published after the commit that records the result.
         reply(fx, env, ReplyBody::Ack);
         // A worker stops a task as cancelled only when its run was; said of a run that was

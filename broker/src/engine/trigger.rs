@@ -346,6 +346,7 @@ impl Engine {
             run.reason = Some(reason);
             run.finished_at_ms = Some(now);
             self.count("runs_failed");
+            self.meters.run_ended(&run.job, RunState::Failed);
             self.finished.remember(run_id.clone(), RunState::Failed);
         }
         let state = run.state;

@@ -1139,9 +1139,36 @@ pub fn list_tree(dir: &Path) -> BTreeSet<PathBuf> {
 // ---- Broker counters and worker liveness ---------------------------------------------------
 
 impl Mesh {
-    /// A broker counter as the frontend's `/metrics` shows it (0 if absent).
+    /// A broker counter by the broker's own name (`retries`, `frames_dropped_replay`,
+    /// `frames_dropped` for all reasons, `runs{state="…"}` for the gauge), read from the
+    /// family `/metrics` shows it in. Every one is there from the start: a missing one
+    /// fails the test (a renamed family, not a zero).
     pub fn broker_counter(&self, name: &str) -> u64 {
-        self.metric(&format!("jobz_broker_{name}")).unwrap_or(0)
+        let (status, text) = self.http_get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        let value = |sample: &str| {
+            let prefix = format!("{sample} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let found = if name == "frames_dropped" {
+            let samples: Vec<u64> = text
+                .lines()
+                .filter(|l| l.starts_with("jobz_broker_frames_dropped_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect();
+            (!samples.is_empty()).then(|| samples.iter().sum())
+        } else if let Some(reason) = name.strip_prefix("frames_dropped_") {
+            value(&format!(
+                "jobz_broker_frames_dropped_total{{reason=\"{reason}\"}}"
+            ))
+        } else if name.starts_with("runs{") {
+            value(&format!("jobz_broker_{name}"))
+        } else {
+            value(&format!("jobz_broker_{name}_total"))
+        };
+        found.unwrap_or_else(|| panic!("no broker counter {name} in /metrics:\n{text}"))
     }
 
     /// A sample of `/metrics`, by its name with labels (`jobz_worker_x{worker="w1"}`), if

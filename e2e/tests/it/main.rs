@@ -20,6 +20,7 @@ mod ipv6;
 mod jobfiles;
 mod live_output;
 mod mesh_security;
+mod metrics;
 mod notify;
 mod pipeline;
 mod principals;

@@ -37,7 +37,7 @@ fn a_broker_keeps_only_the_newest_finished_runs_it_is_told_to() {
         .start();
     mesh.wait_workers_live(1);
     assert_eq!(
-        mesh.metric("jobz_broker_runs_pruned"),
+        mesh.metric("jobz_broker_runs_pruned_total"),
         Some(0),
         "the counter shows from the start"
     );
@@ -63,7 +63,7 @@ fn a_broker_keeps_only_the_newest_finished_runs_it_is_told_to() {
         assert_eq!(status, 404, "GET /runs/{old}: {body}");
     }
     wait_until(Duration::from_secs(10), "15 runs counted as pruned", || {
-        mesh.metric("jobz_broker_runs_pruned") == Some(15)
+        mesh.metric("jobz_broker_runs_pruned_total") == Some(15)
     });
     // All 20 ran, once each.
     let ledger = fs::read_to_string(mesh.dir().join("ledger")).unwrap();
@@ -95,7 +95,7 @@ jobs:
         mesh.wait_run_final(&run_id);
     }
     wait_until(Duration::from_secs(10), "two echo runs pruned", || {
-        mesh.metric("jobz_broker_runs_pruned") == Some(2)
+        mesh.metric("jobz_broker_runs_pruned_total") == Some(2)
     });
     // Beyond the count, but /dead lists its task: it stays, and the entry can be retried.
     assert_eq!(listed_runs(&mesh).len(), 3);
@@ -127,7 +127,7 @@ jobs:
     wait_until(
         Duration::from_secs(10),
         "the dead task counted as pruned",
-        || mesh.metric("jobz_broker_dead_tasks_pruned") == Some(1),
+        || mesh.metric("jobz_broker_dead_tasks_pruned_total") == Some(1),
     );
 
     // A restarted broker lists exactly what the running one did.
@@ -168,7 +168,7 @@ jobs:
         )
         .start();
     mesh.wait_workers_live(1);
-    let files_pruned = r#"jobz_worker_output_files_pruned{worker="w1"}"#;
+    let files_pruned = r#"jobz_worker_output_files_pruned_total{worker="w1"}"#;
     wait_until(DEADLINE, "the worker's counter at 0", || {
         mesh.metric(files_pruned) == Some(0)
     });

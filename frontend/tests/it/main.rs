@@ -132,7 +132,10 @@ fn job_start_is_accepted_through_the_real_wire() {
     let r = frontend.get("/metrics");
     let text = r.text();
     assert!(text.contains("jobz_broker_up 1\n"), "{text}");
-    assert!(text.contains("jobz_broker_frames_received 3\n"), "{text}");
+    assert!(
+        text.contains("jobz_broker_frames_received_total 3\n"),
+        "{text}"
+    );
     assert!(
         text.contains("jobz_frontend_http_requests_total{code=\"202\"} 1\n"),
         "{text}"
