@@ -276,14 +276,18 @@ pub struct JobSet {
     pub schedules: BTreeMap<String, ScheduleSpec>,
 }
 
-/// A job file that cannot be used.
+/// A job file that cannot be used (one of its problems).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
-#[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+#[error("{}{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default(),
+    line.and(*column).map(|c| format!(":{c}")).unwrap_or_default())]
 pub struct InvalidJobFile {
     /// The file.
     pub path: PathBuf,
     /// 1-based line, where known.
     pub line: Option<usize>,
+    /// 1-based column, where known: the YAML parser's for a syntax error, the entry's
+    /// `name:` for a bad entry.
+    pub column: Option<usize>,
     /// What is wrong.
     pub reason: String,
 }
@@ -717,38 +721,49 @@ fn optional_scalar_string<'de, D: serde::Deserializer<'de>>(
     }
 }
 
-/// Deserialises a list entry by entry, so an error names the entry's line.
+/// A place in a job file: 1-based line and column, each where known.
+type Place = (Option<usize>, Option<usize>);
+
+/// Deserialises a list entry by entry: the entries that deserialise, and a problem (at the
+/// entry's place) for each that does not.
 fn parse_list<T: serde::de::DeserializeOwned>(
     text: &str,
     key: &str,
     value: serde_yaml::Value,
-) -> Result<Vec<T>, (Option<usize>, String)> {
-    let key_line = find_line(text, &format!("{key}:"));
+) -> (Vec<T>, Vec<(Place, String)>) {
+    let key_place = (find_line(text, &format!("{key}:")), Some(1));
     let entries: Vec<serde_yaml::Value> = match value {
-        serde_yaml::Value::Null => return Ok(Vec::new()),
+        serde_yaml::Value::Null => return (Vec::new(), Vec::new()),
         serde_yaml::Value::Sequence(entries) => entries,
-        _ => return Err((key_line, format!("{key}: expected a list"))),
+        _ => {
+            return (
+                Vec::new(),
+                vec![(key_place, format!("{key}: expected a list"))],
+            )
+        }
     };
-    entries
-        .into_iter()
-        .enumerate()
-        .map(|(i, entry)| {
-            let name = entry
-                .get("name")
-                .and_then(|n| n.as_str())
-                .map(str::to_owned);
-            serde_yaml::from_value(entry).map_err(|e| {
-                let line = name
-                    .as_deref()
-                    .and_then(|n| entry_line(text, n))
-                    .or(key_line);
+    let mut good = Vec::new();
+    let mut problems = Vec::new();
+    for (i, entry) in entries.into_iter().enumerate() {
+        let name = entry
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_owned);
+        match serde_yaml::from_value(entry) {
+            Ok(parsed) => good.push(parsed),
+            Err(e) => {
+                let place = match name.as_deref().and_then(|n| entry_place(text, n)) {
+                    Some(place) => place,
+                    None => key_place,
+                };
                 let which = name
                     .map(|n| format!("{n:?}"))
                     .unwrap_or_else(|| format!("#{}", i + 1));
-                (line, format!("{key} entry {which}: {e}"))
-            })
-        })
-        .collect()
+                problems.push((place, format!("{key} entry {which}: {e}")));
+            }
+        }
+    }
+    (good, problems)
 }
 
 /// `on_success: a` or `on_success: [a, b]`; `null` and absent mean none.
@@ -771,32 +786,61 @@ impl OneOrMany {
     }
 }
 
-/// Parses one job file's text. `path` is used in error messages only.
+/// Parses one job file's text. `path` is used in error messages only. A file with any
+/// problem is refused whole: the first problem is the error ([`check_job_file`] gives
+/// them all).
 pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile> {
-    let fail = |line: Option<usize>, reason: String| InvalidJobFile {
+    let (set, mut problems) = parse_all(path, text);
+    match problems.is_empty() {
+        true => Ok(set),
+        false => Err(problems.swap_remove(0)),
+    }
+}
+
+/// Every problem of one job file's text, in the order of the file's lists: a YAML syntax
+/// error (then nothing more can be read), or each entry that does not deserialise or
+/// validate, or is defined twice. Empty: the file is good.
+pub fn check_job_file(path: &Path, text: &str) -> Vec<InvalidJobFile> {
+    parse_all(path, text).1
+}
+
+/// What the file defines (its good entries) and each of its problems.
+fn parse_all(path: &Path, text: &str) -> (JobSet, Vec<InvalidJobFile>) {
+    let problem = |(line, column): Place, reason: String| InvalidJobFile {
         path: path.to_owned(),
         line,
+        column: line.and(column),
         reason,
     };
-    let root: serde_yaml::Value = serde_yaml::from_str(text)
-        .map_err(|e| fail(e.location().map(|l| l.line()), e.to_string()))?;
     let mut set = JobSet::default();
-    let map = match root {
-        serde_yaml::Value::Null => return Ok(set), // an empty file defines nothing
-        serde_yaml::Value::Mapping(map) => map,
-        _ => {
-            return Err(fail(
-                Some(1),
-                "expected a mapping with `jobs:`, `semaphores:` and/or `schedules:`".into(),
-            ))
+    let root: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(root) => root,
+        Err(e) => {
+            let place = (
+                e.location().map(|l| l.line()),
+                e.location().map(|l| l.column()),
+            );
+            return (set, vec![problem(place, e.to_string())]);
         }
     };
+    let map = match root {
+        serde_yaml::Value::Null => return (set, Vec::new()), // an empty file defines nothing
+        serde_yaml::Value::Mapping(map) => map,
+        _ => {
+            let reason = "expected a mapping with `jobs:`, `semaphores:` and/or `schedules:`";
+            return (set, vec![problem((Some(1), Some(1)), reason.into())]);
+        }
+    };
+    let mut problems = Vec::new();
     for (key, value) in map {
         let Some(key) = key.as_str().map(str::to_owned) else {
-            return Err(fail(None, "top-level keys must be strings".into()));
+            problems.push(problem(
+                (None, None),
+                "top-level keys must be strings".into(),
+            ));
+            continue;
         };
-        // Where a named entry went wrong: the line of its `name:` in the text, if found.
-        let line_of = |name: &str| entry_line(text, name);
+        let mut found = Vec::new();
         match key.as_str() {
             "semaphores" => parse_named_list(
                 text,
@@ -806,8 +850,8 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
                 validate_semaphore,
                 "semaphore",
                 &mut set.semaphores,
-                &fail,
-            )?,
+                &mut found,
+            ),
             "schedules" => parse_named_list(
                 text,
                 &key,
@@ -816,33 +860,49 @@ pub fn parse_job_file(path: &Path, text: &str) -> Result<JobSet, InvalidJobFile>
                 validate_schedule,
                 "schedule",
                 &mut set.schedules,
-                &fail,
-            )?,
+                &mut found,
+            ),
             // `jobs:` is the jobz format; any other list is an original jobz job db list.
             _ => {
-                let raws: Vec<RawJob> =
-                    parse_list(text, &key, value).map_err(|(line, r)| fail(line, r))?;
+                let (raws, bad) = parse_list::<RawJob>(text, &key, value);
+                found.extend(bad);
                 for raw in raws {
                     let name = raw.name.clone();
-                    let spec = validate_job(raw).map_err(|e| {
-                        let entry = line_of(&name);
-                        let line = e.command_line.zip(entry);
-                        let line =
-                            line.and_then(|(offset, entry)| command_line(text, entry, offset));
-                        fail(line.or(entry), e.reason)
-                    })?;
-                    if set.jobs.insert(name.clone(), spec).is_some() {
-                        return Err(fail(line_of(&name), format!("job {name:?} defined twice")));
+                    let entry = entry_place(text, &name).unwrap_or((None, None));
+                    match validate_job(raw) {
+                        Ok(spec) => {
+                            if set.jobs.insert(name.clone(), spec).is_some() {
+                                let again = nth_entry_place(text, &name, 1).unwrap_or(entry);
+                                found.push((again, format!("job {name:?} defined twice")));
+                            }
+                        }
+                        Err(e) => {
+                            // A command's own line when the problem is inside it.
+                            let line =
+                                e.command_line.zip(entry.0).and_then(|(offset, name_line)| {
+                                    command_line(text, name_line, offset)
+                                });
+                            let place = match line {
+                                Some(line) => (Some(line), None),
+                                None => entry,
+                            };
+                            found.push((place, e.reason));
+                        }
                     }
                 }
             }
         }
+        problems.extend(
+            found
+                .into_iter()
+                .map(|(place, reason)| problem(place, reason)),
+        );
     }
-    Ok(set)
+    (set, problems)
 }
 
 /// Parses a list of named definitions (`semaphores:`, `schedules:`) into `into`, each entry
-/// validated; an error names the entry's line.
+/// validated; each problem at the entry's place goes to `problems`.
 #[allow(clippy::too_many_arguments)] // one call per list kind, each naming every part
 fn parse_named_list<R: serde::de::DeserializeOwned, S>(
     text: &str,
@@ -852,18 +912,23 @@ fn parse_named_list<R: serde::de::DeserializeOwned, S>(
     validate: fn(R) -> Result<S, String>,
     what: &str,
     into: &mut BTreeMap<String, S>,
-    fail: &impl Fn(Option<usize>, String) -> InvalidJobFile,
-) -> Result<(), InvalidJobFile> {
-    let raws: Vec<R> = parse_list(text, key, value).map_err(|(line, r)| fail(line, r))?;
+    problems: &mut Vec<(Place, String)>,
+) {
+    let (raws, bad) = parse_list::<R>(text, key, value);
+    problems.extend(bad);
     for raw in raws {
         let name = name_of(&raw);
-        let line = entry_line(text, &name);
-        let spec = validate(raw).map_err(|r| fail(line, r))?;
-        if into.insert(name.clone(), spec).is_some() {
-            return Err(fail(line, format!("{what} {name:?} defined twice")));
+        let place = entry_place(text, &name).unwrap_or((None, None));
+        match validate(raw) {
+            Ok(spec) => {
+                if into.insert(name.clone(), spec).is_some() {
+                    let again = nth_entry_place(text, &name, 1).unwrap_or(place);
+                    problems.push((again, format!("{what} {name:?} defined twice")));
+                }
+            }
+            Err(reason) => problems.push((place, reason)),
         }
     }
-    Ok(())
 }
 
 fn find_line(text: &str, needle: &str) -> Option<usize> {
@@ -877,18 +942,47 @@ fn key_of(line: &str) -> Option<&str> {
     line.split_once(':').map(|(key, _)| key.trim_end())
 }
 
+/// The place (line, and the column of its `name` key) of the list entry `name: NAME`, else
+/// the first line that mentions `name` (an entry written in flow style).
+fn entry_place(text: &str, name: &str) -> Option<Place> {
+    nth_entry_place(text, name, 0)
+}
+
+/// The place of the `n`th (from 0) entry named `name`: a second definition is the one
+/// at fault. The first when there are not that many.
+fn nth_entry_place(text: &str, name: &str, n: usize) -> Option<Place> {
+    let line = match nth_entry_line(text, name, n) {
+        Some(line) => line,
+        None => entry_line(text, name)?,
+    };
+    let column = text
+        .lines()
+        .nth(line - 1)
+        .and_then(|l| l.find("name").or_else(|| l.find(name)))
+        .map(|c| c + 1);
+    Some((Some(line), column))
+}
+
+/// True for a block-mapping line `name: NAME` (or `- name: NAME`).
+fn names_entry(line: &str, name: &str) -> bool {
+    let value = line.split_once(':').map_or("", |(_, v)| v);
+    let value = value.split(" #").next().unwrap_or("").trim();
+    key_of(line) == Some("name") && value.trim_matches(['"', '\'']) == name
+}
+
+/// The line of the `n`th (from 0) entry `name: NAME`.
+fn nth_entry_line(text: &str, name: &str, n: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| names_entry(line, name))
+        .nth(n)
+        .map(|(i, _)| i + 1)
+}
+
 /// The line of the list entry `name: NAME`, else the first line that mentions `name` (an
 /// entry written in flow style).
 fn entry_line(text: &str, name: &str) -> Option<usize> {
-    let names_it = |line: &str| {
-        let value = line.split_once(':').map_or("", |(_, v)| v);
-        let value = value.split(" #").next().unwrap_or("").trim();
-        key_of(line) == Some("name") && value.trim_matches(['"', '\'']) == name
-    };
-    match text.lines().position(names_it) {
-        Some(i) => Some(i + 1),
-        None => find_line(text, name),
-    }
+    nth_entry_line(text, name, 0).or_else(|| find_line(text, name))
 }
 
 /// The file line of line `offset` (from 0) of the command of the list entry whose `name:` is
@@ -1310,21 +1404,22 @@ pub fn check_dir(dir: &Path) -> std::io::Result<Vec<FileCheck>> {
     let mut first_schedule: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut checks = Vec::new();
     for path in files {
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| InvalidJobFile {
-                path: path.clone(),
-                line: None,
-                reason: e.to_string(),
-            })
-            .and_then(|text| parse_job_file(&path, &text));
-        let mut problems = Vec::new();
-        let set = match parsed {
-            Ok(set) => Some(set),
-            Err(e) => {
-                problems.push(FileProblem::Invalid(e));
-                None
-            }
+        // Every problem of the file, each with its place: a deployment fixes them in one go.
+        let parsed = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_all(&path, &text),
+            Err(e) => (
+                JobSet::default(),
+                vec![InvalidJobFile {
+                    path: path.clone(),
+                    line: None,
+                    column: None,
+                    reason: e.to_string(),
+                }],
+            ),
         };
+        let mut problems: Vec<FileProblem> =
+            parsed.1.into_iter().map(FileProblem::Invalid).collect();
+        let set = problems.is_empty().then_some(parsed.0);
         if let Some(set) = &set {
             let mut note =
                 |names: Vec<&String>,
@@ -1444,6 +1539,7 @@ fn merge_first<T: Clone>(
             conflicts.push(InvalidJobFile {
                 path: path.to_owned(),
                 line: None,
+                column: None,
                 reason: format!("{what} {name:?} is already defined in another file; ignored here"),
             });
         } else {
@@ -1525,6 +1621,7 @@ impl JobDir {
                 .map_err(|e| InvalidJobFile {
                     path: path.clone(),
                     line: None,
+                    column: None,
                     reason: e.to_string(),
                 })
                 .and_then(|text| parse_job_file(&path, &text));
@@ -2187,5 +2284,59 @@ schedules:
             let err = parse(&text).unwrap_err();
             assert!(err.reason.contains(needle), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn check_names_every_problem_of_a_file_at_its_line_and_column() {
+        let text = "\
+# build runs after fetch; fetch has a typo below
+jobs:
+  - name: fetch
+    command: x
+    retries: many
+  - name: build
+    command: y
+    on_success: [\"no such name!\"]
+  - name: ok
+    command: z
+  - name: ok
+    command: z
+";
+        let problems = check_job_file(Path::new("t.yaml"), text);
+        let places: Vec<(Option<usize>, Option<usize>)> =
+            problems.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(
+            places,
+            [(Some(3), Some(5)), (Some(6), Some(5)), (Some(11), Some(5))],
+            "{problems:?}"
+        );
+        assert!(problems[0].reason.contains("\"fetch\""), "{}", problems[0]);
+        assert!(problems[1].reason.contains("on_success"), "{}", problems[1]);
+        assert!(
+            problems[2].reason.contains("defined twice"),
+            "{}",
+            problems[2]
+        );
+        assert_eq!(
+            problems[0]
+                .to_string()
+                .split(':')
+                .take(3)
+                .collect::<Vec<_>>(),
+            ["t.yaml", "3", "5"]
+        );
+        // Loading takes the first; a good file has none.
+        assert_eq!(parse(text).unwrap_err(), problems[0]);
+        assert!(
+            check_job_file(Path::new("t.yaml"), "jobs:\n  - name: a\n    command: x\n").is_empty()
+        );
+        // A syntax error: the parser's own line and column.
+        let bad = check_job_file(Path::new("t.yaml"), "jobs:\n  - name: a\n   command: [x\n");
+        assert_eq!(bad.len(), 1);
+        assert!(
+            bad[0].line.is_some() && bad[0].column.is_some(),
+            "{}",
+            bad[0]
+        );
     }
 }

@@ -147,7 +147,7 @@ mod tests {
         )]);
         assert!(!good);
         assert!(
-            out.contains("a.yaml:3: schedule \"bad\": cron \"0 0 31 2 *\" never matches"),
+            out.contains("a.yaml:3:5: schedule \"bad\": cron \"0 0 31 2 *\" never matches"),
             "{out}"
         );
     }

@@ -1,8 +1,8 @@
 //! `jobz-worker --check`: validate a jobs directory without connecting anywhere.
 //!
 //! Deployment tools (the Ansible role) run it before they install new job files. Every file
-//! gets one line, `ok <file>: N jobs, M semaphores` or `error <file>:<line>: <reason>`, then a
-//! summary; the answer is good only if every file parses and no name is defined twice. A
+//! gets one line, `ok <file>: N jobs, M semaphores`, or one `error <file>:<line>:<column>:
+//! <reason>` for each of its problems, then a summary; the answer is good only if every file parses and no name is defined twice. A
 //! successor, semaphore or schedule naming a job no file defines gets a `warning` line (the
 //! job may live in another host's jobs.d), which does not make the answer bad.
 
@@ -107,6 +107,20 @@ mod tests {
         assert!(out.contains("b.yaml:3: "), "{out}");
         assert!(out.contains("{date}"), "{out}");
         assert!(out.contains("drop the quotes"), "{out}");
+        assert!(out.contains("1 rejected"), "{out}");
+    }
+
+    #[test]
+    fn every_problem_of_a_file_gets_its_own_line_with_line_and_column() {
+        let (good, out) = check(&[(
+            "a.yaml",
+            "jobs:\n  - name: a\n    command: x\n    retries: lots\n  - name: b\n    command: y\n    delivery: sideways\n",
+        )]);
+        assert!(!good, "{out}");
+        let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error ")).collect();
+        assert_eq!(errors.len(), 2, "{out}");
+        assert!(errors[0].contains("a.yaml:2:5: "), "{out}");
+        assert!(errors[1].contains("a.yaml:5:5: "), "{out}");
         assert!(out.contains("1 rejected"), "{out}");
     }
 
