@@ -459,9 +459,11 @@ impl Engine {
             Message::PrioritizeRun { run_id, priority } => {
                 self.on_prioritize_run(&mut fx, &env, &RunId::from(run_id), priority, now)
             }
-            Message::TrackRun { run_id, tracked } => {
-                self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked, now)
-            }
+            Message::TrackRun {
+                run_id,
+                tracked,
+                notify,
+            } => self.on_track_run(&mut fx, &env, &RunId::from(run_id), tracked, notify, now),
             Message::ControlResource { name, action } => {
                 self.on_control_resource(&mut fx, &env, name, action, now)
             }

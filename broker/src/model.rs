@@ -4,7 +4,7 @@
 //! (by the trigger or as a successor). A *task* is a step on one worker: a broadcast step
 //! has one task per live worker, a queue or local step exactly one.
 
-use jobz::jobfile::Delivery;
+use jobz::jobfile::{Delivery, NotifyTarget};
 use jobz::message::{
     AttemptView, Completion, DeadView, Params, RunState, RunView, StepView, TaskRef, TaskState,
 };
@@ -35,6 +35,8 @@ pub struct Run {
     pub depends_on: Vec<RunId>,
     /// Why it ended as it did when no step says so.
     pub reason: Option<String>,
+    /// Told when it ends, however it ends (`POST /runs/{id}/track?notify=`).
+    pub notify: Vec<NotifyTarget>,
 }
 
 impl Run {
@@ -62,6 +64,7 @@ impl Run {
             not_before_ms: None,
             depends_on: Vec::new(),
             reason: None,
+            notify: Vec::new(),
         }
     }
 }
@@ -273,6 +276,7 @@ impl Run {
             depends_on: self.depends_on.iter().map(RunId::to_string).collect(),
             waiting_for,
             child_runs: Vec::new(),
+            notify: self.notify.clone(),
             reason: self.reason.clone(),
         }
     }

@@ -331,6 +331,7 @@ impl SqliteStore {
              CREATE TRIGGER IF NOT EXISTS run_parents_follow_runs AFTER DELETE ON runs
                 BEGIN DELETE FROM run_parents WHERE run_id = old.run_id; END;
              {notices}
+             ALTER TABLE runs ADD COLUMN notify TEXT NOT NULL DEFAULT '[]';
              PRAGMA user_version = 6;
              COMMIT;",
             stats = stats::SCHEMA_V6,
@@ -466,14 +467,14 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
         Write::Run(r) => {
             execute_cached(tx,
                 "INSERT INTO runs (run_id, job, params, state, parent_runs, request_id, created_at, finished_at,
-                                   priority, tags, tracked, not_before, depends_on, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                                   priority, tags, tracked, not_before, depends_on, reason, notify)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT (run_id) DO UPDATE SET state = excluded.state, finished_at = excluded.finished_at,
                     priority = excluded.priority, tracked = excluded.tracked,
-                    not_before = excluded.not_before, reason = excluded.reason",
+                    not_before = excluded.not_before, reason = excluded.reason, notify = excluded.notify",
                 params![r.run_id, r.job, json(&r.params), r.state.as_str(), parent_runs_json(&r.parent_runs), r.request_id,
                         r.created_at_ms, r.finished_at_ms, r.priority, json(&r.tags), r.tracked, r.not_before_ms,
-                        parent_runs_json(&r.depends_on), r.reason],
+                        parent_runs_json(&r.depends_on), r.reason, json(&r.notify)],
             )
             .context("writing a run")?;
             for tag in &r.tags {
@@ -583,7 +584,7 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
 
 const RUN_COLUMNS: &str = "runs.run_id, runs.job, runs.params, runs.state, runs.parent_runs, \
      runs.request_id, runs.created_at, runs.finished_at, runs.priority, runs.tags, runs.tracked, \
-     runs.not_before, runs.depends_on, runs.reason";
+     runs.not_before, runs.depends_on, runs.reason, runs.notify";
 const STEP_COLUMNS: &str =
     "step_id, run_id, job, delivery, state, origin_task, created_at, finished_at";
 const TASK_COLUMNS: &str =
@@ -615,6 +616,7 @@ fn run_from_row(row: &rusqlite::Row<'_>) -> Result<Run, StoreError> {
             .map(RunId::from)
             .collect(),
         reason: row.get(13)?,
+        notify: from_json(&row.get::<_, String>(14)?, "run notify targets")?,
     })
 }
 

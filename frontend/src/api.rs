@@ -211,11 +211,16 @@ impl Api {
                     priority,
                 },
             ),
-            Route::TrackRun { run_id, tracked } => self.control(
+            Route::TrackRun {
+                run_id,
+                tracked,
+                notify,
+            } => self.control(
                 &run_id,
                 Message::TrackRun {
                     run_id: run_id.clone(),
                     tracked,
+                    notify,
                 },
             ),
             Route::Semaphores => self.list_semaphores(),
@@ -1332,7 +1337,8 @@ mod tests {
                 },
                 Message::TrackRun {
                     run_id: "run-1".into(),
-                    tracked: false
+                    tracked: false,
+                    notify: vec![],
                 },
             ]
         );

@@ -27,6 +27,7 @@
 
 use std::time::Duration;
 
+use jobz::jobfile::{is_valid_email, is_valid_name, NotifyTarget};
 use jobz::message::{
     is_valid_idempotency_key, Params, ResourceAction, RunState, MAX_IDEMPOTENCY_KEY,
 };
@@ -316,6 +317,8 @@ pub enum Route {
         run_id: String,
         /// Tracked from now on.
         tracked: bool,
+        /// `notify=`: told when it ends (`/track` only).
+        notify: Vec<NotifyTarget>,
     },
     /// Barrier keys.
     Semaphores,
@@ -779,14 +782,57 @@ fn arguments(
                 priority: parse_priority("value", &raw)?,
             }
         }
-        Endpoint::TrackRun | Endpoint::UntrackRun => {
+        Endpoint::TrackRun => {
+            only(&query, &["notify"])?;
+            let notify = match query.remove("notify") {
+                None => Vec::new(),
+                Some(raw) => parse_notify(&raw)?,
+            };
+            Route::TrackRun {
+                run_id: second(),
+                tracked: true,
+                notify,
+            }
+        }
+        Endpoint::UntrackRun => {
             only(&query, &[])?;
             Route::TrackRun {
                 run_id: second(),
-                tracked: endpoint == Endpoint::TrackRun,
+                tracked: false,
+                notify: Vec::new(),
             }
         }
     })
+}
+
+/// Most targets one `notify=` names.
+const MAX_NOTIFY_TARGETS: usize = 8;
+
+/// `notify=webhook:NAME,ADDRESS,…`: webhooks of the broker's `--notify` file and e-mail
+/// addresses, told when the run ends.
+fn parse_notify(raw: &str) -> Result<Vec<NotifyTarget>, RouteError> {
+    let targets: Vec<&str> = raw.split(',').filter(|t| !t.is_empty()).collect();
+    if targets.is_empty() || targets.len() > MAX_NOTIFY_TARGETS {
+        return Err(bad_value(
+            "notify",
+            raw,
+            format!("notify takes 1 to {MAX_NOTIFY_TARGETS} targets, comma-separated"),
+        ));
+    }
+    targets
+        .into_iter()
+        .map(|target| match target.strip_prefix("webhook:") {
+            Some(name) if is_valid_name(name) => Ok(NotifyTarget::Webhook(name.to_owned())),
+            None if is_valid_email(target) => Ok(NotifyTarget::Email(target.to_owned())),
+            _ => Err(bad_value(
+                "notify",
+                target,
+                "a notify target is webhook:NAME (a webhook of the broker's --notify file) \
+                 or an e-mail address"
+                    .into(),
+            )),
+        })
+        .collect()
 }
 
 /// A yes/no parameter: `1`, `true`, `yes` or empty; `0`, `false`, `no`.
@@ -1586,9 +1632,31 @@ mod tests {
                 parse(&post, target).route,
                 Ok(Route::TrackRun {
                     run_id: "r1".into(),
-                    tracked
+                    tracked,
+                    notify: vec![],
                 })
             );
+        }
+        assert_eq!(
+            parse(&post, "/runs/r1/track?notify=webhook:ops,me@example.com").route,
+            Ok(Route::TrackRun {
+                run_id: "r1".into(),
+                tracked: true,
+                notify: vec![
+                    NotifyTarget::Webhook("ops".into()),
+                    NotifyTarget::Email("me@example.com".into()),
+                ],
+            })
+        );
+        for bad in [
+            "/runs/r1/track?notify=",
+            "/runs/r1/track?notify=nobody",
+            "/runs/r1/track?notify=webhook:a%20b",
+            "/runs/r1/track?notify=a@b.c,a@b.c,a@b.c,a@b.c,a@b.c,a@b.c,a@b.c,a@b.c,a@b.c",
+            "/runs/r1/untrack?notify=webhook:ops",
+        ] {
+            let error = parse(&post, bad).route.unwrap_err().error;
+            assert_eq!(error.status(), 400, "{bad}");
         }
         for (target, scope_needed) in [
             ("/runs/r1/cancel", Scope::Trigger),

@@ -155,7 +155,7 @@ const MAX_EMAIL: usize = 254;
 
 /// An address `local@domain`: printable ASCII, no spaces, no quotes or angle brackets (it
 /// goes into an SMTP envelope as it is).
-fn is_valid_email(address: &str) -> bool {
+pub fn is_valid_email(address: &str) -> bool {
     let Some((local, domain)) = address.rsplit_once('@') else {
         return false;
     };

@@ -76,12 +76,16 @@ pub enum Message {
         priority: i32,
     },
     /// Frontend → broker: mark a run tracked or not (`/runs?tracked=1` lists the tracked
-    /// ones). Answered `Run(Some(run))`, or `Run(None)` for an unknown run.
+    /// ones). Answered `Run(Some(run))`, or `Run(None)` for an unknown run; `Rejected` 409
+    /// when `notify` is given for a run that has ended.
     TrackRun {
         /// The run.
         run_id: String,
         /// Tracked from now on, or not.
         tracked: bool,
+        /// Targets told when the run ends, however it ends (added to those of its job).
+        #[serde(default)]
+        notify: Vec<crate::jobfile::NotifyTarget>,
     },
     /// Frontend → broker: an operator creates a resource (it exists from now on, as if a
     /// step had written it) or clears one (it is missing until written again). Answered
@@ -1042,6 +1046,9 @@ pub struct RunView {
     /// empty in run lists).
     #[serde(default)]
     pub child_runs: Vec<String>,
+    /// Told when it ends, however it ends, beyond its job's `notify:` (`track?notify=`).
+    #[serde(default)]
+    pub notify: Vec<crate::jobfile::NotifyTarget>,
     /// Why it ended so when no step says why: a dependency failed, it was cancelled.
     #[serde(default)]
     pub reason: Option<String>,

@@ -158,6 +158,7 @@ fn every_message(sender: &str, role: Role) -> Vec<Message> {
         Message::TrackRun {
             run_id: "r1".into(),
             tracked: true,
+            notify: vec![],
         },
         Message::ControlResource {
             name: "db".into(),

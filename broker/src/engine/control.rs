@@ -14,6 +14,7 @@
 //! reason; cancelling a run others wait for needs `force`.
 
 use jobz::envelope::Envelope;
+use jobz::jobfile::NotifyTarget;
 use jobz::message::{Assignment, CancelWork, Message, ReplyBody, RunState, TaskRef, TaskState};
 use jobz::topic::Topic;
 use tracing::info;
@@ -209,13 +210,25 @@ impl Engine {
         env: &Envelope,
         run_id: &RunId,
         tracked: bool,
+        notify: Vec<NotifyTarget>,
         now: i64,
     ) {
         match self.active.run_mut(run_id) {
             Some(run) => {
                 run.tracked = tracked;
+                for target in notify {
+                    if !run.notify.contains(&target) && run.notify.len() < MAX_RUN_NOTIFY {
+                        run.notify.push(target);
+                    }
+                }
                 fx.writes.push(Write::Run(run.clone()));
                 feed::run_event(fx, FeedKind::RunUpdated, run, now);
+            }
+            // Nobody can be told of an end that has passed: 409 (or 404 if unknown).
+            None if !notify.is_empty() => {
+                let action = RunAction::Notify;
+                let run_id = run_id.clone();
+                return read(fx, env, ReadQuery::EndedRun { run_id, action });
             }
             // An ended run is tracked in the store alone; an unknown one is answered 404.
             None => fx.writes.push(Write::Tracked {
@@ -257,3 +270,6 @@ impl Engine {
         }
     }
 }
+
+/// Most targets one run's end is told to (beyond its job's own `notify:`).
+pub(super) const MAX_RUN_NOTIFY: usize = 8;

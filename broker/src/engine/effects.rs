@@ -146,6 +146,8 @@ pub enum ReadQuery {
 pub enum RunAction {
     Cancel,
     Prioritize,
+    /// Given targets to tell of its end (`track?notify=`).
+    Notify,
 }
 
 impl RunAction {
@@ -154,6 +156,7 @@ impl RunAction {
         match self {
             RunAction::Cancel => "cancelled",
             RunAction::Prioritize => "given a new priority",
+            RunAction::Notify => "given targets to notify of its end",
         }
     }
 }

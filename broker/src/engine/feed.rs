@@ -5,6 +5,7 @@
 //! commit's events as one message on the feed topic after the commit (so nobody hears of a
 //! change that a crash could still undo).
 
+use jobz::jobfile::NotifyTarget;
 use jobz::message::{FeedEvent, FeedKind, FeedTask, RunState};
 
 use super::effects::{Effects, Write};
@@ -23,13 +24,22 @@ impl Engine {
             RunState::Failed => Some(false),
             _ => None,
         };
-        let Some(spec) = self.registry.job(&run.job) else {
-            return;
-        };
-        for (index, entry) in spec.notify.iter().enumerate() {
-            if entry.on.matches(succeeded) {
-                let notice = Notice::of_run(run, index, entry.to.clone(), kind, now);
+        let job_targets = self
+            .registry
+            .job(&run.job)
+            .map(|spec| spec.notify.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .filter(|entry| entry.on.matches(succeeded))
+            .map(|entry| &entry.to);
+        // The run's own targets hear of every end (`track?notify=`); a target both name is
+        // told once.
+        let mut told: Vec<&NotifyTarget> = Vec::new();
+        for target in job_targets.chain(run.notify.iter()) {
+            if !told.contains(&target) {
+                let notice = Notice::of_run(run, told.len(), target.clone(), kind, now);
                 fx.writes.push(Write::Notice(notice));
+                told.push(target);
             }
         }
     }

@@ -1350,6 +1350,7 @@ fn a_coalesced_commit_leaves_the_store_as_the_writes_one_by_one_do() {
         Message::TrackRun {
             run_id: run_id.unwrap(),
             tracked: true,
+            notify: vec![],
         },
     ));
 

@@ -205,6 +205,8 @@ jobs:
       - webhook: hook
         on: always
       - email: oncall@example.com
+  - name: plain
+    command: "read line < @DIR@/plain.fifo"
 "#,
         )
         .start();
@@ -256,6 +258,33 @@ jobs:
     );
     let run = mesh.wait_run_final(&fine);
     assert_eq!(str_of(&run, "state"), "succeeded");
+
+    // A job with no notify: of its own, tracked with notify= while it runs: told of its end.
+    let fifo = mesh.dir().join("plain.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let plain = mesh.start_run("plain", &[]);
+    let (status, body) = mesh.http_post(
+        &format!("/runs/{plain}/track?notify=webhook:hook,tracker@example.com"),
+        &[],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["notify"][0], "webhook:hook");
+    std::fs::write(&fifo, "go\n").unwrap();
+    let post = next(&posts, "the tracked run's webhook");
+    assert!(post.accepted && post.signed_right);
+    assert_eq!(
+        (post.delivery.as_str(), post.event.as_str()),
+        (format!("{plain}/0").as_str(), "run.succeeded")
+    );
+    let mail = next(&mails, "the tracked run's mail");
+    assert_eq!(mail.to, ["tracker@example.com"]);
+    // Nobody can be added once it has ended.
+    let (status, body) = mesh.http_post(&format!("/runs/{plain}/track?notify=webhook:hook"), &[]);
+    assert_eq!(status, 409, "{body}");
     // Nothing more comes: no second delivery of either end, no mail for the success.
     let quiet = Instant::now() + Duration::from_secs(3);
     while Instant::now() < quiet {

@@ -186,3 +186,63 @@ fn a_run_ending_makes_the_notices_its_job_asks_for_in_the_same_commit() {
         .position(|w| matches!(w, Write::Run(r) if r.state == RunState::Failed));
     assert!(run_end < first_notice);
 }
+
+#[test]
+fn a_tracked_run_tells_its_own_targets_of_any_end_once_each() {
+    use jobz::jobfile::{Notify, NotifyOn, NotifyTarget};
+
+    let mut spec = job("a", Delivery::Broadcast, &[], &[]);
+    spec.notify = vec![Notify {
+        to: NotifyTarget::Webhook("ops".into()),
+        on: NotifyOn::Failure,
+    }];
+    let mut h = Harness::new(vec![spec], &["w1"]);
+    let (fx, run_id) = h.trigger("a");
+    let run_id = run_id.unwrap();
+    let track = |h: &mut Harness, notify: Vec<NotifyTarget>| {
+        h.send(
+            "frontend:x",
+            Message::TrackRun {
+                run_id: run_id.clone(),
+                tracked: true,
+                notify,
+            },
+        )
+    };
+    track(
+        &mut h,
+        vec![
+            NotifyTarget::Email("me@example.com".into()),
+            NotifyTarget::Webhook("ops".into()),
+        ],
+    );
+    let a = works(&fx).remove(0).assignments.remove(0);
+    start(&mut h, &a);
+    let fx = h.finish(&a, TaskOutcome::Succeeded);
+    let targets: Vec<String> = fx
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Notice(n) => Some(format!("{}={:?}", n.id, n.target)),
+            _ => None,
+        })
+        .collect();
+    // The job's webhook is for failures; the run's own targets hear of a success too.
+    assert_eq!(
+        targets,
+        [
+            format!("{run_id}/0=Email(\"me@example.com\")"),
+            format!("{run_id}/1=Webhook(\"ops\")"),
+        ]
+    );
+    // Once the run has ended, nobody can be added: the store answers 409 (or 404).
+    let fx = track(&mut h, vec![NotifyTarget::Webhook("late".into())]);
+    assert!(fx.writes.is_empty());
+    assert!(matches!(
+        fx.reads[0].query,
+        ReadQuery::EndedRun {
+            action: RunAction::Notify,
+            ..
+        }
+    ));
+}

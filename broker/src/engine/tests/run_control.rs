@@ -818,7 +818,15 @@ fn tracking_writes_an_active_run_and_an_ended_one_in_place() {
     let (fx, run_id) = h.accepted("a", |_| {});
     let track = |h: &mut Harness, run_id: &str, tracked| {
         let run_id = run_id.into();
-        h.send("frontend:x", Message::TrackRun { run_id, tracked })
+        let notify = vec![];
+        h.send(
+            "frontend:x",
+            Message::TrackRun {
+                run_id,
+                tracked,
+                notify,
+            },
+        )
     };
     let fx2 = track(&mut h, &run_id, true);
     assert_eq!(written(&fx2, &run_id).map(|r| r.tracked), Some(true));
