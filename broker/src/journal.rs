@@ -144,7 +144,11 @@ fn commit(
         error!(error = %e, "journal commit failed; stopping the broker");
         return Err(e).context("committing the journal");
     }
-    handoff.io.committed(began.elapsed());
+    // A batch of reads only (a dashboard, a follower, the feed's catch-up) commits
+    // nothing: it is no sample of commit latency.
+    if !writes.is_empty() {
+        handoff.io.committed(began.elapsed());
+    }
     if let Some(notifier) = &handoff.notices {
         for write in &writes {
             if let Write::Notice(notice) = write {
