@@ -505,14 +505,8 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, write: &Write) -> Result<(), StoreE
                 params![s.step_id, s.run_id, s.job, delivery_name(s.delivery), s.state.as_str(), s.origin_task, s.created_at_ms, s.finished_at_ms],
             )
             .context("writing a step"),
-        Write::Task(t) => {
-            let first_end = !stats::ended_before(tx, t)?;
-            write_task(tx, t)?;
-            if first_end {
-                stats::count_ended(tx, t)?;
-            }
-            Ok(1)
-        }
+        Write::Task(t) => write_task(tx, t),
+        Write::TaskEnded(t) => stats::count_ended(tx, t).map(|()| 1),
         Write::Notice(n) => notices::insert(tx, n).map(|()| 1),
         Write::NoticeTried(t) => notices::tried(tx, t).map(|()| 1),
         Write::Worker(w) => execute_cached(tx,

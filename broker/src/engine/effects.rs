@@ -31,6 +31,9 @@ pub enum Write {
     /// is a plain duplicate). `run_id` is filled in by the store.
     ResultAfterRunEnd(Attempt),
     Dead(Dead),
+    /// A task ended for good (succeeded or failed): counted once in its job's statistics
+    /// of the day. Made only where the engine ends a task, so never counted twice.
+    TaskEnded(Task),
     /// A run marked tracked or not; nothing if the store does not hold it (the read that
     /// follows answers 404).
     Tracked {
@@ -73,6 +76,7 @@ impl Write {
             Write::ResultAfterRunEnd(_)
             | Write::Tracked { .. }
             | Write::Edge(_)
+            | Write::TaskEnded(_)
             | Write::NoticeTried(_) => None,
         }
     }

@@ -135,6 +135,9 @@ impl Engine {
         info!(run_id = %task.run_id, step_id = %task.step_id, task_id = %task.task_id, job = %task.job,
             worker = task.worker.as_deref().unwrap_or("-"), state = %state, "task finished");
         fx.writes.push(Write::Task(task.clone()));
+        if matches!(state, TaskState::Succeeded | TaskState::Failed) {
+            fx.writes.push(Write::TaskEnded(task.clone()));
+        }
         if let Some(kind) = FeedKind::task_ended(state) {
             feed::task_event(fx, kind, self.active.run(&task.run_id), &task, now);
         }

@@ -2,14 +2,15 @@
 //! failed, and the count, mean, standard deviation and histogram of their wait (creation
 //! to start) and run (start to end) times.
 //!
-//! As qless keeps them: a rollup row per (job, day) in `job_stats`, added to in the commit
-//! that records a task's end ([`count_ended`]), so reading a fortnight is reading 14 rows
+//! As qless keeps them: a rollup row per (job, day) in `job_stats`, added to by the
+//! `Write::TaskEnded` the engine makes where a task ends for good (in the commit that
+//! records the end: [`count_ended`]), so reading a fortnight is reading 14 rows
 //! however many tasks ran; summing the tasks at read time took 200 ms for 100,000 of them.
 //! The rows outlive the pruned history they count. Schema 6 made the table and filled it
 //! from the tasks the store held ([`SCHEMA_V6`]).
 
 use jobz::message::{DurationStats, JobDayStats, STATS_BUCKETS_MS};
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, Transaction};
 
 use super::{Context, StoreError};
 use crate::model::Task;
@@ -58,24 +59,6 @@ fn bucket_of(ms: i64) -> usize {
         .iter()
         .position(|bound| ms < *bound)
         .unwrap_or(STATS_BUCKETS_MS.len())
-}
-
-/// True for a task state the statistics count: ended for good, not cancelled.
-fn counted(task: &Task) -> bool {
-    matches!(task.state.as_str(), "succeeded" | "failed") && task.recorded_at_ms.is_some()
-}
-
-/// Whether the store already holds `task` as ended (read before its row is written): a
-/// task is counted once, when the row first says it ended.
-pub(super) fn ended_before(tx: &Transaction<'_>, task: &Task) -> Result<bool, StoreError> {
-    if !counted(task) {
-        return Ok(true);
-    }
-    let state: Option<String> = tx
-        .prepare_cached("SELECT state FROM tasks WHERE task_id = ?1")
-        .and_then(|mut stmt| stmt.query_row([&task.task_id], |r| r.get(0)).optional())
-        .context("reading a task's state before its end")?;
-    Ok(matches!(state.as_deref(), Some("succeeded" | "failed")))
 }
 
 /// Adds `task`'s end to its job's row of the day it ended.
@@ -215,6 +198,12 @@ mod tests {
     use super::super::{SqliteStore, Store};
     use super::*;
     use crate::engine::Write;
+    use crate::model::Task;
+
+    /// What the engine writes as a task ends for good: its record, and the count.
+    fn ended(task: Task) -> [Write; 2] {
+        [Write::Task(task.clone()), Write::TaskEnded(task)]
+    }
 
     #[test]
     fn counts_failures_and_sums_wait_and_run_times_per_day() {
@@ -235,20 +224,20 @@ mod tests {
             t.finished_at_ms = Some(day + 1_000 + wait + run);
             t.recorded_at_ms = t.finished_at_ms;
             t.state = state;
-            writes.push(Write::Task(t));
+            writes.extend(ended(t));
         }
         // Day two: one that never started, one still running (not counted), another job.
         let mut unstarted = task("t2", "s", "r");
         unstarted.state = TaskState::Failed;
         unstarted.started_at_ms = None;
         unstarted.recorded_at_ms = Some(day + DAY_MS + 5);
-        writes.push(Write::Task(unstarted));
+        writes.extend(ended(unstarted));
         writes.push(Write::Task(task("t3", "s", "r")));
         let mut other = task("t4", "s", "r");
         other.job = "b".into();
         other.state = TaskState::Succeeded;
         other.recorded_at_ms = Some(day + 7);
-        writes.push(Write::Task(other));
+        writes.extend(ended(other));
         store.apply(&writes).unwrap();
 
         let stats = store.job_stats("a", day).unwrap();
@@ -266,8 +255,9 @@ mod tests {
         assert_eq!(two.wait.histogram.iter().sum::<u64>(), 0);
         // Since a later time: only what ended since.
         assert_eq!(store.job_stats("a", day + DAY_MS).unwrap().len(), 1);
-        // A task written ended again (a later commit, a restart) is not counted again.
+        // A task's record written again (a later commit, a restart) is not counted again.
         store.apply(&writes[..1]).unwrap();
+        assert!(matches!(writes[0], Write::Task(_)));
         assert_eq!(store.job_stats("a", day).unwrap()[0].count, 2);
     }
 
@@ -287,7 +277,7 @@ mod tests {
             } else {
                 TaskState::Succeeded
             };
-            writes.push(Write::Task(t));
+            writes.extend(ended(t));
         }
         store.apply(&writes).unwrap();
         let counted = store.job_stats("a", day).unwrap();

@@ -117,6 +117,18 @@ fn a_succeeding_run_ends_with_its_task_then_itself() {
         fx.feed[0].task.as_ref().unwrap().worker.as_deref(),
         Some("w1")
     );
+    // Counted once in the job's statistics, in the commit that ends it.
+    let counted = fx
+        .writes
+        .iter()
+        .filter(|w| matches!(w, Write::TaskEnded(t) if t.task_id.as_str() == a.task.task_id))
+        .count();
+    assert_eq!(counted, 1);
+    let again = h.finish(&a, TaskOutcome::Succeeded);
+    assert!(!again
+        .writes
+        .iter()
+        .any(|w| matches!(w, Write::TaskEnded(_))));
 }
 
 #[test]
