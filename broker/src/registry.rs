@@ -206,12 +206,18 @@ impl Registry {
         if current.is_some_and(|c| c.entry.spec == *spec) {
             return true;
         }
-        let params = match ParamRules::compile(spec) {
+        // What the worker's job-file parser checked is checked again: a registration is
+        // input from the network, and notices go where the spec says.
+        let checked = match spec.notify.iter().find_map(|n| n.to.problem()) {
+            Some(problem) => Err(format!("notify: {problem}")),
+            None => ParamRules::compile(spec).map_err(|e| e.to_string()),
+        };
+        let params = match checked {
             Ok(params) => params,
             Err(e) => {
                 warn!(job = %spec.name, worker = %worker,
                     "job definition refused; the worker's other jobs still register: {e}");
-                reg.refused.push((spec.name.clone(), e.to_string()));
+                reg.refused.push((spec.name.clone(), e));
                 return false;
             }
         };
@@ -479,6 +485,41 @@ mod tests {
         let reg = r.heartbeat(&hb, 200);
         assert!(reg.changed && reg.refused.is_empty(), "{reg:?}");
         assert_eq!(r.live_workers_for("huge").count(), 1);
+    }
+
+    #[test]
+    fn a_registered_job_naming_a_malformed_notify_target_is_refused() {
+        use jobz::jobfile::{Notify, NotifyOn, NotifyTarget};
+
+        let mut r = Registry::default();
+        let mut hb = status("w1", "i1", &["fine"]);
+        // What no job-file parser would give, from a worker speaking the wire itself: a
+        // header injected after the address, a webhook "name" that is a path.
+        for (job, target) in [
+            (
+                "smuggler",
+                NotifyTarget::Email("a@b.c\r\nBcc: all@example.com".into()),
+            ),
+            ("pathy", NotifyTarget::Webhook("../etc".into())),
+        ] {
+            let mut spec = spec(job);
+            spec.notify = vec![Notify {
+                to: target,
+                on: NotifyOn::Always,
+            }];
+            hb.jobs.push(spec);
+        }
+        let reg = r.heartbeat(&hb, 0);
+        let refused: Vec<&str> = reg.refused.iter().map(|(job, _)| job.as_str()).collect();
+        assert_eq!(refused, ["smuggler", "pathy"]);
+        assert!(
+            reg.refused
+                .iter()
+                .all(|(_, why)| why.starts_with("notify: ")),
+            "{reg:?}"
+        );
+        assert!(r.job("fine").is_some());
+        assert!(r.job("smuggler").is_none() && r.job("pathy").is_none());
     }
 
     #[test]

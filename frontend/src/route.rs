@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use jobz::jobfile::{is_valid_email, is_valid_name, NotifyTarget};
+use jobz::jobfile::NotifyTarget;
 use jobz::message::{
     is_valid_idempotency_key, Params, ResourceAction, RunState, MAX_IDEMPOTENCY_KEY,
 };
@@ -394,7 +394,12 @@ impl Route {
 
     /// The scope a token needs for this route; `None` for the open `/healthz`.
     pub fn scope(&self) -> Option<Scope> {
-        self.endpoint().scope()
+        match self {
+            // Having the broker call or mail whom one names is more than tracking a run: a
+            // trigger token must not turn it into a relay to any address.
+            Route::TrackRun { notify, .. } if !notify.is_empty() => Some(Scope::Admin),
+            _ => self.endpoint().scope(),
+        }
     }
 }
 
@@ -821,16 +826,14 @@ fn parse_notify(raw: &str) -> Result<Vec<NotifyTarget>, RouteError> {
     }
     targets
         .into_iter()
-        .map(|target| match target.strip_prefix("webhook:") {
-            Some(name) if is_valid_name(name) => Ok(NotifyTarget::Webhook(name.to_owned())),
-            None if is_valid_email(target) => Ok(NotifyTarget::Email(target.to_owned())),
-            _ => Err(bad_value(
-                "notify",
-                target,
-                "a notify target is webhook:NAME (a webhook of the broker's --notify file) \
-                 or an e-mail address"
-                    .into(),
-            )),
+        .map(|target| {
+            NotifyTarget::parse(target).map_err(|problem| {
+                let message = format!(
+                    "a notify target is webhook:NAME (a webhook of the broker's --notify \
+                     file) or an e-mail address: {problem}"
+                );
+                bad_value("notify", target, message)
+            })
         })
         .collect()
 }
@@ -1648,6 +1651,12 @@ mod tests {
                 ],
             })
         );
+        assert_eq!(
+            parse(&post, "/runs/r1/track?notify=webhook:ops").scope(),
+            Some(Scope::Admin),
+            "naming targets needs admin"
+        );
+        assert_eq!(parse(&post, "/runs/r1/track").scope(), Some(Scope::Trigger));
         for bad in [
             "/runs/r1/track?notify=",
             "/runs/r1/track?notify=nobody",

@@ -5,7 +5,7 @@
 
 use serde_json::{json, Map, Value};
 
-use jobz::jobfile::{Delivery, NotifyTarget};
+use jobz::jobfile::Delivery;
 use jobz::message::{
     AttemptView, BarrierView, DeadView, DurationStats, FeedEvent, HealthView, JobDayStats, JobView,
     LineageEdge, ResourceHolder, ResourceView, RunView, ScheduleView, StepView, WorkerView,
@@ -41,7 +41,7 @@ pub fn run(run: &RunView, with_steps: bool) -> Value {
         "state": run.state.as_str(),
         "parent_runs": run.parent_runs,
         "child_runs": run.child_runs,
-        "notify": run.notify.iter().map(notify_target).collect::<Vec<_>>(),
+        "notify": run.notify.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "created_at": time(run.created_at_ms),
         "finished_at": opt_time(run.finished_at_ms),
         "priority": run.priority,
@@ -54,14 +54,6 @@ pub fn run(run: &RunView, with_steps: bool) -> Value {
         "steps": steps,
         "attempts": run.attempts.iter().map(attempt).collect::<Vec<_>>(),
     })
-}
-
-/// A notify target as `notify=` takes it: `webhook:NAME` or the address.
-pub fn notify_target(target: &NotifyTarget) -> String {
-    match target {
-        NotifyTarget::Webhook(name) => format!("webhook:{name}"),
-        NotifyTarget::Email(address) => address.clone(),
-    }
 }
 
 /// An earlier or late attempt of a task.

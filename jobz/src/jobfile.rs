@@ -127,6 +127,47 @@ pub enum NotifyTarget {
     Email(String),
 }
 
+impl NotifyTarget {
+    /// What is wrong with the target, if anything: a webhook's name must be a name
+    /// (`[A-Za-z0-9_.-]{1,128}`), an address an address ([`is_valid_email`]). The one
+    /// check of a target, wherever it comes from: a job file, `notify=`, or a job a worker
+    /// registers with the broker.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            NotifyTarget::Webhook(name) if !is_valid_name(name) => Some(format!(
+                "webhook {name:?} must be a name from the broker's --notify file \
+                 ([A-Za-z0-9_.-]{{1,128}})"
+            )),
+            NotifyTarget::Email(address) if !is_valid_email(address) => {
+                Some(format!("{address:?} is not an e-mail address"))
+            }
+            _ => None,
+        }
+    }
+
+    /// A target as `notify=` writes it: `webhook:NAME`, or an e-mail address.
+    pub fn parse(text: &str) -> Result<NotifyTarget, String> {
+        let target = match text.strip_prefix("webhook:") {
+            Some(name) => NotifyTarget::Webhook(name.to_owned()),
+            None => NotifyTarget::Email(text.to_owned()),
+        };
+        match target.problem() {
+            None => Ok(target),
+            Some(problem) => Err(problem),
+        }
+    }
+}
+
+/// `webhook:NAME` or the address: what [`NotifyTarget::parse`] reads.
+impl std::fmt::Display for NotifyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotifyTarget::Webhook(name) => write!(f, "webhook:{name}"),
+            NotifyTarget::Email(address) => f.write_str(address),
+        }
+    }
+}
+
 /// Which ends of a run a notice is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -613,19 +654,13 @@ struct RawNotify {
 impl RawNotify {
     fn validate(self) -> Result<Notify, String> {
         let to = match (self.webhook, self.email) {
-            (Some(name), None) if is_valid_name(&name) => NotifyTarget::Webhook(name),
-            (Some(name), None) => {
-                return Err(format!(
-                    "notify: webhook {name:?} must be a name from the broker's --notify file \
-                     ([A-Za-z0-9_.-]{{1,128}})"
-                ))
-            }
-            (None, Some(address)) if is_valid_email(&address) => NotifyTarget::Email(address),
-            (None, Some(address)) => {
-                return Err(format!("notify: {address:?} is not an e-mail address"))
-            }
+            (Some(name), None) => NotifyTarget::Webhook(name),
+            (None, Some(address)) => NotifyTarget::Email(address),
             _ => return Err("notify: each entry names one webhook: or one email:".into()),
         };
+        if let Some(problem) = to.problem() {
+            return Err(format!("notify: {problem}"));
+        }
         let on = match self.on.as_deref() {
             None | Some("failure") => NotifyOn::Failure,
             Some("success") => NotifyOn::Success,

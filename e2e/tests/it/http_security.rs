@@ -186,6 +186,17 @@ fn tokens_gate_every_endpoint_by_scope() {
     assert_eq!(r.status, 403, "{}", r.text());
     let r = send(port, "POST", "/dead/t1/retry", &bearer(&tokens.trigger));
     assert_eq!(r.status, 403, "{}", r.text());
+    // Tracking is trigger's; having the broker mail or call someone on the run's end is
+    // admin's (also spelt with an encoded path).
+    for path in ["/runs/nope/track", "/runs/nope/%74rack"] {
+        let r = send(port, "POST", path, &bearer(&tokens.trigger));
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        let notify = format!("{path}?notify=webhook:ops");
+        let r = send(port, "POST", &notify, &bearer(&tokens.trigger));
+        assert_eq!(r.status, 403, "{notify}: {}", r.text());
+        let r = send(port, "POST", &notify, &bearer(&tokens.admin));
+        assert_eq!(r.status, 404, "{notify}: {}", r.text());
+    }
     let r = get(port, &job_start_path("hello", &[]), &bearer(&tokens.read));
     assert_eq!(r.status, 403, "{}", r.text());
     assert!(
