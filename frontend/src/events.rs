@@ -222,16 +222,28 @@ impl Catching {
     /// first time, only where its feed stands).
     fn look(&mut self, feed: &Feed, broker: &dyn Broker, timeout: Duration) {
         if self.known == 0 {
-            let ask = Message::Query(Query::Feed {
-                after: u64::MAX,
-                limit: 1,
-            });
-            if let Ok(ReplyBody::Feed(page)) = broker.request(ask, timeout) {
+            if let Some(page) = ask_feed(broker, STANDING, timeout) {
                 self.known = page.newest;
             }
             return;
         }
         self.known = fill(feed, broker, self.known, u64::MAX, timeout);
+    }
+}
+
+/// Asked `after`, the broker answers only where its feed stands (`newest`).
+const STANDING: u64 = u64::MAX;
+
+/// A page of the broker's feed after `after` ([`STANDING`]: none, just `newest`); `None`
+/// when the broker does not answer in `timeout`.
+fn ask_feed(broker: &dyn Broker, after: u64, timeout: Duration) -> Option<FeedPage> {
+    let ask = Message::Query(Query::Feed {
+        after,
+        limit: MAX_FEED_PAGE,
+    });
+    match broker.request(ask, timeout) {
+        Ok(ReplyBody::Feed(page)) => Some(page),
+        _ => None,
     }
 }
 
@@ -241,16 +253,12 @@ impl Catching {
 fn fill(feed: &Feed, broker: &dyn Broker, after: u64, until: u64, timeout: Duration) -> u64 {
     let mut cursor = after;
     while cursor.saturating_add(1) < until {
-        let ask = Message::Query(Query::Feed {
-            after: cursor,
-            limit: MAX_FEED_PAGE,
-        });
-        let page = match broker.request(ask, timeout) {
-            Ok(ReplyBody::Feed(page)) => page,
-            other => {
-                warn!(after = cursor, answer = ?other.err(), "cannot fill a gap in the feed");
-                return cursor;
-            }
+        let Some(page) = ask_feed(broker, cursor, timeout) else {
+            warn!(
+                after = cursor,
+                "cannot fill a gap in the feed: the broker did not answer"
+            );
+            return cursor;
         };
         if !page.complete {
             debug!(after = cursor, until, "feed gap the broker no longer holds");
@@ -293,12 +301,8 @@ fn format_reset(newest: u64) -> String {
 /// Where a stream that starts now begins: after the broker's newest event (this frontend
 /// may not be listening yet, or only just), else after the newest it kept.
 fn now_cursor(feed: &Feed, broker: &dyn Broker, timeout: Duration) -> u64 {
-    let ask = Message::Query(Query::Feed {
-        after: u64::MAX,
-        limit: 1,
-    });
-    match broker.request(ask, timeout) {
-        Ok(ReplyBody::Feed(page)) if page.newest > 0 => page.newest,
+    match ask_feed(broker, STANDING, timeout) {
+        Some(page) if page.newest > 0 => page.newest,
         _ => feed.newest(),
     }
 }
@@ -315,15 +319,7 @@ fn catch_up(
 ) -> (u64, String) {
     let mut text = String::new();
     while !feed.covers(cursor) {
-        let ask = Message::Query(Query::Feed {
-            after: cursor,
-            limit: MAX_FEED_PAGE,
-        });
-        let page: Option<FeedPage> = match broker.request(ask, timeout) {
-            Ok(ReplyBody::Feed(page)) => Some(page),
-            _ => None,
-        };
-        match page {
+        match ask_feed(broker, cursor, timeout) {
             Some(page) if page.complete && !page.events.is_empty() => {
                 for event in &page.events {
                     if filter.matches(event) {

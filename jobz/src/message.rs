@@ -808,24 +808,6 @@ pub enum FeedKind {
 }
 
 impl FeedKind {
-    /// Every kind, in declaration order.
-    pub const ALL: [FeedKind; 14] = [
-        FeedKind::RunAccepted,
-        FeedKind::RunDue,
-        FeedKind::RunStarted,
-        FeedKind::RunSucceeded,
-        FeedKind::RunFailed,
-        FeedKind::RunCancelled,
-        FeedKind::RunUpdated,
-        FeedKind::TaskScheduled,
-        FeedKind::TaskStarted,
-        FeedKind::TaskSucceeded,
-        FeedKind::TaskFailed,
-        FeedKind::TaskRetried,
-        FeedKind::TaskLost,
-        FeedKind::TaskCancelled,
-    ];
-
     /// The name `GET /events` gives it (the SSE `event:` field): `run.accepted`, …
     pub fn as_str(self) -> &'static str {
         match self {

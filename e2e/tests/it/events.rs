@@ -3,14 +3,14 @@
 //! filters, resuming after `Last-Event-ID` (and `reset` when that cannot be done), and a
 //! stream that outlives a broker restart.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Mesh, DEADLINE};
+use crate::harness::{free_ports, http_request, str_of, wait_for, Mesh, DEADLINE};
 
 /// One event as a client sees it.
 #[derive(Debug, Clone)]
@@ -225,18 +225,14 @@ fn an_open_stream_survives_a_broker_restart_and_says_what_it_missed() {
     mesh.restart("broker");
     // The restarted broker numbers on from a larger number: the stream cannot know what
     // it missed meanwhile, so it says `reset`, then goes on live.
-    let deadline = Instant::now() + DEADLINE;
-    let second = loop {
-        let (status, body) = mesh.trigger("ok", &[]);
-        if status == 202 {
-            break body["run_id"].as_str().unwrap().to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker did not come back: {status} {body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let second = wait_for(
+        DEADLINE,
+        "the restarted broker to accept a run",
+        || match mesh.trigger("ok", &[]) {
+            (202, body) => Ok(str_of(&body, "run_id").to_owned()),
+            (status, body) => Err(format!("{status} {body}")),
+        },
+    );
     let told = stream.until(&second, "run.succeeded");
     assert_eq!(told[0].event, "reset", "{:?}", kinds(&told));
     assert!(told
@@ -269,4 +265,66 @@ fn a_browser_opening_a_run_link_gets_the_page_and_scripts_get_json() {
         .starts_with("application/json"));
     let run: Value = serde_json::from_str(&json.text()).unwrap();
     assert_eq!(run["run_id"], run_id.as_str());
+}
+
+/// `GET path` on `port` with `Connection: close`: the status and body.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let r = http_request(port, raw.as_bytes(), DEADLINE).unwrap();
+    (r.status, r.text())
+}
+
+#[test]
+fn one_client_holding_every_stream_locks_out_no_request_and_gone_streams_are_given_back() {
+    let mut mesh = Mesh::builder().worker("w1", JOBS).start();
+    mesh.wait_workers_live(1);
+    // One address may hold more connections than there are streams: the stream cap is the
+    // only thing between this client and the rest.
+    let port = free_ports(1);
+    let flags = [
+        "--listen".to_owned(),
+        format!("127.0.0.1:{port}"),
+        "--max-connections-per-address".to_owned(),
+        "200".to_owned(),
+    ];
+    let flags: Vec<OsString> = flags.iter().map(OsString::from).collect();
+    mesh.start_frontend("wide", &flags);
+    wait_for(DEADLINE, "the second frontend to answer", || {
+        let raw = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        match http_request(port, raw.as_bytes(), DEADLINE) {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("{} {}", r.status, r.text())),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    let held: Vec<Stream> = (0..64).map(|_| Stream::open(port, "", None)).collect();
+    let raw = "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    let refused = http_request(port, raw.as_bytes(), DEADLINE).unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("5"));
+    // Everything else is still served, and the held streams hear of it.
+    assert_eq!(get(port, "/runs").0, 200);
+    let (status, body) = get(port, "/job_start?job_name=ok");
+    assert_eq!(status, 202, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let run_id = str_of(&body, "run_id").to_owned();
+    held[63].until(&run_id, "run.succeeded");
+    // The client goes: its streams are given back once the frontend writes to them again
+    // (each run's events do).
+    drop(held);
+    let back = wait_for(DEADLINE, "a stream to be admitted again", || {
+        let _ = mesh.trigger("ok", &[]);
+        let raw = "GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+        let mut socket = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        socket
+            .write_all(raw.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 12];
+        socket.read_exact(&mut head).map_err(|e| e.to_string())?;
+        match &head {
+            b"HTTP/1.1 200" => Ok(socket),
+            other => Err(String::from_utf8_lossy(other).into_owned()),
+        }
+    });
+    let _ = back.shutdown(Shutdown::Both);
 }
