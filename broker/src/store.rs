@@ -1038,6 +1038,12 @@ mod tests {
         )
     }
 
+    /// The ids of the runs `filter` lists, in order.
+    fn listed(store: &SqliteStore, filter: &RunFilter) -> Vec<String> {
+        let runs = store.runs(filter).unwrap();
+        runs.into_iter().map(|r| r.run_id).collect()
+    }
+
     pub(super) fn step(id: &str, run: &str, state: TaskState) -> Step {
         Step {
             step_id: id.into(),
@@ -1277,18 +1283,13 @@ mod tests {
         assert_eq!(snap.runs.len(), 1);
         assert_eq!(snap.runs[0].priority, 0);
         assert_eq!(snap.runs[0].tags, ["etl", "nightly"]);
-        let tagged = |store: &SqliteStore, tag: &str| -> Vec<String> {
+        let tagged = |store: &SqliteStore, tag: &str| {
             let filter = RunFilter {
                 limit: 10,
                 tag: Some(tag.into()),
                 ..Default::default()
             };
-            store
-                .runs(&filter)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.run_id)
-                .collect()
+            listed(store, &filter)
         };
         assert_eq!(tagged(&store, "nightly"), ["r1", "r0"], "finished runs too");
         assert!(tagged(&store, "web").is_empty());
@@ -1409,15 +1410,7 @@ mod tests {
             writes.push(Write::Task(t));
         }
         store.apply(&writes).unwrap();
-        let list = |filter: RunFilter| -> Vec<String> {
-            let filter = RunFilter { limit: 4, ..filter };
-            store
-                .runs(&filter)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.run_id)
-                .collect()
-        };
+        let list = |filter: RunFilter| listed(&store, &RunFilter { limit: 4, ..filter });
         let mut seen = Vec::new();
         let mut before = None;
         loop {
@@ -1488,8 +1481,7 @@ mod tests {
                 tracked,
                 ..Default::default()
             };
-            let runs = store.runs(&filter).unwrap();
-            runs.into_iter().map(|r| r.run_id).collect::<Vec<_>>()
+            listed(store, &filter)
         };
         assert_eq!(list(&store, Some("a"), None), ["r4", "r3", "r1", "r0"]);
         assert_eq!(list(&store, Some("b"), None), ["r4", "r1"]);

@@ -245,21 +245,27 @@ fn attempt(sender: &deliver::Sender, mut notice: Notice, queue: &mut Queue) -> T
     tried
 }
 
+/// A notice of run `r1` to `ops@example.com`, due at `next`, for tests.
+#[cfg(test)]
+pub(crate) fn test_notice(id: &str, next: i64) -> Notice {
+    Notice {
+        id: id.into(),
+        run_id: "r1".into(),
+        target: NotifyTarget::Email("ops@example.com".into()),
+        event: "run.failed".into(),
+        payload: "{}".into(),
+        created_at_ms: 0,
+        attempts: 0,
+        next_at_ms: next,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn notice(id: &str, next: i64) -> Notice {
-        Notice {
-            id: id.into(),
-            run_id: "r".into(),
-            target: NotifyTarget::Webhook("ops".into()),
-            event: "run.failed".into(),
-            payload: "{}".into(),
-            created_at_ms: 0,
-            attempts: 0,
-            next_at_ms: next,
-        }
+        test_notice(id, next)
     }
 
     #[test]

@@ -118,18 +118,7 @@ mod tests {
     use super::*;
     use crate::engine::Write;
 
-    fn notice(id: &str, next: i64) -> Notice {
-        Notice {
-            id: id.into(),
-            run_id: "r1".into(),
-            target: NotifyTarget::Email("ops@example.com".into()),
-            event: "run.failed".into(),
-            payload: "{}".into(),
-            created_at_ms: 1,
-            attempts: 0,
-            next_at_ms: next,
-        }
-    }
+    use crate::notify::test_notice as notice;
 
     #[test]
     fn a_notice_is_pending_until_delivered_or_given_up() {
