@@ -18,7 +18,10 @@
 # every node key made on its host and enrolled by the playbook), the frontend with API
 # tokens made by `jobz-frontend token new` (the inventory holds their hashes only).
 #
-# Checks: deploy; systemd units verify; a second run changes nothing; every node key is
+# Checks: first, on fresh hosts, the README's deployment walkthrough as it is written
+# (walkthrough.sh: a release build, a copy of the example inventory, site.yml, curl with
+# the admin token the play made, logs.yml following the run's child runs); then, on fresh
+# hosts again, with the test's own inventory: deploy; systemd units verify; a second run changes nothing; every node key is
 # enrolled (and none pending), keys are 0600 and owned by jobz, the broker runs sealed;
 # HTTP without a token is 401, a read token on /job_start is 403; a chain across both
 # workers completes and each worker host's log has it; job commands run as jobz-step and
@@ -39,6 +42,7 @@
 #   JOBZ_MH_SUBNET=A.B.C     the /24 to use (default 10.251.77)
 #   JOBZ_MH_KEEP=1           keep the work directory (logs, host overlays) afterwards
 #   JOBZ_MH_LINT=0           skip ansible-lint
+#   JOBZ_MH_WALKTHROUGH=0    skip the README's walkthrough (and its release build)
 #   JOBZ_ANSIBLE_VENV=DIR    a venv with ansible-core and ansible-lint to use
 #
 # Everything it starts it stops (by PID), and every namespace and the bridge it makes it
@@ -277,7 +281,7 @@ make_network() {
 start_host() {
     local h=$1 dir=$WORK/hosts/$1 d n mounts=""
     mkdir -p "$dir/ovl"
-    ssh-keygen -q -t ed25519 -N '' -C "$h" -f "$dir/ssh_host_ed25519_key"
+    [[ -f $dir/ssh_host_ed25519_key ]] || ssh-keygen -q -t ed25519 -N '' -C "$h" -f "$dir/ssh_host_ed25519_key"
     for d in etc var run usr/local; do
         n=${d//\//_}
         mkdir -p "$dir/ovl/$n.upper" "$dir/ovl/$n.work"
@@ -343,7 +347,7 @@ write_ansible_config() {
     mkdir -p "$WORK/inventory/group_vars" "$WORK/cp" "$WORK/ansible-local" "$WORK/ansible-home"
     cp -r "$HERE/jobs.d" "$WORK/inventory/jobs.d"
     cat >"$WORK/inventory/hosts.ini" <<EOF
-# The test mesh. Settings beyond ansible/group_vars/all.yml are in group_vars/ here.
+# The test mesh. Settings beyond the roles' defaults are in group_vars/ here.
 [broker]
 core ansible_host=${IP[core]}
 
@@ -357,7 +361,7 @@ w2 ansible_host=${IP[w2]}
 [semaphores]
 sem ansible_host=${IP[sem]}
 EOF
-    # Inventory group_vars/<group>.yml rank above ansible/group_vars/all.yml.
+    # Inventory group_vars override the roles' defaults.
     cat >"$WORK/inventory/group_vars/broker.yml" <<'EOF'
 ---
 # A worker whose link is down for a few seconds stays within the expiry.
@@ -541,6 +545,27 @@ check_idempotent() {
 
 # Every node of the inventory is enrolled by the playbook alone: accepted, nothing
 # pending; each node key is the jobz user's, mode 0600; the broker runs sealed.
+# A setting of the wrong type, given with -e as an operator might: the play stops at its
+# first check, naming it, and no host changes.
+check_bad_setting() {
+    say "a worker setting of the wrong type: the play stops before any host changes"
+    local h bad="" rc=0
+    playbook site.yml bad-setting.log -e jobz_worker_slots=many || rc=$?
+    ((rc != 0)) || bad+="the play succeeded; "
+    grep -q "argument 'jobz_worker_slots' is of type str and we were unable to convert to int" "$WORK/bad-setting.log" ||
+        bad+="no message naming jobz_worker_slots; "
+    grep -q '^TASK \[jobz_common : Create the jobz group' "$WORK/bad-setting.log" && bad+="the install went on; "
+    for h in "${HOSTS[@]}"; do
+        [[ $(recap "$WORK/bad-setting.log" "$h" changed) == 0 ]] || bad+="$h changed; "
+    done
+    if [[ -z $bad ]]; then
+        pass "jobz_worker_slots=many stops site.yml at its first check, naming the setting; no host changed"
+    else
+        fail "a setting of the wrong type stops the play before any change" "$bad"
+        show_log_tail "$WORK/bad-setting.log"
+    fi
+}
+
 check_keys() {
     say "keys: every node enrolled, none pending; node keys 0600 and jobz's; the broker sealed"
     local listed accepted pending bad="" h role mode
@@ -814,10 +839,10 @@ check_job_files() {
         show_log_tail "$WORK/deploy-3.log"
     fi
 
-    say "the broken file removed: only the workers change, nothing restarts, v2 is in force"
+    say "the broken file removed, pushed with --tags jobz_jobs: only the workers change, nothing restarts, v2 is in force"
     rm -f "$jobs/broken.yaml"
     bad=""
-    if ! playbook site.yml deploy-4.log; then
+    if ! playbook site.yml deploy-4.log --tags jobz_jobs; then
         fail "site.yml after the job file change"
         show_log_tail "$WORK/deploy-4.log"
         return
@@ -830,7 +855,7 @@ check_job_files() {
     done
     [[ $(all_pids) == "$pids" ]] || bad+="a service restarted: $pids -> $(all_pids); "
     if [[ -z $bad ]]; then
-        pass "the job file change changed w1 and w2 only (core, sem: changed=0) and restarted no service"
+        pass "the job file change (--tags jobz_jobs) changed w1 and w2 only (core, sem: changed=0) and restarted no service"
     else
         fail "a job file change changes only the workers" "$bad"
     fi
@@ -923,6 +948,10 @@ hold() {
     wait "$HOLD_PID"
 }
 
+# The README's walkthrough (check_readme_walkthrough) and fresh hosts after it (reset_hosts).
+# shellcheck source=tests/multihost/walkthrough.sh
+. "$HERE/walkthrough.sh"
+
 # --- Main ------------------------------------------------------------------------------
 
 need_root
@@ -951,12 +980,18 @@ write_ansible_config
 
 # Each check reports its own failure; none may stop the others (or the teardown).
 set +e
+if [[ ${JOBZ_MH_WALKTHROUGH:-1} != 0 ]]; then
+    check_readme_walkthrough
+    say "fresh hosts for the test's own inventory"
+    reset_hosts
+fi
 if check_deploy; then
     if [[ ${JOBZ_MH_HOLD:-0} == 1 ]]; then
         hold
     fi
     check_units
     check_idempotent
+    check_bad_setting
     if check_mesh_up; then
         check_keys
         check_http_auth
