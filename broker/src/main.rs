@@ -83,6 +83,11 @@ struct Args {
     /// server that the jobs' `notify:` entries use. Without it, notices wait in the store.
     #[arg(long, env = "JOBZ_NOTIFY", value_name = "FILE")]
     notify: Option<PathBuf>,
+    /// Check the --notify file (its webhooks, SMTP server and the secret files they name)
+    /// and exit: 0 if it is good, 2 otherwise, binding nothing. For deployment tools, to
+    /// refuse a broken file before it replaces a good one.
+    #[arg(long)]
+    check: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -226,6 +231,33 @@ fn security(args: &Args, bind: &BrokerAddr) -> anyhow::Result<Security> {
     }))
 }
 
+/// `--check`: the notify file, loaded as a start would load it.
+fn check_notify(file: Option<&std::path::Path>) -> ExitCode {
+    let Some(file) = file else {
+        println!("jobz-broker: nothing to check (no --notify file)");
+        return ExitCode::SUCCESS;
+    };
+    match broker::notify::NotifyConfig::load(file) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} webhook(s), {})",
+                file.display(),
+                config.webhooks.len(),
+                if config.smtp.is_some() {
+                    "SMTP"
+                } else {
+                    "no SMTP"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("jobz-broker: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = Args::parse();
     if let Some(Command::Keys { action, keys }) = args.command.take() {
@@ -236,6 +268,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if args.check {
+        return check_notify(args.notify.as_deref());
     }
     if let Err(e) = args.log.init() {
         eprintln!("jobz-broker: {e:#}");

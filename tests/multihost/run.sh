@@ -25,7 +25,8 @@
 # enrolled (and none pending), keys are 0600 and owned by jobz, the broker runs sealed;
 # HTTP without a token is 401, a read token on /job_start is 403; a chain across both
 # workers completes and each worker host's log has it; job commands run as jobz-step and
-# cannot read the worker's key, settings, log or environment; trigger.yml and logs.yml; a worker
+# cannot read the worker's key, settings, log or environment; trigger.yml and logs.yml; the
+# broker's notify file from the inventory (jobz_broker_notify) tells a webhook of a failure; a worker
 # whose link was down during a broadcast runs its step once back; a broken job file never
 # reaches a host (nor a good one changed in the same run); a changed job file changes only
 # the workers, restarts nothing and is in force; rolling_restart.yml drains and restarts
@@ -362,10 +363,22 @@ w2 ansible_host=${IP[w2]}
 sem ansible_host=${IP[sem]}
 EOF
     # Inventory group_vars override the roles' defaults.
-    cat >"$WORK/inventory/group_vars/broker.yml" <<'EOF'
+    # The webhook's secret: in the inventory (an operator's would be in Vault) and, for the
+    # receiver in the client namespace, in a file.
+    WEBHOOK_SECRET=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+    (umask 077 && printf '%s\n' "$WEBHOOK_SECRET" >"$WORK/webhook.secret")
+    cat >"$WORK/inventory/group_vars/broker.yml" <<EOF
 ---
 # A worker whose link is down for a few seconds stays within the expiry.
 jobz_broker_worker_expiry: 60s
+# The broker's notify file: one webhook, a receiver in the client namespace.
+jobz_broker_notify:
+  webhooks:
+    mh:
+      url: "http://$CLIENT_IP:8088/hook"
+      secret_file: "{{ jobz_broker_notify_secrets_dir }}/mh"
+jobz_broker_notify_secrets:
+  mh: "$WEBHOOK_SECRET"
 EOF
     cat >"$WORK/inventory/group_vars/workers.yml" <<'EOF'
 ---
@@ -761,6 +774,62 @@ check_semaphore() {
     fi
 }
 
+# A failing job with `notify:`: the broker, given its notify file and the secret by the
+# role (jobz_broker_notify, jobz_broker_notify_secrets), posts the failure, signed, to a
+# receiver in the client namespace.
+check_notify() {
+    say "a failing job with notify: the broker posts it to the inventory's webhook, signed"
+    local out=$WORK/webhook.jsonl pid answer run got problems=""
+    : >"$out"
+    ip netns exec "$CLIENT" python3 "$HERE/webhook.py" "$CLIENT_IP" 8088 "$WORK/webhook.secret" "$out" \
+        >"$WORK/webhook.log" 2>&1 &
+    pid=$!
+    if ! wait_until 10 ip netns exec "$CLIENT" nc -z "$CLIENT_IP" 8088; then
+        fail "the webhook receiver listens" "$(cat "$WORK/webhook.log")"
+        kill "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        return
+    fi
+    answer=$(http "$FRONTEND/job_start?job_name=mh_notified&wait=30") || true
+    run=$(json "d.get('run_id', '')" <<<"$answer" 2>/dev/null || true)
+    [[ -n $run ]] && wait_until 30 grep -qF "\"run_id\": \"$run\"" "$out"
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    got=$(grep -F "\"run_id\": \"$run\"" "$out" | head -1)
+    [[ -n $run && -n $got ]] || problems+="no POST for run '$run' (answer: ${answer:0:200}); "
+    if [[ -n $got ]]; then
+        [[ $(json "[d['path'], d['event'], d['signed'], d['job'], d['state']]" <<<"$got") == \
+            '["/hook", "run.failed", true, "mh_notified", "failed"]' ]] || problems+="the POST: $got; "
+    fi
+    [[ $(on_host core stat -c '%U:%G %a' /etc/jobz/notify.yaml /etc/jobz/notify-secrets/mh | sort -u) == "root:jobz 640" ]] ||
+        problems+="notify.yaml and its secret are not root:jobz 0640; "
+    if [[ -z $problems ]]; then
+        pass "mh_notified failed and the broker posted run.failed for run $run to the inventory's webhook, signed with its secret; notify.yaml and the secret are root:jobz 0640"
+    else
+        fail "the broker tells the inventory's webhook of a failure" "$problems"
+    fi
+
+    # A broken notify file, pushed with --tags jobz_config: jobz-broker --check refuses it,
+    # the broker's file stays as it was and the broker is not restarted.
+    local before pid_before rc=0
+    problems=""
+    before=$(on_host core sha256sum /etc/jobz/notify.yaml)
+    pid_before=$(service_pid core broker)
+    playbook site.yml notify-broken.log --limit core --tags jobz_config \
+        -e '{"jobz_broker_notify": {"webhooks": {"mh": {"url": "ftp://10.251.77.20/hook", "secret_file": "/etc/jobz/notify-secrets/mh"}}}}' ||
+        rc=$?
+    ((rc != 0)) || problems+="the play succeeded; "
+    grep -q "must be http:// or https://" "$WORK/notify-broken.log" || problems+="no reason from jobz-broker --check; "
+    [[ $(on_host core sha256sum /etc/jobz/notify.yaml) == "$before" ]] || problems+="notify.yaml changed; "
+    [[ $(service_pid core broker) == "$pid_before" ]] || problems+="the broker restarted; "
+    if [[ -z $problems ]]; then
+        pass "a broken notify file (--tags jobz_config) fails the play with jobz-broker --check's reason; the broker's file and process stay"
+    else
+        fail "a broken notify file is refused before it reaches the broker" "$problems"
+        show_log_tail "$WORK/notify-broken.log"
+    fi
+}
+
 check_operator_playbooks() {
     say "trigger.yml and logs.yml"
     local run
@@ -1000,6 +1069,7 @@ if check_deploy; then
         check_step_user
         check_semaphore
         check_operator_playbooks
+        check_notify
         check_outage
         check_job_files
         check_rolling_restart

@@ -176,7 +176,11 @@ impl<'a> Sender<'a> {
         let to = address
             .parse()
             .map_err(|e| Failure::Permanent(format!("address {address:?}: {e}")))?;
+        // The same on every attempt, as X-Jobz-Delivery is: a repeat (delivery is at least
+        // once) is told by it.
+        let message_id = format!("<{}@jobz>", notice.id.replace('/', "."));
         let message = lettre::Message::builder()
+            .message_id(Some(message_id))
             .from(from)
             .to(to)
             .subject(subject)

@@ -1,20 +1,25 @@
 //! Notices (JobX's and qless's notifications): when a run ends, each `notify:` entry of its
 //! job that asks for that end becomes a [`Notice`], journaled in the commit that ends the
-//! run (so a crash loses none), then delivered by the notifier thread ([`spawn`]): a
+//! run (so a crash loses none), then delivered by the notifier ([`spawn`]): a
 //! webhook POST with a signed JSON body, or an e-mail over SMTP. A failed delivery is
 //! tried again after 1 s, 2 s, 4 s … (at most 10 min apart) for a day; each attempt is
 //! journaled, so a restarted broker goes on where it was. Delivery is at least once: a
 //! receiver tells a repeat by `X-Jobz-Delivery` (the notice's id).
+//!
+//! Attempts run on [`DELIVERERS`] threads, at most one at a time per target (a webhook,
+//! or the SMTP server), so a receiver that hangs holds up only its own notices, for at
+//! most one attempt's timeout each, never the others'.
 
 pub mod config;
 mod deliver;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, never, select, unbounded, Receiver, Sender};
 use jobz::jobfile::NotifyTarget;
 use jobz::message::FeedKind;
 use serde_json::json;
@@ -30,6 +35,9 @@ pub const GIVE_UP_AFTER_MS: i64 = 24 * 3600 * 1000;
 
 /// Longest wait between two attempts.
 const MAX_BACKOFF_MS: i64 = 600_000;
+
+/// Threads that make attempts: as many targets are tried at once.
+pub const DELIVERERS: usize = 4;
 
 /// One notice to deliver.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +61,22 @@ pub struct Notice {
     pub next_at_ms: i64,
 }
 
+/// What one attempt at a time goes to: a webhook by name, or the SMTP server (every
+/// e-mail goes through it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Destination {
+    Webhook(String),
+    Smtp,
+}
+
 impl Notice {
+    fn destination(&self) -> Destination {
+        match &self.target {
+            NotifyTarget::Webhook(name) => Destination::Webhook(name.clone()),
+            NotifyTarget::Email(_) => Destination::Smtp,
+        }
+    }
+
     /// The notice of entry `index` of `run`'s job, for its end told as `kind`.
     pub fn of_run(
         run: &Run,
@@ -149,26 +172,54 @@ impl Queue {
         self.due.first().map(|(at, _)| *at)
     }
 
-    fn take_due(&mut self, now: i64) -> Option<Notice> {
-        let (at, id) = self.due.first()?.clone();
-        if at > now {
-            return None;
-        }
-        self.due.remove(&(at, id.clone()));
-        self.notices.remove(&id)
+    /// The soonest notice due by `now` whose destination is not `busy`.
+    fn take_due(&mut self, now: i64, busy: &HashSet<Destination>) -> Option<Notice> {
+        let key = self
+            .due
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .find(|(_, id)| {
+                self.notices
+                    .get(id)
+                    .is_some_and(|n| !busy.contains(&n.destination()))
+            })?
+            .clone();
+        self.due.remove(&key);
+        self.notices.remove(&key.1)
     }
 }
 
 /// Starts the notifier: `pending` (from the store) and what `incoming` brings (from the
 /// journal, after each commit) are delivered; each attempt goes to the journal as an
-/// effect on `journal`. It ends when `stop` is closed.
+/// effect on `journal`. It ends when `stop` is closed, once the attempts under way have
+/// ended and been journaled.
 pub fn spawn(
-    config: std::sync::Arc<NotifyConfig>,
+    config: Arc<NotifyConfig>,
     pending: Vec<Notice>,
     incoming: Receiver<Notice>,
     journal: Sender<Effects>,
     stop: Receiver<()>,
 ) -> anyhow::Result<JoinHandle<()>> {
+    // Each deliverer takes one notice at a time and answers what became of it.
+    let (work_tx, work_rx) = bounded::<Notice>(DELIVERERS);
+    let (done_tx, done_rx) = unbounded::<Attempted>();
+    for n in 0..DELIVERERS {
+        let config = Arc::clone(&config);
+        let work_rx = work_rx.clone();
+        let done_tx = done_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("notifier-{n}"))
+            .spawn(move || {
+                let sender = deliver::Sender::new(&config);
+                for notice in work_rx {
+                    if done_tx.send(attempt(&sender, notice)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting a notifier thread")?;
+    }
+    drop(done_tx);
     std::thread::Builder::new()
         .name("notifier".into())
         .spawn(move || {
@@ -176,36 +227,85 @@ pub fn spawn(
             for notice in pending {
                 queue.add(notice);
             }
-            let sender = deliver::Sender::new(&config);
+            let mut busy = HashSet::new();
+            let mut incoming = Some(incoming);
             loop {
-                if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
-                    return;
+                let stopping =
+                    !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
+                if stopping || incoming.is_none() {
+                    break;
                 }
                 let now = jobz::now_ms();
-                if let Some(notice) = queue.take_due(now) {
-                    let tried = attempt(&sender, notice, &mut queue);
-                    let fx = Effects {
-                        writes: vec![Write::NoticeTried(tried)],
-                        ..Effects::default()
+                while busy.len() < DELIVERERS {
+                    let Some(notice) = queue.take_due(now, &busy) else {
+                        break;
                     };
-                    if journal.send(fx).is_err() {
+                    busy.insert(notice.destination());
+                    if work_tx.send(notice).is_err() {
                         return;
                     }
-                    continue;
                 }
                 let wait = queue.next_due().map_or(500, |at| (at - now).clamp(1, 500));
-                match incoming.recv_timeout(Duration::from_millis(wait as u64)) {
-                    Ok(notice) => queue.add(notice),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
+                let from_journal = incoming.as_ref().map_or(never(), Clone::clone);
+                select! {
+                    recv(from_journal) -> notice => match notice {
+                        Ok(notice) => queue.add(notice),
+                        Err(_) => incoming = None,
+                    },
+                    recv(done_rx) -> done => match done {
+                        Ok(done) => {
+                            if !settle(done, &mut queue, &mut busy, &journal) {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    },
+                    default(Duration::from_millis(wait as u64)) => {}
+                }
+            }
+            // No new attempt; the ones under way are journaled as they end.
+            drop(work_tx);
+            for done in done_rx {
+                if !settle(done, &mut queue, &mut busy, &journal) {
+                    return;
                 }
             }
         })
         .context("starting the notifier thread")
 }
 
-/// Delivers `notice` once; what to journal. A notice to try again goes back in `queue`.
-fn attempt(sender: &deliver::Sender, mut notice: Notice, queue: &mut Queue) -> Tried {
+/// One attempt's end, from a deliverer.
+struct Attempted {
+    /// Free again.
+    destination: Destination,
+    /// What goes to the journal.
+    tried: Tried,
+    /// The notice, when it is to be tried again.
+    again: Option<Notice>,
+}
+
+/// An attempt ended: its destination is free again, its record goes to the journal, and a
+/// notice to try again goes back in `queue`. `false` when the journal is gone.
+fn settle(
+    done: Attempted,
+    queue: &mut Queue,
+    busy: &mut HashSet<Destination>,
+    journal: &Sender<Effects>,
+) -> bool {
+    busy.remove(&done.destination);
+    if let Some(notice) = done.again {
+        queue.add(notice);
+    }
+    let fx = Effects {
+        writes: vec![Write::NoticeTried(done.tried)],
+        ..Effects::default()
+    };
+    journal.send(fx).is_ok()
+}
+
+/// Delivers `notice` once.
+fn attempt(sender: &deliver::Sender, mut notice: Notice) -> Attempted {
+    let destination = notice.destination();
     notice.attempts += 1;
     let result = sender.send(&notice);
     let now = jobz::now_ms();
@@ -239,10 +339,12 @@ fn attempt(sender: &deliver::Sender, mut notice: Notice, queue: &mut Queue) -> T
         error,
         outcome: outcome.clone(),
     };
-    if matches!(outcome, Outcome::Retry { .. }) {
-        queue.add(notice);
+    let again = matches!(outcome, Outcome::Retry { .. }).then_some(notice);
+    Attempted {
+        destination,
+        tried,
+        again,
     }
-    tried
 }
 
 /// A notice of run `r1` to `ops@example.com`, due at `next`, for tests.
@@ -270,16 +372,38 @@ mod tests {
 
     #[test]
     fn the_soonest_due_notice_comes_first_and_a_requeued_one_moves() {
+        let free = HashSet::new();
         let mut q = Queue::default();
         q.add(notice("b", 20));
         q.add(notice("a", 10));
         assert_eq!(q.next_due(), Some(10));
-        assert!(q.take_due(5).is_none());
+        assert!(q.take_due(5, &free).is_none());
         q.add(notice("a", 30));
-        assert_eq!(q.take_due(25).map(|n| n.id), Some("b".into()));
-        assert!(q.take_due(25).is_none());
-        assert_eq!(q.take_due(30).map(|n| n.id), Some("a".into()));
+        assert_eq!(q.take_due(25, &free).map(|n| n.id), Some("b".into()));
+        assert!(q.take_due(25, &free).is_none());
+        assert_eq!(q.take_due(30, &free).map(|n| n.id), Some("a".into()));
         assert!(q.next_due().is_none());
+    }
+
+    #[test]
+    fn a_busy_destination_waits_and_the_others_go_by() {
+        let hook = |id: &str, next: i64| Notice {
+            target: NotifyTarget::Webhook("slow".into()),
+            ..notice(id, next)
+        };
+        let mut q = Queue::default();
+        q.add(hook("h1", 10));
+        q.add(hook("h2", 11));
+        q.add(notice("m1", 12));
+        let busy: HashSet<Destination> = [Destination::Webhook("slow".into())].into();
+        assert_eq!(q.take_due(20, &busy).map(|n| n.id), Some("m1".into()));
+        assert!(
+            q.take_due(20, &busy).is_none(),
+            "both notices of the busy webhook wait"
+        );
+        let busy: HashSet<Destination> = [Destination::Smtp].into();
+        assert_eq!(q.take_due(20, &busy).map(|n| n.id), Some("h1".into()));
+        assert_eq!(q.next_due(), Some(11));
     }
 
     #[test]
