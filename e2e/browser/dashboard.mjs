@@ -2,17 +2,20 @@
 // playwright-core. Started by e2e/tests/it/dashboard.rs against a mesh it runs, with:
 //   JOBZ_URL        the frontend's base URL
 //   JOBZ_ARTIFACTS  where screenshots go (one per page)
+//   JOBZ_HELD_FIFO  the fifo the job `held` waits on (a line written there ends it)
 // Exits 0 when every check holds; prints what failed otherwise.
 
 import assert from "node:assert/strict";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const base = process.env.JOBZ_URL;
 const artifacts = process.env.JOBZ_ARTIFACTS;
+const heldFifo = process.env.JOBZ_HELD_FIFO;
 assert.ok(base, "JOBZ_URL is not set");
 assert.ok(artifacts, "JOBZ_ARTIFACTS is not set");
+assert.ok(heldFifo, "JOBZ_HELD_FIFO is not set");
 mkdirSync(artifacts, { recursive: true });
 
 const TIMEOUT = 30_000;
@@ -43,6 +46,17 @@ async function trigger(job, params = {}) {
 }
 
 const runState = page => page.locator("[data-testid=run] h2 .state");
+
+// Until run `runId` has ended, asked over plain HTTP (the page is not asked).
+async function waitEnded(runId) {
+  const deadline = Date.now() + TIMEOUT;
+  for (;;) {
+    const run = await (await fetch(base + "/runs/" + encodeURIComponent(runId))).json();
+    if (["succeeded", "failed", "cancelled"].includes(run.state)) return run.state;
+    assert.ok(Date.now() < deadline, "run " + runId + " did not end");
+    await new Promise(r => setTimeout(r, 100));
+  }
+}
 
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
@@ -130,6 +144,21 @@ try {
   await page.click("[data-testid=cancel]");
   await runState(page).and(page.locator("[data-state=cancelled]")).waitFor();
   await shot(page, "06-run-cancelled");
+
+  step = "a run that ends before the page's live feed is open still turns final";
+  // The page's /events request is held until the run has ended: that change is never
+  // streamed to it, so the page must read the run again once its feed opens.
+  let releaseEvents;
+  const eventsHeld = new Promise(resolve => { releaseEvents = resolve; });
+  await page.route("**/events", async route => { await eventsHeld; await route.continue(); });
+  const heldRun = await trigger("held");
+  await page.goto(base + "/ui/runs/" + encodeURIComponent(heldRun));
+  await runState(page).and(page.locator("[data-state=running]")).waitFor();
+  writeFileSync(heldFifo, "go\n");
+  assert.equal(await waitEnded(heldRun), "succeeded");
+  releaseEvents();
+  await runState(page).and(page.locator("[data-state=succeeded]")).waitFor();
+  await page.unroute("**/events");
 
   step = "retry a dead task and see the new attempt";
   const doomedRun = await trigger("doomed");

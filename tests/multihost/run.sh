@@ -579,6 +579,25 @@ check_bad_setting() {
     fi
 }
 
+# The admin token site.yml made for the operator (inventory/credentials/): a later run
+# keeps it, and gives a file someone made readable to others back to its owner alone.
+check_admin_token() {
+    say "the admin token: kept by later runs, its mode restored"
+    local file=$WORK/inventory/credentials/jobz-admin-token before problems=""
+    before=$(sha256sum "$file" 2>/dev/null) || { fail "site.yml made the admin token" "no $file"; return; }
+    chmod 644 "$file"
+    playbook site.yml token-mode.log --limit core --tags jobz_config || problems+="the play failed; "
+    [[ $(stat -c %a "$file") == 600 ]] || problems+="mode $(stat -c %a "$file"); "
+    [[ $(sha256sum "$file") == "$before" ]] || problems+="the token changed; "
+    [[ $(stat -c %a "$(dirname "$file")") == 700 ]] || problems+="credentials/ is not 0700; "
+    if [[ -z $problems ]]; then
+        pass "the admin token survives a later run unchanged, and a 0644 token file is made 0600 again"
+    else
+        fail "the admin token is kept, mode 0600" "$problems"
+        show_log_tail "$WORK/token-mode.log"
+    fi
+}
+
 check_keys() {
     say "keys: every node enrolled, none pending; node keys 0600 and jobz's; the broker sealed"
     local listed accepted pending bad="" h role mode
@@ -1061,6 +1080,7 @@ if check_deploy; then
     check_units
     check_idempotent
     check_bad_setting
+    check_admin_token
     if check_mesh_up; then
         check_keys
         check_http_auth

@@ -41,10 +41,19 @@ jobs:
     command: "sleep 60"
   - name: doomed
     command: "if test -e @DIR@/doomed.once; then echo fixed; else touch @DIR@/doomed.once; echo doomed; exit 3; fi"
+  - name: held
+    command: "read line < @DIR@/held.fifo; echo released"
 "#,
         )
         .start();
     mesh.wait_workers_live(1);
+    // `held` runs until the browser session writes a line here.
+    let held_fifo = mesh.dir().join("held.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&held_fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo {}", held_fifo.display());
     let artifacts = target_dir().join("browser-artifacts");
     // Screenshots of an earlier session must not stand in for this one's.
     let _ = std::fs::remove_dir_all(&artifacts);
@@ -55,6 +64,7 @@ jobs:
             format!("http://127.0.0.1:{}", mesh.frontend_port),
         )
         .env("JOBZ_ARTIFACTS", &artifacts)
+        .env("JOBZ_HELD_FIFO", &held_fifo)
         .stdin(Stdio::null())
         // Its own process group: Chromium and its helpers end with it.
         .process_group(0)
