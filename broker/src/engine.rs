@@ -393,6 +393,12 @@ impl Engine {
     /// authenticate or pass [`crate::authority::authorize`]): the server refuses, the engine
     /// counts.
     pub fn count_dropped_frame(&mut self, reason: &str) {
+        // A reason missing from the list would not show at 0 before its first drop: every
+        // test that makes a frame be dropped checks the list (debug builds).
+        debug_assert!(
+            DROP_REASONS.contains(&reason),
+            "frames_dropped_{reason} is not in DROP_REASONS"
+        );
         self.count("frames_dropped");
         self.count(&format!("frames_dropped_{reason}"));
     }

@@ -1504,3 +1504,25 @@ fn live_output_is_kept_from_the_worker_running_the_attempt_only_and_ends_with_it
     let view = read_output(&mut h, &a, 0).expect("output held after the end");
     assert_eq!((view.text.as_str(), view.finished), ("one\n", true));
 }
+
+#[test]
+fn every_listed_drop_reason_shows_at_zero_and_an_unlisted_one_is_caught() {
+    let mut h = Harness::new(vec![], &[]);
+    let counters = h.engine.health().counters;
+    for reason in DROP_REASONS {
+        assert_eq!(
+            counters.get(&format!("frames_dropped_{reason}")),
+            Some(&0),
+            "{reason}"
+        );
+    }
+    if cfg!(debug_assertions) {
+        let unlisted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            h.engine.count_dropped_frame("made_up_reason")
+        }));
+        assert!(
+            unlisted.is_err(),
+            "a reason missing from DROP_REASONS passes"
+        );
+    }
+}
