@@ -113,8 +113,28 @@ remove_netns() {
     ip netns del "$ns" 2>/dev/null || true
 }
 
+# Ends every host: its SSH control connections, then its sshd (PID 1 of the host's PID
+# namespace: killing unshare, --kill-child, ends it and every process deployed there),
+# until no process is left in its network namespace.
+stop_hosts() {
+    local h sock tries
+    if [[ -n $WORK && -d $WORK/cp ]]; then
+        for sock in "$WORK"/cp/*; do
+            [[ -S $sock ]] && ssh -o ControlPath="$sock" -O exit dummy >/dev/null 2>&1
+        done
+    fi
+    for h in "${!UNSHARE_PID[@]}"; do kill -KILL "${UNSHARE_PID[$h]}" 2>/dev/null; done
+    for h in "${!UNSHARE_PID[@]}"; do { wait "${UNSHARE_PID[$h]}"; } 2>/dev/null; done
+    for h in "${HOSTS[@]}"; do
+        tries=50
+        while netns_exists "jzt-$h" && [[ -n $(ip netns pids "jzt-$h" 2>/dev/null) ]] && ((tries-- > 0)); do
+            sleep 0.1
+        done
+    done
+}
+
 cleanup() {
-    local rc=$? h pid sock tries
+    local rc=$? h
     set +e
     trap - EXIT INT TERM
     [[ -n ${HOLD_PID:-} ]] && kill "$HOLD_PID" 2>/dev/null
@@ -122,22 +142,8 @@ cleanup() {
         kill -TERM "$CHILD_PID" 2>/dev/null
         wait "$CHILD_PID" 2>/dev/null
     fi
-    if [[ -n $WORK && -d $WORK/cp ]]; then
-        for sock in "$WORK"/cp/*; do
-            [[ -S $sock ]] && ssh -o ControlPath="$sock" -O exit dummy >/dev/null 2>&1
-        done
-    fi
-    # Killing unshare kills the host's sshd (--kill-child), PID 1 of the host's PID
-    # namespace, and with it every process deployed on that host.
-    for h in "${!UNSHARE_PID[@]}"; do kill -KILL "${UNSHARE_PID[$h]}" 2>/dev/null; done
-    for h in "${!UNSHARE_PID[@]}"; do wait "${UNSHARE_PID[$h]}" 2>/dev/null; done
-    for h in "${HOSTS[@]}"; do
-        tries=50
-        while netns_exists "jzt-$h" && [[ -n $(ip netns pids "jzt-$h" 2>/dev/null) ]] && ((tries-- > 0)); do
-            sleep 0.1
-        done
-        remove_netns "jzt-$h"
-    done
+    stop_hosts
+    for h in "${HOSTS[@]}"; do remove_netns "jzt-$h"; done
     remove_netns "$CLIENT"
     ip link del "$BRIDGE" 2>/dev/null
     if [[ -n $WORK && -d $WORK ]]; then

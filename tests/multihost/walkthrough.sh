@@ -92,17 +92,9 @@ check_readme_walkthrough() {
 # with it everything the walkthrough deployed) is killed, its overlays deleted, and it
 # starts again with the same SSH host key.
 reset_hosts() {
-    local h sock tries
-    for sock in "$WORK"/cp/*; do
-        [[ -S $sock ]] && ssh -o ControlPath="$sock" -O exit dummy >/dev/null 2>&1
-    done
-    for h in "${HOSTS[@]}"; do kill -KILL "${UNSHARE_PID[$h]}" 2>/dev/null; done
-    for h in "${HOSTS[@]}"; do
-        { wait "${UNSHARE_PID[$h]}"; } 2>/dev/null # "Killed": as meant
-        tries=50
-        while [[ -n $(ip netns pids "jzt-$h" 2>/dev/null) ]] && ((tries-- > 0)); do sleep 0.1; done
-        rm -rf "$WORK/hosts/$h/ovl" "$WORK/hosts/$h/root"
-    done
+    local h
+    stop_hosts
+    for h in "${HOSTS[@]}"; do rm -rf "$WORK/hosts/$h/ovl" "$WORK/hosts/$h/root"; done
     : >"$WORK/ssh/known_hosts"
     for h in "${HOSTS[@]}"; do start_host "$h"; done
     wait_for_sshd

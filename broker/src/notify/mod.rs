@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use crossbeam_channel::{bounded, never, select, unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 use jobz::jobfile::NotifyTarget;
 use jobz::message::FeedKind;
 use serde_json::json;
@@ -168,24 +168,40 @@ impl Queue {
         self.notices.insert(notice.id.clone(), notice);
     }
 
+    #[cfg(test)]
     fn next_due(&self) -> Option<i64> {
         self.due.first().map(|(at, _)| *at)
+    }
+
+    /// The soonest notice whose destination is not `busy`, due or not.
+    fn soonest_free(&self, busy: &HashSet<Destination>) -> Option<&(i64, String)> {
+        self.due.iter().find(|(_, id)| {
+            self.notices
+                .get(id)
+                .is_some_and(|n| !busy.contains(&n.destination()))
+        })
     }
 
     /// The soonest notice due by `now` whose destination is not `busy`.
     fn take_due(&mut self, now: i64, busy: &HashSet<Destination>) -> Option<Notice> {
         let key = self
-            .due
-            .iter()
-            .take_while(|(at, _)| *at <= now)
-            .find(|(_, id)| {
-                self.notices
-                    .get(id)
-                    .is_some_and(|n| !busy.contains(&n.destination()))
-            })?
+            .soonest_free(busy)
+            .filter(|(at, _)| *at <= now)?
             .clone();
         self.due.remove(&key);
         self.notices.remove(&key.1)
+    }
+
+    /// How long the scheduler may wait for news (ms): until the soonest notice it could
+    /// hand out falls due, at most 500. A notice of a busy destination, or any while
+    /// every deliverer is busy, waits for an attempt to end, which wakes the scheduler
+    /// itself: counting it would spin every millisecond until then.
+    fn wait_ms(&self, now: i64, busy: &HashSet<Destination>) -> i64 {
+        if busy.len() >= DELIVERERS {
+            return 500;
+        }
+        self.soonest_free(busy)
+            .map_or(500, |(at, _)| (at - now).clamp(1, 500))
     }
 }
 
@@ -228,13 +244,7 @@ pub fn spawn(
                 queue.add(notice);
             }
             let mut busy = HashSet::new();
-            let mut incoming = Some(incoming);
             loop {
-                let stopping =
-                    !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty));
-                if stopping || incoming.is_none() {
-                    break;
-                }
                 let now = jobz::now_ms();
                 while busy.len() < DELIVERERS {
                     let Some(notice) = queue.take_due(now, &busy) else {
@@ -245,12 +255,12 @@ pub fn spawn(
                         return;
                     }
                 }
-                let wait = queue.next_due().map_or(500, |at| (at - now).clamp(1, 500));
-                let from_journal = incoming.as_ref().map_or(never(), Clone::clone);
+                let wait = queue.wait_ms(now, &busy);
                 select! {
-                    recv(from_journal) -> notice => match notice {
+                    recv(stop) -> _ => break,
+                    recv(incoming) -> notice => match notice {
                         Ok(notice) => queue.add(notice),
-                        Err(_) => incoming = None,
+                        Err(_) => break,
                     },
                     recv(done_rx) -> done => match done {
                         Ok(done) => {
@@ -263,7 +273,8 @@ pub fn spawn(
                     default(Duration::from_millis(wait as u64)) => {}
                 }
             }
-            // No new attempt; the ones under way are journaled as they end.
+            // Nothing more is handed out; what was is attempted, and journaled as each
+            // attempt ends.
             drop(work_tx);
             for done in done_rx {
                 if !settle(done, &mut queue, &mut busy, &journal) {
@@ -385,15 +396,19 @@ mod tests {
         assert!(q.next_due().is_none());
     }
 
-    #[test]
-    fn a_busy_destination_waits_and_the_others_go_by() {
-        let hook = |id: &str, next: i64| Notice {
+    /// A notice to the webhook `slow`, due at `next`.
+    fn to_slow_webhook(id: &str, next: i64) -> Notice {
+        Notice {
             target: NotifyTarget::Webhook("slow".into()),
             ..notice(id, next)
-        };
+        }
+    }
+
+    #[test]
+    fn a_busy_destination_waits_and_the_others_go_by() {
         let mut q = Queue::default();
-        q.add(hook("h1", 10));
-        q.add(hook("h2", 11));
+        q.add(to_slow_webhook("h1", 10));
+        q.add(to_slow_webhook("h2", 11));
         q.add(notice("m1", 12));
         let busy: HashSet<Destination> = [Destination::Webhook("slow".into())].into();
         assert_eq!(q.take_due(20, &busy).map(|n| n.id), Some("m1".into()));
@@ -404,6 +419,29 @@ mod tests {
         let busy: HashSet<Destination> = [Destination::Smtp].into();
         assert_eq!(q.take_due(20, &busy).map(|n| n.id), Some("h1".into()));
         assert_eq!(q.next_due(), Some(11));
+    }
+
+    #[test]
+    fn a_due_notice_of_a_busy_destination_does_not_make_the_scheduler_spin() {
+        let mut q = Queue::default();
+        q.add(to_slow_webhook("h1", 10));
+        let busy: HashSet<Destination> = [Destination::Webhook("slow".into())].into();
+        assert_eq!(
+            q.wait_ms(20, &busy),
+            500,
+            "its attempt's end wakes the scheduler"
+        );
+        assert_eq!(q.wait_ms(20, &HashSet::new()), 1, "free and due: at once");
+        q.add(notice("m1", 120));
+        assert_eq!(
+            q.wait_ms(20, &busy),
+            100,
+            "until the free destination's notice is due"
+        );
+        let all: HashSet<Destination> = (0..DELIVERERS)
+            .map(|n| Destination::Webhook(format!("w{n}")))
+            .collect();
+        assert_eq!(q.wait_ms(200, &all), 500, "every deliverer busy");
     }
 
     #[test]
